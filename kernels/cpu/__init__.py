@@ -1,0 +1,1 @@
+"""The fused C++ CPU Sinkhorn kernel, bound with pybind11."""

@@ -1,0 +1,1 @@
+"""Fused Triton Sinkhorn kernels (forward and backward) and their launchers."""

@@ -1,0 +1,308 @@
+"""The public functional API: ``sinkhorn`` on cost matrices and ``sinkhorn_loss`` on embeddings."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks as chk
+from .backends import resolve
+from .reference import Potentials
+from .schedule import Schedule, bounding_diameter, epsilon_schedule, phi, phi_prime
+
+COSTS = ("sqeuclidean", "cosine")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class SinkhornResult:
+    """The solution of a batch of entropic OT problems.
+
+    Attributes:
+        f: ``[B, N]`` dual potential on the rows (0 on padding).
+        g: ``[B, M]`` dual potential on the columns (0 on padding).
+        value: ``[B]`` entropic OT value OT_eps = <P, C> + eps KL(P || a x b) (plus the marginal
+            penalties when unbalanced), from the duals. Differentiable with respect to the cost
+            (gradient: the plan, envelope theorem).
+        n_iters: ``[B]`` updates run per pair.
+        marginal_error: ``[B]`` L1 marginal error (rows plus columns) of the last iterate; a
+            fixed-point residual when unbalanced.
+
+    Unbatched calls (a ``[N, M]`` cost) drop the leading batch axis everywhere.
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    value: torch.Tensor
+    n_iters: torch.Tensor
+    marginal_error: torch.Tensor
+    cost: torch.Tensor
+    log_a: torch.Tensor
+    log_b: torch.Tensor
+    eps: float
+
+    def plan(self) -> torch.Tensor:
+        """The transport plan P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps), ``[B, N, M]``, 0 on padding.
+
+        Example:
+            >>> res = otfast.sinkhorn(torch.rand(5, 7), eps=0.1)
+            >>> res.plan().sum()  # ~1
+        """
+        f, g = self.f.unsqueeze(-1), self.g.unsqueeze(-2)
+        logp = self.log_a.unsqueeze(-1) + self.log_b.unsqueeze(-2) + (f + g - self.cost) / self.eps
+        return torch.exp(logp)
+
+
+def _warn_unconverged(error: torch.Tensor, schedule: Schedule, what: str) -> None:
+    if schedule.tol is None or schedule.n_iters == 0:
+        return
+    n_bad = int((error > schedule.tol).sum())
+    if n_bad:
+        warnings.warn(f"{what}: {n_bad} of {error.numel()} pairs did not reach tol={schedule.tol} within "
+                      f"n_iters={schedule.n_iters}", RuntimeWarning, stacklevel=3)
+
+
+def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
+             mask_a: torch.Tensor | None = None, mask_b: torch.Tensor | None = None, eps: float,
+             n_iters: int = 100, tol: float | None = None, rho: float | None = None,
+             scaling: float | None = None, backend: str = "auto") -> SinkhornResult:
+    """Solve a batch of entropic OT problems on precomputed costs, in the log domain.
+
+    Args:
+        cost: ``[B, N, M]`` (or ``[N, M]``) cost matrices.
+        a: ``[B, N]`` non-negative row weights, normalised over the unmasked entries (default uniform).
+        b: ``[B, M]`` column weights, likewise.
+        mask_a: ``[B, N]`` bool or int, 1 = token, 0 = padding (a Hugging Face ``attention_mask``).
+        mask_b: ``[B, M]``, likewise.
+        eps: entropic temperature (> 0).
+        n_iters: Sinkhorn updates at the final eps (after the annealing steps when ``scaling`` is set).
+        tol: stop a pair once its marginal error is <= tol; pairs that never get there are reported
+            with a ``RuntimeWarning``.
+        rho: KL penalty on the marginals (unbalanced OT, POT's ``reg_m``); None = balanced.
+        scaling: eps-annealing factor in (0, 1): temperatures go from the largest cost down to eps,
+            multiplied by ``scaling`` at each step; None = fixed eps.
+        backend: "auto", "torch", "triton" or "cpu" (see ``otfast.backends()``).
+
+    Returns:
+        ``SinkhornResult`` with potentials, values, iteration counts, errors and ``plan()``.
+
+    Example:
+        >>> C = torch.rand(4, 7, 9)
+        >>> res = otfast.sinkhorn(C, eps=0.05, tol=1e-6)
+        >>> res.plan().shape
+        torch.Size([4, 7, 9])
+    """
+    chk.check_float_tensor("cost", cost)
+    if cost.dim() not in (2, 3):
+        raise ValueError(f"cost must be 2-D [N, M] or 3-D [B, N, M], got {cost.dim()}-D {tuple(cost.shape)}")
+    unbatched = cost.dim() == 2
+    C = cost.unsqueeze(0) if unbatched else cost
+    if 0 in C.shape:
+        raise ValueError(f"cost has an empty dimension: {tuple(cost.shape)}")
+    chk.check_positive("eps", eps)
+    chk.check_positive("rho", rho, allow_none=True)
+    chk.check_iterations(n_iters, tol)
+    chk.check_scaling(scaling)
+    chk.check_same_device(cost=cost, a=a, b=b, mask_a=mask_a, mask_b=mask_b)
+    lift = (lambda t: t if t is None else t.unsqueeze(0)) if unbatched else (lambda t: t)
+    B, N, M = C.shape
+    ma = chk.as_mask("mask_a", lift(mask_a), (B, N), C.device)
+    mb = chk.as_mask("mask_b", lift(mask_b), (B, M), C.device)
+    valid = ma.unsqueeze(2) & mb.unsqueeze(1)
+    chk.check_finite("cost", C, valid)
+    dtype = chk.compute_dtype(C.dtype)
+    wa = chk.as_weights("a", lift(a), ma, dtype).detach()
+    wb = chk.as_weights("b", lift(b), mb, dtype).detach()
+    Cw = torch.where(valid, C.detach().to(dtype), torch.zeros((), dtype=dtype, device=C.device))
+
+    anneal: tuple[float, ...] = ()
+    if scaling is not None:
+        start = max(float(Cw[valid].max()), eps)
+        anneal = epsilon_schedule(start, eps, scaling, p=1.0)
+    schedule = Schedule(eps=eps, anneal=anneal, n_iters=n_iters, tol=tol, rho=rho)
+
+    log_a, log_b = torch.log(wa), torch.log(wb)
+    pots = resolve(backend, C.device).solve(Cw, log_a, log_b, schedule)
+    _warn_unconverged(pots.error, schedule, "sinkhorn")
+    value = (wa * phi(pots.f, eps, rho)).sum(1) + (wb * phi(pots.g, eps, rho)).sum(1)
+    fields = [pots.f, pots.g, value, pots.n_iters, pots.error, Cw, log_a, log_b]
+    if cost.requires_grad:
+        plan = SinkhornResult(*fields, eps).plan()
+        fields[2] = value + (plan * (C.to(dtype) - Cw)).sum((1, 2))
+    if unbatched:
+        fields = [t[0] for t in fields]
+    result = SinkhornResult(*fields, eps)
+    return result
+
+
+class SinkhornLossFunction(torch.autograd.Function):
+    """OT(a, b) (minus the symmetric terms when debiased) on the sqeuclidean cost, per pair.
+
+    Forward runs every Sinkhorn iteration without autograd and saves only x, y, the weights and the
+    potentials ([B, N] and [B, M] vectors). Backward applies the envelope theorem through the final
+    step (see ``otfast.reference``): exact at convergence, memory independent of the number of
+    iterations, no unrolling and no double backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, backend, schedule, debias):
+        mask_x, mask_y = a > 0, b > 0
+        count = mask_x.sum(1, keepdim=True) + mask_y.sum(1, keepdim=True)
+        mean = (x.sum(1) + y.sum(1)) / count
+        xc = torch.where(mask_x.unsqueeze(2), x - mean.unsqueeze(1), torch.zeros((), dtype=x.dtype, device=x.device))
+        yc = torch.where(mask_y.unsqueeze(2), y - mean.unsqueeze(1), torch.zeros((), dtype=y.dtype, device=y.device))
+        alpha, beta = torch.log(a), torch.log(b)
+        eps, rho = schedule.eps, schedule.rho
+
+        problems = [backend.solve_points(xc, yc, alpha, beta, schedule, False)]
+        value = (a * phi(problems[0].f, eps, rho)).sum(1) + (b * phi(problems[0].g, eps, rho)).sum(1)
+        if debias:
+            problems.append(backend.solve_points(xc, xc, alpha, alpha, schedule, True))
+            problems.append(backend.solve_points(yc, yc, beta, beta, schedule, True))
+            value = value - (a * phi(problems[1].f, eps, rho)).sum(1) - (b * phi(problems[2].f, eps, rho)).sum(1)
+        for p, what in zip(problems, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
+            _warn_unconverged(p.error, schedule, f"sinkhorn_loss {what}")
+
+        ctx.backend, ctx.schedule, ctx.debias = backend, schedule, debias
+        ctx.save_for_backward(xc, yc, a, b, *(t for p in problems for t in p[:4]))
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        xc, yc, a, b, *flat = ctx.saved_tensors
+        problems = [Potentials(*flat[i:i + 4], None, None) for i in range(0, len(flat), 4)]
+        schedule, backend = ctx.schedule, ctx.backend
+        eps, rho = schedule.eps, schedule.rho
+        d = schedule.damping(eps)
+        gv = grad_value.unsqueeze(1)
+        alpha, beta = torch.log(a), torch.log(b)
+        xy = problems[0]
+        u = gv * a * phi_prime(xy.f, eps, rho) * d
+        v = gv * b * phi_prime(xy.g, eps, rho) * d
+        dx, dy = backend.grad_points(xc, yc, alpha, beta, xy, eps, d, u, v)
+        grad_a, grad_b = phi(xy.f, eps, rho), phi(xy.g, eps, rho)
+        if ctx.debias:
+            xx, yy = problems[1], problems[2]
+            dx = dx - backend.grad_points(xc, xc, alpha, alpha, xx, eps, d,
+                                          gv * a * phi_prime(xx.f, eps, rho) * d, None)[0]
+            dy = dy - backend.grad_points(yc, yc, beta, beta, yy, eps, d,
+                                          gv * b * phi_prime(yy.f, eps, rho) * d, None)[0]
+            grad_a = grad_a - phi(xx.f, eps, rho)
+            grad_b = grad_b - phi(yy.f, eps, rho)
+        grad_a = torch.where(a > 0, gv * grad_a, torch.zeros_like(grad_a))
+        grad_b = torch.where(b > 0, gv * grad_b, torch.zeros_like(grad_b))
+        return dx, dy, grad_a, grad_b, None, None, None
+
+
+def _check_points(x, y, mask_x, mask_y):
+    chk.check_float_tensor("x", x)
+    chk.check_float_tensor("y", y)
+    if x.dim() != y.dim() or x.dim() not in (2, 3):
+        raise ValueError(f"x and y must both be [B, N, D] / [B, M, D] (or unbatched [N, D] / [M, D]), got "
+                         f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() == 3 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"batch sizes differ: x has {x.shape[0]} pairs, y has {y.shape[0]}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"feature sizes differ: x has D={x.shape[-1]}, y has D={y.shape[-1]}")
+    if 0 in x.shape or 0 in y.shape:
+        raise ValueError(f"empty input: x {tuple(x.shape)}, y {tuple(y.shape)}")
+    chk.check_same_device(x=x, y=y, mask_x=mask_x, mask_y=mask_y)
+
+
+def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None = None,
+                  mask_y: torch.Tensor | None = None, *, cost: str = "sqeuclidean", blur: float = 0.05,
+                  eps: float | None = None, scaling: float | None = 0.5, n_iters: int | None = None,
+                  tol: float | None = None, debias: bool = True, reach: float | None = None,
+                  diameter: float | None = None, weights_x: torch.Tensor | None = None,
+                  weights_y: torch.Tensor | None = None, reduction: str = "mean",
+                  backend: str = "auto") -> torch.Tensor:
+    """Sinkhorn loss between batches of token embeddings, with GeomLoss's semantics.
+
+    With the defaults this is GeomLoss's ``SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.5)``, the
+    loss of Alqahtani et al. (2021): the debiased Sinkhorn divergence
+    S = OT(a, b) - 1/2 OT(a, a) - 1/2 OT(b, b), OT_eps(a, b) = min_P <P, C> + eps KL(P || a x b).
+
+    Args:
+        x: ``[B, N, D]`` (or ``[N, D]``) source embeddings; y: ``[B, M, D]`` target embeddings.
+        mask_x: ``[B, N]`` bool or int, 1 = token (a Hugging Face ``attention_mask``); mask_y: ``[B, M]``.
+        cost: "sqeuclidean" (C = |x - y|^2 / 2) or "cosine" (C = 1 - cos(x, y)).
+        blur: eps = blur^2 unless ``eps`` is given.
+        eps: the final temperature, overriding ``blur``.
+        scaling: eps-annealing factor (GeomLoss's schedule from diameter^2 down to eps, one update per
+            temperature); None = fixed eps for ``n_iters`` updates.
+        n_iters: updates at the final eps (default 0 with ``scaling``, 100 without).
+        tol: per-pair stop on the marginal error during those updates.
+        debias: the Sinkhorn divergence (True) or the raw OT_eps (False).
+        reach: unbalanced OT with rho = reach^2 (None: balanced).
+        diameter: the annealing start (default: the bounding box diagonal of the batch's valid points).
+        weights_x, weights_y: ``[B, N]`` / ``[B, M]`` non-negative weights (default uniform over tokens).
+        reduction: "mean" or "sum" over pairs, or "none" for a ``[B]`` tensor.
+        backend: "auto", "torch", "triton" or "cpu" (see ``otfast.backends()``).
+
+    Returns:
+        The loss: a scalar, or ``[B]`` with ``reduction="none"``.
+
+    Gradients flow to x, y and the weights by the envelope theorem: exact at convergence, no
+    unrolling, memory independent of the iteration count, no double backward.
+
+    Example:
+        >>> x, y = torch.randn(8, 12, 768, requires_grad=True), torch.randn(8, 15, 768)
+        >>> loss = otfast.sinkhorn_loss(x, y, mask_x, mask_y)
+        >>> loss.backward()
+    """
+    _check_points(x, y, mask_x, mask_y)
+    if cost not in COSTS:
+        raise ValueError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    chk.check_positive("blur", blur)
+    chk.check_positive("eps", eps, allow_none=True)
+    chk.check_positive("reach", reach, allow_none=True)
+    chk.check_positive("diameter", diameter, allow_none=True)
+    chk.check_iterations(n_iters, tol)
+    chk.check_scaling(scaling)
+    mod = resolve(backend, x.device)
+
+    unbatched = x.dim() == 2
+    if unbatched:
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
+        mask_x, mask_y, weights_x, weights_y = (None if t is None else t.unsqueeze(0)
+                                                for t in (mask_x, mask_y, weights_x, weights_y))
+    (B, N, _), M = x.shape, y.shape[1]
+    mx = chk.as_mask("mask_x", mask_x, (B, N), x.device)
+    my = chk.as_mask("mask_y", mask_y, (B, M), y.device)
+    chk.check_finite("x", x, mx)
+    chk.check_finite("y", y, my)
+    dtype = chk.compute_dtype(x.dtype)
+    a = chk.as_weights("weights_x", weights_x, mx, dtype)
+    b = chk.as_weights("weights_y", weights_y, my, dtype)
+
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    xw = torch.where(mx.unsqueeze(2), x.to(dtype), zero)
+    yw = torch.where(my.unsqueeze(2), y.to(dtype), zero)
+    if cost == "cosine":
+        xw, yw = F.normalize(xw, dim=-1), F.normalize(yw, dim=-1)
+
+    eps_final = blur**2 if eps is None else eps
+    anneal: tuple[float, ...] = ()
+    if scaling is not None:
+        if diameter is None:
+            diameter = max(bounding_diameter(xw, yw, mx, my), math.sqrt(eps_final))
+        anneal = epsilon_schedule(diameter, math.sqrt(eps_final), scaling, p=2.0)
+    if n_iters is None:
+        n_iters = 0 if scaling is not None else 100
+    schedule = Schedule(eps=eps_final, anneal=anneal, n_iters=n_iters, tol=tol,
+                        rho=None if reach is None else reach**2)
+
+    value = SinkhornLossFunction.apply(xw, yw, a, b, mod, schedule, debias)
+    if unbatched:
+        return value[0]
+    if reduction == "mean":
+        return value.mean()
+    if reduction == "sum":
+        return value.sum()
+    return value

@@ -1,0 +1,149 @@
+"""The torch backend: a readable, float64-capable log-domain Sinkhorn, the oracle of every test.
+
+Per pair, with cost C [N, M], log-weights alpha [N], beta [M] (-inf on padding), temperature eps and
+dampening d (1 for balanced OT):
+
+    row soft-min     T(g)_i  = -d eps LSE_j( beta_j  + (g_j - C_ij) / eps )
+    column soft-min  T~(f)_j = -d eps LSE_i( alpha_i + (f_i - C_ij) / eps )
+
+The loop (init, annealing, iterations at the final eps, final extrapolation) is described in
+``otfast.schedule``. It keeps potentials 0 on padding; masked entries enter every LSE as -inf.
+
+Gradients (envelope theorem, GeomLoss's convention): the final step f = T(g_prev), g = T~(f_prev) is
+differentiated with its inputs g_prev, f_prev held fixed, f through x only and g through y only. With
+the row-normalised S^x_ij = exp(beta_j + (g_prev_j - C_ij)/eps + f_i/(d eps)) and column-normalised
+S^y_ij = exp(alpha_i + (f_prev_i - C_ij)/eps + g_j/(d eps)), and upstream weights u_i = dL/df_i * d,
+v_j = dL/dg_j * d, the sqeuclidean cost C_ij = |x_i - y_j|^2 / 2 gives
+
+    dL/dx_i = u_i (x_i - sum_j S^x_ij y_j),      dL/dy_j = v_j (y_j - sum_i S^y_ij x_i).
+
+This module materialises [B, N, M] tensors on purpose: it is the specification, not the fast path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .schedule import Schedule, residual
+
+
+class Potentials(NamedTuple):
+    """What a solve returns; every backend returns the same fields.
+
+    f [B, N], g [B, M]: potentials after the final step (0 on padding).
+    f_prev [B, N], g_prev [B, M]: potentials the final step started from (needed by the backward).
+    n_iters [B] int32: updates run per pair (annealing steps included, the final step not).
+    error [B]: residual of the final step (``otfast.schedule.residual``, rows plus columns).
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    f_prev: torch.Tensor
+    g_prev: torch.Tensor
+    n_iters: torch.Tensor
+    error: torch.Tensor
+
+
+def sqeuclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """C_ij = |x_i - y_j|^2 / 2 for ``x [B, N, D]``, ``y [B, M, D]`` -> ``[B, N, M]``.
+
+    Callers centre x and y first (the cost is translation invariant) so that the norm expansion
+    |x|^2/2 + |y|^2/2 - <x, y> does not cancel catastrophically.
+    """
+    xx = (x * x).sum(-1, keepdim=True) / 2
+    yy = (y * y).sum(-1).unsqueeze(1) / 2
+    return (xx + yy - x @ y.transpose(1, 2)).clamp_min(0)
+
+
+def _softmin(C: torch.Tensor, h: torch.Tensor, eps: float, damping: float, mask: torch.Tensor) -> torch.Tensor:
+    """-d eps LSE_j(h_j - C_ij / eps) over the last axis, 0 where ``mask`` is False."""
+    out = -damping * eps * torch.logsumexp(h.unsqueeze(1) - C / eps, dim=2)
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
+          symmetric: bool = False) -> Potentials:
+    """Run the Sinkhorn loop on a batch of cost matrices.
+
+    Args:
+        C: ``[B, N, M]`` cost, finite everywhere (padding entries are ignored).
+        alpha: ``[B, N]`` log-weights, -inf on padding; beta: ``[B, M]``.
+        schedule: temperatures, iteration count, tolerance and rho.
+        symmetric: C is symmetric and alpha == beta (the OT(a, a) problem of the debiased loss):
+            one potential, f == g, and only the row pass runs.
+
+    Returns:
+        ``Potentials``.
+    """
+    Ct = C.transpose(1, 2)
+    mask_a, mask_b = alpha > -math.inf, beta > -math.inf
+
+    def update(f, g, eps):
+        d = schedule.damping(eps)
+        ft = _softmin(C, beta + g / eps, eps, d, mask_a)
+        gt = ft if symmetric else _softmin(Ct, alpha + f / eps, eps, d, mask_b)
+        return ft, gt
+
+    zero_f, zero_g = torch.zeros_like(alpha), torch.zeros_like(beta)
+    f, g = update(zero_f, zero_g, schedule.eps_init)
+    for eps in schedule.anneal:
+        ft, gt = update(f, g, eps)
+        f, g = (f + ft) / 2, (g + gt) / 2
+
+    eps = schedule.eps
+    n_done = torch.full(alpha.shape[:1], len(schedule.anneal), dtype=torch.int32, device=C.device)
+    active = torch.ones(alpha.shape[:1], dtype=torch.bool, device=C.device)
+    for _ in range(schedule.n_iters):
+        ft, gt = update(f, g, eps)
+        if schedule.tol is not None:
+            err = residual(f, ft, alpha, eps) + residual(g, gt, beta, eps)
+            active = active & (err > schedule.tol)
+            if not bool(active.any()):
+                break
+        f = torch.where(active[:, None], (f + ft) / 2, f)
+        g = torch.where(active[:, None], (g + gt) / 2, g)
+        n_done += active.to(torch.int32)
+
+    f_new, g_new = update(f, g, eps)
+    error = residual(f, f_new, alpha, eps) + residual(g, g_new, beta, eps)
+    return Potentials(f_new, g_new, f, g, n_done, error)
+
+
+def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                 schedule: Schedule, symmetric: bool = False) -> Potentials:
+    """``solve`` on the sqeuclidean cost of centred points ``x [B, N, D]``, ``y [B, M, D]``."""
+    return solve(sqeuclidean_cost(x, y), alpha, beta, schedule, symmetric)
+
+
+def row_softmax(C: torch.Tensor, f: torch.Tensor, g_prev: torch.Tensor, beta: torch.Tensor,
+                mask_a: torch.Tensor, eps: float, damping: float) -> torch.Tensor:
+    """S_ij = exp(beta_j + (g_prev_j - C_ij)/eps + f_i/(d eps)): rows sum to 1 when f = T(g_prev)."""
+    S = torch.exp(beta.unsqueeze(1) + (g_prev.unsqueeze(1) - C) / eps + f.unsqueeze(2) / (damping * eps))
+    return torch.where(mask_a.unsqueeze(2), S, torch.zeros_like(S))
+
+
+def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
+                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Envelope gradients of a loss through the final step, for the sqeuclidean cost.
+
+    Args:
+        x, y: the centred points the solve ran on.
+        pots: the ``Potentials`` of that solve.
+        u: ``[B, N]`` = dL/df * damping; v: ``[B, M]`` = dL/dg * damping, or None to skip dy
+            (the symmetric problems, where the second argument of C is held fixed, as in GeomLoss).
+
+    Returns:
+        ``(dx [B, N, D], dy [B, M, D] or None)``.
+    """
+    C = sqeuclidean_cost(x, y)
+    Sx = row_softmax(C, pots.f, pots.g_prev, beta, alpha > -math.inf, eps, damping)
+    dx = u.unsqueeze(2) * (x - Sx @ y)
+    if v is None:
+        return dx, None
+    Sy = row_softmax(C.transpose(1, 2), pots.g, pots.f_prev, alpha, beta > -math.inf, eps, damping)
+    dy = v.unsqueeze(2) * (y - Sy @ x)
+    return dx, dy
