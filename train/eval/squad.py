@@ -1,0 +1,99 @@
+"""SQuAD v1.1 scoring, as the official ``evaluate-v1.1.py`` defines it.
+
+An answer is normalised by lower-casing, removing punctuation (``string.punctuation``), removing the
+articles a/an/the and collapsing whitespace. Per question the score is the best over its gold answers of
+exact match (normalised strings equal) and token F1 (bag-of-tokens overlap of the normalised strings);
+a question without a prediction scores 0. Totals are means over all questions, in percent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+from collections import Counter
+from pathlib import Path
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip punctuation, drop a/an/the, collapse whitespace (in this order)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def f1_score(prediction: str, ground_truth: str) -> float:
+    """Token F1 in [0, 1] between the normalised prediction and gold answer."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match_score(prediction: str, ground_truth: str) -> float:
+    """1.0 when the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def iter_questions(dataset: list[dict]):
+    """Yield ``(article_title, context, qa)`` for every question of a SQuAD-schema ``data`` list."""
+    if not isinstance(dataset, list):
+        raise TypeError(f"dataset must be the list under 'data', got {type(dataset).__name__}")
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                yield article.get("title", ""), paragraph["context"], qa
+
+
+def evaluate(dataset: list[dict], predictions: dict[str, str], *, warn=sys.stderr) -> dict[str, float]:
+    """Score predictions against a SQuAD v1.1 dataset.
+
+    Args:
+        dataset: the ``data`` list of a SQuAD v1.1 / XQuAD file (articles -> paragraphs -> qas -> answers).
+        predictions: question id -> predicted answer text.
+        warn: stream for the official "Unanswered question ... will receive score 0." lines (None: silent).
+
+    Returns:
+        ``{"exact_match": EM, "f1": F1}`` in percent over every question of the dataset.
+    """
+    if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
+        raise TypeError("predictions must map question ids to answer strings")
+    total = em = f1 = 0.0
+    for _, _, qa in iter_questions(dataset):
+        total += 1
+        if qa["id"] not in predictions:
+            if warn is not None:
+                print(f"Unanswered question {qa['id']} will receive score 0.", file=warn)
+            continue
+        golds = [a["text"] for a in qa["answers"]]
+        if not golds:
+            raise ValueError(f"question {qa['id']} has no gold answer (SQuAD v1.1 questions all have one)")
+        pred = predictions[qa["id"]]
+        em += max(exact_match_score(pred, g) for g in golds)
+        f1 += max(f1_score(pred, g) for g in golds)
+    if total == 0:
+        raise ValueError("the dataset holds no question")
+    return {"exact_match": 100.0 * em / total, "f1": 100.0 * f1 / total}
+
+
+def load_squad_file(path: str | Path) -> list[dict]:
+    """The ``data`` list of a SQuAD v1.1 / XQuAD JSON file."""
+    with open(path, encoding="utf-8") as fh:
+        obj = json.load(fh)
+    if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+        raise ValueError(f"{path}: not a SQuAD file (expected a JSON object with a 'data' list)")
+    return obj["data"]
+
+
+def load_predictions(path: str | Path) -> dict[str, str]:
+    """A predictions file: one JSON object mapping question id -> answer text."""
+    with open(path, encoding="utf-8") as fh:
+        obj = json.load(fh)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: predictions must be a JSON object mapping question ids to answers")
+    return obj
