@@ -1,0 +1,187 @@
+"""Host launchers of the Triton Sinkhorn kernels: shape checks, regimes, block sizes. No autograd, no policy.
+
+Implements the backend interface of ``otfast.backends`` (``solve``, ``solve_points``, ``grad_points``,
+same signatures and semantics as ``otfast.reference``). Two regimes behind one entry:
+
+- resident (max(N, M) <= ``RESIDENT_MAX``): one program per pair holds the whole cost tile in registers;
+  extra device memory: the potentials, O(B (N + M)).
+- streaming (longer): the fp32 cost is written once, 4 B N M bytes, then streamed tile by tile.
+
+The backward is one tiled kernel for every length, launched for dx and again (roles swapped) for dy.
+Arithmetic is fp32 whatever the input dtype; float64 inputs are computed in fp32 and returned as float64.
+``OTFAST_TRITON_PRECISION`` (default "ieee") sets the ``tl.dot`` precision of the cost and of S @ y;
+"tf32x3" is faster on tensor cores at near-fp32 accuracy; plain "tf32" is too coarse for small eps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from otfast.reference import Potentials
+from otfast.schedule import Schedule
+
+try:
+    import triton
+
+    from . import sinkhorn as K
+except ImportError as exc:  # the package installs and runs without triton
+    UNAVAILABLE: str | None = f"triton is not installed ({exc})"
+else:
+    UNAVAILABLE = None
+
+DESCRIPTION = "fused Triton kernels: register-resident tiles up to 128 x 128, streaming beyond"
+RESIDENT_MAX = 128
+STREAM_BLOCK = 64
+COST_BLOCK = (64, 64, 32)
+GRAD_BLOCK = (32, 64, 32, 64)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
+GRAD_WARPS = 4
+STREAM_WARPS = 4
+COST_WARPS = 4
+
+
+def precision() -> str:
+    value = os.environ.get("OTFAST_TRITON_PRECISION", "ieee")
+    if value not in ("ieee", "tf32x3", "tf32"):
+        raise ValueError(f"OTFAST_TRITON_PRECISION must be ieee, tf32x3 or tf32, got {value!r}")
+    return value
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def resident_config(n: int, m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, BLOCK_K, num_warps) of the resident kernel for an n x m problem."""
+    bn, bm = _block(n), _block(m)
+    return bn, bm, 32, max(4, min(16, bn * bm // 512))
+
+
+def resident_blocks() -> list[int]:
+    """Every BLOCK_N / BLOCK_M the dispatcher can choose for the resident kernel."""
+    return [16 << i for i in range(int(math.log2(RESIDENT_MAX // 16)) + 1)]
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Output allocation; the tests replace it with a NaN-filled one so an unwritten element shows."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _schedule_args(schedule: Schedule, device: torch.device) -> tuple:
+    anneal = torch.tensor(schedule.anneal or (0.0,), dtype=torch.float32, device=device)
+    inv_rho = 0.0 if schedule.rho is None else 1.0 / schedule.rho
+    return (anneal, len(schedule.anneal), schedule.eps_init, schedule.eps, schedule.n_iters,
+            schedule.tol if schedule.tol is not None else 0.0, inv_rho)
+
+
+def _check(alpha: torch.Tensor, beta: torch.Tensor, n: int, m: int, b: int) -> None:
+    if alpha.shape != (b, n) or beta.shape != (b, m):
+        raise ValueError(f"log-weights of shapes {tuple(alpha.shape)}, {tuple(beta.shape)} do not match a "
+                         f"{b} x {n} x {m} problem")
+
+
+def _outputs(b: int, n: int, m: int, device: torch.device) -> list[torch.Tensor]:
+    f32 = torch.float32
+    return [_empty((b, n), f32, device), _empty((b, m), f32, device), _empty((b, n), f32, device),
+            _empty((b, m), f32, device), _empty((b,), torch.int32, device), _empty((b,), f32, device)]
+
+
+def _finish(outs: list[torch.Tensor], dtype: torch.dtype) -> Potentials:
+    f, g, f_prev, g_prev, iters, err = outs
+    return Potentials(f.to(dtype), g.to(dtype), f_prev.to(dtype), g_prev.to(dtype), iters, err.to(dtype))
+
+
+def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, d):
+    b = alpha.shape[0]
+    outs = _outputs(b, n, m, alpha.device)
+    bn, bm, bk, warps = resident_config(n, m)
+    from_points = cost is None
+    if from_points:
+        X, Y, COST, strides = x, y, x, (*x.stride(), *y.stride(), 0, 0, 0)
+    else:
+        X, Y, COST, strides = cost, cost, cost, (0, 0, 0, 0, 0, 0, *cost.stride())
+    anneal, *tail = _schedule_args(schedule, alpha.device)
+    K._sinkhorn_resident_kernel[(b,)](
+        X, Y, COST, alpha.float().contiguous(), beta.float().contiguous(), anneal, *outs, n, m, d, *strides, *tail,
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, FROM_POINTS=from_points, SYMMETRIC=symmetric,
+        HAS_TOL=schedule.tol is not None, PRECISION=precision(), num_warps=warps)
+    return outs
+
+
+def _streaming(cost, alpha, beta, schedule, symmetric):
+    b, n, m = cost.shape
+    device = alpha.device
+    f_prev = torch.zeros((b, n), dtype=torch.float32, device=device)
+    g_prev = f_prev if symmetric else torch.zeros((b, m), dtype=torch.float32, device=device)
+    f = _empty((b, n), torch.float32, device)
+    g = f if symmetric else _empty((b, m), torch.float32, device)
+    iters, err = _empty((b,), torch.int32, device), _empty((b,), torch.float32, device)
+    anneal, *tail = _schedule_args(schedule, device)
+    K._sinkhorn_streaming_kernel[(b,)](
+        cost, alpha.float().contiguous(), beta.float().contiguous(), anneal, f_prev, g_prev, f, g, iters, err,
+        n, m, *cost.stride(), *tail,
+        BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None,
+        num_warps=STREAM_WARPS)
+    return [f, g, f_prev, g_prev, iters, err]
+
+
+def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[B, N, M]`` cost |x_i - y_j|^2 / 2 of centred points ``x [B, N, D]``, ``y [B, M, D]``."""
+    (b, n, d), m = x.shape, y.shape[1]
+    cost = _empty((b, n, m), torch.float32, x.device)
+    bn, bm, bk = COST_BLOCK
+    K._cost_kernel[(b, triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        x, y, cost, n, m, d, *x.stride(), *y.stride(),
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, PRECISION=precision(), num_warps=COST_WARPS)
+    return cost
+
+
+def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
+          symmetric: bool = False) -> Potentials:
+    """The Sinkhorn loop on precomputed costs ``C [B, N, M]`` (see ``otfast.reference.solve``)."""
+    b, n, m = C.shape
+    _check(alpha, beta, n, m, b)
+    cost = C.float()
+    if max(n, m) <= RESIDENT_MAX:
+        outs = _resident(None, None, cost, alpha, beta, schedule, symmetric, n, m, 1)
+    else:
+        outs = _streaming(cost.contiguous(), alpha, beta, schedule, symmetric)
+    return _finish(outs, C.dtype)
+
+
+def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                 schedule: Schedule, symmetric: bool = False) -> Potentials:
+    """The Sinkhorn loop on the sqeuclidean cost of centred ``x [B, N, D]``, ``y [B, M, D]``.
+
+    Up to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once in fp32.
+    """
+    (b, n, d), m = x.shape, y.shape[1]
+    _check(alpha, beta, n, m, b)
+    if max(n, m) <= RESIDENT_MAX:
+        outs = _resident(x, y, None, alpha, beta, schedule, symmetric, n, m, d)
+    else:
+        outs = _streaming(cost_matrix(x, y), alpha, beta, schedule, symmetric)
+    return _finish(outs, x.dtype)
+
+
+def _grad(x, y, f, g_prev, alpha, beta, u, eps, damping):
+    (b, n, d), m = x.shape, y.shape[1]
+    out = _empty((b, n, d), torch.float32, x.device)
+    bn, bm, bk, bdo = GRAD_BLOCK
+    k = K.LOG2E / eps
+    K._grad_kernel[(b, triton.cdiv(n, bn), triton.cdiv(d, bdo))](
+        x, y, f.float().contiguous(), g_prev.float().contiguous(), alpha.float().contiguous(),
+        beta.float().contiguous(), u.float().contiguous(), out, n, m, d, *x.stride(), *y.stride(), k, k / damping,
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS)
+    return out.to(x.dtype)
+
+
+def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
+                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Envelope gradients through the final step (see ``otfast.reference.grad_points``), no [B, N, M] buffer."""
+    dx = _grad(x, y, pots.f, pots.g_prev, alpha, beta, u, eps, damping)
+    dy = None if v is None else _grad(y, x, pots.g, pots.f_prev, beta, alpha, v, eps, damping)
+    return dx, dy
