@@ -50,35 +50,61 @@ def iter_questions(dataset: list[dict]):
                 yield article.get("title", ""), paragraph["context"], qa
 
 
-def evaluate(dataset: list[dict], predictions: dict[str, str], *, warn=sys.stderr) -> dict[str, float]:
-    """Score predictions against a SQuAD v1.1 dataset.
+def score(questions, predictions: dict[str, str], *, warn=sys.stderr) -> dict[str, float]:
+    """EM and F1 over questions given as ``(question_id, gold_answer_texts)``.
 
     Args:
-        dataset: the ``data`` list of a SQuAD v1.1 / XQuAD file (articles -> paragraphs -> qas -> answers).
-        predictions: question id -> predicted answer text.
+        questions: iterable of ``(id, [gold answer text, ...])``.
+        predictions: question id -> predicted answer text; missing ids score 0.
         warn: stream for the official "Unanswered question ... will receive score 0." lines (None: silent).
 
     Returns:
-        ``{"exact_match": EM, "f1": F1}`` in percent over every question of the dataset.
+        ``{"exact_match": EM, "f1": F1}`` in percent over all questions.
     """
     if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
         raise TypeError("predictions must map question ids to answer strings")
     total = em = f1 = 0.0
-    for _, _, qa in iter_questions(dataset):
+    for qid, golds in questions:
         total += 1
-        if qa["id"] not in predictions:
+        if qid not in predictions:
             if warn is not None:
-                print(f"Unanswered question {qa['id']} will receive score 0.", file=warn)
+                print(f"Unanswered question {qid} will receive score 0.", file=warn)
             continue
-        golds = [a["text"] for a in qa["answers"]]
         if not golds:
-            raise ValueError(f"question {qa['id']} has no gold answer (SQuAD v1.1 questions all have one)")
-        pred = predictions[qa["id"]]
+            raise ValueError(f"question {qid} has no gold answer (SQuAD v1.1 questions all have one)")
+        pred = predictions[qid]
         em += max(exact_match_score(pred, g) for g in golds)
         f1 += max(f1_score(pred, g) for g in golds)
     if total == 0:
         raise ValueError("the dataset holds no question")
     return {"exact_match": 100.0 * em / total, "f1": 100.0 * f1 / total}
+
+
+def evaluate(dataset: list[dict], predictions: dict[str, str], *, warn=sys.stderr) -> dict[str, float]:
+    """Score predictions against a SQuAD v1.1 dataset, as ``evaluate-v1.1.py`` does.
+
+    Args:
+        dataset: the ``data`` list of a SQuAD v1.1 / XQuAD file (articles -> paragraphs -> qas -> answers).
+        predictions: question id -> predicted answer text.
+        warn: as in ``score``.
+
+    Returns:
+        ``{"exact_match": EM, "f1": F1}`` in percent over every question of the dataset.
+    """
+    questions = ((qa["id"], [a["text"] for a in qa["answers"]]) for _, _, qa in iter_questions(dataset))
+    return score(questions, predictions, warn=warn)
+
+
+def to_records(dataset: list[dict]) -> list[dict]:
+    """Flatten a SQuAD ``data`` list into the Hugging Face ``squad`` rows.
+
+    Returns:
+        ``[{"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}]``.
+    """
+    return [{"id": qa["id"], "title": title, "context": context, "question": qa["question"],
+             "answers": {"text": [a["text"] for a in qa["answers"]],
+                         "answer_start": [int(a["answer_start"]) for a in qa["answers"]]}}
+            for title, context, qa in iter_questions(dataset)]
 
 
 def load_squad_file(path: str | Path) -> list[dict]:
