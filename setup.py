@@ -2,13 +2,65 @@
 
 ``kernels/`` installs as ``otfast.kernels`` (a top-level ``kernels`` module would clash with the
 unrelated PyPI package of that name).
+
+The C++ kernel (``otfast.kernels.cpu._sinkhorn``) is optional: it is built with OpenMP when the compiler
+supports it, without OpenMP (single-threaded) when it does not, and skipped with a warning when it
+cannot be compiled at all; ``otfast.backends()["cpu"]`` then says why and ``auto`` uses torch.
+Never -ffast-math: it assumes no infinities, and padding is -inf in every log-sum-exp.
 """
 
-from setuptools import setup
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 PACKAGES = ["otfast", "otfast.kernels", "otfast.kernels.triton", "otfast.kernels.cpu"]
+CPU_EXTENSION = "otfast.kernels.cpu._sinkhorn"
+
+FLAGS = {  # compiler type -> (compile flags, OpenMP compile flags, OpenMP link flags)
+    "msvc": (["/O2", "/std:c++17", "/EHsc"], ["/openmp"], []),
+    "unix": (["-O3", "-std=c++17", "-fvisibility=hidden"], ["-fopenmp"], ["-fopenmp"]),
+}
+
+
+class OptionalBuildExt(build_ext):
+    """Builds the C++ kernel when possible and never fails the install because of it."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # no compiler at all (setuptools raises before build_extension)
+            self._skip(exc)
+
+    def build_extension(self, ext):
+        try:
+            import pybind11
+        except ImportError as exc:
+            self._skip(exc)
+            return
+        base, omp_compile, omp_link = FLAGS.get(self.compiler.compiler_type, FLAGS["unix"])
+        ext.include_dirs = [*ext.include_dirs, pybind11.get_include()]
+        attempts = [(base + omp_compile, omp_link), (base, [])]
+        for n, (compile_args, link_args) in enumerate(attempts):
+            ext.extra_compile_args, ext.extra_link_args = compile_args, link_args
+            try:
+                super().build_extension(ext)
+                if n:
+                    print(f"warning: built {ext.name} without OpenMP (single-threaded)", file=sys.stderr)
+                return
+            except Exception as exc:
+                last = exc
+        self._skip(last)
+
+    @staticmethod
+    def _skip(exc):
+        print(f"warning: the optional C++ CPU kernel {CPU_EXTENSION} was not built ({exc}); otfast falls back "
+              "to its torch backend (see otfast.backends())", file=sys.stderr)
+
 
 setup(
     packages=PACKAGES,
     package_dir={"otfast": "otfast", "otfast.kernels": "kernels"},
+    ext_modules=[Extension(CPU_EXTENSION, sources=["kernels/cpu/sinkhorn.cpp"], language="c++")],
+    cmdclass={"build_ext": OptionalBuildExt},
 )

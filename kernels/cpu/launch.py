@@ -1,0 +1,99 @@
+"""Host launcher of the fused C++ CPU Sinkhorn kernel (``otfast.kernels.cpu._sinkhorn``).
+
+The same three functions, signatures and semantics as ``otfast.reference`` (the torch backend):
+``solve``, ``solve_points`` and ``grad_points``. Tensors go to the extension as numpy views of
+contiguous CPU buffers (no torch headers at build time); the kernel runs every iteration of the whole
+batch in one call with the GIL released, on ``torch.get_num_threads()`` OpenMP threads, and computes in
+the input precision (float32 or float64). See ``kernels/cpu/sinkhorn.cpp`` for the update rule, the
+memory traffic and the threading; results do not depend on the thread count.
+
+``UNAVAILABLE`` is None when the extension imported, else the reason it did not.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from otfast.reference import Potentials
+from otfast.schedule import Schedule
+
+try:
+    from . import _sinkhorn
+except ImportError as exc:
+    _sinkhorn = None
+    UNAVAILABLE: str | None = (f"the C++ extension otfast.kernels.cpu._sinkhorn is not built ({exc}); it needs a "
+                               "C++17 compiler at install time (pip install -e . prints why it was skipped)")
+    DESCRIPTION = "fused C++ CPU kernel (not built)"
+else:
+    UNAVAILABLE = None
+    DESCRIPTION = ("fused C++ CPU kernel, " + ("OpenMP over pairs" if _sinkhorn.openmp else "built without OpenMP: "
+                                              "one thread"))
+
+
+def _dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _np(t: torch.Tensor, dtype: torch.dtype):
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+def _schedule_args(schedule: Schedule, symmetric: bool) -> dict:
+    return dict(anneal=[float(e) for e in schedule.anneal], eps=float(schedule.eps), n_iters=int(schedule.n_iters),
+                tol=None if schedule.tol is None else float(schedule.tol),
+                rho=None if schedule.rho is None else float(schedule.rho), symmetric=bool(symmetric),
+                threads=torch.get_num_threads())
+
+
+def _potentials(out) -> Potentials:
+    return Potentials(*(torch.from_numpy(a) for a in out))
+
+
+def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
+          symmetric: bool = False) -> Potentials:
+    """``otfast.reference.solve`` on the C++ kernel.
+
+    Args:
+        C: ``[B, N, M]`` cost, finite everywhere (padding entries are ignored).
+        alpha: ``[B, N]`` log-weights, -inf on padding; beta: ``[B, M]``.
+        schedule: temperatures, iteration count, tolerance and rho.
+        symmetric: C is symmetric and alpha == beta: one potential, f == g, only the row pass runs.
+
+    Returns:
+        ``Potentials`` (f, g, f_prev, g_prev in C's precision, n_iters int32, error).
+    """
+    dt = _dtype(C)
+    return _potentials(_sinkhorn.solve_cost(_np(C, dt), _np(alpha, dt), _np(beta, dt),
+                                            **_schedule_args(schedule, symmetric)))
+
+
+def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                 schedule: Schedule, symmetric: bool = False) -> Potentials:
+    """``solve`` on the sqeuclidean cost of centred points ``x [B, N, D]``, ``y [B, M, D]``.
+
+    The cost tile of each pair is formed once inside the kernel and never leaves the cache.
+    """
+    dt = _dtype(x)
+    return _potentials(_sinkhorn.solve_points(_np(x, dt), _np(y, dt), _np(alpha, dt), _np(beta, dt),
+                                              **_schedule_args(schedule, symmetric)))
+
+
+def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
+                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Envelope gradients through the final step, as ``otfast.reference.grad_points``.
+
+    Args:
+        x, y: the centred points ``[B, N, D]``, ``[B, M, D]`` the solve ran on.
+        pots: the ``Potentials`` of that solve (only f, g, f_prev, g_prev are read).
+        u: ``[B, N]`` = dL/df * damping; v: ``[B, M]`` = dL/dg * damping, or None to skip dy.
+
+    Returns:
+        ``(dx [B, N, D], dy [B, M, D] or None)`` in x's precision.
+    """
+    dt = _dtype(x)
+    dx, dy = _sinkhorn.grad_points(_np(x, dt), _np(y, dt), _np(alpha, dt), _np(beta, dt), _np(pots.f, dt),
+                                   _np(pots.g, dt), _np(pots.f_prev, dt), _np(pots.g_prev, dt), float(eps),
+                                   float(damping), _np(u, dt), None if v is None else _np(v, dt),
+                                   torch.get_num_threads())
+    return torch.from_numpy(dx), None if dy is None else torch.from_numpy(dy)
