@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.autograd.gradcheck import GradcheckError
 
 import otfast
 from otfast import reference
@@ -190,7 +191,7 @@ def test_gradcheck_balanced(debias, cost):
     _gradcheck_loss(batch, cost=cost, debias=debias, **GRADCHECK)
 
 
-@pytest.mark.xfail(strict=True, reason="GeomLoss's unbalanced gradient convention: sinkhorn_loss with reach returns "
+@pytest.mark.xfail(strict=True, raises=GradcheckError, reason="GeomLoss's unbalanced gradient convention: sinkhorn_loss with reach returns "
                    "(rho + eps/2) / (rho + eps) times the gradient of its own value w.r.t. x, y (and a non-constant "
                    "shift w.r.t. the weights), as GeomLoss does; kept for GeomLoss parity, reported to the lead")
 def test_gradcheck_unbalanced():

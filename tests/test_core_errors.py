@@ -1,0 +1,350 @@
+"""Bad input raises a clear ValueError/TypeError (type and message checked), one test per case.
+
+Also: an unconverged pair gives a RuntimeWarning naming how many pairs, and extreme but valid input
+(eps = 1e-4 with costs near 1e2, float32) stays finite.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import otfast
+from conftest import make_costs, make_points
+
+
+@pytest.fixture
+def pts():
+    """A small valid float32 batch: x [2, 4, 3], y [2, 5, 3] with masks."""
+    return make_points(2, 4, 5, 3, dtype=torch.float32, seed=30, ragged=False, junk=None)
+
+
+@pytest.fixture
+def cost():
+    """A small valid float32 cost batch [2, 4, 5]."""
+    return make_costs(2, 4, 5, dtype=torch.float32, seed=31, ragged=False, junk=None).cost
+
+
+def loss(x, y, mask_x=None, mask_y=None, **kwargs):
+    return otfast.sinkhorn_loss(x, y, mask_x, mask_y, backend=kwargs.pop("backend", "torch"), **kwargs)
+
+
+# --- shapes -------------------------------------------------------------------------------------
+
+def test_mismatched_batch_sizes(pts):
+    with pytest.raises(ValueError, match="batch sizes differ: x has 2 pairs, y has 1"):
+        loss(pts.x, pts.y[:1])
+
+
+def test_mismatched_feature_sizes(pts):
+    with pytest.raises(ValueError, match="feature sizes differ: x has D=3, y has D=2"):
+        loss(pts.x, pts.y[..., :2])
+
+
+def test_mismatched_point_ranks(pts):
+    with pytest.raises(ValueError, match=r"x and y must both be \[B, N, D\]"):
+        loss(pts.x, pts.y[0])
+
+
+def test_empty_input(pts):
+    with pytest.raises(ValueError, match="empty input"):
+        loss(pts.x[:, :0], pts.y)
+
+
+def test_mask_of_wrong_shape(pts):
+    with pytest.raises(ValueError, match=r"mask_x has shape \(2, 3\), expected \(2, 4\)"):
+        loss(pts.x, pts.y, pts.mask_x[:, :3], pts.mask_y)
+
+
+def test_sinkhorn_mask_of_wrong_shape(cost):
+    with pytest.raises(ValueError, match=r"mask_b has shape \(2, 4\), expected \(2, 5\)"):
+        otfast.sinkhorn(cost, mask_b=torch.ones(2, 4, dtype=torch.bool), eps=0.1)
+
+
+def test_weights_of_wrong_shape(pts):
+    with pytest.raises(ValueError, match=r"weights_y has shape \(2, 4\), expected \(2, 5\)"):
+        loss(pts.x, pts.y, weights_y=torch.ones(2, 4))
+
+
+def test_cost_1d():
+    with pytest.raises(ValueError, match="cost must be 2-D .* got 1-D"):
+        otfast.sinkhorn(torch.rand(5), eps=0.1)
+
+
+def test_cost_4d():
+    with pytest.raises(ValueError, match="cost must be 2-D .* got 4-D"):
+        otfast.sinkhorn(torch.rand(2, 2, 3, 4), eps=0.1)
+
+
+# --- masks --------------------------------------------------------------------------------------
+
+def test_mask_values_other_than_0_1(pts):
+    mask = pts.mask_x.clone()
+    mask[1, 2] = 2
+    with pytest.raises(ValueError, match="mask_x must hold only 0 and 1"):
+        loss(pts.x, pts.y, mask, pts.mask_y)
+
+
+def test_float_mask(pts):
+    with pytest.raises(TypeError, match="mask_y must be a bool or integer tensor, got torch.float32"):
+        loss(pts.x, pts.y, pts.mask_x, pts.mask_y.float())
+
+
+def test_pair_without_valid_token(pts):
+    mask = pts.mask_y.clone()
+    mask[1] = 0
+    with pytest.raises(ValueError, match="mask_y: pair at batch index 1 has no valid token"):
+        loss(pts.x, pts.y, pts.mask_x, mask)
+
+
+def test_sinkhorn_pair_without_valid_token(cost):
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[0] = False
+    with pytest.raises(ValueError, match="mask_a: pair at batch index 0 has no valid token"):
+        otfast.sinkhorn(cost, mask_a=mask, eps=0.1)
+
+
+# --- non-finite values ----------------------------------------------------------------------------
+
+def test_nan_in_x(pts):
+    x = pts.x.clone()
+    x[1, 0, 2] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        loss(x, pts.y)
+
+
+def test_inf_in_y(pts):
+    y = pts.y.clone()
+    y[0, 4, 0] = float("inf")
+    with pytest.raises(ValueError, match="y contains inf"):
+        loss(pts.x, y)
+
+
+def test_nan_in_cost_on_valid_entry(cost):
+    c = cost.clone()
+    c[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="cost contains NaN"):
+        otfast.sinkhorn(c, eps=0.1)
+
+
+def test_nan_in_cost_on_masked_entry_is_fine(cost):
+    """NaN on a padded row or column is ignored: same result as the cost without it."""
+    mask_a = torch.ones(2, 4, dtype=torch.bool)
+    mask_a[1, 3] = False
+    c = cost.clone()
+    c[1, 3, :] = float("nan")
+    res = otfast.sinkhorn(c, mask_a=mask_a, eps=0.1, backend="torch")
+    ref = otfast.sinkhorn(cost[1:, :3], eps=0.1, backend="torch")
+    assert torch.isfinite(res.value).all() and torch.isfinite(res.plan()).all()
+    assert torch.allclose(res.value[1], ref.value[0], rtol=1e-6)
+
+
+def test_nan_in_weights(pts):
+    w = torch.ones(2, 4)
+    w[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="weights_x contains NaN"):
+        loss(pts.x, pts.y, weights_x=w)
+
+
+# --- numbers --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [0.0, -0.1, float("nan"), float("inf")], ids=lambda e: f"eps{e}")
+def test_sinkhorn_eps_not_positive(cost, eps):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        otfast.sinkhorn(cost, eps=eps)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0], ids=lambda e: f"eps{e}")
+def test_loss_eps_not_positive(pts, eps):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        loss(pts.x, pts.y, eps=eps)
+
+
+@pytest.mark.parametrize("blur", [0.0, -0.05], ids=lambda b: f"blur{b}")
+def test_blur_not_positive(pts, blur):
+    with pytest.raises(ValueError, match="blur must be a finite number > 0"):
+        loss(pts.x, pts.y, blur=blur)
+
+
+def test_eps_not_a_number(cost):
+    with pytest.raises(TypeError, match="eps must be a number, got str"):
+        otfast.sinkhorn(cost, eps="0.1")
+
+
+def test_negative_weights(pts):
+    w = torch.ones(2, 5)
+    w[1, 3] = -0.5
+    with pytest.raises(ValueError, match="weights_y has negative weights"):
+        loss(pts.x, pts.y, weights_y=w)
+
+
+def test_sinkhorn_negative_weights(cost):
+    a = torch.ones(2, 4)
+    a[0, 0] = -1.0
+    with pytest.raises(ValueError, match="a has negative weights"):
+        otfast.sinkhorn(cost, a, eps=0.1)
+
+
+def test_zero_total_weights(pts):
+    w = torch.ones(2, 4)
+    w[1] = 0
+    with pytest.raises(ValueError, match="weights_x: pair at batch index 1 has zero total weight"):
+        loss(pts.x, pts.y, weights_x=w)
+
+
+@pytest.mark.parametrize("scaling", [0.0, 1.0, 1.5, -0.5], ids=lambda s: f"scaling{s}")
+def test_scaling_outside_unit_interval(pts, scaling):
+    with pytest.raises(ValueError, match="scaling must"):
+        loss(pts.x, pts.y, scaling=scaling)
+
+
+def test_sinkhorn_scaling_outside_unit_interval(cost):
+    with pytest.raises(ValueError, match=r"scaling must lie in \(0, 1\), got 2"):
+        otfast.sinkhorn(cost, eps=0.1, scaling=2.0)
+
+
+@pytest.mark.parametrize("n_iters", [-1, 2.5, True], ids=["minus1", "float", "bool"])
+def test_n_iters_invalid(pts, n_iters):
+    with pytest.raises(ValueError, match="n_iters must be an integer >= 0"):
+        loss(pts.x, pts.y, n_iters=n_iters)
+
+
+@pytest.mark.parametrize("tol", [0.0, -1e-6], ids=lambda t: f"tol{t}")
+def test_tol_not_positive(cost, tol):
+    with pytest.raises(ValueError, match="tol must be a finite number > 0"):
+        otfast.sinkhorn(cost, eps=0.1, tol=tol)
+
+
+@pytest.mark.parametrize("reach", [0.0, -1.0], ids=lambda r: f"reach{r}")
+def test_reach_not_positive(pts, reach):
+    with pytest.raises(ValueError, match="reach must be a finite number > 0"):
+        loss(pts.x, pts.y, reach=reach)
+
+
+def test_rho_not_positive(cost):
+    with pytest.raises(ValueError, match="rho must be a finite number > 0"):
+        otfast.sinkhorn(cost, eps=0.1, rho=0.0)
+
+
+def test_diameter_not_positive(pts):
+    with pytest.raises(ValueError, match="diameter must be a finite number > 0"):
+        loss(pts.x, pts.y, diameter=-2.0)
+
+
+# --- names --------------------------------------------------------------------------------------
+
+def test_unknown_cost(pts):
+    with pytest.raises(ValueError, match="unknown cost 'euclidean'; choose one of sqeuclidean, cosine"):
+        loss(pts.x, pts.y, cost="euclidean")
+
+
+def test_unknown_backend(pts):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        loss(pts.x, pts.y, backend="cuda")
+
+
+def test_sinkhorn_unknown_backend(cost):
+    with pytest.raises(ValueError, match="unknown backend 'numpy'"):
+        otfast.sinkhorn(cost, eps=0.1, backend="numpy")
+
+
+def test_unknown_reduction(pts):
+    with pytest.raises(ValueError, match="unknown reduction 'max'"):
+        loss(pts.x, pts.y, reduction="max")
+
+
+def test_module_rejects_bad_keyword_at_construction():
+    with pytest.raises(ValueError, match="unknown reduction 'avg'"):
+        otfast.SinkhornLoss(reduction="avg")
+
+
+# --- dtypes and devices ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=str)
+def test_integer_points(pts, dtype):
+    with pytest.raises(TypeError, match=f"x must be float16, bfloat16, float32 or float64, got {dtype}"):
+        loss(pts.x.to(dtype), pts.y)
+
+
+def test_integer_cost(cost):
+    with pytest.raises(TypeError, match="cost must be float16, bfloat16, float32 or float64, got torch.int64"):
+        otfast.sinkhorn((cost * 10).long(), eps=0.1)
+
+
+def test_integer_weights(pts):
+    with pytest.raises(TypeError, match="weights_x must be float16, bfloat16, float32 or float64"):
+        loss(pts.x, pts.y, weights_x=torch.ones(2, 4, dtype=torch.long))
+
+
+def test_points_not_a_tensor(pts):
+    with pytest.raises(TypeError, match="y must be a torch.Tensor, got list"):
+        loss(pts.x, pts.y.tolist())
+
+
+def _second_device() -> str:
+    """A device other than the CPU: CUDA when present, else ``meta`` (validation runs before any compute)."""
+    return "cuda" if torch.cuda.is_available() else "meta"
+
+
+def test_points_on_different_devices(pts):
+    with pytest.raises(ValueError, match="inputs are on different devices"):
+        loss(pts.x, pts.y.to(_second_device()))
+
+
+def test_mask_on_another_device(pts):
+    with pytest.raises(ValueError, match="inputs are on different devices"):
+        loss(pts.x, pts.y, pts.mask_x.to(_second_device()), pts.mask_y)
+
+
+def test_sinkhorn_weights_on_another_device(cost):
+    with pytest.raises(ValueError, match="inputs are on different devices"):
+        otfast.sinkhorn(cost, torch.ones(2, 4, device=_second_device()), eps=0.1)
+
+
+# --- convergence warnings and extreme input ---------------------------------------------------------
+
+def test_unconverged_pairs_warn_with_count():
+    """Two hard pairs out of three miss tol: the warning says "2 of 3 pairs"; the easy one converges."""
+    costs = make_costs(3, 6, 7, seed=32, ragged=False, junk=None).cost
+    costs[0] = 0.5  # a constant cost: converged after the first update
+    with pytest.warns(RuntimeWarning, match=r"sinkhorn: 2 of 3 pairs did not reach tol=1e-09 within n_iters=5"):
+        res = otfast.sinkhorn(costs, eps=0.005, n_iters=5, tol=1e-9, backend="torch")
+    assert res.marginal_error[0] <= 1e-9 < res.marginal_error[1:].min()
+
+
+def test_unconverged_loss_warns(pts):
+    with pytest.warns(RuntimeWarning, match=r"sinkhorn_loss OT\(x, y\): 2 of 2 pairs did not reach tol"):
+        loss(pts.x, pts.y, blur=0.01, scaling=None, n_iters=2, tol=1e-12)
+
+
+def test_converged_run_does_not_warn(pts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(pts.x, pts.y, blur=1.0, scaling=None, n_iters=1000, tol=1e-5)
+
+
+def test_extreme_sinkhorn_input_is_finite():
+    """eps = 1e-4 with costs up to 1e2 in float32 (C / eps = 1e6): finite potentials, values, plans, gradients."""
+    c = (100 * make_costs(3, 7, 9, dtype=torch.float32, seed=33).cost.clamp(0, 1)).requires_grad_()
+    res = otfast.sinkhorn(c, eps=1e-4, scaling=0.5, n_iters=50, backend="torch")
+    (grad,) = torch.autograd.grad(res.value.sum(), c)
+    for t in (res.f, res.g, res.value, res.plan(), grad):
+        assert torch.isfinite(t).all()
+    ref = otfast.sinkhorn(c.detach().double(), eps=1e-4, scaling=0.5, n_iters=50, backend="torch")
+    assert torch.allclose(res.value.double(), ref.value, rtol=1e-4), "float32 value far from the float64 run"
+
+
+@pytest.mark.parametrize("reach", [None, 10.0], ids=lambda r: f"reach{r}")
+def test_extreme_loss_input_is_finite(reach):
+    """eps = 1e-4 with costs near 1e2 (|x - y|^2 / 2), float32: finite loss and gradients."""
+    batch = make_points(3, 7, 9, 4, dtype=torch.float32, seed=34, scale=7.0, shift=3.0)
+    x, y = batch.x.clone().requires_grad_(), batch.y.clone().requires_grad_()
+    value = otfast.sinkhorn_loss(x, y, batch.mask_x, batch.mask_y, eps=1e-4, reach=reach, reduction="none",
+                                 backend="torch")
+    gx, gy = torch.autograd.grad(value.sum(), (x, y))
+    assert torch.isfinite(value).all() and torch.isfinite(gx).all() and torch.isfinite(gy).all()
+    ref = otfast.sinkhorn_loss(batch.x.double(), batch.y.double(), batch.mask_x, batch.mask_y, eps=1e-4, reach=reach,
+                               reduction="none", backend="torch")
+    assert torch.allclose(value.double(), ref, rtol=1e-3), "float32 loss far from the float64 run"
