@@ -24,8 +24,16 @@ import yaml
 
 
 def load_config(path: str, overrides: list[str]) -> dict:
-    """A task config (``yaml.safe_load``) with ``key=value`` overrides (values parsed as YAML; dotted keys
-    reach into sections, e.g. ``data.train=path``)."""
+    """A task config (``yaml.safe_load``) with ``key=value`` overrides.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key=value`` strings; values are parsed as YAML (``1e-4`` as a float), dotted keys reach
+            into sections (``data.train=path``).
+
+    Returns:
+        The config dict.
+    """
     with open(path, encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
     if not isinstance(cfg, dict):
@@ -40,8 +48,19 @@ def load_config(path: str, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _yaml_value(value)
     return cfg
+
+
+def _yaml_value(text: str):
+    """A YAML scalar or list; numbers YAML 1.1 reads as strings (``1e-4``) become floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _finish(args: argparse.Namespace, name: str, result: dict) -> dict:

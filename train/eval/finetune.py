@@ -58,6 +58,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accumulation"):
             if not isinstance(getattr(out, name), int) or getattr(out, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(out, name)!r}")
+        for name in ("learning_rate", "epochs", "weight_decay", "adam_epsilon", "max_grad_norm"):
+            value = getattr(out, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
         if not out.learning_rate > 0 or not out.epochs > 0:
             raise ValueError(f"learning_rate and epochs must be > 0, got {out.learning_rate}, {out.epochs}")
         return out

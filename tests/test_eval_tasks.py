@@ -1,0 +1,218 @@
+"""The evaluation tasks end to end on the fixtures and a tiny model built on the fly, against values
+computed independently here (gold labels read with csv/json, retrieval and alignment cases built to
+have a known answer, spans located by hand)."""
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from train.eval import report, squad, xnli, xquad
+from train.evaluate import load_config, main
+from train.modeling import build_tiny_model
+from train.synthetic import synthetic_pairs
+
+FIX = Path(__file__).parent / "fixtures" / "eval"
+CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    ds = synthetic_pairs(200, seed=0)
+    return str(build_tiny_model(list(ds["source"]) + list(ds["target"]) + ["who ?"],
+                                tmp_path_factory.mktemp("tiny") / "model", vocab_size=300))
+
+
+def _tiny_cfg(name, **overrides):
+    cfg = yaml.safe_load((CONFIGS / name).read_text())
+    cfg["data"] = {k: str(Path(__file__).resolve().parents[1] / v) for k, v in cfg["data"].items()}
+    cfg.update(overrides)
+    return cfg
+
+
+def _gold_labels(language):
+    with open(FIX / "xnli.test.tsv", newline="") as fh:
+        return [r["gold_label"] for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+                if r["language"] == language]
+
+
+def test_read_nli_files():
+    xx = xnli.read_nli_file(FIX / "xnli.test.tsv", "xx")
+    assert len(xx) == 12 and [e["label"] for e in xx] == [xnli.LABELS.index(g) for g in _gold_labels("xx")]
+    train = xnli.read_nli_file(FIX / "xnli_train.en.jsonl")
+    assert len(train) == 48 and {e["label"] for e in train} == {0, 1, 2}
+    with open(FIX / "xnli.dev.tsv", newline="") as fh:
+        first_en = next(r for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if r["language"] == "en")
+    dev = xnli.load_nli(str(FIX / "xnli.dev.tsv"), "dev", "en")
+    assert (dev[0]["premise"], dev[0]["hypothesis"]) == (first_en["sentence1"], first_en["sentence2"])
+
+
+def test_nli_labels_and_bad_rows(tmp_path):
+    f = tmp_path / "x.tsv"
+    f.write_text("premise\thypothesis\tlabel\na\tb\tcontradictory\nc\td\t-\ne\tf\t1\n")
+    assert [e["label"] for e in xnli.read_nli_file(f)] == [2, 1]      # "-" (no consensus) skipped
+    f.write_text("premise\thypothesis\tlabel\na\tb\tmaybe\n")
+    with pytest.raises(ValueError, match="unknown NLI label 'maybe'"):
+        xnli.read_nli_file(f)
+    f.write_text("text\tlabel\na\t0\n")
+    with pytest.raises(ValueError, match="no premise/hypothesis"):
+        xnli.read_nli_file(f)
+    with pytest.raises(ValueError, match="no example for language 'zz'"):
+        xnli.read_nli_file(FIX / "xnli.test.tsv", "zz")
+
+
+def test_xnli_run_matches_written_predictions(tiny_model, tmp_path):
+    cfg = _tiny_cfg("eval_xnli_tiny.yaml", seeds=[1, 2], epochs=2, eval_steps=2)
+    res = xnli.run(cfg, tiny_model, tmp_path, log=lambda m: None)
+    for lang in ("en", "xx"):
+        gold = _gold_labels(lang)
+        per_seed = []
+        for seed in (1, 2):
+            pred = (tmp_path / "predictions" / str(seed) / f"{lang}.txt").read_text().split()
+            per_seed.append(100 * sum(p == g for p, g in zip(pred, gold)) / len(gold))
+        got = res["languages"][lang]["accuracy"]
+        assert got["per_seed"] == pytest.approx(per_seed)
+        assert got["mean"] == pytest.approx(statistics.fmean(per_seed))
+    acc = {lang: res["languages"][lang]["accuracy"]["mean"] for lang in ("en", "xx")}
+    assert res["averages"]["seen"]["accuracy"] == pytest.approx(acc["xx"])
+    assert res["averages"]["all"]["accuracy"] == pytest.approx((acc["en"] + acc["xx"]) / 2)
+    assert all(r["best_update"] is not None for r in res["train_runs"])   # selected on English dev
+
+
+def _long_record():
+    context = " ".join(synthetic_pairs(6, seed=3)["target"]) + " the answer is here ."
+    start = context.index("answer is here")
+    return {"id": "long", "title": "", "context": context, "question": "where is it ?",
+            "answers": {"text": ["answer is here"], "answer_start": [start]}}
+
+
+def test_qa_windows_and_answer_positions(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rec = _long_record()
+    feats = xquad.qa_features(tok, [rec], max_seq_length=32, doc_stride=8, max_query_length=4, train=True)
+    assert len(feats) > 2 and all(len(f["input_ids"]) <= 32 for f in feats)
+    firsts = [next(o for o in f["offsets"] if o is not None)[0] for f in feats]
+    context_tokens = tok(rec["context"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    starts = [o[0] for o in context_tokens]
+    assert [starts.index(c) for c in firsts] == [8 * k for k in range(len(feats))]   # windows doc_stride apart
+    hits = [f for f in feats if f["start_positions"] != 0]
+    assert hits, "some window holds the whole answer"
+    for f in hits:
+        span = rec["context"][f["offsets"][f["start_positions"]][0]:f["offsets"][f["end_positions"]][1]]
+        assert span == "answer is here"
+    for f in feats:
+        if f["start_positions"] == 0:
+            ctx = [o for o in f["offsets"] if o is not None]
+            s = rec["answers"]["answer_start"][0]
+            assert ctx[0][0] > s or ctx[-1][1] < s + len("answer is here")
+    for tok_offset in {o for f in feats for o in f["offsets"] if o is not None}:
+        assert sum(f["max_context"][f["offsets"].index(tok_offset)] for f in feats if tok_offset in f["offsets"]) == 1
+
+
+def test_qa_postprocess_known_span(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rec = _long_record()
+    train = xquad.qa_features(tok, [rec], max_seq_length=32, doc_stride=8, max_query_length=4, train=True)
+    feats = xquad.qa_features(tok, [rec], max_seq_length=32, doc_stride=8, max_query_length=4, train=False)
+    logits = []
+    for tf, f in zip(train, feats):
+        s, e = np.zeros(len(f["input_ids"])), np.zeros(len(f["input_ids"]))
+        if tf["start_positions"] and f["max_context"][tf["start_positions"]]:
+            s[tf["start_positions"]], e[tf["end_positions"]] = 10.0, 10.0
+        logits.append((s, e))
+    preds = xquad.postprocess([rec], feats, logits)
+    assert preds == {"long": "answer is here"}
+    assert squad.score([("long", ["answer is here"])], preds) == {"exact_match": 100.0, "f1": 100.0}
+    short = xquad.postprocess([rec], feats, logits, max_answer_length=1)
+    assert short["long"] != "answer is here"          # a 3-word span is refused at max_answer_length=1
+
+
+def test_xquad_run_matches_scorer(tiny_model, tmp_path):
+    cfg = _tiny_cfg("eval_xquad_tiny.yaml", epochs=1)
+    res = xquad.run(cfg, tiny_model, tmp_path, log=lambda m: None)
+    for lang in ("en", "xx"):
+        data = squad.load_squad_file(FIX / f"xquad.{lang}.json")
+        preds = json.loads((tmp_path / "predictions" / "1" / f"{lang}.json").read_text())
+        assert set(preds) == {qa["id"] for _, _, qa in squad.iter_questions(data)}
+        want = squad.evaluate(data, preds)
+        got = res["languages"][lang]
+        assert got["f1"]["mean"] == pytest.approx(want["f1"])
+        assert got["exact_match"]["mean"] == pytest.approx(want["exact_match"])
+
+
+def _write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_retrieval_known_answers(tiny_model, tmp_path, capsys):
+    sents = list(dict.fromkeys(synthetic_pairs(30, seed=5)["target"]))[:12]
+    same = _write_lines(tmp_path / "s.txt", sents)
+    rotated = _write_lines(tmp_path / "r.txt", sents[1:] + sents[:1])   # target j = sentence j + 1
+    res = main(["retrieval", "--model", tiny_model, "--source", same, "--target", same])
+    assert res["languages"]["xx"]["mean"]["mean"] == 1.0
+    res = main(["retrieval", "--model", tiny_model, "--source", same, "--target", rotated])
+    assert res["languages"]["xx"]["src2tgt"]["mean"] == 0.0 and res["languages"]["xx"]["tgt2src"]["mean"] == 0.0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["task"] == "retrieval"
+
+
+def test_align_identical_sentences_gives_the_diagonal(tiny_model, tmp_path):
+    sents = ["the old cat sees a dog", "every bird sings", "my small house near the river today"]
+    src = _write_lines(tmp_path / "s.txt", sents)
+    gold = _write_lines(tmp_path / "g.txt", [" ".join(f"{i}-{i}" for i in range(len(s.split()))) for s in sents])
+    out = tmp_path / "pred.txt"
+    res = main(["align", "--model", tiny_model, "--source", src, "--target", src, "--output", str(out),
+                "--gold", gold, "--eps", "0.01"])
+    assert out.read_text() == Path(gold).read_text()
+    assert res["aer"] == 0.0 and res["precision"] == 1.0 and res["recall"] == 1.0
+
+
+def test_aggregate_tables_comparison_and_plot(tmp_path):
+    before = report.aggregate("xquad", [{"de": {"f1": 60.0, "exact_match": 40.0}, "ar": {"f1": 50.0, "exact_match": 30.0}},
+                                        {"de": {"f1": 64.0, "exact_match": 44.0}, "ar": {"f1": 52.0, "exact_match": 36.0}}],
+                              [1, 2], list(report.PAPER_SEEN_LANGUAGES), model="m")
+    assert before["languages"]["de"]["f1"] == {"mean": 62.0, "std": 2.0, "per_seed": [60.0, 64.0]}
+    assert before["averages"]["seen"] == {"f1": 62.0, "exact_match": 42.0}          # de only
+    assert before["averages"]["all"] == {"f1": 56.5, "exact_match": 37.5}
+    md = report.markdown_table(before)
+    assert "| de | 62.00 ± 2.00 | 42.00 ± 2.00 |" in md and "| average (all) | 56.50 | 37.50 |" in md
+    table = report.comparison_table({"ours": {"xquad": before}})
+    assert "| WordOT (paper) | 75.4 | 74.7 / 59.0 |" in table and "| ours (ours) | - | 62.0 / 42.0 |" in table
+    after = json.loads(json.dumps(before))
+    after["languages"]["de"]["f1"]["mean"] = 70.0
+    png = report.plot_before_after(before, after, "f1", tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no metric 'accuracy'"):
+        report.plot_before_after(before, after, "accuracy", tmp_path / "q.png")
+    js, _ = report.write_result(tmp_path, "xquad", before)
+    assert report.load_result(js)["averages"] == before["averages"]
+
+
+def test_load_config_overrides(tmp_path):
+    cfg = load_config(str(CONFIGS / "eval_xnli.yaml"), ["seeds=[7]", "data.train=/x/train.tsv", "learning_rate=1e-4"])
+    assert cfg["seeds"] == [7] and cfg["data"]["train"] == "/x/train.tsv" and math.isclose(cfg["learning_rate"], 1e-4)
+    assert cfg["batch_size"] * cfg["grad_accumulation"] == 32 and cfg["epochs"] == 5   # XTREME mBERT defaults
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(str(CONFIGS / "eval_xnli.yaml"), ["seeds"])
+
+
+def test_train_config_bad_input():
+    from train.eval.finetune import TrainConfig
+
+    base = {"learning_rate": 2e-5, "epochs": 1, "batch_size": 8}
+    assert TrainConfig.from_dict(base).grad_accumulation == 1
+    with pytest.raises(TypeError, match="learning_rate must be a number"):
+        TrainConfig.from_dict({**base, "learning_rate": "fast"})
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig.from_dict({**base, "batch_size": 0})
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig.from_dict({**base, "precision": "fp8"})
