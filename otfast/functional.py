@@ -117,7 +117,8 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
     dtype = chk.compute_dtype(C.dtype)
     wa = chk.as_weights("a", lift(a), ma, dtype).detach()
     wb = chk.as_weights("b", lift(b), mb, dtype).detach()
-    Cw = torch.where(valid, C.detach().to(dtype), torch.zeros((), dtype=dtype, device=C.device))
+    Cm = torch.where(valid, C.to(dtype), torch.zeros((), dtype=dtype, device=C.device))
+    Cw = Cm.detach()
 
     anneal: tuple[float, ...] = ()
     if scaling is not None:
@@ -132,7 +133,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
     fields = [pots.f, pots.g, value, pots.n_iters, pots.error, Cw, log_a, log_b]
     if cost.requires_grad:
         plan = SinkhornResult(*fields, eps).plan()
-        fields[2] = value + (plan * (C.to(dtype) - Cw)).sum((1, 2))
+        fields[2] = value + (plan * (Cm - Cw)).sum((1, 2))
     if unbatched:
         fields = [t[0] for t in fields]
     result = SinkhornResult(*fields, eps)

@@ -141,6 +141,22 @@ def test_nan_in_cost_on_masked_entry_is_fine(cost):
     assert torch.allclose(res.value[1], ref.value[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("junk", [float("nan"), float("inf")], ids=["NaN", "inf"])
+def test_non_finite_masked_cost_with_gradient(cost, junk):
+    """Non-finite junk on padded cost entries leaves the value and its gradient (the plan) finite."""
+    mask_b = torch.ones(2, 5, dtype=torch.bool)
+    mask_b[0, 4] = False
+    c = cost.clone()
+    c[0, :, 4] = junk
+    c.requires_grad_()
+    res = otfast.sinkhorn(c, mask_b=mask_b, eps=0.1, backend="torch")
+    (grad,) = torch.autograd.grad(res.value.sum(), c)
+    ref = otfast.sinkhorn(cost[:1, :, :4], eps=0.1, backend="torch")
+    assert torch.isfinite(res.value).all() and torch.isfinite(grad).all()
+    assert torch.allclose(res.value[0], ref.value[0], rtol=1e-6)
+    assert not grad[0, :, 4].any()
+
+
 def test_nan_in_weights(pts):
     w = torch.ones(2, 4)
     w[0, 1] = float("nan")
