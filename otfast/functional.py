@@ -58,7 +58,7 @@ class SinkhornResult:
 
 
 def _warn_unconverged(error: torch.Tensor, schedule: Schedule, what: str) -> None:
-    if schedule.tol is None or schedule.n_iters == 0:
+    if schedule.tol is None:
         return
     n_bad = int((error > schedule.tol).sum())
     if n_bad:

@@ -335,6 +335,12 @@ def test_unconverged_loss_warns(pts):
         loss(pts.x, pts.y, blur=0.01, scaling=None, n_iters=2, tol=1e-12)
 
 
+def test_tol_with_zero_iterations_warns(pts):
+    """tol with the default annealing (n_iters defaults to 0) is not silently ignored."""
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 pairs did not reach tol=1e-09 within n_iters=0"):
+        loss(pts.x, pts.y, tol=1e-9)
+
+
 def test_converged_run_does_not_warn(pts):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
