@@ -16,10 +16,16 @@ Builders are deterministic: the same arguments always give the same tensors, wha
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter. The switch is read when a kernel module is
+# imported, so it is set here, before any test module can import one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -76,7 +82,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float | 
         what: a label for the failure message.
     """
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    shapes = tuple(actual.shape), tuple(expected.shape)
+    assert shapes[0] == shapes[1], f"{what}: shape {shapes[0]} != {shapes[1]}"
     tol = TOL[dtype or (actual.dtype if actual.dtype in TOL else torch.float64)]
     rtol = tol.rtol if rtol is None else rtol
     atol = tol.atol if atol is None else atol
@@ -149,6 +156,8 @@ class PointBatch:
 
     def pair(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Pair i alone, unpadded: ``(x [n, D], y [m, D], weights_x [n] or None, weights_y [m] or None)``.
+
+        Weights are returned as stored (not normalised); otfast normalises them itself.
 
         The tensors are fresh leaves (detached copies), so gradients of a per-pair call do not mix
         with those of the batched call.

@@ -166,22 +166,25 @@ def test_nan_in_weights(pts):
 
 # --- numbers --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("eps", [0.0, -0.1, float("nan"), float("inf")], ids=lambda e: f"eps{e}")
-def test_sinkhorn_eps_not_positive(cost, eps):
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
-        otfast.sinkhorn(cost, eps=eps)
+POSITIVE_LOSS_ARGS = [("eps", 0.0), ("eps", -1.0), ("blur", 0.0), ("blur", -0.05), ("reach", 0.0), ("reach", -1.0),
+                      ("diameter", -2.0), ("tol", 0.0)]
+POSITIVE_SINKHORN_ARGS = [("eps", 0.0), ("eps", -0.1), ("eps", float("nan")), ("eps", float("inf")), ("tol", 0.0),
+                          ("tol", -1e-6), ("rho", 0.0), ("rho", -1.0)]
 
 
-@pytest.mark.parametrize("eps", [0.0, -1.0], ids=lambda e: f"eps{e}")
-def test_loss_eps_not_positive(pts, eps):
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
-        loss(pts.x, pts.y, eps=eps)
+@pytest.mark.parametrize("name, value", POSITIVE_LOSS_ARGS, ids=[f"{n}{v}" for n, v in POSITIVE_LOSS_ARGS])
+def test_loss_number_not_positive(pts, name, value):
+    """eps, blur, reach (rho = reach^2), diameter and tol of sinkhorn_loss must be > 0."""
+    with pytest.raises(ValueError, match=f"{name} must be a finite number > 0, got {value}"):
+        loss(pts.x, pts.y, **{name: value})
 
 
-@pytest.mark.parametrize("blur", [0.0, -0.05], ids=lambda b: f"blur{b}")
-def test_blur_not_positive(pts, blur):
-    with pytest.raises(ValueError, match="blur must be a finite number > 0"):
-        loss(pts.x, pts.y, blur=blur)
+@pytest.mark.parametrize("name, value", POSITIVE_SINKHORN_ARGS, ids=[f"{n}{v}" for n, v in POSITIVE_SINKHORN_ARGS])
+def test_sinkhorn_number_not_positive(cost, name, value):
+    """eps, tol and rho of sinkhorn must be finite and > 0."""
+    kwargs = {"eps": 0.1, name: value}
+    with pytest.raises(ValueError, match=f"{name} must be a finite number > 0, got {value}"):
+        otfast.sinkhorn(cost, **kwargs)
 
 
 def test_eps_not_a_number(cost):
@@ -225,28 +228,6 @@ def test_sinkhorn_scaling_outside_unit_interval(cost):
 def test_n_iters_invalid(pts, n_iters):
     with pytest.raises(ValueError, match="n_iters must be an integer >= 0"):
         loss(pts.x, pts.y, n_iters=n_iters)
-
-
-@pytest.mark.parametrize("tol", [0.0, -1e-6], ids=lambda t: f"tol{t}")
-def test_tol_not_positive(cost, tol):
-    with pytest.raises(ValueError, match="tol must be a finite number > 0"):
-        otfast.sinkhorn(cost, eps=0.1, tol=tol)
-
-
-@pytest.mark.parametrize("reach", [0.0, -1.0], ids=lambda r: f"reach{r}")
-def test_reach_not_positive(pts, reach):
-    with pytest.raises(ValueError, match="reach must be a finite number > 0"):
-        loss(pts.x, pts.y, reach=reach)
-
-
-def test_rho_not_positive(cost):
-    with pytest.raises(ValueError, match="rho must be a finite number > 0"):
-        otfast.sinkhorn(cost, eps=0.1, rho=0.0)
-
-
-def test_diameter_not_positive(pts):
-    with pytest.raises(ValueError, match="diameter must be a finite number > 0"):
-        loss(pts.x, pts.y, diameter=-2.0)
 
 
 # --- names --------------------------------------------------------------------------------------

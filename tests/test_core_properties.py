@@ -191,9 +191,10 @@ def test_gradcheck_balanced(debias, cost):
     _gradcheck_loss(batch, cost=cost, debias=debias, **GRADCHECK)
 
 
-@pytest.mark.xfail(strict=True, raises=GradcheckError, reason="GeomLoss's unbalanced gradient convention: sinkhorn_loss with reach returns "
-                   "(rho + eps/2) / (rho + eps) times the gradient of its own value w.r.t. x, y (and a non-constant "
-                   "shift w.r.t. the weights), as GeomLoss does; kept for GeomLoss parity, reported to the lead")
+@pytest.mark.xfail(strict=True, raises=GradcheckError,
+                   reason="GeomLoss's unbalanced gradient convention: sinkhorn_loss with reach returns (rho + eps/2)"
+                   " / (rho + eps) times the gradient of its own value w.r.t. x, y (and a non-constant shift w.r.t. "
+                   "the weights), as GeomLoss does; kept for GeomLoss parity, reported to the lead")
 def test_gradcheck_unbalanced():
     """Finite differences of the unbalanced loss (documents the known deviation above)."""
     batch = make_points(2, 3, 4, 2, seed=18, weights=True, junk=1e3)
