@@ -200,19 +200,17 @@ def headline(rows: list[dict], B: int, N: int, M: int, D: int) -> str:
 
 
 def step_table(rows: list[dict]) -> str:
-    """The encoder-step rows: step time without and with the OT term, and the OT share."""
+    """The encoder-step rows: the step without the OT term, with it per OT implementation, and the OT share."""
     if not rows:
         return ""
-    lines = ["| model | OT backend | B | N=M (max) | D | dtype | step without OT, ms | step with OT, ms | OT share |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    by_point: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for row in rows:
-        by_point[(row["provider"], row["backend"], row["B"], row["N"], row["D"], row["dtype"])][row["mode"]] = row
-    for (model, backend, B, N, D, dtype), modes in by_point.items():
-        base, with_ot = modes.get("step"), modes.get("step+ot")
-        cells = [_cell_text(r) if r else "-" for r in (base, with_ot)]
-        share = num(with_ot.get("ot_share")) if with_ot else None
-        lines.append(f"| {model} | {backend} | {B} | {N} | {D} | {dtype} | {cells[0]} | {cells[1]} | "
+    lines = ["| model | B pairs | tokens (max) | D | dtype | OT term | step p50 ms (p20-p80) | OT share |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["provider"], r["mode"] != "step", r["backend"])):
+        what = {"step": "none (regulariser only)"}.get(row["mode"], f"`{row['backend']}`")
+        time = (f"{_ms(num(row['p50_ms']))} ({_ms(num(row['p20_ms']))}-{_ms(num(row['p80_ms']))})"
+                if row["status"] == "ok" else row["status"])
+        share = num(row.get("ot_share"))
+        lines.append(f"| {row['provider']} | {row['B']} | {row['N']} | {row['D']} | {row['dtype']} | {what} | {time} | "
                      f"{'-' if share is None else f'{100 * share:.1f}%'} |")
     return "\n".join(lines) + "\n"
 
