@@ -185,15 +185,15 @@ class SinkhornLossFunction(torch.autograd.Function):
         u = gv * a * phi_prime(xy.f, eps, rho) * d
         v = gv * b * phi_prime(xy.g, eps, rho) * d
         dx, dy = backend.grad_points(xc, yc, alpha, beta, xy, eps, d, u, v)
-        grad_a, grad_b = phi(xy.f, eps, rho), phi(xy.g, eps, rho)
+        grad_a, grad_b = phi(xy.f, eps, rho, grad=True), phi(xy.g, eps, rho, grad=True)
         if ctx.debias:
             xx, yy = problems[1], problems[2]
             dx = dx - backend.grad_points(xc, xc, alpha, alpha, xx, eps, d,
                                           gv * a * phi_prime(xx.f, eps, rho) * d, None)[0]
             dy = dy - backend.grad_points(yc, yc, beta, beta, yy, eps, d,
                                           gv * b * phi_prime(yy.f, eps, rho) * d, None)[0]
-            grad_a = grad_a - phi(xx.f, eps, rho)
-            grad_b = grad_b - phi(yy.f, eps, rho)
+            grad_a = grad_a - phi(xx.f, eps, rho, grad=True)
+            grad_b = grad_b - phi(yy.f, eps, rho, grad=True)
         grad_a = torch.where(a > 0, gv * grad_a, torch.zeros_like(grad_a))
         grad_b = torch.where(b > 0, gv * grad_b, torch.zeros_like(grad_b))
         return dx, dy, grad_a, grad_b, None, None, None

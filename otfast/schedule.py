@@ -70,22 +70,26 @@ def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, ma
     return float((pts.max(dim=0).values - pts.min(dim=0).values).norm())
 
 
-def phi(f: torch.Tensor, eps: float, rho: float | None) -> torch.Tensor:
-    """Per-point contribution to the dual value: f (balanced) or (rho + eps/2)(1 - exp(-f/rho)).
+def phi(f: torch.Tensor, eps: float, rho: float | None, *, grad: bool = False) -> torch.Tensor:
+    """Per-point contribution to the dual value: f (balanced) or c (1 - exp(-f/rho)) with c = rho + eps/2.
 
     The unbalanced form is GeomLoss's ``sinkhorn_cost`` (Sejourne et al. 2019, Prop. 12), equal to the
-    dual objective at convergence when both measures have unit mass.
+    dual objective at convergence when both measures have unit mass. Its exact gradients (with respect
+    to the weights, and through f to the points) use c = rho + eps instead (``grad=True``): the
+    "surprising inconsistency" GeomLoss documents in ``UnbalancedWeight`` but never applies, because
+    autograd does not call an ``nn.Module``'s ``backward`` method. otfast applies it, so that its
+    unbalanced gradients are the derivatives of the values it returns (checked by gradcheck).
     """
     if rho is None:
         return f
-    return -(rho + eps / 2) * torch.expm1(-f / rho)
+    return -(rho + (eps if grad else eps / 2)) * torch.expm1(-f / rho)
 
 
 def phi_prime(f: torch.Tensor, eps: float, rho: float | None) -> torch.Tensor:
-    """Derivative of ``phi`` with respect to f."""
+    """d phi / d f with the gradient constant of ``phi(..., grad=True)``."""
     if rho is None:
         return torch.ones_like(f)
-    return (rho + eps / 2) / rho * torch.exp(-f / rho)
+    return (rho + eps) / rho * torch.exp(-f / rho)
 
 
 def residual(f_old: torch.Tensor, f_new: torch.Tensor, log_w: torch.Tensor, eps: float) -> torch.Tensor:
