@@ -104,7 +104,7 @@ class Estimates:
         return seconds * ratio if ratio <= 16 else None
 
 
-def _run_once(provider: Provider, x: torch.Tensor, y: torch.Tensor, setting: Setting, backward: bool):
+def run_once(provider: Provider, x: torch.Tensor, y: torch.Tensor, setting: Setting, backward: bool):
     """One call: ``(values [B], (dx, dy) or None)``."""
     if not backward:
         with torch.no_grad():
@@ -114,7 +114,7 @@ def _run_once(provider: Provider, x: torch.Tensor, y: torch.Tensor, setting: Set
     return values, torch.autograd.grad(values.sum(), (xg, yg))
 
 
-def _timed_call(provider: Provider, x: torch.Tensor, y: torch.Tensor, setting: Setting, backward: bool):
+def timed_call(provider: Provider, x: torch.Tensor, y: torch.Tensor, setting: Setting, backward: bool):
     """The call the timing repeats."""
     if not backward:
         def call():
@@ -196,7 +196,7 @@ def run_point(point: tuple, plist: list[Provider], *, device: str, dtype: str, D
             continue
         try:
             start = dt.datetime.now()
-            values, grads = _run_once(prov, x, y, setting, backward)
+            values, grads = run_once(prov, x, y, setting, backward)
             synchronize(device)
             first = (dt.datetime.now() - start).total_seconds()
         except Exception as exc:  # a provider failing is a result to record, not a reason to stop the sweep
@@ -214,7 +214,7 @@ def run_point(point: tuple, plist: list[Provider], *, device: str, dtype: str, D
             row.update(status="skipped", detail=f"one call took {first:.1f} s > budget {budget:.0f} s")
             log(f"  {prov.label}: skipped ({row['detail']})")
             continue
-        timing = measure(_timed_call(prov, x, y, setting, backward), device, warmup=1 if first < budget / 10 else 0,
+        timing = measure(timed_call(prov, x, y, setting, backward), device, warmup=1 if first < budget / 10 else 0,
                          repeats=repeats, budget_s=budget)
         row.update(status="ok", detail="" if grads_checked(prov, setting) else "gradient not checked (unrolled)",
                    repeats=timing.repeats, p20_ms=timing.p20, p50_ms=timing.p50, p80_ms=timing.p80,

@@ -1,0 +1,207 @@
+"""The benchmark machinery (``benchmarks/``): CSV schema, tables and plot from a CSV, RESULTS.md and README
+rewriting, the exponential count, and the value check that flags a wrong provider. All small and fast:
+nothing here measures speed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import results as res
+from benchmarks.providers import SETTINGS, Provider, check, make_inputs, providers, reference
+from benchmarks.report import Estimates, render, run_point
+
+BASE = dict(run_id="r1", timestamp="2026-01-01 00:00 UTC", kind="sweep", setting="fixed", mode="fwd+bwd", B=32,
+            N=40, M=40, D=768, dtype="fp32", device="cpu", device_name="test cpu", versions="torch=x",
+            commit="abc1234", command="python -m benchmarks.report --quick")
+
+
+def row(provider: str, backend: str, p50: float | None, status: str = "ok", **kw) -> dict:
+    out = dict(BASE, provider=provider, backend=backend, status=status, detail=kw.pop("detail", ""))
+    if p50 is not None:
+        out.update(p20_ms=0.9 * p50, p50_ms=p50, p80_ms=1.1 * p50, repeats=5)
+    out.update(kw)
+    return out
+
+
+def sample_rows() -> list[dict]:
+    rows = [row("otfast", "torch", 2.0), row("pot-solve_batch", "torch", 10.0), row("geomloss", "tensorized", 40.0),
+            row("torch-unrolled", "autograd", None, status="mismatch", detail="value rel. err 1e-02 > 2e-03"),
+            row("flash-sinkhorn", "triton", None, status="skipped", detail="runs on cuda only")]
+    res.speedups(rows)
+    return rows
+
+
+def through_csv(rows: list[dict], folder) -> list[dict]:
+    """The rows as the renderers see them: written to and read back from a CSV."""
+    path = folder / "through.csv"
+    res.append_rows(path, rows)
+    return res.read_rows(path)
+
+
+def test_csv_roundtrip_keeps_the_schema(tmp_path):
+    path = tmp_path / "results.csv"
+    res.append_rows(path, sample_rows())
+    res.append_rows(path, sample_rows()[:1])
+    header = path.read_text().splitlines()[0].split(",")
+    assert tuple(header) == res.SCHEMA
+    rows = res.read_rows(path)
+    assert len(rows) == 6
+    assert rows[0]["provider"] == "otfast" and float(rows[0]["p50_ms"]) == 2.0
+    assert rows[3]["status"] == "mismatch" and rows[3]["p50_ms"] == ""
+
+
+def test_csv_rejects_foreign_header_unknown_column_and_bad_status(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("provider,time\nx,1\n")
+    with pytest.raises(ValueError, match="expected"):
+        res.append_rows(path, sample_rows())
+    with pytest.raises(ValueError, match="expected"):
+        res.read_rows(path)
+    with pytest.raises(ValueError, match="outside the schema"):
+        res.append_rows(tmp_path / "new.csv", [dict(row("otfast", "torch", 1.0), speed=3)])
+    with pytest.raises(ValueError, match="status"):
+        res.append_rows(tmp_path / "new.csv", [row("otfast", "torch", 1.0, status="fast")])
+
+
+def test_speedups_are_ratios_of_p50_over_checked_rows():
+    rows = {res.label(r): r for r in sample_rows()}
+    assert rows["otfast[torch]"]["speedup_vs_pot"] == pytest.approx(5.0)
+    assert rows["otfast[torch]"]["speedup_vs_geomloss"] == pytest.approx(20.0)
+    assert rows["pot-solve_batch[torch]"]["speedup_vs_pot"] == pytest.approx(1.0)
+    assert rows["torch-unrolled[autograd]"]["speedup_vs_pot"] is None
+
+
+def test_markdown_table_from_csv(tmp_path):
+    path = tmp_path / "results.csv"
+    res.append_rows(path, sample_rows())
+    table = res.markdown_table(res.read_rows(path))
+    lines = table.strip().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert "flash-sinkhorn[triton]" not in head  # skipped everywhere: no column
+    cells = dict(zip(head, (c.strip() for c in lines[2].strip("|").split("|"))))
+    assert cells["otfast[torch]"] == "2.00"
+    assert cells["pot-solve_batch[torch]"] == "10.0"
+    assert cells["torch-unrolled[autograd]"] == "wrong"
+    assert cells["otfast vs POT"] == "5.0x" and cells["otfast vs GeomLoss"] == "20.0x"
+    assert "runs on cuda only" in res.notes(res.read_rows(path))
+    headline = res.headline(res.read_rows(path), 32, 40, 40, 768)
+    assert "WRONG" in headline and "flash-sinkhorn" not in headline
+
+
+def test_plot_is_a_png(tmp_path):
+    rows = sample_rows() + [dict(r, B=8, N=16, M=16) for r in sample_rows()]
+    path = tmp_path / "plot.png"
+    res.plot(through_csv(rows, tmp_path), path, title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_md_update_keeps_the_other_section(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    res.update_results(path, "cpu", "CPU body one")
+    assert res.NO_GPU in path.read_text()
+    res.update_results(path, "cuda", "GPU body")
+    res.update_results(path, "cpu", "CPU body two")
+    text = path.read_text()
+    assert "GPU body" in text and "CPU body two" in text and "CPU body one" not in text
+    assert res.NO_GPU not in text
+
+
+def test_readme_rewrites_only_between_markers(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("# title\nbefore\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
+    res.update_readme(path, "| new | table |")
+    assert path.read_text() == ("# title\nbefore\n<!-- bench-table:start -->\n| new | table |\n"
+                                "<!-- bench-table:end -->\nafter\n")
+    path.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        res.update_readme(path, "x")
+
+
+def test_render_writes_table_plot_results_and_readme(tmp_path):
+    rows = through_csv(sample_rows(), tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
+    render(rows, ["cpu"], tmp_path / "out", tmp_path / "RESULTS.md", readme, log=lambda *_: None)
+    assert (tmp_path / "out" / "plot-cpu.png").exists()
+    assert "| 2.00 |" in (tmp_path / "out" / "table.md").read_text()
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert "test cpu" in results and "python -m benchmarks.report --quick" in results and res.NO_GPU in results
+    assert "| 2.00 |" in readme.read_text()
+
+
+def test_exponential_count_by_hand():
+    fixed, paper = SETTINGS["fixed"], SETTINGS["paper"]
+    # fixed: 2 N M per update (rows and columns); 102 updates; backward one more plan recomputation
+    assert fixed.exponentials(2, 3, 4, 102, backward=False) == 2 * 102 * (2 * 3 * 4)
+    assert fixed.exponentials(2, 3, 4, 102, backward=True) == 2 * 103 * 24
+    # paper (debiased): plus N^2 and M^2 per update for OT(a, a) and OT(b, b)
+    assert paper.exponentials(2, 3, 4, 14, backward=True) == 2 * 15 * (24 + 9 + 16)
+
+
+def test_eps_list_is_geomloss_schedule():
+    from geomloss._legacy.sinkhorn_divergence import scaling_parameters
+
+    x, y = make_inputs(3, 5, 6, 16)
+    _, _, expected, _ = scaling_parameters(x, y, 2, math.sqrt(SETTINGS["paper"].eps), None, None, 0.5)
+    assert SETTINGS["paper"].eps_list(x, y) == pytest.approx(expected, rel=1e-6)
+    assert SETTINGS["fixed"].eps_list(x, y) == [0.05] * 100
+
+
+def test_check_flags_wrong_values_and_wrong_gradients():
+    x, y = make_inputs(2, 5, 6, 8)
+    s = SETTINGS["fixed"]
+    ref = reference(x, y, s, backward=True)
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    good = providers()[0].values(xg, yg, s)
+    grads = torch.autograd.grad(good.sum(), (xg, yg))
+    assert check(good, grads, ref).ok
+    assert not check(good * 1.01, grads, ref).ok
+    assert "value" in check(good * 1.01, grads, ref).detail
+    bad_grads = (grads[0] * 1.5, grads[1])
+    verdict = check(good, bad_grads, ref)
+    assert not verdict.ok and "grad" in verdict.detail
+    assert check(good, bad_grads, ref, check_grad=False).ok
+    assert not check(good * float("nan"), None, ref).ok
+
+
+def _otfast_torch(x, y, s):
+    return next(p for p in providers() if p.label == "otfast[torch]").values(x, y, s)
+
+
+def test_run_point_records_a_wrong_provider_as_wrong_not_fast():
+    wrong = Provider("wrong", "test", lambda x, y, s: _otfast_torch(x, y, s) * 1.05, ("cpu",), None,
+                     lambda *a: 0.0)
+    right = Provider("otfast", "torch", _otfast_torch, ("cpu",), None, lambda *a: 0.0)
+    absent = Provider("absent", "test", _otfast_torch, ("cuda",), None, lambda *a: 0.0)
+    rows = run_point(("fixed", "fwd+bwd", 2, 5, 6), [wrong, right, absent], device="cpu", dtype="fp32", D=8,
+                     budget=1.0, repeats=2, estimates=Estimates(), base=dict(BASE), log=lambda *_: None)
+    by = {res.label(r): r for r in rows}
+    assert by["wrong[test]"]["status"] == "mismatch" and "p50_ms" not in by["wrong[test]"]
+    assert by["wrong[test]"]["value_err"] == pytest.approx(0.05, rel=1e-3)
+    assert by["otfast[torch]"]["status"] == "ok" and by["otfast[torch]"]["p50_ms"] > 0
+    assert by["absent[test]"]["status"] == "skipped" and "cuda" in by["absent[test]"]["detail"]
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_every_cpu_provider_agrees_with_the_reference(setting):
+    """Wiring of POT, GeomLoss and the unrolled loop: on a tiny batch each matches otfast's float64 reference."""
+    s = SETTINGS[setting]
+    x, y = make_inputs(2, 5, 6, 8, dtype=torch.float64)
+    ref = reference(x, y, s, backward=True)
+    ran = []
+    for p in providers():
+        if p.skip_reason("cpu", s):
+            continue
+        xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+        values = p.values(xg, yg, s)
+        grads = torch.autograd.grad(values.sum(), (xg, yg))
+        verdict = check(values, grads, ref, check_grad=p.gradient == "envelope" or s.scaling is None,
+                        tolerances={"value": 1e-6, "grad": 1e-4})
+        assert verdict.ok, f"{p.label}: {verdict.detail}"
+        ran.append(p.name)
+    assert {"otfast", "geomloss", "torch-unrolled"} <= set(ran)
+    if setting == "fixed":
+        assert {"pot-solve_batch", "pot-sinkhorn_log"} <= set(ran)
