@@ -275,7 +275,12 @@ def device_section(sweep: list[dict], step: list[dict], png: Path, base_dir: Pat
                          "`otfast.sinkhorn_loss`'s defaults (GeomLoss's, as the paper used them).\n\n" + point)
         parts.append("### Sweep (p50 ms)\n\n" + res.markdown_table(sweep))
         if any(res.num(r.get("floor_fraction")) for r in sweep):
-            parts.append("### Exponential-throughput floor (DESIGN.md section 6)\n\n" + floor_table(sweep))
+            parts.append("### Exponential-throughput floor (DESIGN.md section 6)\n\n"
+                         "floor = exponentials / 3.9e12 per second. Counting (`Setting.exponentials`): one soft-min "
+                         "pass over an N x M cost is N M exponentials; an update of OT(a, b) runs two (2 B N M), "
+                         "each symmetric problem of the debiased loss one (B N^2, B M^2); updates = initialisation + "
+                         "annealing or fixed iterations + final extrapolation; the backward recomputes each plan "
+                         "once more.\n\n" + floor_table(sweep))
         if any(res.num(r.get("peak_mem_mb")) is not None for r in sweep):
             parts.append("### Peak extra memory (MiB, torch.cuda.max_memory_allocated)\n\n"
                          + res.markdown_table([dict(r, p50_ms=r["peak_mem_mb"]) for r in sweep]))
