@@ -3,14 +3,15 @@
 Implements the backend interface of ``otfast.backends`` (``solve``, ``solve_points``, ``grad_points``,
 same signatures and semantics as ``otfast.reference``). Two regimes behind one entry:
 
-- resident (max(N, M) <= ``RESIDENT_MAX``): one program per pair holds the whole cost tile in registers;
+- resident (max(N, M) <= ``RESIDENT_MAX`` = 64): one program per pair holds the whole cost tile in registers;
   extra device memory: the potentials, O(B (N + M)).
 - streaming (longer): the fp32 cost is written once, 4 B N M bytes, then streamed tile by tile.
 
 The backward is one tiled kernel for every length, launched for dx and again (roles swapped) for dy.
 Arithmetic is fp32 whatever the input dtype; float64 inputs are computed in fp32 and returned as float64.
 ``OTFAST_TRITON_PRECISION`` (default "ieee") sets the ``tl.dot`` precision of the cost and of S @ y;
-"tf32x3" is faster on tensor cores at near-fp32 accuracy; plain "tf32" is too coarse for small eps.
+"tf32x3" runs on tensor cores at near-fp32 accuracy (plain tf32, ~1e-3 relative, is too coarse for small
+eps and is not offered). The resident kernel forms its cost tile with exact fp32 FMAs whatever this says.
 """
 
 from __future__ import annotations
@@ -33,35 +34,54 @@ else:
     UNAVAILABLE = None
 
 DESCRIPTION = "fused Triton kernels: register-resident tiles up to 128 x 128, streaming beyond"
-RESIDENT_MAX = 128
+RESIDENT_MAX = 64
+PRECISIONS = ("ieee", "tf32x3")
 STREAM_BLOCK = 64
 COST_BLOCK = (64, 64, 32)
-GRAD_BLOCK = (32, 64, 32, 64)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
-GRAD_WARPS = 4
-STREAM_WARPS = 4
+GRAD_BLOCK = (64, 64, 32, 64)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
+GRAD_WARPS = 8
+STREAM_WARPS = 8
 COST_WARPS = 4
+# No software pipelining: prefetched tiles would stay live in registers and spill (checked with
+# ``python -m benchmarks.kernel_resources``); the kernels are exp-bound, not load-latency bound.
+NUM_STAGES = 1
 
 
 def precision() -> str:
     value = os.environ.get("OTFAST_TRITON_PRECISION", "ieee")
-    if value not in ("ieee", "tf32x3", "tf32"):
-        raise ValueError(f"OTFAST_TRITON_PRECISION must be ieee, tf32x3 or tf32, got {value!r}")
+    if value not in PRECISIONS:
+        raise ValueError(f"OTFAST_TRITON_PRECISION must be one of {', '.join(PRECISIONS)}, got {value!r}")
     return value
 
 
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+def resident_config(n: int, m: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the resident kernel for an n x m problem: a square power-of-two tile."""
+    block = max(16, triton.next_power_of_2(max(n, m)))
+    return block, 8 if block >= 64 else 4
 
 
-def resident_config(n: int, m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, BLOCK_K, num_warps) of the resident kernel for an n x m problem."""
-    bn, bm = _block(n), _block(m)
-    return bn, bm, 32, max(4, min(16, bn * bm // 512))
-
-
-def resident_blocks() -> list[int]:
-    """Every BLOCK_N / BLOCK_M the dispatcher can choose for the resident kernel."""
-    return [16 << i for i in range(int(math.log2(RESIDENT_MAX // 16)) + 1)]
+def configs() -> list[tuple[str, dict, int]]:
+    """Every (kernel, constexprs, num_warps) the launchers can choose (all with ``NUM_STAGES``): what the
+    sm_90 resource check compiles."""
+    out = []
+    for block in (16 << i for i in range(int(math.log2(RESIDENT_MAX // 16)) + 1)):
+        warps = resident_config(block, block)[1]
+        for from_points in (True, False):
+            for symmetric in (False, True):
+                for has_tol in (False, True):
+                    out.append(("_sinkhorn_resident_kernel", dict(BLOCK_N=block, BLOCK_M=block,
+                                FROM_POINTS=from_points, SYMMETRIC=symmetric, HAS_TOL=has_tol), warps))
+    for symmetric in (False, True):
+        for has_tol in (False, True):
+            out.append(("_sinkhorn_streaming_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
+                        SYMMETRIC=symmetric, HAS_TOL=has_tol), STREAM_WARPS))
+    for prec in PRECISIONS:
+        bn, bm, bk = COST_BLOCK
+        out.append(("_cost_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, PRECISION=prec), COST_WARPS))
+        bn, bm, bk, bdo = GRAD_BLOCK
+        out.append(("_grad_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=prec),
+                    GRAD_WARPS))
+    return out
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -96,7 +116,7 @@ def _finish(outs: list[torch.Tensor], dtype: torch.dtype) -> Potentials:
 def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, d):
     b = alpha.shape[0]
     outs = _outputs(b, n, m, alpha.device)
-    bn, bm, bk, warps = resident_config(n, m)
+    block, warps = resident_config(n, m)
     from_points = cost is None
     if from_points:
         X, Y, COST, strides = x, y, x, (*x.stride(), *y.stride(), 0, 0, 0)
@@ -105,8 +125,8 @@ def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, d):
     anneal, *tail = _schedule_args(schedule, alpha.device)
     K._sinkhorn_resident_kernel[(b,)](
         X, Y, COST, alpha.float().contiguous(), beta.float().contiguous(), anneal, *outs, n, m, d, *strides, *tail,
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, FROM_POINTS=from_points, SYMMETRIC=symmetric,
-        HAS_TOL=schedule.tol is not None, PRECISION=precision(), num_warps=warps)
+        BLOCK_N=block, BLOCK_M=block, FROM_POINTS=from_points, SYMMETRIC=symmetric,
+        HAS_TOL=schedule.tol is not None, num_warps=warps, num_stages=NUM_STAGES)
     return outs
 
 
@@ -123,7 +143,7 @@ def _streaming(cost, alpha, beta, schedule, symmetric):
         cost, alpha.float().contiguous(), beta.float().contiguous(), anneal, f_prev, g_prev, f, g, iters, err,
         n, m, *cost.stride(), *tail,
         BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None,
-        num_warps=STREAM_WARPS)
+        num_warps=STREAM_WARPS, num_stages=NUM_STAGES)
     return [f, g, f_prev, g_prev, iters, err]
 
 
@@ -134,7 +154,8 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     bn, bm, bk = COST_BLOCK
     K._cost_kernel[(b, triton.cdiv(n, bn), triton.cdiv(m, bm))](
         x, y, cost, n, m, d, *x.stride(), *y.stride(),
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, PRECISION=precision(), num_warps=COST_WARPS)
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, PRECISION=precision(), num_warps=COST_WARPS,
+        num_stages=NUM_STAGES)
     return cost
 
 
@@ -170,11 +191,12 @@ def _grad(x, y, f, g_prev, alpha, beta, u, eps, damping):
     (b, n, d), m = x.shape, y.shape[1]
     out = _empty((b, n, d), torch.float32, x.device)
     bn, bm, bk, bdo = GRAD_BLOCK
-    k = K.LOG2E / eps
+    k = 1.0 / (eps * math.log(2.0))  # log2(e) / eps
     K._grad_kernel[(b, triton.cdiv(n, bn), triton.cdiv(d, bdo))](
         x, y, f.float().contiguous(), g_prev.float().contiguous(), alpha.float().contiguous(),
-        beta.float().contiguous(), u.float().contiguous(), out, n, m, d, *x.stride(), *y.stride(), k, k / damping,
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS)
+        beta.float().contiguous(), u.float().contiguous(), out, n, m, d, *x.stride(), *y.stride(), k, 1.0 / damping,
+        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS,
+        num_stages=NUM_STAGES)
     return out.to(x.dtype)
 
 

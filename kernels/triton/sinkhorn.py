@@ -9,7 +9,7 @@ C_ij = |x_i - y_j|^2 / 2, log-weights alpha, beta (-inf on padding), d = 1 / (1 
                      a pair stops on its own once its residual <= tol), then f, g <- T(g), T~(f)
 
 Everything runs in base 2: with k = log2(e) / eps, LSE_j(z_j) = ln 2 * LSE2_j(log2(e) z_j), so each entry
-of a pass costs one FMA (h_j - k C_ij), one max, one exp2 and one add.
+of a pass costs a subtraction and an FMA (beta2_j + k (g_j - C_ij)), a max, an exp2 and an add.
 
 Kernels and their memory traffic (fp32 throughout; inputs of any float dtype are upcast on load):
 
@@ -21,7 +21,7 @@ Kernels and their memory traffic (fp32 throughout; inputs of any float dtype are
   (4 N M bytes per pair: recomputing it from x, y every pass would cost 2 D flops per entry per pass,
   far above the exp and bandwidth floors), then each pass streams it tile by tile with an online
   log-sum-exp; potentials live in small [B, N] / [B, M] buffers (L2 resident).
-- ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = exp2(beta2_j + k (g_j - C_ij) + k f_i / d):
+- ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = exp2(beta2_j + k (g_j - C_ij + f_i / d)):
   grid (pair, row block, output feature block); C tiles are recomputed from x, y and S is multiplied
   into y with ``tl.dot``, flash-attention style. Called once for dx and once (roles swapped) for dy.
   Reads x, y, potentials; writes dx: no [B, N, M] buffer.
@@ -34,14 +34,15 @@ LSE; the running max is guarded so an all -inf row gives 0, never NaN.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def _expm1(x):
     # exp(x) - 1 without the cancellation near 0 (Taylor to x^3, relative error < 1e-9 for |x| < 1e-2)
-    return tl.where(tl.abs(x) < 1e-2, x * (1.0 + x * (0.5 + x * (1.0 / 6.0))), tl.exp(x) - 1.0)
+    # (the exponent is capped at 80: a residual of e^80 reads as "far from converged" all the same)
+    return tl.where(tl.abs(x) < 1e-2, x * (1.0 + x * (0.5 + x * (1.0 / 6.0))), tl.exp(tl.minimum(x, 80.0)) - 1.0)
 
 
 @triton.jit
@@ -72,18 +73,39 @@ def _cost_tile(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
 
 
 @triton.jit
-def _softmin(C, h, k, scale, valid, AXIS: tl.constexpr):
-    """-scale * LSE2 over AXIS of (h - k C), h broadcast along the other axis; 0 where ``valid`` is False."""
+def _cost_tile_outer(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The cost tile as D rank-1 fp32 FMA updates: exact fp32 products, and the accumulator keeps the
+    plain blocked layout that both reductions of the loop use (a tl.dot result would need layout
+    conversions that cost registers the resident tile cannot spare)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    yy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for kk in range(0, D):
+        xk = tl.load(Xp + offs_n * sxn + kk * sxd, mask=in_n, other=0.0).to(tl.float32)
+        yk = tl.load(Yp + offs_m * sym + kk * syd, mask=in_m, other=0.0).to(tl.float32)
+        acc += xk[:, None] * yk[None, :]
+        xx += xk * xk
+        yy += yk * yk
+    return tl.maximum(0.5 * xx[:, None] + 0.5 * yy[None, :] - acc, 0.0)
+
+
+@triton.jit
+def _softmin(C, w2, p, k, scale, valid, AXIS: tl.constexpr):
+    """-scale * LSE2 over AXIS of (w2 + k (p - C)), the vectors w2, p broadcast along the other axis;
+    0 where ``valid`` is False.
+
+    p - C is formed before the scaling by k = log2(e) / eps: both are O(C) while k (p - C) reaches 1e4,
+    so scaling first would cancel catastrophically. Two sweeps over the resident tile (max, then sum
+    of exp2) recompute the exponent from C, so no second tile-sized temporary stays live."""
     if AXIS == 1:
-        z = h[None, :] - C * k
+        m = tl.max(tl.fma(p[None, :] - C, k, w2[None, :]), axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.sum(tl.exp2(tl.fma(p[None, :] - C, k, w2[None, :] - m[:, None])), axis=1)
     else:
-        z = h[:, None] - C * k
-    m = tl.max(z, axis=AXIS)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    if AXIS == 1:
-        s = tl.sum(tl.exp2(z - m[:, None]), axis=1)
-    else:
-        s = tl.sum(tl.exp2(z - m[None, :]), axis=0)
+        m = tl.max(tl.fma(p[:, None] - C, k, w2[:, None]), axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.sum(tl.exp2(tl.fma(p[:, None] - C, k, w2[:, None] - m[None, :])), axis=0)
     return tl.where(valid, -scale * (m + tl.log2(s)), 0.0)
 
 
@@ -92,11 +114,11 @@ def _update(C, f, g, alpha2, beta2, valid_n, valid_m, eps, inv_rho, SYMMETRIC: t
     """(T(g), T~(f)) at temperature eps on a resident tile; T~(f) = T(g) when SYMMETRIC."""
     k = LOG2E / eps
     scale = eps * LN2 / (1.0 + eps * inv_rho)
-    ft = _softmin(C, beta2 + g * k, k, scale, valid_n, 1)
+    ft = _softmin(C, beta2, g, k, scale, valid_n, 1)
     if SYMMETRIC:
         gt = ft
     else:
-        gt = _softmin(C, alpha2 + f * k, k, scale, valid_m, 0)
+        gt = _softmin(C, alpha2, f, k, scale, valid_m, 0)
     return ft, gt
 
 
@@ -105,8 +127,8 @@ def _sinkhorn_resident_kernel(
         X, Y, COST, ALPHA, BETA, ANNEAL, F, G, F_PREV, G_PREV, ITERS, ERR,
         N, M, D, sxb, sxn, sxd, syb, sym, syd, scb, scn, scm,
         n_anneal, eps_init, eps, n_extra, tol, inv_rho,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FROM_POINTS: tl.constexpr,
-        SYMMETRIC: tl.constexpr, HAS_TOL: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_POINTS: tl.constexpr, SYMMETRIC: tl.constexpr,
+        HAS_TOL: tl.constexpr):
     """One pair per program, the whole cost tile in registers, every iteration on chip."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -118,8 +140,8 @@ def _sinkhorn_resident_kernel(
     valid_n = alpha2 > float("-inf")
     valid_m = beta2 > float("-inf")
     if FROM_POINTS:
-        C = _cost_tile(X + pid * sxb, Y + pid * syb, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
-                       BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)
+        C = _cost_tile_outer(X + pid * sxb, Y + pid * syb, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
+                             BLOCK_N, BLOCK_M)
     else:
         C = tl.load(COST + pid * scb + offs_n[:, None] * scn + offs_m[None, :] * scm,
                     mask=in_n[:, None] & in_m[None, :], other=0.0).to(tl.float32)
@@ -172,7 +194,8 @@ def _cost_kernel(X, Y, COST, N, M, D, sxb, sxn, sxd, syb, sym, syd,
 @triton.jit
 def _stream_softmin(Cp, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, LOGW_ROW, OUT, k, scale,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """OUT_i = -scale LSE2_j(logw2_j + k (pot_j - C_ij)) for every row i, online over column tiles.
+    """OUT_i = -scale LSE2_j(logw2_j + k (pot_j - C_ij)) for every row i, online over column tiles
+    (pot_j - C_ij is formed before the scaling, as in ``_softmin``).
 
     The column pass of the loop is this same routine on the transposed cost (strides swapped)."""
     for r0 in range(0, n_rows, BLOCK_R):
@@ -183,11 +206,11 @@ def _stream_softmin(Cp, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, LOGW_RO
         for c0 in range(0, n_cols, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             in_c = offs_c < n_cols
-            h = tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf")) * LOG2E \
-                + tl.load(POT_COL + offs_c, mask=in_c, other=0.0) * k
+            w2 = tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf")) * LOG2E
+            p = tl.load(POT_COL + offs_c, mask=in_c, other=0.0)
             C = tl.load(Cp + offs_r[:, None] * s_row + offs_c[None, :] * s_col,
                         mask=in_r[:, None] & in_c[None, :], other=0.0)
-            z = h[None, :] - C * k
+            z = tl.fma(p[None, :] - C, k, w2[None, :])
             m_new = tl.maximum(m_run, tl.max(z, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s_run = s_run * tl.exp2(m_run - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
@@ -292,13 +315,14 @@ def _sinkhorn_streaming_kernel(
 
 @triton.jit
 def _grad_kernel(X, Y, F, G_PREV, ALPHA, BETA, U, OUT,
-                 N, M, D, sxb, sxn, sxd, syb, sym, syd, k, k_f,
+                 N, M, D, sxb, sxn, sxd, syb, sym, syd, k, inv_d,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
                  PRECISION: tl.constexpr):
     """OUT_i = u_i (x_i - sum_j S_ij y_j) for one row block and one block of output features.
 
-    S_ij = exp2(beta2_j + k (g_prev_j - C_ij) + k_f f_i) with k = log2(e)/eps, k_f = k / d: the rows of S
-    sum to 1 because f = T(g_prev). Grid (B, N blocks, D blocks); OUT is contiguous fp32 [B, N, D]."""
+    S_ij = exp2(beta2_j + k (g_prev_j - C_ij + f_i / d)) with k = log2(e)/eps, the small sum in parentheses
+    formed before the scaling: the rows of S sum to 1 because f = T(g_prev). Grid (B, N blocks, D blocks);
+    OUT is contiguous fp32 [B, N, D]."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_do = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -306,17 +330,17 @@ def _grad_kernel(X, Y, F, G_PREV, ALPHA, BETA, U, OUT,
     in_do = offs_do < D
     Xp, Yp = X + pid * sxb, Y + pid * syb
     valid_n = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf")) > float("-inf")
-    f_term = tl.load(F + pid * N + offs_n, mask=in_n, other=0.0) * k_f
+    f_d = tl.load(F + pid * N + offs_n, mask=in_n, other=0.0) * inv_d
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         in_m = offs_m < M
         C = _cost_tile(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
                        BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)
-        h = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf")) * LOG2E \
-            + tl.load(G_PREV + pid * M + offs_m, mask=in_m, other=0.0) * k
-        e = h[None, :] - C * k + f_term[:, None]
-        S = tl.exp2(tl.where(valid_n[:, None] & (h > float("-inf"))[None, :], e, float("-inf")))
+        beta2 = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf")) * LOG2E
+        g = tl.load(G_PREV + pid * M + offs_m, mask=in_m, other=0.0)
+        e = tl.fma((g[None, :] - C) + f_d[:, None], k, beta2[None, :])
+        S = tl.exp2(tl.where(valid_n[:, None] & (beta2 > float("-inf"))[None, :], e, float("-inf")))
         yt = tl.load(Yp + offs_m[:, None] * sym + offs_do[None, :] * syd, mask=in_m[:, None] & in_do[None, :],
                      other=0.0).to(tl.float32)
         acc = tl.dot(S, yt, acc, input_precision=PRECISION)
