@@ -115,6 +115,38 @@ def as_weights(name: str, w: torch.Tensor | None, mask: torch.Tensor, dtype: tor
     return w / total
 
 
+def as_matrix_batch(name: str, t: torch.Tensor, mask_a: torch.Tensor | None, mask_b: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Validate a ``[B, N, M]`` (or unbatched ``[N, M]``) matrix batch such as a cost or a plan, with masks.
+
+    Args:
+        name: the argument's name, for the messages.
+        t: the matrices; mask_a: ``[B, N]`` (``[N]`` when unbatched) or None; mask_b: ``[B, M]`` likewise.
+
+    Returns:
+        ``(t3 [B, N, M], mask_a [B, N] bool, mask_b [B, M] bool, unbatched)``; ``t3`` is finite on every
+        entry whose row and column are both valid.
+    """
+    check_float_tensor(name, t)
+    if t.dim() not in (2, 3):
+        raise ValueError(f"{name} must be 2-D [N, M] or 3-D [B, N, M], got {t.dim()}-D {tuple(t.shape)}")
+    unbatched = t.dim() == 2
+    t3 = t.unsqueeze(0) if unbatched else t
+    if 0 in t3.shape:
+        raise ValueError(f"{name} has an empty dimension: {tuple(t.shape)}")
+    check_same_device(**{name: t}, mask_a=mask_a, mask_b=mask_b)
+    B, N, M = t3.shape
+    ma = as_mask("mask_a", lift(mask_a, unbatched), (B, N), t3.device)
+    mb = as_mask("mask_b", lift(mask_b, unbatched), (B, M), t3.device)
+    check_finite(name, t3, ma.unsqueeze(2) & mb.unsqueeze(1))
+    return t3, ma, mb, unbatched
+
+
+def lift(t: torch.Tensor | None, unbatched: bool) -> torch.Tensor | None:
+    """Add the batch axis to an optional per-pair tensor of an unbatched call."""
+    return t.unsqueeze(0) if unbatched and t is not None else t
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

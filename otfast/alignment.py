@@ -43,9 +43,6 @@ def plan_alignments(plan: torch.Tensor, mask_a: torch.Tensor | None = None, mask
         >>> plan_alignments(P).nonzero().tolist()
         [[0, 0], [1, 1]]
     """
-    chk.check_float_tensor("plan", plan)
-    if plan.dim() not in (2, 3):
-        raise ValueError(f"plan must be 2-D [N, M] or 3-D [B, N, M], got {plan.dim()}-D {tuple(plan.shape)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "threshold":
@@ -54,16 +51,9 @@ def plan_alignments(plan: torch.Tensor, mask_a: torch.Tensor | None = None, mask
             raise ValueError(f"threshold must lie in (0, 1], got {threshold}")
     elif threshold is not None:
         raise ValueError(f"threshold is only used by method='threshold', not {method!r}")
-    unbatched = plan.dim() == 2
-    P = plan.unsqueeze(0) if unbatched else plan
-    if 0 in P.shape:
-        raise ValueError(f"plan has an empty dimension: {tuple(plan.shape)}")
-    lift = (lambda t: t if t is None else t.unsqueeze(0)) if unbatched else (lambda t: t)
-    B, N, M = P.shape
-    ma = chk.as_mask("mask_a", lift(mask_a), (B, N), P.device)
-    mb = chk.as_mask("mask_b", lift(mask_b), (B, M), P.device)
+    P, ma, mb, unbatched = chk.as_matrix_batch("plan", plan, mask_a, mask_b)
+    _, N, M = P.shape
     valid = ma.unsqueeze(2) & mb.unsqueeze(1)
-    chk.check_finite("plan", P, valid)
     if bool(((P < 0) & valid).any()):
         raise ValueError("plan has negative entries")
     P = torch.where(valid, P.detach(), torch.full((), -1.0, dtype=P.dtype, device=P.device))

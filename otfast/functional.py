@@ -96,27 +96,16 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         >>> res.plan().shape
         torch.Size([4, 7, 9])
     """
-    chk.check_float_tensor("cost", cost)
-    if cost.dim() not in (2, 3):
-        raise ValueError(f"cost must be 2-D [N, M] or 3-D [B, N, M], got {cost.dim()}-D {tuple(cost.shape)}")
-    unbatched = cost.dim() == 2
-    C = cost.unsqueeze(0) if unbatched else cost
-    if 0 in C.shape:
-        raise ValueError(f"cost has an empty dimension: {tuple(cost.shape)}")
+    C, ma, mb, unbatched = chk.as_matrix_batch("cost", cost, mask_a, mask_b)
     chk.check_positive("eps", eps)
     chk.check_positive("rho", rho, allow_none=True)
     chk.check_iterations(n_iters, tol)
     chk.check_scaling(scaling)
-    chk.check_same_device(cost=cost, a=a, b=b, mask_a=mask_a, mask_b=mask_b)
-    lift = (lambda t: t if t is None else t.unsqueeze(0)) if unbatched else (lambda t: t)
-    B, N, M = C.shape
-    ma = chk.as_mask("mask_a", lift(mask_a), (B, N), C.device)
-    mb = chk.as_mask("mask_b", lift(mask_b), (B, M), C.device)
+    chk.check_same_device(cost=cost, a=a, b=b)
     valid = ma.unsqueeze(2) & mb.unsqueeze(1)
-    chk.check_finite("cost", C, valid)
     dtype = chk.compute_dtype(C.dtype)
-    wa = chk.as_weights("a", lift(a), ma, dtype).detach()
-    wb = chk.as_weights("b", lift(b), mb, dtype).detach()
+    wa = chk.as_weights("a", chk.lift(a, unbatched), ma, dtype).detach()
+    wb = chk.as_weights("b", chk.lift(b, unbatched), mb, dtype).detach()
     Cm = torch.where(valid, C.to(dtype), torch.zeros((), dtype=dtype, device=C.device))
     Cw = Cm.detach()
 
@@ -144,9 +133,10 @@ class SinkhornLossFunction(torch.autograd.Function):
     """OT(a, b) (minus the symmetric terms when debiased) on the sqeuclidean cost, per pair.
 
     Forward runs every Sinkhorn iteration without autograd and saves only x, y, the weights and the
-    potentials ([B, N] and [B, M] vectors). Backward applies the envelope theorem through the final
-    step (see ``otfast.reference``): exact at convergence, memory independent of the number of
-    iterations, no unrolling and no double backward.
+    potentials ([B, N] and [B, M] vectors). It returns the values ``[B]`` and, not differentiable, the
+    marginal errors ``[P, B]`` of its P problems (OT(x, y), then OT(x, x), OT(y, y) when debiased).
+    Backward applies the envelope theorem through the final step (see ``otfast.reference``): exact at
+    convergence, memory independent of the number of iterations, no unrolling and no double backward.
     """
 
     @staticmethod
@@ -165,15 +155,14 @@ class SinkhornLossFunction(torch.autograd.Function):
             problems.append(backend.solve_points(xc, xc, alpha, alpha, schedule, True))
             problems.append(backend.solve_points(yc, yc, beta, beta, schedule, True))
             value = value - (a * phi(problems[1].f, eps, rho)).sum(1) - (b * phi(problems[2].f, eps, rho)).sum(1)
-        for p, what in zip(problems, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
-            _warn_unconverged(p.error, schedule, f"sinkhorn_loss {what}")
-
+        errors = torch.stack([p.error for p in problems])
+        ctx.mark_non_differentiable(errors)
         ctx.backend, ctx.schedule, ctx.debias = backend, schedule, debias
         ctx.save_for_backward(xc, yc, a, b, *(t for p in problems for t in p[:4]))
-        return value
+        return value, errors
 
     @staticmethod
-    def backward(ctx, grad_value):
+    def backward(ctx, grad_value, _grad_errors):
         xc, yc, a, b, *flat = ctx.saved_tensors
         problems = [Potentials(*flat[i:i + 4], None, None) for i in range(0, len(flat), 4)]
         schedule, backend = ctx.schedule, ctx.backend
@@ -299,7 +288,9 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
     schedule = Schedule(eps=eps_final, anneal=anneal, n_iters=n_iters, tol=tol,
                         rho=None if reach is None else reach**2)
 
-    value = SinkhornLossFunction.apply(xw, yw, a, b, mod, schedule, debias)
+    value, errors = SinkhornLossFunction.apply(xw, yw, a, b, mod, schedule, debias)
+    for error, what in zip(errors, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
+        _warn_unconverged(error, schedule, f"sinkhorn_loss {what}")
     if unbatched:
         return value[0]
     if reduction == "mean":
