@@ -55,7 +55,7 @@ def load_encoder(name_or_path: str | Path, **model_kwargs):
 def build_tiny_model(texts: Iterable[str], output_dir: str | Path, *, vocab_size: int = 500,
                      hidden_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 2,
                      intermediate_size: int = 128, max_position_embeddings: int = 64,
-                     dropout: float = 0.0, seed: int = 0) -> Path:
+                     dropout: float = 0.0, word_embedding_std: float | None = None, seed: int = 0) -> Path:
     """Train a WordPiece tokenizer on ``texts``, build a random-init tiny BERT, save both.
 
     Args:
@@ -65,6 +65,9 @@ def build_tiny_model(texts: Iterable[str], output_dir: str | Path, *, vocab_size
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
         max_position_embeddings: the ``BertConfig`` fields of the same names.
         dropout: hidden and attention dropout.
+        word_embedding_std: if given, the word embeddings are drawn from N(0, std^2) instead of BERT's
+            N(0, 0.02^2), so that word identity rather than position dominates the random encoder's
+            states (as it does in a pretrained one).
         seed: seed of the random initialisation.
 
     Returns:
@@ -95,6 +98,9 @@ def build_tiny_model(texts: Iterable[str], output_dir: str | Path, *, vocab_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertModel(config)
+        if word_embedding_std is not None:
+            with torch.no_grad():
+                model.embeddings.word_embeddings.weight.normal_(0.0, word_embedding_std)
     model.save_pretrained(output_dir)
     return output_dir
 
