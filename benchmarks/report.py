@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shlex
 import sys
 from itertools import product
 from pathlib import Path
@@ -338,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-docs", action="store_true", help="do not touch RESULTS.md and the README")
     ap.add_argument("--render", type=Path, nargs="+", default=None,
                     help="only re-render outputs from these CSV files (no measurement)")
+    ap.add_argument("--run", nargs="+", default=None,
+                    help="with --render: render these run_ids instead of the latest runs")
     return ap.parse_args(argv)
 
 
@@ -347,13 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     readme = None if args.no_docs else args.readme
     if args.render:
         rows = [r for path in args.render for r in res.read_rows(path)]
+        if args.run:
+            rows = [r for r in rows if r["run_id"] in args.run]
         render(rows, sorted({r["device"] for r in rows}), args.out, results_md, readme)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     budget = args.budget if args.budget is not None else (5.0 if args.quick else 20.0)
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)
-    command = "python -m benchmarks.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.report " + shlex.join(sys.argv[1:] if argv is None else argv)
     base = base_columns(args.device, command.strip(), args.note)
     plist = [p for p in providers() if args.only is None or args.only in p.label]
     csv_path = args.out / "results.csv"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
-    command = "python -m benchmarks.step " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.step " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows = run(args.device, args.quick, base_columns(args.device, command.strip(), args.note))
     csv_path = args.out / "results.csv"
     res.append_rows(csv_path, rows)
