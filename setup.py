@@ -19,7 +19,7 @@ CPU_EXTENSION = "otfast.kernels.cpu._sinkhorn"
 
 FLAGS = {  # compiler type -> (compile flags, OpenMP compile flags, OpenMP link flags)
     "msvc": (["/O2", "/std:c++17", "/EHsc"], ["/openmp"], []),
-    "unix": (["-O3", "-std=c++17", "-fvisibility=hidden"], ["-fopenmp"], ["-fopenmp"]),
+    "unix": (["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-trapping-math", "-ffp-contract=fast", "-Wno-psabi"], ["-fopenmp"], ["-fopenmp"]),
 }
 
 

@@ -8,30 +8,31 @@
 //     row soft-min     T(g)_i  = -d eps LSE_j( beta_j  + g_j / eps - C_ij / eps )
 //     column soft-min  T~(f)_j = -d eps LSE_i( alpha_i + f_i / eps - C_ij / eps )
 //
-// Layout and memory traffic. One pair at a time per thread: the cost tile C = |x_i - y_j|^2 / 2
-// (expanded as |x|^2/2 + |y|^2/2 - <x, y> on centred points, clamped at 0) is formed once from x [N, D]
-// and y [M, D] (2 N M D flops), then kept as two scaled copies K = C / eps [N, M] and K^T [M, N]
-// (8 N M bytes in fp32: 13 KB at N = M = 40, resident in L1/L2 for every iteration). Each soft-min
-// reduces over the leading axis of one copy and runs SIMD lanes across its trailing axis, the output
-// index, so that every lane accumulates its own sum in a fixed order: no horizontal reduction, results
-// independent of the vector width and of the thread count. Per pair and iteration: 2 N M exponentials,
-// 2 N M max/sub, N + M logarithms; nothing is read from or written to memory beyond the tile and the
-// [N] and [M] vectors. exp and log are branch-free polynomial versions (Cephes-style, about 1 ulp)
-// that the compiler vectorises; glibc's vector math is only used under -ffast-math, which would break
-// the -inf of the masks, so it is never used.
+// Layout and memory traffic. The cost tile C = |x_i - y_j|^2 / 2 of a pair (expanded as
+// |x|^2/2 + |y|^2/2 - <x, y> on centred points, clamped at 0, like reference.sqeuclidean_cost) is formed
+// once from x [N, D] and y [M, D] (2 N M D flops, 4x2 register blocks of dot products), then kept as
+// two scaled copies K = C / eps [N, M] and K^T [M, N] (8 N M bytes in fp32, 13 KB at N = M = 40: they
+// stay in L1/L2 for every iteration). Each soft-min reduces over the leading axis of one copy with SIMD
+// lanes across its trailing axis, the output index, so that every lane accumulates its own sum in a
+// fixed order: no horizontal reduction, results independent of the thread count. Per pair and
+// iteration: 2 N M exponentials, 2 N M subtract/max, N + M logarithms; nothing but the tile and the
+// [N], [M] vectors is touched. exp and log are branch-free polynomials (Cephes-style, about 1 ulp) on
+// 64-byte vectors (GCC vector extensions), cloned for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time. glibc's vector math would need -ffast-math, which breaks the -inf of the masks: never used.
 //
 // Backward (envelope theorem through the final step, see reference.grad_points): recompute the tile,
 // S^x_ij = exp(beta_j + (g_prev_j - C_ij)/eps + f_i/(d eps)) row by row, dx_i = u_i (x_i - sum_j S^x_ij y_j);
-// likewise dy_j = v_j (y_j - sum_i S^y_ji x_i). Row blocks of 4 share each loaded y_j, the sum runs in
-// j order. No [B, N, M] tensor is written.
+// likewise dy_j = v_j (y_j - sum_i S^y_ji x_i) from the transposed tile. 4-row blocks share each loaded
+// y_j; every sum runs in j order. Memory: the tile and two [N, M] plan tiles per pair, never [B, N, M].
 //
-// Threads: OpenMP over pairs (dynamic schedule); when the batch is smaller than the thread count,
-// one pair at a time with its rows and columns split across the threads. Every reduction has a fixed
+// Threads: OpenMP over pairs (dynamic schedule); when the batch is smaller than the thread count, one
+// pair at a time with its rows and columns split across the threads. Every reduction has a fixed
 // order, so results are bitwise identical whatever the number of threads.
 //
 // Accumulation: in the input precision (fp32 for fp32 inputs, fp64 for fp64). The LSE sums add M
-// terms in [0, 1] to a total >= 1, so their relative error is at most M * 2^-24 in fp32 (typically
-// sqrt(M) * 2^-24), below the float32 reference's own rounding of C / eps.
+// terms in [0, 1] to a total >= 1: relative error at most M 2^-24 in fp32 (typically sqrt(M) 2^-24),
+// the size of the float32 reference's own rounding of C / eps. Dot products use 16 (fp32) or 8 (fp64)
+// interleaved partial sums and a fixed tree.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -42,68 +43,102 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#if defined(__GNUC__)
 #define OTK_INLINE inline __attribute__((always_inline))
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define OTK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
-#define OTK_INLINE inline
+#define OTK_CLONES
 #endif
 
 namespace otk {
 
 // ----------------------------------------------------------------------------------------------
-// Vectorisable elementary functions (no table lookups, no branches, no calls).
+// 64-byte vectors and the elementary functions on them (no tables, no branches, no calls).
 // ----------------------------------------------------------------------------------------------
 
-template <class To, class From>
-OTK_INLINE To bits(From v) {
-  static_assert(sizeof(To) == sizeof(From), "size mismatch");
-  To out;
-  std::memcpy(&out, &v, sizeof(To));
-  return out;
+template <class T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int L = 16;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+  static constexpr int L = 8;
+};
+
+constexpr int kPad = 16;  // padding unit of every tile row and vector (a multiple of both lane counts)
+
+inline int padded(int n) { return (n + kPad - 1) / kPad * kPad; }
+
+template <class T>
+constexpr T inf() {
+  return std::numeric_limits<T>::infinity();
 }
 
-// exp(x); 0 below the smallest normal result (and for -inf), +inf above the largest.
-OTK_INLINE float vexp(float x) {
-  const float lo = -87.33654f, hi = 88.0f, magic = 12582912.0f;  // magic = 1.5 * 2^23
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  float t = xc * 1.44269504088896341f + magic;  // round(x / ln 2) sits in the low mantissa bits
-  float k = t - magic;
-  float r = xc - k * 0.693359375f;
+template <class V, class T>
+OTK_INLINE V splat(T s) {
+  return V{} + s;
+}
+
+template <class T>
+OTK_INLINE typename Simd<T>::V load(const T* p) {
+  typename Simd<T>::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <class T>
+OTK_INLINE void store(T* p, typename Simd<T>::V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// exp on [lo, hi] (callers clamp): Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, then 2^k p(r).
+OTK_INLINE Simd<float>::V exp_core(Simd<float>::V xc) {
+  using V = Simd<float>::V;
+  using I = Simd<float>::I;
+  const V magic = splat<V>(12582912.0f);  // 1.5 * 2^23: round(x / ln 2) lands in the low mantissa bits
+  V t = xc * 1.44269504088896341f + magic;
+  V k = t - magic;
+  V r = xc - k * 0.693359375f;
   r = r - k * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  V p = splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t ki = bits<int32_t>(t) - bits<int32_t>(magic);
-  float scale = bits<float>((ki + 127) << 23);
-  float y = p * scale;
-  y = x < lo ? 0.0f : y;
-  return x > hi ? std::numeric_limits<float>::infinity() : y;
+  I ki = (I)t - (I)magic;
+  return p * (V)((ki + 127) << 23);
 }
 
-OTK_INLINE double vexp(double x) {
-  const double lo = -708.3964185322641, hi = 709.0, magic = 6755399441055744.0;  // 1.5 * 2^52
-  double xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  double t = xc * 1.4426950408889634 + magic;
-  double k = t - magic;
-  double r = xc - k * 6.93147180369123816490e-01;
+OTK_INLINE Simd<double>::V exp_core(Simd<double>::V xc) {
+  using V = Simd<double>::V;
+  using I = Simd<double>::I;
+  const V magic = splat<V>(6755399441055744.0);  // 1.5 * 2^52
+  V t = xc * 1.4426950408889634 + magic;
+  V k = t - magic;
+  V r = xc - k * 6.93147180369123816490e-01;
   r = r - k * 1.90821492927058770002e-10;
   // Taylor series to degree 13 on |r| <= ln(2)/2: truncation below 2^-56.
-  double p = 1.0 / 6227020800.0;
+  V p = splat<V>(1.0 / 6227020800.0);
   p = p * r + 1.0 / 479001600.0;
   p = p * r + 1.0 / 39916800.0;
   p = p * r + 1.0 / 3628800.0;
@@ -116,23 +151,54 @@ OTK_INLINE double vexp(double x) {
   p = p * r + 1.0 / 6.0;
   p = p * r + 0.5;
   p = p * r * r + r + 1.0;
-  int64_t ki = bits<int64_t>(t) - bits<int64_t>(magic);
-  double scale = bits<double>((ki + 1023) << 52);
-  double y = p * scale;
-  y = x < lo ? 0.0 : y;
-  return x > hi ? std::numeric_limits<double>::infinity() : y;
+  I ki = (I)t - (I)magic;
+  return p * (V)((ki + 1023) << 52);
 }
 
-// log(s) for a positive normal s (the LSE sums are >= 1); -inf for s == 0.
-OTK_INLINE float vlog(float s) {
-  int32_t b = bits<int32_t>(s);
-  int32_t e = ((b >> 23) & 0xff) - 127;
-  float m = bits<float>((b & 0x7fffff) | 0x3f800000);  // [1, 2)
-  bool big = m > 1.41421356f;
+// Bounds of exp_core: exp(lo) is the smallest normal number, exp(hi) stays finite.
+template <class T>
+struct ExpRange;
+template <>
+struct ExpRange<float> {
+  static constexpr float lo = -87.33654f, hi = 88.0f;
+};
+template <>
+struct ExpRange<double> {
+  static constexpr double lo = -708.3964185322641, hi = 709.0;
+};
+
+// exp(x): 0 below lo (and for -inf), +inf above hi.
+template <class V, class T = std::remove_reference_t<decltype(V{}[0])>>
+OTK_INLINE V vexp(V x) {
+  const V lo = splat<V>(ExpRange<T>::lo), hi = splat<V>(ExpRange<T>::hi);
+  V xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  V y = exp_core(xc);
+  y = x < lo ? V{} : y;
+  return x > hi ? splat<V>(inf<T>()) : y;
+}
+
+// exp(x) for the terms of a log-sum-exp, x <= 0 and finite: below lo it returns exp(lo) (~1e-38 in fp32,
+// ~2e-308 in fp64) instead of 0, which cannot change a sum that is >= 1.
+template <class V, class T = std::remove_reference_t<decltype(V{}[0])>>
+OTK_INLINE V vexp_lse(V x) {
+  const V lo = splat<V>(ExpRange<T>::lo);
+  return exp_core(x > lo ? x : lo);  // one max instruction
+}
+
+// log(s) for positive normal s (the LSE sums are >= 1); -inf for s <= 0.
+OTK_INLINE Simd<float>::V vlog(Simd<float>::V s) {
+  using V = Simd<float>::V;
+  using I = Simd<float>::I;
+  I b = (I)s;
+  I e = ((b >> 23) & 0xff) - 127;
+  V m = (V)((b & 0x7fffff) | 0x3f800000);  // [1, 2)
+  auto big = m > splat<V>(1.41421356f);
   m = big ? m * 0.5f : m;
-  float ef = static_cast<float>(big ? e + 1 : e);
-  float z = m - 1.0f, zz = z * z;
-  float y = 7.0376836292e-2f;
+  e = big ? e + 1 : e;
+  V ef = __builtin_convertvector(e, V);
+  V z = m - 1.0f, zz = z * z;
+  V y = splat<V>(7.0376836292e-2f);
   y = y * z - 1.1514610310e-1f;
   y = y * z + 1.1676998740e-1f;
   y = y * z - 1.2420140846e-1f;
@@ -144,21 +210,23 @@ OTK_INLINE float vlog(float s) {
   y = y * z * zz;
   y = y + ef * -2.12194440e-4f;
   y = y - 0.5f * zz;
-  float out = (z + y) + ef * 0.693359375f;
-  return s > 0.0f ? out : -std::numeric_limits<float>::infinity();
+  V out = (z + y) + ef * 0.693359375f;
+  return s > V{} ? out : splat<V>(-inf<float>());
 }
 
-OTK_INLINE double vlog(double s) {
-  int64_t b = bits<int64_t>(s);
-  // exponent as a double without an int64 -> double conversion: 2^52 + e_biased, minus (2^52 + 1023)
-  double e = bits<double>(((b >> 52) & 0x7ff) | 0x4330000000000000LL) - 4503599627371519.0;
-  double m = bits<double>((b & 0xfffffffffffffLL) | 0x3ff0000000000000LL);  // [1, 2)
-  bool big = m > 1.4142135623730951;
+OTK_INLINE Simd<double>::V vlog(Simd<double>::V s) {
+  using V = Simd<double>::V;
+  using I = Simd<double>::I;
+  I b = (I)s;
+  // exponent as a double without an int64 -> double conversion: (2^52 + e_biased) - (2^52 + 1023)
+  V e = (V)(((b >> 52) & 0x7ff) | 0x4330000000000000LL) - 4503599627371519.0;
+  V m = (V)((b & 0xfffffffffffffLL) | 0x3ff0000000000000LL);  // [1, 2)
+  auto big = m > splat<V>(1.4142135623730951);
   m = big ? m * 0.5 : m;
   e = big ? e + 1.0 : e;
   // log(m) = 2 atanh(q), q = (m - 1) / (m + 1), |q| <= 0.1716: series to q^23.
-  double q = (m - 1.0) / (m + 1.0), q2 = q * q;
-  double p = 1.0 / 23.0;
+  V q = (m - 1.0) / (m + 1.0), q2 = q * q;
+  V p = splat<V>(1.0 / 23.0);
   p = p * q2 + 1.0 / 21.0;
   p = p * q2 + 1.0 / 19.0;
   p = p * q2 + 1.0 / 17.0;
@@ -169,14 +237,15 @@ OTK_INLINE double vlog(double s) {
   p = p * q2 + 1.0 / 7.0;
   p = p * q2 + 1.0 / 5.0;
   p = p * q2 + 1.0 / 3.0;
-  double lm = 2.0 * q + 2.0 * q * q2 * p;
-  double out = e * 6.93147180369123816490e-01 + (lm + e * 1.90821492927058770002e-10);
-  return s > 0.0 ? out : -std::numeric_limits<double>::infinity();
+  V lm = 2.0 * q + 2.0 * q * q2 * p;
+  V out = e * 6.93147180369123816490e-01 + (lm + e * 1.90821492927058770002e-10);
+  return s > V{} ? out : splat<V>(-inf<double>());
 }
 
 // |exp(t) - 1|, accurate for small |t| (the residual of a nearly converged pair).
-OTK_INLINE float vabs_expm1(float t) {
-  float p = 1.0f / 362880.0f;
+OTK_INLINE Simd<float>::V vabs_expm1(Simd<float>::V t) {
+  using V = Simd<float>::V;
+  V p = splat<V>(1.0f / 362880.0f);
   p = p * t + 1.0f / 40320.0f;
   p = p * t + 1.0f / 5040.0f;
   p = p * t + 1.0f / 720.0f;
@@ -184,13 +253,15 @@ OTK_INLINE float vabs_expm1(float t) {
   p = p * t + 1.0f / 24.0f;
   p = p * t + 1.0f / 6.0f;
   p = p * t + 0.5f;
-  float small = t + t * t * p;
-  float out = std::fabs(t) < 0.34657359f ? small : vexp(t) - 1.0f;
-  return std::fabs(out);
+  V small = t + t * t * p;
+  V at = t < V{} ? -t : t;
+  V out = at < splat<V>(0.34657359f) ? small : vexp(t) - 1.0f;
+  return out < V{} ? -out : out;
 }
 
-OTK_INLINE double vabs_expm1(double t) {
-  double p = 1.0 / 20922789888000.0;
+OTK_INLINE Simd<double>::V vabs_expm1(Simd<double>::V t) {
+  using V = Simd<double>::V;
+  V p = splat<V>(1.0 / 20922789888000.0);
   p = p * t + 1.0 / 1307674368000.0;
   p = p * t + 1.0 / 87178291200.0;
   p = p * t + 1.0 / 6227020800.0;
@@ -205,15 +276,31 @@ OTK_INLINE double vabs_expm1(double t) {
   p = p * t + 1.0 / 24.0;
   p = p * t + 1.0 / 6.0;
   p = p * t + 0.5;
-  double small = t + t * t * p;
-  double out = std::fabs(t) < 0.34657359027997264 ? small : vexp(t) - 1.0;
-  return std::fabs(out);
+  V small = t + t * t * p;
+  V at = t < V{} ? -t : t;
+  V out = at < splat<V>(0.34657359027997264) ? small : vexp(t) - 1.0;
+  return out < V{} ? -out : out;
 }
 
+// A 64-byte aligned, zero-initialised buffer.
 template <class T>
-constexpr T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
+struct Buffer {
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<T[], Free> ptr;
+  size_t size = 0;
+
+  Buffer() = default;
+  explicit Buffer(size_t n) : ptr(static_cast<T*>(::operator new[](std::max<size_t>(n, 1) * sizeof(T),
+                                                                      std::align_val_t(64)))),
+                              size(n) {
+    std::fill(ptr.get(), ptr.get() + n, T(0));
+  }
+  Buffer(const Buffer& o) : Buffer(o.size) {}
+  T* data() const { return ptr.get(); }
+  T& operator[](size_t i) const { return ptr[i]; }
+};
 
 // ----------------------------------------------------------------------------------------------
 // Teams: the threads that share one pair (one thread when parallelism is over pairs).
@@ -230,15 +317,22 @@ struct Team {
 #endif
   }
 
-  // This thread's contiguous share [lo, hi) of [0, n); the split does not change any value.
+  // This thread's contiguous share [lo, hi) of [0, n); the split never changes a value.
   void range(int n, int& lo, int& hi) const {
     int q = n / nth, r = n % nth;
     lo = tid * q + std::min(tid, r);
     hi = lo + q + (tid < r ? 1 : 0);
   }
+
+  // The share of [0, n) in whole blocks of kPad: [lo, hi) with lo, hi multiples of kPad (hi <= padded(n)).
+  void blocks(int n, int& lo, int& hi) const {
+    range(padded(n) / kPad, lo, hi);
+    lo *= kPad;
+    hi *= kPad;
+  }
 };
 
-// Runs body(b, team, shared) for every pair b, with `shared` a Work object owned by the team.
+// Runs body(b, team, work) for every pair b; `work` is owned by the team that solves the pair.
 template <class Work, class Body>
 void for_each_pair(int B, int threads, const Work& proto, Body body) {
 #ifdef _OPENMP
@@ -271,104 +365,125 @@ void for_each_pair(int B, int threads, const Work& proto, Body body) {
 // Cost tile.
 // ----------------------------------------------------------------------------------------------
 
-constexpr int kLanes = 16;  // fixed lane count: the summation order does not depend on the ISA
-
-// Sum of a[d] * b[d] in a fixed order: kLanes interleaved partial sums, then a fixed tree.
+// Fixed-order horizontal sum of a vector (a tree over the lanes).
 template <class T>
-OTK_INLINE T dot(const T* a, const T* b, int D) {
-  T acc[kLanes] = {};
+OTK_INLINE T hsum(typename Simd<T>::V v) {
+  constexpr int L = Simd<T>::L;
+  T t[L];
+  std::memcpy(t, &v, sizeof(v));
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
+
+// out[i][j] = <a_i, b_j> for a 4 x 2 block: L interleaved partial sums, a fixed tree, then the tail.
+// Every entry is summed in the same order, so <a, b> does not depend on its position in a block.
+template <class T>
+OTK_INLINE void dot_block(const T* const a[4], const T* const b[2], int D, T out[4][2]) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  V c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{};
   int d = 0;
-  for (; d + kLanes <= D; d += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[d + l] * b[d + l];
-  for (int l = 0; d + l < D; ++l) acc[l] += a[d + l] * b[d + l];
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
-}
-
-// Four dot products <a0, b0>, <a0, b1>, <a1, b0>, <a1, b1>, each bitwise equal to dot().
-template <class T>
-OTK_INLINE void dot2x2(const T* a0, const T* a1, const T* b0, const T* b1, int D, T out[4]) {
-  T c00[kLanes] = {}, c01[kLanes] = {}, c10[kLanes] = {}, c11[kLanes] = {};
-  int d = 0;
-  for (; d + kLanes <= D; d += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      T x0 = a0[d + l], x1 = a1[d + l], y0 = b0[d + l], y1 = b1[d + l];
-      c00[l] += x0 * y0;
-      c01[l] += x0 * y1;
-      c10[l] += x1 * y0;
-      c11[l] += x1 * y1;
-    }
-  for (int l = 0; d + l < D; ++l) {
-    T x0 = a0[d + l], x1 = a1[d + l], y0 = b0[d + l], y1 = b1[d + l];
-    c00[l] += x0 * y0;
-    c01[l] += x0 * y1;
-    c10[l] += x1 * y0;
-    c11[l] += x1 * y1;
+  for (; d + L <= D; d += L) {
+    V b0 = load(b[0] + d), b1 = load(b[1] + d);
+    V a0 = load(a[0] + d), a1 = load(a[1] + d), a2 = load(a[2] + d), a3 = load(a[3] + d);
+    c00 += a0 * b0;
+    c01 += a0 * b1;
+    c10 += a1 * b0;
+    c11 += a1 * b1;
+    c20 += a2 * b0;
+    c21 += a2 * b1;
+    c30 += a3 * b0;
+    c31 += a3 * b1;
   }
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) {
-      c00[l] += c00[l + w];
-      c01[l] += c01[l + w];
-      c10[l] += c10[l + w];
-      c11[l] += c11[l + w];
+  const V c[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 2; ++j) {
+      T tail = T(0);
+      for (int e = d; e < D; ++e) tail += a[i][e] * b[j][e];
+      out[i][j] = hsum<T>(c[i][j]) + tail;
     }
-  out[0] = c00[0];
-  out[1] = c01[0];
-  out[2] = c10[0];
-  out[3] = c11[0];
 }
 
+// Rows [i0, i1) of C [N, ldc]: C_ij = max(xx_i + yy_j - <x_i, y_j>, 0) for j < M, 0 for M <= j < ldc.
 template <class T>
-OTK_INLINE T half_sq_norm(const T* a, int D) {
-  return dot(a, a, D) / T(2);
-}
-
-// Rows [i0, i1) of C_ij = max(xx_i + yy_j - <x_i, y_j>, 0), as reference.sqeuclidean_cost.
-template <class T>
-void cost_rows(const T* x, const T* y, const T* xx, const T* yy, int M, int D, int i0, int i1, T* C) {
-  T d4[4];
-  int i = i0;
-  for (; i + 2 <= i1; i += 2) {
-    const T *a0 = x + (int64_t)i * D, *a1 = a0 + D;
-    int j = 0;
-    for (; j + 2 <= M; j += 2) {
-      dot2x2(a0, a1, y + (int64_t)j * D, y + (int64_t)(j + 1) * D, D, d4);
-      C[(int64_t)i * M + j] = std::max(xx[i] + yy[j] - d4[0], T(0));
-      C[(int64_t)i * M + j + 1] = std::max(xx[i] + yy[j + 1] - d4[1], T(0));
-      C[(int64_t)(i + 1) * M + j] = std::max(xx[i + 1] + yy[j] - d4[2], T(0));
-      C[(int64_t)(i + 1) * M + j + 1] = std::max(xx[i + 1] + yy[j + 1] - d4[3], T(0));
+OTK_CLONES void cost_rows(const T* x, const T* y, const T* xx, const T* yy, int M, int D, int ldc, int i0, int i1,
+                          T* C) {
+  for (int i = i0; i < i1; i += 4) {
+    const T* a[4];
+    for (int k = 0; k < 4; ++k) a[k] = x + (int64_t)std::min(i + k, i1 - 1) * D;
+    for (int j = 0; j < M; j += 2) {
+      const T* b[2] = {y + (int64_t)j * D, y + (int64_t)std::min(j + 1, M - 1) * D};
+      T dots[4][2];
+      dot_block(a, b, D, dots);
+      for (int k = 0; k < 4 && i + k < i1; ++k)
+        for (int m = 0; m < 2 && j + m < M; ++m)
+          C[(int64_t)(i + k) * ldc + j + m] = std::max(xx[i + k] + yy[j + m] - dots[k][m], T(0));
     }
-    for (; j < M; ++j) {
-      const T* bj = y + (int64_t)j * D;
-      C[(int64_t)i * M + j] = std::max(xx[i] + yy[j] - dot(a0, bj, D), T(0));
-      C[(int64_t)(i + 1) * M + j] = std::max(xx[i + 1] + yy[j] - dot(a1, bj, D), T(0));
-    }
+    for (int k = 0; k < 4 && i + k < i1; ++k) std::fill(C + (int64_t)(i + k) * ldc + M, C + (int64_t)(i + k + 1) * ldc, T(0));
   }
-  for (; i < i1; ++i)
-    for (int j = 0; j < M; ++j)
-      C[(int64_t)i * M + j] = std::max(xx[i] + yy[j] - dot(x + (int64_t)i * D, y + (int64_t)j * D, D), T(0));
 }
 
-// Shared tile of one pair: the cost and the norms.
+// |v_r|^2 / 2 for rows [lo, hi) of v [n, D], summed in dot_block's order (so C_ii = 0 exactly when y = x).
+template <class T>
+OTK_CLONES void half_sq_norms(const T* v, int D, int lo, int hi, T* out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  for (int r = lo; r < hi; ++r) {
+    const T* a = v + (int64_t)r * D;
+    V c{};
+    int d = 0;
+    for (; d + L <= D; d += L) {
+      V ad = load(a + d);
+      c += ad * ad;
+    }
+    T tail = T(0);
+    for (int e = d; e < D; ++e) tail += a[e] * a[e];
+    out[r] = (hsum<T>(c) + tail) / T(2);
+  }
+}
+
+// The cost tile of one pair, shared by its team: C [N, padded(M)] (0 in the padding columns).
 template <class T>
 struct CostTile {
-  std::vector<T> C, xx, yy;
+  Buffer<T> C, xx, yy;
 
-  // Forms C [N, M] from x [N, D], y [M, D] with the team; returns with all threads synchronised.
+  CostTile(int N, int M) : C((size_t)N * padded(M)), xx(N), yy(M) {}
+
   const T* build(const T* x, const T* y, int N, int M, int D, const Team& team) {
     int lo, hi;
     team.range(N, lo, hi);
-    for (int i = lo; i < hi; ++i) xx[i] = half_sq_norm(x + (int64_t)i * D, D);
+    half_sq_norms(x, D, lo, hi, xx.data());
     team.range(M, lo, hi);
-    for (int j = lo; j < hi; ++j) yy[j] = half_sq_norm(y + (int64_t)j * D, D);
+    half_sq_norms(y, D, lo, hi, yy.data());
     team.sync();
     team.range(N, lo, hi);
-    cost_rows(x, y, xx.data(), yy.data(), M, D, lo, hi, C.data());
+    cost_rows(x, y, xx.data(), yy.data(), M, D, padded(M), lo, hi, C.data());
     team.sync();
     return C.data();
   }
 };
+
+// Rows [r0, r1) of out [R, ldo] = (A / div)^T, A [Q, lda] (Q columns of out); 0 in out's padding columns.
+template <class T>
+OTK_CLONES void transpose_scaled(const T* A, int lda, int Q, T div, int r0, int r1, T* out, int ldo) {
+  for (int r = r0; r < r1; ++r) {
+    T* o = out + (int64_t)r * ldo;
+    for (int q = 0; q < Q; ++q) o[q] = A[(int64_t)q * lda + r] / div;
+    std::fill(o + Q, o + ldo, T(0));
+  }
+}
+
+// Rows [r0, r1) of out [R, ldo] = A / div, A [R, lda] with Q used columns; 0 in out's padding columns.
+template <class T>
+OTK_CLONES void copy_scaled(const T* A, int lda, int Q, T div, int r0, int r1, T* out, int ldo) {
+  for (int r = r0; r < r1; ++r) {
+    const T* a = A + (int64_t)r * lda;
+    T* o = out + (int64_t)r * ldo;
+    for (int q = 0; q < Q; ++q) o[q] = a[q] / div;
+    std::fill(o + Q, o + ldo, T(0));
+  }
+}
 
 // ----------------------------------------------------------------------------------------------
 // Forward.
@@ -383,64 +498,51 @@ struct Plan {
   double damping(double e) const { return rho ? 1.0 / (1.0 + e / *rho) : 1.0; }
 };
 
-template <class T>
-struct ForwardWork {
-  CostTile<T> tile;
-  std::vector<T> K, Kt, f, g, ft, gt, rf, rg;
-
-  ForwardWork(int N, int M, bool points) {
-    if (points) {
-      tile.C.resize((size_t)N * M);
-      tile.xx.resize(N);
-      tile.yy.resize(M);
-    }
-    K.resize((size_t)N * M);
-    Kt.resize((size_t)N * M);
-    for (auto* v : {&f, &ft, &rf}) v->resize(N);
-    for (auto* v : {&g, &gt, &rg}) v->resize(M);
-  }
-};
-
-// out[q] = coef * LSE_r(h_r - A[r, q]) for q in [q0, q1), 0 where logw_q == -inf.
+// out[q] = coef * LSE_r(h_r - A[r, q]) for q in [q0, q1) (multiples of kPad), 0 where logw[q] == -inf.
 // Lanes run across q; each lane reduces over r in increasing order. Rows with h_r == -inf are skipped
-// (exactly what exp(-inf) = 0 would add).
+// (exactly what exp(-inf) = 0 would add). A row of A holds at least q1 entries.
 template <class T>
-void softmin_pass(const T* A, int R, int ld, const T* h, int q0, int q1, T coef, const T* logw_q, T* out,
-                  T* mx, T* sm) {
-  const int n = q1 - q0;
-  if (n <= 0) return;
-  for (int q = 0; q < n; ++q) mx[q] = neg_inf<T>();
-  for (int r = 0; r < R; ++r) {
-    const T hr = h[r];
-    if (hr == neg_inf<T>()) continue;
-    const T* a = A + (int64_t)r * ld + q0;
-    for (int q = 0; q < n; ++q) {
-      T z = hr - a[q];
-      mx[q] = mx[q] > z ? mx[q] : z;
+OTK_CLONES void softmin_pass(const T* A, int R, int lda, const T* h, int q0, int q1, T coef, const T* logw,
+                             T* out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  const V ninf = splat<V>(-inf<T>());
+  for (int q = q0; q < q1; q += L) {
+    V m0 = ninf, m1 = ninf;  // max is exact: two chains for latency, any order gives the same value
+    int r = 0;
+    for (; r + 2 <= R; r += 2) {
+      V z0 = h[r] - load(A + (int64_t)r * lda + q);
+      V z1 = h[r + 1] - load(A + (int64_t)(r + 1) * lda + q);
+      z0 = h[r] == -inf<T>() ? ninf : z0;
+      z1 = h[r + 1] == -inf<T>() ? ninf : z1;
+      m0 = m0 > z0 ? m0 : z0;
+      m1 = m1 > z1 ? m1 : z1;
     }
-  }
-  for (int q = 0; q < n; ++q) {
-    mx[q] = mx[q] == neg_inf<T>() ? T(0) : mx[q];  // all -inf: sum 0, log -inf, never NaN
-    sm[q] = T(0);
-  }
-  for (int r = 0; r < R; ++r) {
-    const T hr = h[r];
-    if (hr == neg_inf<T>()) continue;
-    const T* a = A + (int64_t)r * ld + q0;
-    for (int q = 0; q < n; ++q) sm[q] += vexp((hr - a[q]) - mx[q]);
-  }
-  for (int q = 0; q < n; ++q) {
-    T v = coef * (vlog(sm[q]) + mx[q]);
-    out[q0 + q] = logw_q[q0 + q] == neg_inf<T>() ? T(0) : v;
+    if (r < R && h[r] != -inf<T>()) {
+      V z0 = h[r] - load(A + (int64_t)r * lda + q);
+      m0 = m0 > z0 ? m0 : z0;
+    }
+    V m = m0 > m1 ? m0 : m1;
+    m = m == ninf ? V{} : m;  // an all -inf column: sum 0, log -inf, never NaN
+    V s{};
+    for (r = 0; r < R; ++r) {
+      if (h[r] == -inf<T>()) continue;
+      s += vexp_lse((h[r] - load(A + (int64_t)r * lda + q)) - m);
+    }
+    V o = coef * (vlog(s) + m);
+    store(out + q, load(logw + q) == ninf ? V{} : o);
   }
 }
 
-// Terms w_i |exp((old_i - new_i) / eps) - 1| (0 on padding) of reference's residual, for [lo, hi).
+// out[i] = w_i |exp((old_i - new_i) / eps) - 1| (0 where logw == -inf) for i in [lo, hi), multiples of kPad.
 template <class T>
-void residual_terms(const T* old_, const T* new_, const T* w, const T* logw, T eps, int lo, int hi, T* out) {
-  for (int i = lo; i < hi; ++i) {
-    T term = w[i] * vabs_expm1((old_[i] - new_[i]) / eps);
-    out[i] = logw[i] == neg_inf<T>() ? T(0) : term;
+OTK_CLONES void residual_terms(const T* old_, const T* new_, const T* w, const T* logw, T eps, int lo, int hi,
+                               T* out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  for (int i = lo; i < hi; i += L) {
+    V term = load(w + i) * vabs_expm1((load(old_ + i) - load(new_ + i)) / eps);
+    store(out + i, load(logw + i) == splat<V>(-inf<T>()) ? V{} : term);
   }
 }
 
@@ -451,31 +553,52 @@ T ordered_sum(const T* v, int n) {
   return s;
 }
 
-// Solves one pair with its team. C [N, M]: the cost (finite everywhere). Outputs at this pair's rows.
+// Per-team state of one solve: scaled tiles and potentials, padded to kPad (pads hold 0).
 template <class T>
-void solve_pair(const T* C, const T* alpha, const T* beta, int N, int M, const Plan& plan, bool symmetric,
-                ForwardWork<T>& w, const Team& team, T* f_out, T* g_out, T* fp_out, T* gp_out, int32_t* it_out,
-                T* err_out) {
-  int ilo, ihi, jlo, jhi;
-  team.range(N, ilo, ihi);
-  team.range(M, jlo, jhi);
-  // Thread-local: weights, h vectors, LSE scratch.
-  std::vector<T> wa(N), wb(M), h(std::max(N, M)), mx(std::max(N, M)), sm(std::max(N, M));
-  for (int i = 0; i < N; ++i) wa[i] = std::exp(alpha[i]);
-  for (int j = 0; j < M; ++j) wb[j] = std::exp(beta[j]);
+struct ForwardWork {
+  CostTile<T> tile;
+  Buffer<T> K, Kt, f, g, ft, gt, rf, rg;
 
-  // K = C / eps [N, M] (column pass) and K^T [M, N] (row pass); symmetric problems need only K^T.
-  // eps_k is per thread (every thread of the team follows the same schedule) so the barrier inside
-  // is met by all of them or by none.
+  ForwardWork(int N, int M, bool points)
+      : tile(points ? N : 0, points ? M : 0), K((size_t)N * padded(M)), Kt((size_t)M * padded(N)), f(padded(N)),
+        g(padded(M)), ft(padded(N)), gt(padded(M)), rf(padded(N)), rg(padded(M)) {}
+};
+
+// Per-thread copies of a pair's weights, padded with -inf (log-weights) and 0 (weights).
+template <class T>
+struct Weights {
+  std::vector<T> logw, w;
+
+  Weights(const T* lw, int n) : logw(padded(n), -inf<T>()), w(padded(n), T(0)) {
+    for (int i = 0; i < n; ++i) {
+      logw[i] = lw[i];
+      w[i] = std::exp(lw[i]);
+    }
+  }
+};
+
+// Solves one pair with its team. C [N, ldc]: the cost (finite where both weights are > 0).
+template <class T>
+void solve_pair(const T* C, int ldc, const T* alpha_in, const T* beta_in, int N, int M, const Plan& plan,
+                bool symmetric, ForwardWork<T>& w, const Team& team, T* f_out, T* g_out, T* fp_out, T* gp_out,
+                int32_t* it_out, T* err_out) {
+  const int Np = padded(N), Mp = padded(M);
+  int ilo, ihi, jlo, jhi, rlo, rhi, clo, chi;
+  team.blocks(N, ilo, ihi);  // share of f (output lanes of the row pass)
+  team.blocks(M, jlo, jhi);  // share of g
+  team.range(N, rlo, rhi);   // share of K's rows
+  team.range(M, clo, chi);   // share of K^T's rows
+  const Weights<T> a(alpha_in, N), b(beta_in, M);
+  std::vector<T> h(std::max(N, M));
+
+  // K = C / eps [N, Mp] (column pass) and K^T [M, Np] (row pass); symmetric problems need only K^T.
+  // eps_k is per thread: every thread follows the same schedule, so all of them meet the barrier.
   double eps_k = -1.0;
   auto set_eps = [&](double e) {
     if (e == eps_k) return;
     const T et = static_cast<T>(e);
-    if (!symmetric)
-      for (int i = ilo; i < ihi; ++i)
-        for (int j = 0; j < M; ++j) w.K[(int64_t)i * M + j] = C[(int64_t)i * M + j] / et;
-    for (int j = jlo; j < jhi; ++j)
-      for (int i = 0; i < N; ++i) w.Kt[(int64_t)j * N + i] = C[(int64_t)i * M + j] / et;
+    if (!symmetric) copy_scaled(C, ldc, M, et, rlo, rhi, w.K.data(), Mp);
+    transpose_scaled(C, ldc, N, et, clo, chi, w.Kt.data(), Np);
     team.sync();
     eps_k = e;
   };
@@ -483,30 +606,29 @@ void solve_pair(const T* C, const T* alpha, const T* beta, int N, int M, const P
   auto update = [&](const T* f, const T* g, double e, T* ft, T* gt) {
     const T et = static_cast<T>(e);
     const T coef = static_cast<T>(-plan.damping(e) * e);
-    for (int j = 0; j < M; ++j) h[j] = beta[j] + g[j] / et;
-    softmin_pass(w.Kt.data(), M, N, h.data(), ilo, ihi, coef, alpha, ft, mx.data(), sm.data());
+    for (int j = 0; j < M; ++j) h[j] = b.logw[j] + g[j] / et;
+    softmin_pass(w.Kt.data(), M, Np, h.data(), ilo, ihi, coef, a.logw.data(), ft);
     if (symmetric) {
-      for (int i = ilo; i < ihi; ++i) gt[i] = ft[i];
+      std::copy(ft + ilo, ft + ihi, gt + ilo);
       return;
     }
-    for (int i = 0; i < N; ++i) h[i] = alpha[i] + f[i] / et;
-    softmin_pass(w.K.data(), N, M, h.data(), jlo, jhi, coef, beta, gt, mx.data(), sm.data());
+    for (int i = 0; i < N; ++i) h[i] = a.logw[i] + f[i] / et;
+    softmin_pass(w.K.data(), N, Mp, h.data(), jlo, jhi, coef, b.logw.data(), gt);
   };
-  auto residuals = [&](double e) {
-    const T et = static_cast<T>(e);
-    residual_terms(w.f.data(), w.ft.data(), wa.data(), alpha, et, ilo, ihi, w.rf.data());
-    residual_terms(w.g.data(), w.gt.data(), wb.data(), beta, et, jlo, jhi, w.rg.data());
+  auto residuals = [&]() {
+    const T et = static_cast<T>(plan.eps);
+    residual_terms(w.f.data(), w.ft.data(), a.w.data(), a.logw.data(), et, ilo, ihi, w.rf.data());
+    residual_terms(w.g.data(), w.gt.data(), b.w.data(), b.logw.data(), et, jlo, jhi, w.rg.data());
   };
   auto average = [&]() {
     for (int i = ilo; i < ihi; ++i) w.f[i] = (w.f[i] + w.ft[i]) / T(2);
     for (int j = jlo; j < jhi; ++j) w.g[j] = (w.g[j] + w.gt[j]) / T(2);
   };
 
-  // Symmetric problems have N == M and the column share equals the row share.
   const double eps0 = plan.anneal.empty() ? plan.eps : plan.anneal.front();
   set_eps(eps0);
-  std::fill(w.ft.begin() + ilo, w.ft.begin() + ihi, T(0));
-  std::fill(w.gt.begin() + jlo, w.gt.begin() + jhi, T(0));
+  std::fill(w.ft.data() + ilo, w.ft.data() + ihi, T(0));
+  std::fill(w.gt.data() + jlo, w.gt.data() + jhi, T(0));
   team.sync();
   update(w.ft.data(), w.gt.data(), eps0, w.f.data(), w.g.data());
   team.sync();
@@ -523,7 +645,7 @@ void solve_pair(const T* C, const T* alpha, const T* beta, int N, int M, const P
   int32_t n_done = static_cast<int32_t>(plan.anneal.size());
   for (int64_t it = 0; it < plan.n_iters; ++it) {
     update(w.f.data(), w.g.data(), plan.eps, w.ft.data(), w.gt.data());
-    if (plan.tol) residuals(plan.eps);
+    if (plan.tol) residuals();
     team.sync();
     if (plan.tol) {
       T err = ordered_sum(w.rf.data(), N) + ordered_sum(w.rg.data(), M);
@@ -538,13 +660,13 @@ void solve_pair(const T* C, const T* alpha, const T* beta, int N, int M, const P
   }
 
   update(w.f.data(), w.g.data(), plan.eps, w.ft.data(), w.gt.data());
-  residuals(plan.eps);
+  residuals();
   team.sync();
-  for (int i = ilo; i < ihi; ++i) {
+  for (int i = ilo; i < std::min(ihi, N); ++i) {
     f_out[i] = w.ft[i];
     fp_out[i] = w.f[i];
   }
-  for (int j = jlo; j < jhi; ++j) {
+  for (int j = jlo; j < std::min(jhi, M); ++j) {
     g_out[j] = w.gt[j];
     gp_out[j] = w.g[j];
   }
@@ -558,87 +680,96 @@ void solve_pair(const T* C, const T* alpha, const T* beta, int N, int M, const P
 // Backward.
 // ----------------------------------------------------------------------------------------------
 
-// out[r] = scale_r * (p_r - sum_c S[r, c] q_c) for rows r in [lo, hi); S [R, Q] rows, q [Q, D], p [R, D].
-// Blocks of 4 rows share each loaded q_c; the sum over c runs in increasing order for every row.
+// Rows [lo, hi) of S [R, lds]: S[r, c] = exp(logw_c + (prev_c - A[r, c]) / eps + pot_r / (d eps)), 0 on
+// rows with logw_r == -inf. logw_c, prev_c padded to lds (logw_c = -inf there), A [R, lds].
 template <class T>
-void plan_times_points(const T* S, int Q, const T* q, const T* p, const T* scale, int D, int lo, int hi, T* out,
-                       T* acc) {
-  constexpr int RB = 4, DB = 64;
-  int r = lo;
-  for (; r + RB <= hi; r += RB) {
-    for (int d0 = 0; d0 < D; d0 += DB) {
-      const int nd = std::min(DB, D - d0);
-      T a[RB][DB] = {};
-      for (int c = 0; c < Q; ++c) {
-        const T* qc = q + (int64_t)c * D + d0;
-        const T s0 = S[(int64_t)(r + 0) * Q + c], s1 = S[(int64_t)(r + 1) * Q + c];
-        const T s2 = S[(int64_t)(r + 2) * Q + c], s3 = S[(int64_t)(r + 3) * Q + c];
-        if (nd == DB) {
-          for (int l = 0; l < DB; ++l) {
-            a[0][l] += s0 * qc[l];
-            a[1][l] += s1 * qc[l];
-            a[2][l] += s2 * qc[l];
-            a[3][l] += s3 * qc[l];
-          }
-        } else {
-          for (int l = 0; l < nd; ++l) {
-            a[0][l] += s0 * qc[l];
-            a[1][l] += s1 * qc[l];
-            a[2][l] += s2 * qc[l];
-            a[3][l] += s3 * qc[l];
-          }
-        }
-      }
-      for (int k = 0; k < RB; ++k) {
-        const T* pr = p + (int64_t)(r + k) * D + d0;
-        T* o = out + (int64_t)(r + k) * D + d0;
-        for (int l = 0; l < nd; ++l) o[l] = scale[r + k] * (pr[l] - a[k][l]);
-      }
-    }
-  }
-  for (; r < hi; ++r) {
-    std::fill(acc, acc + D, T(0));
-    for (int c = 0; c < Q; ++c) {
-      const T s = S[(int64_t)r * Q + c];
-      const T* qc = q + (int64_t)c * D;
-      for (int l = 0; l < D; ++l) acc[l] += s * qc[l];
-    }
-    const T* pr = p + (int64_t)r * D;
-    T* o = out + (int64_t)r * D;
-    for (int l = 0; l < D; ++l) o[l] = scale[r] * (pr[l] - acc[l]);
-  }
-}
-
-// S[r, c] = exp(logw_c + (pot_prev_c - Cat(r, c)) / eps + pot_r / (d eps)), 0 on rows with logw_r == -inf,
-// for rows [lo, hi); Cat(r, c) = C[r * sr + c * sc].
-template <class T>
-void plan_rows(const T* C, int64_t sr, int64_t sc, int Q, const T* logw_c, const T* prev_c, const T* pot_r,
-               const T* logw_r, T eps, T deps, int lo, int hi, T* S) {
+OTK_CLONES void plan_rows(const T* A, int lds, const T* logw_c, const T* prev_c, const T* pot_r, const T* logw_r,
+                          T eps, T deps, int lo, int hi, T* S) {
+  constexpr int L = Simd<T>::L;
   for (int r = lo; r < hi; ++r) {
-    T* s = S + (int64_t)r * Q;
-    if (logw_r[r] == neg_inf<T>()) {
-      std::fill(s, s + Q, T(0));
+    T* s = S + (int64_t)r * lds;
+    if (logw_r[r] == -inf<T>()) {
+      std::fill(s, s + lds, T(0));
       continue;
     }
     const T fr = pot_r[r] / deps;
-    const T* cr = C + r * sr;
-    for (int c = 0; c < Q; ++c) s[c] = vexp((logw_c[c] + (prev_c[c] - cr[c * sc]) / eps) + fr);
+    const T* ar = A + (int64_t)r * lds;
+    for (int c = 0; c < lds; c += L)
+      store(s + c, vexp((load(logw_c + c) + (load(prev_c + c) - load(ar + c)) / eps) + fr));
   }
 }
 
+// out[r] = scale_r (p_r - sum_{c < Q} S[r, c] q_c) for rows [lo, hi); S [R, lds], q [Q, D], p and out [R, D].
+// 4-row blocks share each loaded q_c; the sum over c runs in increasing order for every entry.
+template <class T>
+OTK_CLONES void plan_times_points(const T* S, int lds, int Q, const T* q, const T* p, const T* scale, int D, int lo,
+                                  int hi, T* out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  for (int r = lo; r < hi; r += 4) {
+    int rows[4];
+    for (int k = 0; k < 4; ++k) rows[k] = std::min(r + k, hi - 1);  // a short block repeats its last row
+    const T* s[4] = {S + (int64_t)rows[0] * lds, S + (int64_t)rows[1] * lds, S + (int64_t)rows[2] * lds,
+                     S + (int64_t)rows[3] * lds};
+    auto finish = [&](int k, int d, V acc) {
+      const int64_t o = (int64_t)rows[k] * D + d;
+      store(out + o, scale[rows[k]] * (load(p + o) - acc));
+    };
+    int d = 0;
+    for (; d + 2 * L <= D; d += 2 * L) {
+      V a00{}, a01{}, a10{}, a11{}, a20{}, a21{}, a30{}, a31{};
+      for (int c = 0; c < Q; ++c) {
+        const T* qc = q + (int64_t)c * D + d;
+        V q0 = load(qc), q1 = load(qc + L);
+        a00 += s[0][c] * q0;
+        a01 += s[0][c] * q1;
+        a10 += s[1][c] * q0;
+        a11 += s[1][c] * q1;
+        a20 += s[2][c] * q0;
+        a21 += s[2][c] * q1;
+        a30 += s[3][c] * q0;
+        a31 += s[3][c] * q1;
+      }
+      finish(0, d, a00), finish(0, d + L, a01), finish(1, d, a10), finish(1, d + L, a11);
+      finish(2, d, a20), finish(2, d + L, a21), finish(3, d, a30), finish(3, d + L, a31);
+    }
+    for (; d + L <= D; d += L) {
+      V a0{}, a1{}, a2{}, a3{};
+      for (int c = 0; c < Q; ++c) {
+        V qv = load(q + (int64_t)c * D + d);
+        a0 += s[0][c] * qv;
+        a1 += s[1][c] * qv;
+        a2 += s[2][c] * qv;
+        a3 += s[3][c] * qv;
+      }
+      finish(0, d, a0), finish(1, d, a1), finish(2, d, a2), finish(3, d, a3);
+    }
+    for (; d < D; ++d)
+      for (int k = 0; k < 4; ++k) {
+        T acc = T(0);
+        for (int c = 0; c < Q; ++c) acc += s[k][c] * q[(int64_t)c * D + d];
+        out[(int64_t)rows[k] * D + d] = scale[rows[k]] * (p[(int64_t)rows[k] * D + d] - acc);
+      }
+  }
+}
+
+// Per-team state of one backward: the cost tile, its transpose and the two plan tiles.
 template <class T>
 struct BackwardWork {
   CostTile<T> tile;
-  std::vector<T> Sx, Sy;
+  Buffer<T> Ct, Sx, Sy;
 
-  BackwardWork(int N, int M) {
-    tile.C.resize((size_t)N * M);
-    tile.xx.resize(N);
-    tile.yy.resize(M);
-    Sx.resize((size_t)N * M);
-    Sy.resize((size_t)N * M);
-  }
+  BackwardWork(int N, int M)
+      : tile(N, M), Ct((size_t)M * padded(N)), Sx((size_t)N * padded(M)), Sy((size_t)M * padded(N)) {}
 };
+
+// A pair's vector padded to kPad with `pad`.
+template <class T>
+std::vector<T> padded_copy(const T* v, int n, T pad) {
+  std::vector<T> out(padded(n), pad);
+  std::copy(v, v + n, out.begin());
+  return out;
+}
 
 // ----------------------------------------------------------------------------------------------
 // Python bindings: numpy buffers in, numpy buffers out; the GIL is released while computing.
@@ -652,7 +783,7 @@ using Arr = py::array_t<T, py::array::c_style>;
 template <class T>
 const T* data_of(const py::array& a, const char* name, std::vector<py::ssize_t> shape) {
   if (!py::isinstance<py::array_t<T>>(a))
-    throw std::invalid_argument(std::string(name) + ": dtype differs from the other inputs");
+    throw std::invalid_argument(std::string(name) + " must have the dtype of the other inputs (float32 or float64)");
   if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + " must be C-contiguous");
   if (a.ndim() != (py::ssize_t)shape.size())
     throw std::invalid_argument(std::string(name) + " has the wrong number of dimensions");
@@ -700,10 +831,10 @@ py::tuple solve_impl(const py::array* C_in, const py::array* x_in, const py::arr
     for_each_pair(B, threads, proto, [&](int b, const Team& team, ForwardWork<T>& w) {
       const T* Cb = C ? C + (int64_t)b * N * M
                       : w.tile.build(x + (int64_t)b * N * D, y + (int64_t)b * M * D, N, M, D, team);
-      solve_pair(Cb, alpha + (int64_t)b * N, beta + (int64_t)b * M, N, M, plan, symmetric, w, team,
-                 fo + (int64_t)b * N, go + (int64_t)b * M, fpo + (int64_t)b * N, gpo + (int64_t)b * M, ito + b,
-                 erro + b);
-      team.sync();  // the shared work is reused by the next pair
+      solve_pair(Cb, C ? M : padded(M), alpha + (int64_t)b * N, beta + (int64_t)b * M, N, M, plan, symmetric, w,
+                 team, fo + (int64_t)b * N, go + (int64_t)b * M, fpo + (int64_t)b * N, gpo + (int64_t)b * M,
+                 ito + b, erro + b);
+      team.sync();  // the team's work is reused by the next pair
     });
   }
   return py::make_tuple(f, g, fp, gp, its, err);
@@ -734,23 +865,25 @@ py::tuple grad_impl(const py::array& x_in, const py::array& y_in, const py::arra
   {
     py::gil_scoped_release release;
     const T et = static_cast<T>(eps), det = static_cast<T>(damping * eps);
+    const int Np = padded(N), Mp = padded(M);
     BackwardWork<T> proto(N, M);
     for_each_pair(B, threads, proto, [&](int b, const Team& team, BackwardWork<T>& w) {
       const T *xb = x + (int64_t)b * N * D, *yb = y + (int64_t)b * M * D;
       const T *ab = alpha + (int64_t)b * N, *bb = beta + (int64_t)b * M;
       const T* C = w.tile.build(xb, yb, N, M, D, team);
-      std::vector<T> acc(D);
       int lo, hi;
       team.range(N, lo, hi);
-      plan_rows(C, M, 1, M, bb, gp + (int64_t)b * M, f + (int64_t)b * N, ab, et, det, lo, hi, w.Sx.data());
-      plan_times_points(w.Sx.data(), M, yb, xb, u + (int64_t)b * N, D, lo, hi, dxo + (int64_t)b * N * D, acc.data());
+      const std::vector<T> beta_p = padded_copy(bb, M, -inf<T>()), gp_p = padded_copy(gp + (int64_t)b * M, M, T(0));
+      plan_rows(C, Mp, beta_p.data(), gp_p.data(), f + (int64_t)b * N, ab, et, det, lo, hi, w.Sx.data());
+      plan_times_points(w.Sx.data(), Mp, M, yb, xb, u + (int64_t)b * N, D, lo, hi, dxo + (int64_t)b * N * D);
       if (v) {
         team.range(M, lo, hi);
-        plan_rows(C, 1, M, N, ab, fp + (int64_t)b * N, g + (int64_t)b * M, bb, et, det, lo, hi, w.Sy.data());
-        plan_times_points(w.Sy.data(), N, xb, yb, v + (int64_t)b * M, D, lo, hi, dyo + (int64_t)b * M * D,
-                          acc.data());
+        transpose_scaled(C, Mp, N, T(1), lo, hi, w.Ct.data(), Np);
+        const std::vector<T> alpha_p = padded_copy(ab, N, -inf<T>()), fp_p = padded_copy(fp + (int64_t)b * N, N, T(0));
+        plan_rows(w.Ct.data(), Np, alpha_p.data(), fp_p.data(), g + (int64_t)b * M, bb, et, det, lo, hi, w.Sy.data());
+        plan_times_points(w.Sy.data(), Np, N, xb, yb, v + (int64_t)b * M, D, lo, hi, dyo + (int64_t)b * M * D);
       }
-      team.sync();  // the shared tile is reused by the next pair
+      team.sync();  // the team's tile is reused by the next pair
     });
   }
   if (!v) return py::make_tuple(dx, py::none());

@@ -1,0 +1,329 @@
+"""The C++ CPU backend (``otfast.kernels.cpu``) against the torch reference.
+
+Every option runs on both backends with the same inputs, through the public API (``sinkhorn_loss``,
+``sinkhorn``) and through the backend functions themselves: fixed eps and annealing, per-pair tol (iteration
+counts compared exactly), balanced and unbalanced, debias on and off, both costs, odd lengths (1, 7, 37,
+and around the kernel's 16-lane blocks), masks with junk in the padding, weights, float32 and float64.
+Values agree to 1e-5 and gradients to 1e-4 (relative to the largest reference entry). Results are bitwise
+identical whatever the thread count, and bad input still gets the core API's errors.
+
+Outside CI the module is skipped, with otfast's reason, when the extension was not built; in CI (where
+``CI`` is set) it runs regardless, so a broken build fails loudly instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import otfast
+from conftest import assert_close, case_id, make_costs, make_points
+from otfast import reference
+from otfast.backends import resolve
+from otfast.schedule import Schedule
+
+INFO = otfast.backends()["cpu"]
+if not INFO.available and not os.environ.get("CI"):
+    pytest.skip(f"cpu backend unavailable: {INFO.detail}", allow_module_level=True)
+
+from otfast.kernels.cpu import launch  # noqa: E402  (after the skip: the import itself is fine, its use is not)
+
+DTYPES = [torch.float32, torch.float64]
+VALUE_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-7), torch.float64: dict(rtol=1e-5, atol=1e-12)}
+GRAD_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-7), torch.float64: dict(rtol=1e-4, atol=1e-12)}
+ERROR_ATOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+# Stopping tolerances for exact iteration-count comparisons: well above the rounding noise of the residual,
+# which is a sum of |exp((f_old - f_new) / eps) - 1| and loses digits to the difference in fp32.
+STOP_TOL = {torch.float32: 1e-2, torch.float64: 1e-6}
+
+SETTINGS = {
+    "fixed-cosine": dict(cost="cosine", eps=0.1, scaling=None, n_iters=40, debias=False),
+    "fixed-debias": dict(eps=0.5, scaling=None, n_iters=30, debias=True),
+    "anneal-debias": dict(blur=0.3, scaling=0.5, debias=True),
+    "anneal-cosine": dict(cost="cosine", blur=0.2, scaling=0.7, n_iters=5, debias=False),
+    "unbalanced-anneal": dict(blur=0.5, scaling=0.5, reach=1.0, debias=True),
+    "unbalanced-fixed": dict(eps=0.3, scaling=None, n_iters=50, reach=2.0, debias=False),
+    "tol": dict(eps=1.0, scaling=None, n_iters=300, tol=1e-4, debias=False),
+    "tol-anneal-debias": dict(cost="cosine", blur=0.3, scaling=0.5, n_iters=200, tol=1e-5, debias=True),
+}
+# (N, M, D): the lengths 1, 7, 37 of the issue, plus 16/17/33 around the 16-lane blocks; D below, at and
+# above one vector of lanes (the dot products' tail).
+SHAPES = [(1, 7, 5), (7, 37, 16), (37, 1, 37), (17, 16, 13), (33, 20, 8)]
+LOSS_CASES = [(n, m, d, s, dt) for n, m, d in SHAPES for s in SETTINGS for dt in DTYPES]
+
+
+def _run(batch, backend, weights_grad=True, **kw):
+    """Loss per pair and the gradients of its sum: (value [B], dx, dy, d weights_x or None)."""
+    x, y = batch.x.clone().requires_grad_(), batch.y.clone().requires_grad_()
+    wx = batch.weights_x
+    if wx is not None and weights_grad:
+        wx = wx.clone().requires_grad_()
+    loss = otfast.sinkhorn_loss(x, y, batch.mask_x, batch.mask_y, weights_x=wx, weights_y=batch.weights_y,
+                                reduction="none", backend=backend, **kw)
+    loss.sum().backward()
+    return loss.detach(), x.grad, y.grad, None if wx is None or not weights_grad else wx.grad
+
+
+@pytest.mark.parametrize("N,M,D,setting,dtype", LOSS_CASES,
+                         ids=[case_id(3, n, m, d, dt, s=s) for n, m, d, s, dt in LOSS_CASES])
+def test_loss_and_gradients_match_reference(N, M, D, setting, dtype):
+    batch = make_points(3, N, M, D, dtype=dtype, seed=N * 1000 + M, weights=setting in ("anneal-debias", "tol"))
+    kw = SETTINGS[setting]
+    ref = _run(batch, "torch", **kw)
+    got = _run(batch, "cpu", **kw)
+    for g, r in zip(got, ref):
+        assert (g is None) == (r is None) and (g is None or g.dtype == r.dtype)
+    assert_close(got[0], ref[0], **VALUE_TOL[dtype], what="value")
+    assert_close(got[1], ref[1], **GRAD_TOL[dtype], what="dx")
+    assert_close(got[2], ref[2], **GRAD_TOL[dtype], what="dy")
+    if ref[3] is not None:  # f - <a, f> (normalised weights): exactly 0 at N = 1 up to the rounding of f
+        atol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert_close(got[3], ref[3], rtol=GRAD_TOL[dtype]["rtol"], atol=atol, what="d weights_x")
+
+
+COST_CASES = [(n, m, rho, scaling, dt) for n, m in [(1, 7), (7, 37), (37, 20), (129, 40)]
+              for rho, scaling in [(None, None), (0.5, 0.7), (None, 0.5), (2.0, None)] for dt in DTYPES]
+
+
+@pytest.mark.filterwarnings("ignore:sinkhorn. . of 3 pairs did not reach tol")  # some pairs run all n_iters
+@pytest.mark.parametrize("N,M,rho,scaling,dtype", COST_CASES,
+                         ids=[case_id(3, n, m, None, dt, rho=r, scaling=s) for n, m, r, s, dt in COST_CASES])
+def test_sinkhorn_on_costs_matches_reference(N, M, rho, scaling, dtype):
+    """``otfast.sinkhorn``: potentials, values, plans, per-pair iteration counts (exactly) and errors."""
+    batch = make_costs(3, N, M, dtype=dtype, seed=N + M, weights=True)
+    kw = dict(mask_a=batch.mask_a, mask_b=batch.mask_b, eps=0.05, n_iters=300, tol=STOP_TOL[dtype], rho=rho,
+              scaling=scaling)
+    ref = otfast.sinkhorn(batch.cost, batch.a, batch.b, backend="torch", **kw)
+    got = otfast.sinkhorn(batch.cost, batch.a, batch.b, backend="cpu", **kw)
+    assert torch.equal(got.n_iters, ref.n_iters), (got.n_iters, ref.n_iters)
+    assert got.n_iters.dtype == torch.int32
+    assert_close(got.value, ref.value, **VALUE_TOL[dtype], what="value")
+    assert_close(got.f, ref.f, **VALUE_TOL[dtype], what="f")
+    assert_close(got.g, ref.g, **VALUE_TOL[dtype], what="g")
+    # the error of a converged pair sits at the rounding floor of its dtype, where only its size is comparable
+    assert_close(got.marginal_error, ref.marginal_error, rtol=1e-3, atol=ERROR_ATOL[dtype], what="marginal error")
+    assert_close(got.plan(), ref.plan(), **GRAD_TOL[dtype], what="plan")
+    pad_a, pad_b = batch.mask_a == 0, batch.mask_b == 0
+    assert bool((got.f[pad_a] == 0).all()) and bool((got.g[pad_b] == 0).all()), "potentials must be 0 on padding"
+
+
+def test_sinkhorn_cost_gradient_matches_reference():
+    batch = make_costs(2, 9, 11, dtype=torch.float64, seed=8)
+    grads = {}
+    for be in ("torch", "cpu"):
+        cost = batch.cost.clone().requires_grad_()
+        otfast.sinkhorn(cost, mask_a=batch.mask_a, mask_b=batch.mask_b, eps=0.1, backend=be).value.sum().backward()
+        grads[be] = cost.grad
+    assert_close(grads["cpu"], grads["torch"], **GRAD_TOL[torch.float64], what="d cost")
+
+
+def _log_weights(batch):
+    a = batch.mask_x.double() if batch.weights_x is None else batch.weights_x.double() * batch.mask_x
+    b = batch.mask_y.double() if batch.weights_y is None else batch.weights_y.double() * batch.mask_y
+    return (a / a.sum(1, keepdim=True)).log(), (b / b.sum(1, keepdim=True)).log()
+
+
+def _centred(batch, dtype):
+    x = torch.where(batch.mask_x.bool()[..., None], batch.x.double(), 0.0)
+    y = torch.where(batch.mask_y.bool()[..., None], batch.y.double(), 0.0)
+    mean = (x.sum(1) + y.sum(1)) / (batch.mask_x.sum(1) + batch.mask_y.sum(1))[:, None]
+    x = torch.where(batch.mask_x.bool()[..., None], x - mean[:, None], 0.0)
+    y = torch.where(batch.mask_y.bool()[..., None], y - mean[:, None], 0.0)
+    return x.to(dtype), y.to(dtype)
+
+
+SCHEDULES = {  # temperatures on the scale of the costs (|x_i - y_j|^2 / 2 ~ D = 11): plans far from identity
+    "fixed": dict(eps=2.0, n_iters=60),
+    "anneal-unbalanced": dict(eps=1.0, anneal=(30.0, 30.0, 8.0, 2.0, 1.0), n_iters=3, rho=5.0),
+    "tol": dict(eps=1.0, n_iters=400, tol=True),
+    "tol-unbalanced": dict(eps=1.0, n_iters=400, tol=True, rho=3.0),
+    "no-iters": dict(eps=1.0, n_iters=0, tol=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_backend_functions_match_reference(name, dtype):
+    """solve_points (plain and symmetric), solve (plain and symmetric) and grad_points, field by field."""
+    batch = make_points(4, 21, 13, 11, dtype=dtype, seed=len(name), weights=True)
+    x, y = _centred(batch, dtype)
+    alpha, beta = (t.to(dtype) for t in _log_weights(batch))
+    kw = SCHEDULES[name]
+    sched = Schedule(**{**kw, "tol": STOP_TOL[dtype] / 10 if kw.get("tol") else None})
+    problems = [(x, y, alpha, beta, False), (x, x, alpha, alpha, True), (y, y, beta, beta, True)]
+    for xx, yy, aa, bb, sym in problems:
+        ref = reference.solve_points(xx, yy, aa, bb, sched, sym)
+        pots = launch.solve_points(xx, yy, aa, bb, sched, sym)
+        for got in (pots, launch.solve(reference.sqeuclidean_cost(xx, yy), aa, bb, sched, sym)):
+            assert torch.equal(got.n_iters, ref.n_iters), (sym, got.n_iters, ref.n_iters)
+            for field in ("f", "g", "f_prev", "g_prev"):
+                assert getattr(got, field).dtype == dtype
+                assert_close(getattr(got, field), getattr(ref, field), **VALUE_TOL[dtype], what=field)
+            assert_close(got.error, ref.error, rtol=1e-3, atol=ERROR_ATOL[dtype], what="error")
+        # each backend differentiates through its own potentials, as SinkhornLossFunction does
+        d = sched.damping(sched.eps)
+        gen = torch.Generator().manual_seed(1)
+        u = torch.randn(aa.shape, generator=gen, dtype=torch.float64).to(dtype)
+        v = None if sym else torch.randn(bb.shape, generator=gen, dtype=torch.float64).to(dtype)
+        want = reference.grad_points(xx, yy, aa, bb, ref._replace(n_iters=None, error=None), sched.eps, d, u, v)
+        have = launch.grad_points(xx, yy, aa, bb, pots._replace(n_iters=None, error=None), sched.eps, d, u, v)
+        assert_close(have[0], want[0], **GRAD_TOL[dtype], what="dx")
+        assert (have[1] is None) == sym
+        if not sym:
+            assert_close(have[1], want[1], **GRAD_TOL[dtype], what="dy")
+
+
+@pytest.mark.filterwarnings("ignore:sinkhorn. 1 of 2 pairs did not reach tol")  # the hard pair, on purpose
+def test_tolerance_stops_pairs_independently():
+    """An easy pair (y = x) stops long before a hard one in the same call, as in the reference."""
+    batch = make_points(2, 20, 20, 8, dtype=torch.float64, seed=3, ragged=False, junk=None)
+    y = batch.y.clone()
+    y[0] = batch.x[0]
+    cost = reference.sqeuclidean_cost(batch.x, y)
+    out = {be: otfast.sinkhorn(cost, eps=0.05, n_iters=500, tol=1e-5, backend=be) for be in ("torch", "cpu")}
+    assert out["cpu"].n_iters[0] < out["cpu"].n_iters[1]
+    assert torch.equal(out["cpu"].n_iters, out["torch"].n_iters)
+
+
+def _launch_everything(batch, dtype):
+    """Every output of the three backend functions on one batch (tol, annealing, unbalanced, symmetric)."""
+    x, y = _centred(batch, dtype)
+    alpha, beta = (t.to(dtype) for t in _log_weights(batch))
+    out = []
+    for sched in (Schedule(eps=0.1, anneal=(2.0, 1.0, 0.5), n_iters=200, tol=1e-4, rho=2.0), Schedule(eps=0.2)):
+        pots = launch.solve_points(x, y, alpha, beta, sched)
+        sym = launch.solve_points(x, x, alpha, alpha, sched, True)
+        u, v = torch.ones_like(alpha), torch.ones_like(beta)
+        grads = launch.grad_points(x, y, alpha, beta, pots, sched.eps, sched.damping(sched.eps), u, v)
+        out += [*pots, *sym, *grads]
+    return out
+
+
+@pytest.mark.parametrize("B", [1, 2, 5], ids=["B1-split-pair", "B2", "B5-over-pairs"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+def test_bitwise_identical_across_thread_counts(B, dtype):
+    """1, 2 and 3 threads: over pairs (B >= threads) or within one pair (B < threads), same bits."""
+    batch = make_points(B, 37, 45, 19, dtype=dtype, seed=B, weights=True)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(_launch_everything(batch, dtype))
+    finally:
+        torch.set_num_threads(before)
+    for run in runs[1:]:
+        for got, want in zip(run, runs[0]):
+            assert torch.equal(got, want)
+
+
+def test_repeated_loss_is_bitwise_identical():
+    batch = make_points(3, 7, 37, 8, dtype=torch.float32, seed=2, weights=True)
+    first, second = _run(batch, "cpu"), _run(batch, "cpu")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_nan_in_padding_is_ignored():
+    batch = make_points(3, 9, 12, 8, dtype=torch.float32, seed=6, junk=float("nan"))
+    ref, got = _run(batch, "torch", blur=0.3), _run(batch, "cpu", blur=0.3)
+    assert_close(got[0], ref[0], **VALUE_TOL[torch.float32], what="value")
+    assert_close(got[1], ref[1], **GRAD_TOL[torch.float32], what="dx")
+
+
+def test_strided_inputs():
+    base = make_points(2, 9, 11, 16, dtype=torch.float32, seed=5, junk=None)
+    x, y = base.x[:, :, ::2], base.y.transpose(1, 2).contiguous().transpose(1, 2)[:, :, 1::2]
+    assert not x.is_contiguous() and not y.is_contiguous()
+    ref = otfast.sinkhorn_loss(x, y, base.mask_x, base.mask_y, reduction="none", backend="torch")
+    got = otfast.sinkhorn_loss(x, y, base.mask_x, base.mask_y, reduction="none", backend="cpu")
+    assert_close(got, ref, **VALUE_TOL[torch.float32], what="value")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_inputs_run_in_fp32(dtype):
+    batch = make_points(2, 12, 17, 8, dtype=dtype, seed=11)
+    ref, got = _run(batch, "torch", blur=0.3), _run(batch, "cpu", blur=0.3)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    for r, g, what in zip(ref[:3], got[:3], ("value", "dx", "dy")):
+        assert_close(g.float(), r.float(), **(VALUE_TOL if what == "value" else GRAD_TOL)[torch.float32], what=what)
+
+
+@pytest.mark.parametrize("N,M", [(7, 37), (129, 40)], ids=lambda v: str(v))
+def test_paper_setting_within_fp32_tolerance_of_the_fp64_oracle(N, M):
+    """GeomLoss's defaults (blur = 0.05: eps = 0.0025, annealing, debias), where C / eps is in the thousands and
+    fp32 rounding of the cost moves the potentials by ~1e-5 in any fp32 solver (torch's too): the fp32 kernel
+    is held to the float64 oracle with the suite's fp32 tolerance, not to the fp32 torch run."""
+    oracle = _run(make_points(2, N, M, 8, dtype=torch.float64, seed=7), "torch")
+    got = _run(make_points(2, N, M, 8, dtype=torch.float32, seed=7), "cpu")
+    for g, o, what in zip(got[:3], oracle[:3], ("value", "dx", "dy")):
+        assert_close(g, o, dtype=torch.float32, what=what)
+
+
+def test_no_nan_at_extreme_eps():
+    """eps = 1e-4 with costs near 1e2 in float32: finite values and gradients, close to the reference."""
+    batch = make_points(2, 9, 13, 8, dtype=torch.float32, seed=4, scale=4.0)
+    got = _run(batch, "cpu", eps=1e-4, scaling=0.5, debias=True)
+    for t in got[:3]:
+        assert torch.isfinite(t).all()
+
+
+def test_registered_and_picked_by_auto():
+    assert INFO.available, INFO.detail
+    assert INFO.detail == launch.DESCRIPTION and launch.UNAVAILABLE is None
+    assert resolve("auto", torch.device("cpu")) is launch
+    assert resolve("cpu", torch.device("cpu")) is launch
+
+
+# --- bad input: the core API's errors, and the binding's own checks --------------------------------
+
+@pytest.fixture
+def pts():
+    return make_points(2, 4, 5, 3, dtype=torch.float32, seed=30, ragged=False, junk=None)
+
+
+def test_nan_in_x_is_rejected(pts):
+    x = pts.x.clone()
+    x[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        otfast.sinkhorn_loss(x, pts.y, backend="cpu")
+
+
+def test_pair_without_valid_token_is_rejected(pts):
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match="pair at batch index 1 has no valid token"):
+        otfast.sinkhorn_loss(pts.x, pts.y, mask, None, backend="cpu")
+
+
+def test_bad_eps_and_weights_are_rejected(pts):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        otfast.sinkhorn_loss(pts.x, pts.y, eps=0.0, backend="cpu")
+    with pytest.raises(ValueError, match="negative weights"):
+        otfast.sinkhorn_loss(pts.x, pts.y, weights_x=-torch.ones(2, 4), backend="cpu")
+
+
+def test_nan_cost_is_rejected():
+    cost = make_costs(2, 4, 5, dtype=torch.float32, seed=31, ragged=False, junk=None).cost
+    cost[0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="cost contains NaN"):
+        otfast.sinkhorn(cost, eps=0.1, backend="cpu")
+
+
+def test_binding_rejects_inconsistent_buffers():
+    """The extension checks what it is given rather than reading out of bounds."""
+    from otfast.kernels.cpu import _sinkhorn
+
+    x, y = torch.zeros(2, 3, 4).numpy(), torch.zeros(2, 5, 4).numpy()
+    alpha, beta = torch.full((2, 3), -1.0986).numpy(), torch.full((2, 5), -1.6094).numpy()
+    args = dict(anneal=[], eps=0.1, n_iters=3, tol=None, rho=None, symmetric=False, threads=1)
+    with pytest.raises(ValueError, match="y has the wrong shape"):
+        _sinkhorn.solve_points(x, y[:, :, :3].copy(), alpha, beta, **args)
+    with pytest.raises(ValueError, match="dtype"):
+        _sinkhorn.solve_points(x, y.astype("float64"), alpha, beta, **args)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _sinkhorn.solve_points(x, y.transpose(0, 2, 1).copy().transpose(0, 2, 1), alpha, beta, **args)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        _sinkhorn.solve_points(x, y, alpha, beta, **{**args, "eps": 0.0})
