@@ -34,10 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from safetensors.torch import load_model, save_model
 
 import otfast
@@ -264,6 +265,8 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
     from tqdm.auto import tqdm
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     t = cfg["train"]
     accelerator = Accelerator(mixed_precision=t["mixed_precision"], cpu=t["cpu"],
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -356,10 +359,10 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
         say(f"stopped at step {state['step']} of {total}; run the same command again to resume")
         return None
 
-    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(model)
+    replica_digests = gather_object([parameter_digest(final)])  # DDP keeps replicas equal: check it
     if not main:
         return None
-    final = accelerator.unwrap_model(model)
     final.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     after = retrieval(final, tokenizer, languages, cfg)
@@ -369,7 +372,8 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
                "retrieval_after_by_language": after["by_language"],
                "steps": state["step"], "train_seconds": state["elapsed"],
                "total_seconds": time.perf_counter() - started, "num_processes": accelerator.num_processes,
-               "params_sha256": parameter_digest(final)}
+               "params_sha256": replica_digests[0], "replica_params_sha256": replica_digests,
+               "replicas_identical": len(set(replica_digests)) == 1}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     for lang in languages:
         if lang.lang in after["by_language"]:

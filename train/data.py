@@ -260,7 +260,7 @@ def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per
         min_words, max_words: keep a pair only if both sides have this many Moses tokens.
         target_lang: Moses tokenizer language of the target side.
         seed: shuffling seed (the same seed gives the same data on every process).
-        chunk_size: rows tokenised per ``datasets.map`` call.
+        chunk_size: most rows tokenised per ``datasets.map`` call.
         num_proc: processes for ``datasets.map`` (None = in process).
 
     Returns:
@@ -286,16 +286,17 @@ def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per
                 "target": [" ".join(tgt_tok.tokenize(t, escape=False)) for t in batch["target"]]}
 
     kept: list[tuple[str, str]] = []
-    for start in range(n_eval, len(order), chunk_size):
-        chunk = dataset.select(order[start:start + chunk_size]).map(tokenise, batched=True, num_proc=num_proc)
+    start = n_eval
+    while start < len(order) and len(kept) < pairs_per_language:
+        size = min(chunk_size, max(1000, 2 * (pairs_per_language - len(kept))))
+        chunk = dataset.select(order[start:start + size]).map(tokenise, batched=True, num_proc=num_proc)
+        start += size
         for source, target in zip(chunk["source"], chunk["target"]):
             n_src, n_tgt = len(source.split()), len(target.split())
             if min_words <= n_src <= max_words and min_words <= n_tgt <= max_words:
                 kept.append((source, target))
             else:
                 report.filtered += 1
-        if len(kept) >= pairs_per_language:
-            break
     kept = kept[:pairs_per_language]
     if not kept:
         raise ValueError(f"{report.lang}: no training pair left ({report.summary()})")

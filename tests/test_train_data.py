@@ -1,0 +1,144 @@
+"""Harness data: each input format with malformed lines (counted, located), sampling, batching, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from train.config import load_config
+from train.data import batch_indices, load_pairs, prepare_language
+from train.synthetic import ENGLISH_VOCABULARY, synthetic_pairs, word_map
+
+FIXTURES = Path(__file__).parent / "fixtures" / "train"
+TINY = Path(__file__).parents[1] / "train" / "configs" / "tiny.yaml"
+
+
+def test_tsv_counts_every_malformed_line():
+    ds, report = load_pairs({"lang": "de", "format": "tsv", "path": "pairs.tsv"}, base_dir=FIXTURES)
+    assert ds["source"][:] == ["Das Haus ist rot.", "Ich sehe den Hund."]
+    assert ds["target"][:] == ["The house is red.", "I see the dog."]
+    assert report.read == 7
+    assert report.malformed == {"not two tab-separated fields": 3, "empty source": 1, "empty target": 1}
+    assert report.examples["not two tab-separated fields"] == ["pairs.tsv:2", "pairs.tsv:3", "pairs.tsv:6"]
+    assert report.read == len(ds) + report.n_malformed
+
+
+def test_jsonl_with_dotted_fields_counts_malformed_lines():
+    spec = {"lang": "de", "format": "jsonl", "path": "pairs.jsonl", "source_field": "translation.de",
+            "target_field": "translation.en"}
+    ds, report = load_pairs(spec, base_dir=FIXTURES)
+    assert list(zip(ds["source"], ds["target"])) == [("Guten Morgen.", "Good morning."),
+                                                     ("Wie geht es dir?", "How are you?")]
+    assert report.malformed == {"invalid JSON": 2, "missing field translation.en": 1, "non-string field": 1,
+                                "empty source": 1}
+    assert report.examples["invalid JSON"] == ["pairs.jsonl:2", "pairs.jsonl:5"]
+    assert report.read == 7
+
+
+def test_moses_pair_of_files_counts_unpaired_and_empty_lines():
+    spec = {"lang": "fr", "format": "moses", "source_path": "corpus.fr", "target_path": "corpus.en"}
+    ds, report = load_pairs(spec, base_dir=FIXTURES)
+    assert list(zip(ds["source"], ds["target"])) == [("Le chat dort.", "The cat sleeps."), ("Bonjour !", "Hello!")]
+    assert report.malformed == {"empty source": 1, "empty target": 1, "unpaired line (files differ in length)": 1}
+    assert report.examples["unpaired line (files differ in length)"] == ["corpus.fr:5"]
+    assert report.read == 5
+
+
+def test_hub_code_path_through_load_dataset(tmp_path):
+    rows = [{"translation": {"es": "Hola.", "en": "Hello."}}, {"translation": {"es": "Adiós.", "en": ""}},
+            {"translation": {"en": "Only English."}}]
+    (tmp_path / "opus.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = {"lang": "es", "format": "hub", "path": "json",
+            "load_kwargs": {"data_files": str(tmp_path / "opus.jsonl"), "cache_dir": str(tmp_path / "cache")}}
+    ds, report = load_pairs(spec)
+    assert list(zip(ds["source"], ds["target"])) == [("Hola.", "Hello.")]
+    assert report.malformed == {"empty target": 1, "missing field translation.es": 1}
+    assert report.examples["missing field translation.es"] == ["row 2"]
+
+
+@pytest.mark.parametrize("spec, error", [
+    ({"format": "tsv", "path": "x"}, ValueError),
+    ({"lang": "de", "format": "csv"}, ValueError),
+    ({"lang": "de", "format": "moses", "source_path": "corpus.fr"}, ValueError),
+    ({"lang": "de", "format": "tsv", "path": "missing.tsv"}, FileNotFoundError),
+])
+def test_bad_specs_raise_naming_the_problem(spec, error):
+    with pytest.raises(error, match="lang|format|target_path|missing.tsv"):
+        load_pairs(spec, base_dir=FIXTURES)
+
+
+def test_synthetic_pair_is_a_bijection_with_local_reordering():
+    mapping = word_map(1234)
+    assert len(set(mapping.values())) == len(ENGLISH_VOCABULARY)
+    assert not set(mapping.values()) & set(ENGLISH_VOCABULARY)
+    inverse = {v: k for k, v in mapping.items()}
+    ds = synthetic_pairs(50, seed=3)
+    assert ds[:] == synthetic_pairs(50, seed=3)[:]
+    assert ds[:] != synthetic_pairs(50, seed=4)[:]
+    for source, target in zip(ds["source"], ds["target"]):
+        back = [inverse[w] for w in source.split()]
+        assert sorted(back) == sorted(target.split())        # same words, reordered
+        english = target.split()                             # local: every word within 2 places
+        assert all(w in english[max(0, i - 2):i + 3] for i, w in enumerate(back))
+
+
+def test_prepare_upsamples_filters_and_holds_out():
+    rows = {"source": ["a b", "c d e", "f", "g h i j k l"], "target": ["A B", "C D E", "F", "G H"]}
+    import datasets
+
+    from train.data import DataReport
+
+    report = DataReport("xx", read=4)
+    data = prepare_language(datasets.Dataset.from_dict(rows), report, pairs_per_language=7, eval_pairs=1,
+                            min_words=2, max_words=4, seed=0)
+    held = set(data.held_out)
+    assert len(held) == 1 and report.held_out == 1
+    eligible = {("a b", "A B"), ("c d e", "C D E")} - held   # "f" too short, "g h i j k l" too long
+    assert report.filtered == 3 - len(eligible)
+    assert set(data.train) == eligible and report.unique_train == len(eligible)
+    assert len(data.train) == 7 == report.train
+    counts = [data.train.count(p) for p in eligible]
+    assert max(counts) - min(counts) <= 1                       # upsampled evenly
+
+
+def test_moses_tokenisation_splits_punctuation():
+    import datasets
+
+    from train.data import DataReport
+
+    ds = datasets.Dataset.from_dict({"source": ["L'homme, ici."], "target": ["The man, here."]})
+    data = prepare_language(ds, DataReport("fr"), pairs_per_language=1)
+    assert data.train == [("L' homme , ici .", "The man , here .")]
+
+
+def test_batches_partition_each_global_batch_and_epochs_reshuffle():
+    n, bs, world = 50, 4, 3
+    per_epoch = n // (bs * world)
+    for step in range(2 * per_epoch):
+        parts = [batch_indices(n, micro_step=step, batch_size=bs, num_processes=world, process_index=r, seed=1)
+                 for r in range(world)]
+        flat = [i for p in parts for i in p]
+        assert len(flat) == len(set(flat)) == bs * world
+    epoch0 = [i for s in range(per_epoch) for i in batch_indices(n, micro_step=s, batch_size=bs,
+                                                                 num_processes=1, process_index=0, seed=1)]
+    epoch1 = [i for s in range(per_epoch, 2 * per_epoch)
+              for i in batch_indices(n, micro_step=s, batch_size=bs, num_processes=1, process_index=0, seed=1)]
+    assert len(set(epoch0)) == len(epoch0) and epoch0 != epoch1
+    with pytest.raises(ValueError, match="global batch"):
+        batch_indices(5, micro_step=0, batch_size=4, num_processes=2, process_index=0, seed=0)
+
+
+def test_config_overrides_types_and_typos():
+    cfg = load_config(TINY, ["--train.lr", "3e-4", "--loss.granularity", "batch", "--train.max-steps", "null"],
+                      output_dir="elsewhere")
+    assert cfg["train"]["lr"] == 3e-4 and isinstance(cfg["train"]["lr"], float)
+    assert cfg["loss"]["granularity"] == "batch" and cfg["train"]["max_steps"] is None
+    assert cfg["output_dir"] == "elsewhere"
+    with pytest.raises(ValueError, match="train.lrr"):
+        load_config(TINY, ["--train.lrr", "1"])
+    with pytest.raises(ValueError, match="granularity"):
+        load_config(TINY, ["--loss.granularity", "word"])
+    with pytest.raises(ValueError, match="batch_size must be int"):
+        load_config(TINY, ["--train.batch_size", "many"])
