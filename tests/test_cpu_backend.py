@@ -14,6 +14,8 @@ Outside CI the module is skipped, with otfast's reason, when the extension was n
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -327,3 +329,25 @@ def test_binding_rejects_inconsistent_buffers():
         _sinkhorn.solve_points(x, y.transpose(0, 2, 1).copy().transpose(0, 2, 1), alpha, beta, **args)
     with pytest.raises(ValueError, match="eps must be > 0"):
         _sinkhorn.solve_points(x, y, alpha, beta, **{**args, "eps": 0.0})
+
+
+def test_without_the_extension_otfast_says_why_and_falls_back_to_torch():
+    """An install whose compile step failed: no ``_sinkhorn`` module (simulated in a fresh interpreter)."""
+    code = """
+import sys
+sys.modules["otfast.kernels.cpu._sinkhorn"] = None  # what Python sees when the .so is missing
+import torch, otfast
+from otfast.backends import resolve
+info = otfast.backends()["cpu"]
+assert not info.available and "not built" in info.detail, info
+assert resolve("auto", torch.device("cpu")) is otfast.reference
+try:
+    otfast.sinkhorn_loss(torch.randn(2, 3, 4), torch.randn(2, 5, 4), backend="cpu")
+except ValueError as exc:
+    assert "backend 'cpu' is not available" in str(exc) and "not built" in str(exc), exc
+else:
+    raise AssertionError("backend='cpu' ran without its extension")
+print(otfast.sinkhorn_loss(torch.randn(2, 3, 4), torch.randn(2, 5, 4)).item())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
