@@ -51,16 +51,14 @@ def _potentials(out) -> Potentials:
 
 def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
           symmetric: bool = False) -> Potentials:
-    """``otfast.reference.solve`` on the C++ kernel.
+    """``otfast.reference.solve`` (same arguments and result) on the C++ kernel.
 
     Args:
-        C: ``[B, N, M]`` cost, finite everywhere (padding entries are ignored).
-        alpha: ``[B, N]`` log-weights, -inf on padding; beta: ``[B, M]``.
-        schedule: temperatures, iteration count, tolerance and rho.
-        symmetric: C is symmetric and alpha == beta: one potential, f == g, only the row pass runs.
+        C: ``[B, N, M]`` cost; alpha ``[B, N]``, beta ``[B, M]`` log-weights (-inf on padding);
+            schedule and symmetric as in the reference.
 
     Returns:
-        ``Potentials`` (f, g, f_prev, g_prev in C's precision, n_iters int32, error).
+        ``Potentials`` in C's precision (float32 or float64), n_iters int32.
     """
     dt = _dtype(C)
     return _potentials(_sinkhorn.solve_cost(_np(C, dt), _np(alpha, dt), _np(beta, dt),

@@ -109,6 +109,20 @@ OTK_INLINE void store(T* p, typename Simd<T>::V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Horner form of sum_{k=2}^{n} r^(k-2) / k!, so that exp(r) = 1 + r + r^2 p(r) to degree n (1/k! is
+// correctly rounded: k! <= 15! is an exact double).
+template <int n, class V, class T = std::remove_reference_t<decltype(V{}[0])>>
+OTK_INLINE V taylor_tail(V r) {
+  auto inv_factorial = [](int k) {
+    double f = 1.0;
+    for (int i = 2; i <= k; ++i) f *= i;
+    return static_cast<T>(T(1) / static_cast<T>(f));
+  };
+  V p = splat<V>(inv_factorial(n));
+  for (int k = n - 1; k >= 2; --k) p = p * r + inv_factorial(k);
+  return p;
+}
+
 // exp on [lo, hi] (callers clamp): Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, then 2^k p(r).
 OTK_INLINE Simd<float>::V exp_core(Simd<float>::V xc) {
   using V = Simd<float>::V;
@@ -138,18 +152,7 @@ OTK_INLINE Simd<double>::V exp_core(Simd<double>::V xc) {
   V r = xc - k * 6.93147180369123816490e-01;
   r = r - k * 1.90821492927058770002e-10;
   // Taylor series to degree 13 on |r| <= ln(2)/2: truncation below 2^-56.
-  V p = splat<V>(1.0 / 6227020800.0);
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
+  V p = taylor_tail<13>(r);
   p = p * r * r + r + 1.0;
   I ki = (I)t - (I)magic;
   return p * (V)((ki + 1023) << 52);
@@ -242,43 +245,14 @@ OTK_INLINE Simd<double>::V vlog(Simd<double>::V s) {
   return s > V{} ? out : splat<V>(-inf<double>());
 }
 
-// |exp(t) - 1|, accurate for small |t| (the residual of a nearly converged pair).
-OTK_INLINE Simd<float>::V vabs_expm1(Simd<float>::V t) {
-  using V = Simd<float>::V;
-  V p = splat<V>(1.0f / 362880.0f);
-  p = p * t + 1.0f / 40320.0f;
-  p = p * t + 1.0f / 5040.0f;
-  p = p * t + 1.0f / 720.0f;
-  p = p * t + 1.0f / 120.0f;
-  p = p * t + 1.0f / 24.0f;
-  p = p * t + 1.0f / 6.0f;
-  p = p * t + 0.5f;
+// |exp(t) - 1|, accurate for small |t| (the residual of a nearly converged pair): a Taylor series below
+// ln(2)/2 (degree 9 in fp32, 15 in fp64: truncation below half an ulp), exp(t) - 1 above.
+template <class V, class T = std::remove_reference_t<decltype(V{}[0])>>
+OTK_INLINE V vabs_expm1(V t) {
+  V p = taylor_tail<sizeof(T) == 4 ? 9 : 15>(t);
   V small = t + t * t * p;
   V at = t < V{} ? -t : t;
-  V out = at < splat<V>(0.34657359f) ? small : vexp(t) - 1.0f;
-  return out < V{} ? -out : out;
-}
-
-OTK_INLINE Simd<double>::V vabs_expm1(Simd<double>::V t) {
-  using V = Simd<double>::V;
-  V p = splat<V>(1.0 / 20922789888000.0);
-  p = p * t + 1.0 / 1307674368000.0;
-  p = p * t + 1.0 / 87178291200.0;
-  p = p * t + 1.0 / 6227020800.0;
-  p = p * t + 1.0 / 479001600.0;
-  p = p * t + 1.0 / 39916800.0;
-  p = p * t + 1.0 / 3628800.0;
-  p = p * t + 1.0 / 362880.0;
-  p = p * t + 1.0 / 40320.0;
-  p = p * t + 1.0 / 5040.0;
-  p = p * t + 1.0 / 720.0;
-  p = p * t + 1.0 / 120.0;
-  p = p * t + 1.0 / 24.0;
-  p = p * t + 1.0 / 6.0;
-  p = p * t + 0.5;
-  V small = t + t * t * p;
-  V at = t < V{} ? -t : t;
-  V out = at < splat<V>(0.34657359027997264) ? small : vexp(t) - 1.0;
+  V out = at < splat<V>(T(0.34657359027997264)) ? small : vexp(t) - T(1);
   return out < V{} ? -out : out;
 }
 
