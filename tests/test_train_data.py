@@ -142,3 +142,20 @@ def test_config_overrides_types_and_typos():
         load_config(TINY, ["--loss.granularity", "word"])
     with pytest.raises(ValueError, match="batch_size must be int"):
         load_config(TINY, ["--train.batch_size", "many"])
+
+
+@pytest.mark.parametrize("name, langs", [
+    ("paper_wordot", ["bg", "de", "el", "es", "fr"]),
+    ("paper_large", ["bg", "de", "el", "es", "fr", "ar", "ru", "zh", "hi", "th", "tr", "vi", "ur", "sw"]),
+])
+def test_paper_configs_carry_the_papers_recipe(name, langs):
+    cfg = load_config(TINY.parent / f"{name}.yaml")          # DESIGN.md section 1
+    assert [spec["lang"] for spec in cfg["data"]["languages"]] == langs
+    assert all(spec["format"] == "hub" and "en" in spec["name"].split("-") for spec in cfg["data"]["languages"])
+    assert cfg["model"]["name_or_path"] == "bert-base-multilingual-cased"
+    assert (cfg["model"]["layer"], cfg["model"]["word_mode"]) == (-1, "last")
+    assert cfg["data"]["pairs_per_language"] == 250_000
+    assert cfg["loss"] == {"granularity": "sentence", "cost": "sqeuclidean", "blur": 0.05, "scaling": 0.5,
+                           "debias": True, "backend": "auto", "reg_lambda": 1.0}
+    t = cfg["train"]
+    assert (t["lr"], t["batch_size"], t["grad_accum"], t["epochs"], t["max_steps"]) == (5e-5, 24, 2, 1, None)
