@@ -344,15 +344,29 @@ void for_each_pair(int B, int threads, int64_t pair_size, const Work& proto, Bod
 // Cost tile.
 // ----------------------------------------------------------------------------------------------
 
-// Fixed-order horizontal sum of a vector (a tree over the lanes).
+// Fixed-order horizontal sum: lane l += lane l + w for w = L/2, ..., 1 (a tree), done on halves of the
+// vector (upper half added to the lower one) so that it costs a few shuffles instead of L scalar adds.
+template <class T, int W>
+OTK_INLINE T hsum_halves(const T* lanes) {
+  if constexpr (W == 1) {
+    return lanes[0];
+  } else {
+    typedef T Half __attribute__((vector_size(W / 2 * sizeof(T))));
+    Half lo, hi;
+    std::memcpy(&lo, lanes, sizeof(Half));
+    std::memcpy(&hi, lanes + W / 2, sizeof(Half));
+    lo += hi;
+    T next[W / 2];
+    std::memcpy(next, &lo, sizeof(Half));
+    return hsum_halves<T, W / 2>(next);
+  }
+}
+
 template <class T>
 OTK_INLINE T hsum(typename Simd<T>::V v) {
-  constexpr int L = Simd<T>::L;
-  T t[L];
+  T t[Simd<T>::L];
   std::memcpy(t, &v, sizeof(v));
-  for (int w = L / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  return t[0];
+  return hsum_halves<T, Simd<T>::L>(t);
 }
 
 // out[i][j] = <a_i, b_j> for a 4 x 2 block: L interleaved partial sums, a fixed tree, then the tail.
