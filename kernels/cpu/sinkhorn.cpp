@@ -10,7 +10,9 @@
 //
 // Layout and memory traffic. The cost tile C = |x_i - y_j|^2 / 2 of a pair (expanded as
 // |x|^2/2 + |y|^2/2 - <x, y> on centred points, clamped at 0, like reference.sqeuclidean_cost) is formed
-// once from x [N, D] and y [M, D] (2 N M D flops, 4x2 register blocks of dot products), then kept as
+// once from x [N, D] and y [M, D] (2 N M D flops, 4x2 register blocks of dot products; measured at
+// B = 32, N = M = 40, D = 768 on one core: about 1.1 ms, against 1.9 ms for torch's MKL bmm + norms in
+// reference.sqeuclidean_cost, which would also write [B, N, M] to memory), then kept as
 // two scaled copies K = C / eps [N, M] and K^T [M, N] (8 N M bytes in fp32, 13 KB at N = M = 40: they
 // stay in L1/L2 for every iteration). Each soft-min reduces over the leading axis of one copy with SIMD
 // lanes across its trailing axis, the output index, so that every lane accumulates its own sum in a
@@ -25,8 +27,9 @@
 // likewise dy_j = v_j (y_j - sum_i S^y_ji x_i) from the transposed tile. 4-row blocks share each loaded
 // y_j; every sum runs in j order. Memory: the tile and two [N, M] plan tiles per pair, never [B, N, M].
 //
-// Threads: OpenMP over pairs (dynamic schedule); when the batch is smaller than the thread count, one
-// pair at a time with its rows and columns split across the threads. Every reduction has a fixed
+// Threads: OpenMP over pairs (dynamic schedule); when the batch is smaller than the thread count and the
+// pairs are large (kSplitMin), one pair at a time with its rows and columns split across the threads
+// (two barriers per iteration). Every reduction has a fixed
 // order, so results are bitwise identical whatever the number of threads.
 //
 // Accumulation: in the input precision (fp32 for fp32 inputs, fp64 for fp64). The LSE sums add M
