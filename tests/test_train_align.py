@@ -62,6 +62,25 @@ def test_one_step_lowers_the_ot_loss(tmp_path, granularity):
     assert after["ot_xx"] < parts["ot_xx"] - 1e-3 * abs(parts["ot_xx"])
 
 
+def test_batch_granularity_is_one_problem_over_the_pooled_words(tmp_path):
+    setup = _setup(tmp_path, ["--loss.granularity", "batch", "--loss.reg_lambda", "0"])
+    cfg, langs, model, reference, tok, idx, _ = setup
+    loss, parts = _loss(setup)
+    words = {side: [langs[0].train[i][side].split() for i in idx[0]] for side in (0, 1)}
+    pooled = {}
+    with torch.no_grad():
+        for side, sentences in words.items():             # each sentence alone, its last sub-words
+            vectors = []
+            for sentence in sentences:
+                batch = encode_words(tok, [sentence])
+                h, ids = layer_states(model, batch)[0], batch["word_ids"][0]
+                vectors += [h[(ids == w).nonzero().max()] for w in range(len(sentence))]
+            pooled[side] = torch.stack(vectors).double().unsqueeze(0)
+    expected = otfast.sinkhorn_loss(pooled[0], pooled[1], blur=0.05, scaling=0.5, backend="torch").item()
+    assert parts["ot_xx"] == pytest.approx(expected, rel=1e-4)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_regulariser_is_zero_at_step_zero_and_matches_its_formula_after(tmp_path):
     setup = _setup(tmp_path)
     cfg, langs, model, reference, tok, idx, _ = setup

@@ -268,6 +268,8 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     t = cfg["train"]
+    if t["num_threads"] is not None:
+        torch.set_num_threads(t["num_threads"])
     accelerator = Accelerator(mixed_precision=t["mixed_precision"], cpu=t["cpu"],
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
         "max_grad_norm": 1.0,
         "mixed_precision": "no",    # no | bf16 | fp16 (autocast, on GPU)
         "cpu": False,               # force the CPU even when a GPU is there
+        "num_threads": None,        # torch CPU threads per process (None = torch's default)
         "checkpoint_every": 500,    # optimizer steps; 0 = only at the end
         "keep_checkpoints": 2,
         "log_every": 10,
