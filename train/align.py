@@ -13,7 +13,7 @@ with P the sentence pairs of the micro-batch (all languages), S_eps one OT probl
 or one over all the words of the batch (``batch``). AdamW, linear warm-up and decay, gradient
 accumulation and clipping, autocast, ``accelerate`` for DDP.
 
-Output folder: ``metrics.csv`` and ``tensorboard/`` (training curves), ``data_report.json``,
+Output folder: ``metrics.csv`` and ``tensorboard/`` (training curves), ``data_report.json``, ``run_config.json``,
 ``checkpoints/step-N/`` (safetensors model, optimiser, scheduler, per-process RNG, data position;
 the run resumes from the newest one), ``model/`` (``save_pretrained`` model and tokenizer) and
 ``metrics.json`` with ``retrieval_before`` / ``retrieval_after`` (held-out pairs, mean of both
@@ -284,7 +284,7 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
         say(lang.report.summary())
     if main:
         (out / "data_report.json").write_text(json.dumps([vars(l.report) for l in languages], indent=1))
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        (out / "run_config.json").write_text(json.dumps(cfg, indent=1))
 
     model_path = cfg["model"]["name_or_path"]
     if model_path is None:
