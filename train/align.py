@@ -9,12 +9,13 @@ word is one vector of the aligned layer (its last sub-word by default), and the 
     sum over pairs of  S_eps(source words, English words)          (otfast.SinkhornLoss, debiased)
     + lambda * sum over English tokens ||h(t) - h0(t)||^2 / P    (h0: the frozen initial encoder)
 
-with P the sentence pairs of the micro-batch (all languages), S_eps one OT problem per sentence pair (``loss.granularity: sentence``, averaged over the B pairs)
-or one over all the words of the batch (``batch``). AdamW, linear warm-up and decay, gradient
-accumulation and clipping, autocast, ``accelerate`` for DDP.
+with P the sentence pairs of the micro-batch (all languages) and S_eps one OT problem per sentence
+pair (``loss.granularity: sentence``, averaged over the pairs of a language) or one over all the words
+of the batch (``batch``). AdamW, linear warm-up and decay, gradient accumulation and clipping,
+autocast, ``accelerate`` for DDP.
 
-Output folder: ``metrics.csv`` and ``tensorboard/`` (training curves), ``data_report.json``, ``run_config.json``,
-``checkpoints/step-N/`` (safetensors model, optimiser, scheduler, per-process RNG, data position;
+Output folder: ``metrics.csv`` and ``tensorboard/`` (training curves), ``data_report.json``,
+``run_config.json``, ``checkpoints/step-N/`` (safetensors model, optimiser, scheduler, per-process RNG, data position;
 the run resumes from the newest one), ``model/`` (``save_pretrained`` model and tokenizer) and
 ``metrics.json`` with ``retrieval_before`` / ``retrieval_after`` (held-out pairs, mean of both
 directions, averaged over languages) and the per-language details.
