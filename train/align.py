@@ -214,9 +214,9 @@ def retrieval(model, tokenizer, languages: list[LanguageData], cfg: dict[str, An
     for lang in languages:
         if lang.held_out:
             src, tgt = zip(*lang.held_out)
-            per_lang[lang.lang] = evaluate_retrieval(model, tokenizer, list(src), list(tgt), layer=cfg["model"]["layer"],
-                                                     batch_size=cfg["train"]["retrieval_batch_size"],
-                                                     max_length=cfg["model"]["max_length"])
+            per_lang[lang.lang] = evaluate_retrieval(
+                model, tokenizer, list(src), list(tgt), layer=cfg["model"]["layer"],
+                batch_size=cfg["train"]["retrieval_batch_size"], max_length=cfg["model"]["max_length"])
     mean = float(np.mean([r["mean"] for r in per_lang.values()])) if per_lang else float("nan")
     return {"mean": mean, "by_language": per_lang}
 
@@ -350,7 +350,8 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
         if state["step"] % t["log_every"] == 0 or state["step"] == total:
             values = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
             row = dict(zip(sums, values.tolist()))
-            row.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), elapsed=time.perf_counter() - run_started)
+            row.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
+                       elapsed=time.perf_counter() - run_started)
             log.log(state["step"], row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", reg=f"{row['reg']:.3f}")
         state["elapsed"] = time.perf_counter() - run_started
