@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from train.modeling import build_tiny_model, encode_words, layer_states, load_encoder, word_embeddings
+from train.modeling import build_tiny_model, encode_words, load_encoder, word_embeddings
 from train.retrieval import evaluate_retrieval, retrieval_accuracy, sentence_embeddings
 
 # Trained on this text, "mat", "sat", "on", "the", "cat" are whole tokens; "qxz" and "xzq" were never

@@ -7,8 +7,9 @@ numbers are coerced to the default's type, so ``lr: 5e-5`` (a string to YAML 1.1
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 

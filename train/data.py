@@ -28,9 +28,10 @@ import functools
 import json
 import math
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import datasets
 from sacremoses import MosesTokenizer

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,6 @@ def evaluate_retrieval(model, tokenizer, sources: Sequence[str], targets: Sequen
     """
     if len(sources) != len(targets) or not sources:
         raise ValueError(f"need as many sources as targets (>= 1), got {len(sources)} and {len(targets)}")
-    kw = dict(layer=layer, batch_size=batch_size, max_length=max_length)
+    kw = {"layer": layer, "batch_size": batch_size, "max_length": max_length}
     return retrieval_accuracy(sentence_embeddings(model, tokenizer, sources, **kw),
                               sentence_embeddings(model, tokenizer, targets, **kw))
