@@ -11,10 +11,8 @@ import torch.nn.functional as F
 
 from . import _checks as chk
 from .backends import resolve
-from .reference import Potentials
+from .reference import COSTS, Potentials
 from .schedule import Schedule, bounding_diameter, epsilon_schedule, phi, phi_prime
-
-COSTS = ("sqeuclidean", "cosine")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -130,42 +128,39 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
 
 
 class SinkhornLossFunction(torch.autograd.Function):
-    """OT(a, b) (minus the symmetric terms when debiased) on the sqeuclidean cost, per pair.
+    """OT(a, b) (minus the symmetric terms when debiased) between raw points, per pair.
 
     Forward runs every Sinkhorn iteration without autograd and saves only x, y, the weights and the
-    potentials ([B, N] and [B, M] vectors). It returns the values ``[B]`` and, not differentiable, the
-    marginal errors ``[P, B]`` of its P problems (OT(x, y), then OT(x, x), OT(y, y) when debiased).
-    Backward applies the envelope theorem through the final step (see ``otfast.reference``): exact at
-    convergence, memory independent of the number of iterations, no unrolling and no double backward.
+    potentials ([B, N] and [B, M] vectors); masking, centring and normalising the points (``cost``) are
+    the backend's (``otfast.reference.prepare_points``), so that a fused backend does them in the same
+    pass. It returns the values ``[B]`` and, not differentiable, the marginal errors ``[P, B]`` of its P
+    problems (OT(x, y), then OT(x, x), OT(y, y) when debiased). Backward applies the envelope theorem
+    through the final step (see ``otfast.reference``): exact at convergence, memory independent of the
+    number of iterations, no unrolling and no double backward.
     """
 
     @staticmethod
-    def forward(ctx, x, y, a, b, backend, schedule, debias):
-        mask_x, mask_y = a > 0, b > 0
-        count = mask_x.sum(1, keepdim=True) + mask_y.sum(1, keepdim=True)
-        mean = (x.sum(1) + y.sum(1)) / count
-        xc = torch.where(mask_x.unsqueeze(2), x - mean.unsqueeze(1), torch.zeros((), dtype=x.dtype, device=x.device))
-        yc = torch.where(mask_y.unsqueeze(2), y - mean.unsqueeze(1), torch.zeros((), dtype=y.dtype, device=y.device))
+    def forward(ctx, x, y, a, b, backend, schedule, debias, cost):
         alpha, beta = torch.log(a), torch.log(b)
         eps, rho = schedule.eps, schedule.rho
 
-        problems = [backend.solve_points(xc, yc, alpha, beta, schedule, False)]
+        problems = [backend.solve_points(x, y, alpha, beta, schedule, False, cost)]
         value = (a * phi(problems[0].f, eps, rho)).sum(1) + (b * phi(problems[0].g, eps, rho)).sum(1)
         if debias:
-            problems.append(backend.solve_points(xc, xc, alpha, alpha, schedule, True))
-            problems.append(backend.solve_points(yc, yc, beta, beta, schedule, True))
+            problems.append(backend.solve_points(x, x, alpha, alpha, schedule, True, cost))
+            problems.append(backend.solve_points(y, y, beta, beta, schedule, True, cost))
             value = value - (a * phi(problems[1].f, eps, rho)).sum(1) - (b * phi(problems[2].f, eps, rho)).sum(1)
         errors = torch.stack([p.error for p in problems])
         ctx.mark_non_differentiable(errors)
-        ctx.backend, ctx.schedule, ctx.debias = backend, schedule, debias
-        ctx.save_for_backward(xc, yc, a, b, *(t for p in problems for t in p[:4]))
+        ctx.backend, ctx.schedule, ctx.debias, ctx.cost = backend, schedule, debias, cost
+        ctx.save_for_backward(x, y, a, b, *(t for p in problems for t in p[:4]))
         return value, errors
 
     @staticmethod
     def backward(ctx, grad_value, _grad_errors):
-        xc, yc, a, b, *flat = ctx.saved_tensors
+        x, y, a, b, *flat = ctx.saved_tensors
         problems = [Potentials(*flat[i:i + 4], None, None) for i in range(0, len(flat), 4)]
-        schedule, backend = ctx.schedule, ctx.backend
+        schedule, backend, cost = ctx.schedule, ctx.backend, ctx.cost
         eps, rho = schedule.eps, schedule.rho
         d = schedule.damping(eps)
         gv = grad_value.unsqueeze(1)
@@ -173,19 +168,19 @@ class SinkhornLossFunction(torch.autograd.Function):
         xy = problems[0]
         u = gv * a * phi_prime(xy.f, eps, rho) * d
         v = gv * b * phi_prime(xy.g, eps, rho) * d
-        dx, dy = backend.grad_points(xc, yc, alpha, beta, xy, eps, d, u, v)
+        dx, dy = backend.grad_points(x, y, alpha, beta, xy, eps, d, u, v, cost)
         grad_a, grad_b = phi(xy.f, eps, rho, grad=True), phi(xy.g, eps, rho, grad=True)
         if ctx.debias:
             xx, yy = problems[1], problems[2]
-            dx = dx - backend.grad_points(xc, xc, alpha, alpha, xx, eps, d,
-                                          gv * a * phi_prime(xx.f, eps, rho) * d, None)[0]
-            dy = dy - backend.grad_points(yc, yc, beta, beta, yy, eps, d,
-                                          gv * b * phi_prime(yy.f, eps, rho) * d, None)[0]
+            dx = dx - backend.grad_points(x, x, alpha, alpha, xx, eps, d,
+                                          gv * a * phi_prime(xx.f, eps, rho) * d, None, cost)[0]
+            dy = dy - backend.grad_points(y, y, beta, beta, yy, eps, d,
+                                          gv * b * phi_prime(yy.f, eps, rho) * d, None, cost)[0]
             grad_a = grad_a - phi(xx.f, eps, rho, grad=True)
             grad_b = grad_b - phi(yy.f, eps, rho, grad=True)
         grad_a = torch.where(a > 0, gv * grad_a, torch.zeros_like(grad_a))
         grad_b = torch.where(b > 0, gv * grad_b, torch.zeros_like(grad_b))
-        return dx, dy, grad_a, grad_b, None, None, None
+        return dx, dy, grad_a, grad_b, None, None, None, None
 
 
 def _check_points(x, y, mask_x, mask_y):
@@ -271,24 +266,21 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
     a = chk.as_weights("weights_x", weights_x, mx, dtype)
     b = chk.as_weights("weights_y", weights_y, my, dtype)
 
-    zero = torch.zeros((), dtype=dtype, device=x.device)
-    xw = torch.where(mx.unsqueeze(2), x.to(dtype), zero)
-    yw = torch.where(my.unsqueeze(2), y.to(dtype), zero)
-    if cost == "cosine":
-        xw, yw = F.normalize(xw, dim=-1), F.normalize(yw, dim=-1)
+    x, y = x.to(dtype), y.to(dtype)
 
     eps_final = blur**2 if eps is None else eps
     anneal: tuple[float, ...] = ()
     if scaling is not None:
         if diameter is None:
-            diameter = max(bounding_diameter(xw, yw, mx, my), math.sqrt(eps_final))
+            xs, ys = (F.normalize(x, dim=-1), F.normalize(y, dim=-1)) if cost == "cosine" else (x, y)
+            diameter = max(bounding_diameter(xs, ys, mx, my), math.sqrt(eps_final))
         anneal = epsilon_schedule(diameter, math.sqrt(eps_final), scaling, p=2.0)
     if n_iters is None:
         n_iters = 0 if scaling is not None else 100
     schedule = Schedule(eps=eps_final, anneal=anneal, n_iters=n_iters, tol=tol,
                         rho=None if reach is None else reach**2)
 
-    value, errors = SinkhornLossFunction.apply(xw, yw, a, b, mod, schedule, debias)
+    value, errors = SinkhornLossFunction.apply(x, y, a, b, mod, schedule, debias, cost)
     for error, what in zip(errors, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
         _warn_unconverged(error, schedule, f"sinkhorn_loss {what}")
     if unbatched:

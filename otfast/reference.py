@@ -17,6 +17,12 @@ v_j = dL/dg_j * d, the sqeuclidean cost C_ij = |x_i - y_j|^2 / 2 gives
 
     dL/dx_i = u_i (x_i - sum_j S^x_ij y_j),      dL/dy_j = v_j (y_j - sum_i S^y_ij x_i).
 
+The point functions take the raw points and a cost name: rows on padding (log-weight -inf) are
+ignored whatever they hold; "sqeuclidean" centres each pair on the mean of its valid points (the cost
+is translation invariant, and the norm expansion below then does not cancel), "cosine" normalises the
+rows (1 - cos(x, y) is the sqeuclidean cost of unit vectors). ``prepare_points`` is that step and
+``prepare_grad`` its backward; every backend follows them.
+
 This module materialises [B, N, M] tensors on purpose: it is the specification, not the fast path.
 """
 
@@ -26,8 +32,11 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .schedule import Schedule, residual
+
+COSTS = ("sqeuclidean", "cosine")
 
 
 class Potentials(NamedTuple):
@@ -47,10 +56,42 @@ class Potentials(NamedTuple):
     error: torch.Tensor
 
 
+def prepare_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                   cost: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points a cost is formed from: padding rows 0, then centred ("sqeuclidean") or normalised ("cosine").
+
+    Args:
+        x: ``[B, N, D]``, y: ``[B, M, D]`` raw points; alpha ``[B, N]``, beta ``[B, M]``: log-weights,
+            -inf on padding; cost: one of ``COSTS``.
+
+    Returns:
+        ``(xp, yp)``, with C = sqeuclidean_cost(xp, yp).
+    """
+    vx, vy = (alpha > -math.inf).unsqueeze(2), (beta > -math.inf).unsqueeze(2)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    x, y = torch.where(vx, x, zero), torch.where(vy, y, zero)
+    if cost == "cosine":
+        return F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    mean = ((x.sum(1) + y.sum(1)) / (vx.sum(1) + vy.sum(1))).unsqueeze(1)
+    return torch.where(vx, x - mean, zero), torch.where(vy, y - mean, zero)
+
+
+def prepare_grad(x: torch.Tensor, xp: torch.Tensor, dxp: torch.Tensor, alpha: torch.Tensor, cost: str) -> torch.Tensor:
+    """The gradient with respect to the raw points ``x`` from the one with respect to ``xp = prepare_points(x)``.
+
+    Centring is a translation, which the loss does not see: its gradient passes unchanged. Normalising
+    x / |x| has the Jacobian (I - xp xp^T) / |x|. Padding rows get 0.
+    """
+    if cost == "cosine":
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+        dxp = (dxp - xp * (xp * dxp).sum(-1, keepdim=True)) / norm
+    return torch.where((alpha > -math.inf).unsqueeze(2), dxp, torch.zeros((), dtype=dxp.dtype, device=dxp.device))
+
+
 def sqeuclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """C_ij = |x_i - y_j|^2 / 2 for ``x [B, N, D]``, ``y [B, M, D]`` -> ``[B, N, M]``.
 
-    Callers centre x and y first (the cost is translation invariant) so that the norm expansion
+    Callers centre x and y first (``prepare_points``) so that the norm expansion
     |x|^2/2 + |y|^2/2 - <x, y> does not cancel catastrophically.
     """
     xx = (x * x).sum(-1, keepdim=True) / 2
@@ -113,9 +154,9 @@ def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Sc
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-                 schedule: Schedule, symmetric: bool = False) -> Potentials:
-    """``solve`` on the sqeuclidean cost of centred points ``x [B, N, D]``, ``y [B, M, D]``."""
-    return solve(sqeuclidean_cost(x, y), alpha, beta, schedule, symmetric)
+                 schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
+    """``solve`` on the cost ``cost`` between the raw points ``x [B, N, D]`` and ``y [B, M, D]``."""
+    return solve(sqeuclidean_cost(*prepare_points(x, y, alpha, beta, cost)), alpha, beta, schedule, symmetric)
 
 
 def row_softmax(C: torch.Tensor, f: torch.Tensor, g_prev: torch.Tensor, beta: torch.Tensor,
@@ -126,12 +167,12 @@ def row_softmax(C: torch.Tensor, f: torch.Tensor, g_prev: torch.Tensor, beta: to
 
 
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
-                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None
+                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Envelope gradients of a loss through the final step, for the sqeuclidean cost.
+    """Envelope gradients of a loss through the final step, with respect to the raw points.
 
     Args:
-        x, y: the centred points the solve ran on.
+        x, y: the raw points the solve ran on, and its ``cost``.
         pots: the ``Potentials`` of that solve.
         u: ``[B, N]`` = dL/df * damping; v: ``[B, M]`` = dL/dg * damping, or None to skip dy
             (the symmetric problems, where the second argument of C is held fixed, as in GeomLoss).
@@ -139,11 +180,11 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
     Returns:
         ``(dx [B, N, D], dy [B, M, D] or None)``.
     """
-    C = sqeuclidean_cost(x, y)
+    xp, yp = prepare_points(x, y, alpha, beta, cost)
+    C = sqeuclidean_cost(xp, yp)
     Sx = row_softmax(C, pots.f, pots.g_prev, beta, alpha > -math.inf, eps, damping)
-    dx = u.unsqueeze(2) * (x - Sx @ y)
+    dx = prepare_grad(x, xp, u.unsqueeze(2) * (xp - Sx @ yp), alpha, cost)
     if v is None:
         return dx, None
     Sy = row_softmax(C.transpose(1, 2), pots.g, pots.f_prev, alpha, beta > -math.inf, eps, damping)
-    dy = v.unsqueeze(2) * (y - Sy @ x)
-    return dx, dy
+    return dx, prepare_grad(y, yp, v.unsqueeze(2) * (yp - Sy @ xp), beta, cost)

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,12 +128,11 @@ def _log_weights(batch):
     return (a / a.sum(1, keepdim=True)).log(), (b / b.sum(1, keepdim=True)).log()
 
 
-def _centred(batch, dtype):
-    x = torch.where(batch.mask_x.bool()[..., None], batch.x.double(), 0.0)
-    y = torch.where(batch.mask_y.bool()[..., None], batch.y.double(), 0.0)
-    mean = (x.sum(1) + y.sum(1)) / (batch.mask_x.sum(1) + batch.mask_y.sum(1))[:, None]
-    x = torch.where(batch.mask_x.bool()[..., None], x - mean[:, None], 0.0)
-    y = torch.where(batch.mask_y.bool()[..., None], y - mean[:, None], 0.0)
+def _raw(batch, dtype):
+    """The points as the model gives them: uncentred, NaN on padding (the kernel must never read them)."""
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    x = torch.where(batch.mask_x.bool()[..., None], batch.x.double(), nan)
+    y = torch.where(batch.mask_y.bool()[..., None], batch.y.double(), nan)
     return x.to(dtype), y.to(dtype)
 
 
@@ -145,20 +145,26 @@ SCHEDULES = {  # temperatures on the scale of the costs (|x_i - y_j|^2 / 2 ~ D =
 }
 
 
+@pytest.mark.parametrize("cost", reference.COSTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
 @pytest.mark.parametrize("name", list(SCHEDULES))
-def test_backend_functions_match_reference(name, dtype):
-    """solve_points (plain and symmetric), solve (plain and symmetric) and grad_points, field by field."""
+def test_backend_functions_match_reference(name, dtype, cost):
+    """solve_points (plain and symmetric) on raw points, solve on their cost (plain and symmetric) and
+    grad_points with respect to the raw points, field by field."""
     batch = make_points(4, 21, 13, 11, dtype=dtype, seed=len(name), weights=True)
-    x, y = _centred(batch, dtype)
+    x, y = _raw(batch, dtype)
     alpha, beta = (t.to(dtype) for t in _log_weights(batch))
-    kw = SCHEDULES[name]
+    kw = dict(SCHEDULES[name])
+    if cost == "cosine":  # costs in [0, 2] instead of ~11: temperatures scaled alike
+        kw["eps"] /= 20
+        kw["anneal"] = tuple(e / 20 for e in kw.get("anneal", ()))
     sched = Schedule(**{**kw, "tol": STOP_TOL[dtype] / 10 if kw.get("tol") else None})
     problems = [(x, y, alpha, beta, False), (x, x, alpha, alpha, True), (y, y, beta, beta, True)]
     for xx, yy, aa, bb, sym in problems:
-        ref = reference.solve_points(xx, yy, aa, bb, sched, sym)
-        pots = launch.solve_points(xx, yy, aa, bb, sched, sym)
-        for got in (pots, launch.solve(reference.sqeuclidean_cost(xx, yy), aa, bb, sched, sym)):
+        ref = reference.solve_points(xx, yy, aa, bb, sched, sym, cost)
+        pots = launch.solve_points(xx, yy, aa, bb, sched, sym, cost)
+        cost_matrix = reference.sqeuclidean_cost(*reference.prepare_points(xx, yy, aa, bb, cost))
+        for got in (pots, launch.solve(cost_matrix, aa, bb, sched, sym)):
             assert torch.equal(got.n_iters, ref.n_iters), (sym, got.n_iters, ref.n_iters)
             for field in ("f", "g", "f_prev", "g_prev"):
                 assert getattr(got, field).dtype == dtype
@@ -169,9 +175,10 @@ def test_backend_functions_match_reference(name, dtype):
         gen = torch.Generator().manual_seed(1)
         u = torch.randn(aa.shape, generator=gen, dtype=torch.float64).to(dtype)
         v = None if sym else torch.randn(bb.shape, generator=gen, dtype=torch.float64).to(dtype)
-        want = reference.grad_points(xx, yy, aa, bb, ref._replace(n_iters=None, error=None), sched.eps, d, u, v)
-        have = launch.grad_points(xx, yy, aa, bb, pots._replace(n_iters=None, error=None), sched.eps, d, u, v)
+        want = reference.grad_points(xx, yy, aa, bb, ref._replace(n_iters=None, error=None), sched.eps, d, u, v, cost)
+        have = launch.grad_points(xx, yy, aa, bb, pots._replace(n_iters=None, error=None), sched.eps, d, u, v, cost)
         assert_close(have[0], want[0], **GRAD_TOL[dtype], what="dx")
+        assert bool((have[0][aa == -torch.inf] == 0).all()), "dx must be 0 on padding"
         assert (have[1] is None) == sym
         if not sym:
             assert_close(have[1], want[1], **GRAD_TOL[dtype], what="dy")
@@ -190,15 +197,17 @@ def test_tolerance_stops_pairs_independently():
 
 
 def _launch_everything(batch, dtype):
-    """Every output of the three backend functions on one batch (tol, annealing, unbalanced, symmetric)."""
-    x, y = _centred(batch, dtype)
+    """Every output of the three backend functions on one batch (tol, annealing, unbalanced, symmetric; both
+    costs, so centring, normalising and its backward too)."""
+    x, y = _raw(batch, dtype)
     alpha, beta = (t.to(dtype) for t in _log_weights(batch))
     out = []
-    for sched in (Schedule(eps=0.1, anneal=(2.0, 1.0, 0.5), n_iters=200, tol=1e-4, rho=2.0), Schedule(eps=0.2)):
-        pots = launch.solve_points(x, y, alpha, beta, sched)
-        sym = launch.solve_points(x, x, alpha, alpha, sched, True)
+    for sched, cost in ((Schedule(eps=0.1, anneal=(2.0, 1.0, 0.5), n_iters=200, tol=1e-4, rho=2.0), "sqeuclidean"),
+                        (Schedule(eps=0.2), "sqeuclidean"), (Schedule(eps=0.02, n_iters=30), "cosine")):
+        pots = launch.solve_points(x, y, alpha, beta, sched, False, cost)
+        sym = launch.solve_points(x, x, alpha, alpha, sched, True, cost)
         u, v = torch.ones_like(alpha), torch.ones_like(beta)
-        grads = launch.grad_points(x, y, alpha, beta, pots, sched.eps, sched.damping(sched.eps), u, v)
+        grads = launch.grad_points(x, y, alpha, beta, pots, sched.eps, sched.damping(sched.eps), u, v, cost)
         out += [*pots, *sym, *grads]
     return out
 
@@ -321,7 +330,7 @@ def test_binding_rejects_inconsistent_buffers():
 
     x, y = torch.zeros(2, 3, 4).numpy(), torch.zeros(2, 5, 4).numpy()
     alpha, beta = torch.full((2, 3), -1.0986).numpy(), torch.full((2, 5), -1.6094).numpy()
-    args = dict(anneal=[], eps=0.1, n_iters=3, tol=None, rho=None, symmetric=False, threads=1)
+    args = dict(anneal=[], eps=0.1, n_iters=3, tol=None, rho=None, symmetric=False, cosine=False, threads=1)
     with pytest.raises(ValueError, match="y has the wrong shape"):
         _sinkhorn.solve_points(x, y[:, :, :3].copy(), alpha, beta, **args)
     with pytest.raises(ValueError, match="dtype"):
@@ -330,6 +339,18 @@ def test_binding_rejects_inconsistent_buffers():
         _sinkhorn.solve_points(x, y.transpose(0, 2, 1).copy().transpose(0, 2, 1), alpha, beta, **args)
     with pytest.raises(ValueError, match="eps must be > 0"):
         _sinkhorn.solve_points(x, y, alpha, beta, **{**args, "eps": 0.0})
+
+    f, g = torch.zeros(2, 3).numpy(), torch.zeros(2, 5).numpy()
+    grad = dict(x=x, y=y, alpha=alpha, beta=beta, f=f, g=g, f_prev=f, g_prev=g, eps=0.1, damping=1.0, u=f, v=g,
+                cosine=True, dx=np.empty_like(x), dy=np.empty_like(y), threads=1)
+    with pytest.raises(ValueError, match="dx has the wrong shape"):
+        _sinkhorn.grad_points(**{**grad, "dx": np.empty_like(y)})
+    read_only = np.empty_like(y)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="dy must be writeable"):
+        _sinkhorn.grad_points(**{**grad, "dy": read_only})
+    with pytest.raises(ValueError, match="v and dy are given together"):
+        _sinkhorn.grad_points(**{**grad, "dy": None})
 
 
 def test_without_the_extension_otfast_says_why_and_falls_back_to_torch():

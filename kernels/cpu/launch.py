@@ -66,32 +66,37 @@ def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Sc
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-                 schedule: Schedule, symmetric: bool = False) -> Potentials:
-    """``solve`` on the sqeuclidean cost of centred points ``x [B, N, D]``, ``y [B, M, D]``.
+                 schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
+    """``solve`` on the cost ``cost`` between the raw points ``x [B, N, D]``, ``y [B, M, D]``.
 
-    The cost tile of each pair is formed once inside the kernel and never leaves the cache.
+    The kernel masks, centres or normalises each pair (``otfast.reference.prepare_points``) and forms
+    its cost tile once; neither leaves the cache.
     """
     dt = _dtype(x)
     return _potentials(_sinkhorn.solve_points(_np(x, dt), _np(y, dt), _np(alpha, dt), _np(beta, dt),
-                                              **_schedule_args(schedule, symmetric)))
+                                              cosine=cost == "cosine", **_schedule_args(schedule, symmetric)))
 
 
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
-                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None
+                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Envelope gradients through the final step, as ``otfast.reference.grad_points``.
 
     Args:
-        x, y: the centred points ``[B, N, D]``, ``[B, M, D]`` the solve ran on.
+        x, y: the raw points ``[B, N, D]``, ``[B, M, D]`` the solve ran on, and its ``cost``.
         pots: the ``Potentials`` of that solve (only f, g, f_prev, g_prev are read).
         u: ``[B, N]`` = dL/df * damping; v: ``[B, M]`` = dL/dg * damping, or None to skip dy.
 
     Returns:
-        ``(dx [B, N, D], dy [B, M, D] or None)`` in x's precision.
+        ``(dx [B, N, D], dy [B, M, D] or None)`` in x's precision, 0 on padding rows.
     """
     dt = _dtype(x)
-    dx, dy = _sinkhorn.grad_points(_np(x, dt), _np(y, dt), _np(alpha, dt), _np(beta, dt), _np(pots.f, dt),
-                                   _np(pots.g, dt), _np(pots.f_prev, dt), _np(pots.g_prev, dt), float(eps),
-                                   float(damping), _np(u, dt), None if v is None else _np(v, dt),
-                                   torch.get_num_threads())
-    return torch.from_numpy(dx), None if dy is None else torch.from_numpy(dy)
+    (b, n, d), m = x.shape, y.shape[1]
+    both = torch.empty(b * (n + (0 if v is None else m)) * d, dtype=dt)
+    dx = both[:b * n * d].view(b, n, d)
+    dy = None if v is None else both[b * n * d:].view(b, m, d)
+    _sinkhorn.grad_points(_np(x, dt), _np(y, dt), _np(alpha, dt), _np(beta, dt), _np(pots.f, dt), _np(pots.g, dt),
+                          _np(pots.f_prev, dt), _np(pots.g_prev, dt), float(eps), float(damping), _np(u, dt),
+                          None if v is None else _np(v, dt), cost == "cosine", dx.numpy(),
+                          None if dy is None else dy.numpy(), torch.get_num_threads())
+    return dx, dy

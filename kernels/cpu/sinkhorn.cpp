@@ -8,9 +8,15 @@
 //     row soft-min     T(g)_i  = -d eps LSE_j( beta_j  + g_j / eps - C_ij / eps )
 //     column soft-min  T~(f)_j = -d eps LSE_i( alpha_i + f_i / eps - C_ij / eps )
 //
+// Points. The point entries take the raw embeddings and do reference.prepare_points themselves, into a
+// per-team copy that stays in cache: padding rows (log-weight -inf) become 0 whatever they hold, then
+// the pair is centred on the mean of its valid rows (sqeuclidean) or every row is normalised (cosine,
+// 1 - cos = |x/|x| - y/|y||^2 / 2). One read of x and y, no [B, N, D] temporaries, and the backward
+// maps the gradient back through the normalisation, (g - p <p, g>) / |x|, in the same pass.
+//
 // Layout and memory traffic. The cost tile C = |x_i - y_j|^2 / 2 of a pair (expanded as
-// |x|^2/2 + |y|^2/2 - <x, y> on centred points, clamped at 0, like reference.sqeuclidean_cost) is formed
-// once from x [N, D] and y [M, D] (2 N M D flops, 4x2 register blocks of dot products; measured at
+// |x|^2/2 + |y|^2/2 - <x, y> on the prepared points, clamped at 0, like reference.sqeuclidean_cost) is
+// formed once from x [N, D] and y [M, D] (2 N M D flops, 4x2 register blocks of dot products; measured at
 // B = 32, N = M = 40, D = 768 on one core: about 1.1 ms, against 1.9 ms for torch's MKL bmm + norms in
 // reference.sqeuclidean_cost, which would also write [B, N, M] to memory), then kept as
 // two scaled copies K = C / eps [N, M] and K^T [M, N] (8 N M bytes in fp32, 13 KB at N = M = 40: they
@@ -420,22 +426,105 @@ OTK_CLONES void cost_rows(const T* x, const T* y, const T* xx, const T* yy, int 
   }
 }
 
-// |v_r|^2 / 2 for rows [lo, hi) of v [n, D], summed in dot_block's order (so C_ii = 0 exactly when y = x).
+// <a, b> over D entries, summed in dot_block's order (so C_ii = 0 exactly when y = x).
 template <class T>
-OTK_CLONES void half_sq_norms(const T* v, int D, int lo, int hi, T* out) {
+OTK_INLINE T dot_row(const T* a, const T* b, int D) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::L;
+  V c{};
+  int d = 0;
+  for (; d + L <= D; d += L) c += load(a + d) * load(b + d);
+  T tail = T(0);
+  for (int e = d; e < D; ++e) tail += a[e] * b[e];
+  return hsum<T>(c) + tail;
+}
+
+// |v_r|^2 / 2 for rows [lo, hi) of v [n, D].
+template <class T>
+OTK_CLONES void half_sq_norms(const T* v, int D, int lo, int hi, T* out) {
+  for (int r = lo; r < hi; ++r) out[r] = dot_row(v + (int64_t)r * D, v + (int64_t)r * D, D) / T(2);
+}
+
+// Rows [lo, hi) of out [n, D] from v [n, D] (otfast.reference.prepare_points): 0 on padding rows (logw
+// == -inf, whatever they hold); else v_r - mean (mean != nullptr) or v_r / max(|v_r|, 1e-12), with
+// that inverse norm kept in rinv[r] for the backward.
+template <class T>
+OTK_CLONES void prepare_rows(const T* v, const T* logw, const T* mean, int D, int lo, int hi, T* out, T* rinv) {
   for (int r = lo; r < hi; ++r) {
     const T* a = v + (int64_t)r * D;
-    V c{};
-    int d = 0;
-    for (; d + L <= D; d += L) {
-      V ad = load(a + d);
-      c += ad * ad;
+    T* o = out + (int64_t)r * D;
+    if (logw[r] == -inf<T>()) {
+      std::fill(o, o + D, T(0));
+      rinv[r] = T(0);
+    } else if (mean) {
+      for (int d = 0; d < D; ++d) o[d] = a[d] - mean[d];
+      rinv[r] = T(1);
+    } else {
+      const T inv = T(1) / std::max(std::sqrt(dot_row(a, a, D)), T(1e-12));
+      for (int d = 0; d < D; ++d) o[d] = a[d] * inv;
+      rinv[r] = inv;
     }
-    T tail = T(0);
-    for (int e = d; e < D; ++e) tail += a[e] * a[e];
-    out[r] = (hsum<T>(c) + tail) / T(2);
+  }
+}
+
+// Columns [d0, d1) of mean [D]: the mean of the valid rows of x [N, D] and y [M, D], rows summed in order.
+template <class T>
+OTK_CLONES void valid_mean(const T* x, const T* ax, int N, const T* y, const T* ay, int M, int D, int d0, int d1,
+                           T* mean) {
+  std::fill(mean + d0, mean + d1, T(0));
+  int count = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    const T* v = pass ? y : x;
+    const T* logw = pass ? ay : ax;
+    for (int r = 0; r < (pass ? M : N); ++r) {
+      if (logw[r] == -inf<T>()) continue;
+      const T* a = v + (int64_t)r * D;
+      for (int d = d0; d < d1; ++d) mean[d] += a[d];
+      ++count;
+    }
+  }
+  for (int d = d0; d < d1; ++d) mean[d] /= T(count);
+}
+
+// A pair's prepared points, shared by its team: x [N, D], y [M, D] (y aliases x for a symmetric
+// problem on one point set) and the inverse norms rx [N], ry [M] (1 when centred, 0 on padding).
+template <class T>
+struct PreparedPoints {
+  Buffer<T> x, y, rx, ry, mean;
+
+  PreparedPoints(int N, int M, int D) : x((size_t)N * D), y((size_t)M * D), rx(N), ry(M), mean(D) {}
+
+  // Prepares the pair; `same` when y_in, ay are x_in, ax (OT(x, x) of the debiased loss): y is x then.
+  void build(const T* x_in, const T* ax, int N, const T* y_in, const T* ay, int M, int D, bool cosine, bool same,
+             const Team& team) {
+    int lo, hi;
+    if (!cosine) {
+      team.range(D, lo, hi);
+      valid_mean(x_in, ax, N, y_in, ay, same ? 0 : M, D, lo, hi, mean.data());
+      team.sync();
+    }
+    const T* m = cosine ? nullptr : mean.data();
+    team.range(N, lo, hi);
+    prepare_rows(x_in, ax, m, D, lo, hi, x.data(), rx.data());
+    if (!same) {
+      team.range(M, lo, hi);
+      prepare_rows(y_in, ay, m, D, lo, hi, y.data(), ry.data());
+    }
+    team.sync();
+  }
+
+  const T* ys(bool same) const { return same ? x.data() : y.data(); }
+};
+
+// Rows [lo, hi) of g [n, D], the gradient with respect to prepared rows p = v / |v|, turned into the one
+// with respect to v: (g_r - p_r <p_r, g_r>) rinv_r (otfast.reference.prepare_grad); 0 on padding rows.
+template <class T>
+OTK_CLONES void normalise_grad_rows(const T* p, const T* rinv, int D, int lo, int hi, T* g) {
+  for (int r = lo; r < hi; ++r) {
+    const T* pr = p + (int64_t)r * D;
+    T* gr = g + (int64_t)r * D;
+    const T dot = dot_row(pr, gr, D);
+    for (int d = 0; d < D; ++d) gr[d] = (gr[d] - pr[d] * dot) * rinv[r];
   }
 }
 
@@ -552,11 +641,12 @@ T ordered_sum(const T* v, int n) {
 // Per-team state of one solve: scaled tiles and potentials, padded to kPad (pads hold 0).
 template <class T>
 struct ForwardWork {
+  PreparedPoints<T> pts;
   CostTile<T> tile;
   Buffer<T> K, Kt, f, g, ft, gt, rf, rg;
 
-  ForwardWork(int N, int M, bool points)
-      : tile(points ? N : 0, points ? M : 0), K((size_t)N * padded(M)), Kt((size_t)M * padded(N)), f(padded(N)),
+  ForwardWork(int N, int M, int D, bool points)
+      : pts(points ? N : 0, points ? M : 0, points ? D : 0), tile(points ? N : 0, points ? M : 0), K((size_t)N * padded(M)), Kt((size_t)M * padded(N)), f(padded(N)),
         g(padded(M)), ft(padded(N)), gt(padded(M)), rf(padded(N)), rg(padded(M)) {}
 };
 
@@ -752,11 +842,12 @@ OTK_CLONES void plan_times_points(const T* S, int lds, int Q, const T* q, const 
 // Per-team state of one backward: the cost tile, its transpose and the two plan tiles.
 template <class T>
 struct BackwardWork {
+  PreparedPoints<T> pts;
   CostTile<T> tile;
   Buffer<T> Ct, Sx, Sy;
 
-  BackwardWork(int N, int M)
-      : tile(N, M), Ct((size_t)M * padded(N)), Sx((size_t)N * padded(M)), Sy((size_t)M * padded(N)) {}
+  BackwardWork(int N, int M, int D)
+      : pts(N, M, D), tile(N, M), Ct((size_t)M * padded(N)), Sx((size_t)N * padded(M)), Sy((size_t)M * padded(N)) {}
 };
 
 // A pair's vector padded to kPad with `pad`.
@@ -800,7 +891,7 @@ Plan make_plan(const std::vector<double>& anneal, double eps, int64_t n_iters, s
 
 template <class T>
 py::tuple solve_impl(const py::array* C_in, const py::array* x_in, const py::array* y_in, const py::array& alpha_in,
-                     const py::array& beta_in, const Plan& plan, bool symmetric, int threads) {
+                     const py::array& beta_in, const Plan& plan, bool symmetric, bool cosine, int threads) {
   if (alpha_in.ndim() != 2 || beta_in.ndim() != 2) throw std::invalid_argument("alpha, beta must be [B, N], [B, M]");
   const int B = (int)alpha_in.shape(0), N = (int)alpha_in.shape(1), M = (int)beta_in.shape(1);
   const T* alpha = data_of<T>(alpha_in, "alpha", {B, N});
@@ -823,10 +914,15 @@ py::tuple solve_impl(const py::array* C_in, const py::array* x_in, const py::arr
   int32_t* ito = its.mutable_data();
   {
     py::gil_scoped_release release;
-    ForwardWork<T> proto(N, M, C == nullptr);
+    const bool same = x == y && alpha == beta;
+    ForwardWork<T> proto(N, M, D, C == nullptr);
     for_each_pair(B, threads, (int64_t)N * M, proto, [&](int b, const Team& team, ForwardWork<T>& w) {
-      const T* Cb = C ? C + (int64_t)b * N * M
-                      : w.tile.build(x + (int64_t)b * N * D, y + (int64_t)b * M * D, N, M, D, team);
+      const T* Cb = C ? C + (int64_t)b * N * M : nullptr;
+      if (!C) {
+        w.pts.build(x + (int64_t)b * N * D, alpha + (int64_t)b * N, N, y + (int64_t)b * M * D, beta + (int64_t)b * M,
+                    M, D, cosine, same, team);
+        Cb = w.tile.build(w.pts.x.data(), w.pts.ys(same), N, M, D, team);
+      }
       solve_pair(Cb, C ? M : padded(M), alpha + (int64_t)b * N, beta + (int64_t)b * M, N, M, plan, symmetric, w,
                  team, fo + (int64_t)b * N, go + (int64_t)b * M, fpo + (int64_t)b * N, gpo + (int64_t)b * M,
                  ito + b, erro + b);
@@ -837,10 +933,16 @@ py::tuple solve_impl(const py::array* C_in, const py::array* x_in, const py::arr
 }
 
 template <class T>
-py::tuple grad_impl(const py::array& x_in, const py::array& y_in, const py::array& alpha_in,
-                    const py::array& beta_in, const py::array& f_in, const py::array& g_in,
-                    const py::array& fp_in, const py::array& gp_in, double eps, double damping,
-                    const py::array& u_in, const std::optional<py::array>& v_in, int threads) {
+T* out_of(const py::array& a, const char* name, std::vector<py::ssize_t> shape) {
+  if (!a.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
+  return const_cast<T*>(data_of<T>(a, name, shape));
+}
+
+template <class T>
+void grad_impl(const py::array& x_in, const py::array& y_in, const py::array& alpha_in, const py::array& beta_in,
+               const py::array& f_in, const py::array& g_in, const py::array& fp_in, const py::array& gp_in,
+               double eps, double damping, const py::array& u_in, const std::optional<py::array>& v_in, bool cosine,
+               const py::array& dx_out, const std::optional<py::array>& dy_out, int threads) {
   if (x_in.ndim() != 3 || y_in.ndim() != 3) throw std::invalid_argument("x, y must be [B, N, D], [B, M, D]");
   const int B = (int)x_in.shape(0), N = (int)x_in.shape(1), M = (int)y_in.shape(1), D = (int)x_in.shape(2);
   const T* x = data_of<T>(x_in, "x", {B, N, D});
@@ -854,36 +956,39 @@ py::tuple grad_impl(const py::array& x_in, const py::array& y_in, const py::arra
   const T* u = data_of<T>(u_in, "u", {B, N});
   const T* v = v_in ? data_of<T>(*v_in, "v", {B, M}) : nullptr;
   if (!(eps > 0) || !(damping > 0)) throw std::invalid_argument("eps and damping must be > 0");
-  Arr<T> dx({B, N, D});
-  Arr<T> dy(v ? std::vector<py::ssize_t>{B, M, D} : std::vector<py::ssize_t>{0});
-  T* dxo = dx.mutable_data();
-  T* dyo = v ? dy.mutable_data() : nullptr;
+  if (v_in.has_value() != dy_out.has_value()) throw std::invalid_argument("v and dy are given together or not at all");
+  T* dxo = out_of<T>(dx_out, "dx", {B, N, D});
+  T* dyo = v ? out_of<T>(*dy_out, "dy", {B, M, D}) : nullptr;
   {
     py::gil_scoped_release release;
     const T et = static_cast<T>(eps), det = static_cast<T>(damping * eps);
     const int Np = padded(N), Mp = padded(M);
-    BackwardWork<T> proto(N, M);
+    const bool same = x == y && alpha == beta;
+    BackwardWork<T> proto(N, M, D);
     for_each_pair(B, threads, (int64_t)N * M, proto, [&](int b, const Team& team, BackwardWork<T>& w) {
-      const T *xb = x + (int64_t)b * N * D, *yb = y + (int64_t)b * M * D;
       const T *ab = alpha + (int64_t)b * N, *bb = beta + (int64_t)b * M;
+      w.pts.build(x + (int64_t)b * N * D, ab, N, y + (int64_t)b * M * D, bb, M, D, cosine, same, team);
+      const T *xb = w.pts.x.data(), *yb = w.pts.ys(same);
       const T* C = w.tile.build(xb, yb, N, M, D, team);
+      T* dxb = dxo + (int64_t)b * N * D;
       int lo, hi;
       team.range(N, lo, hi);
       const std::vector<T> beta_p = padded_copy(bb, M, -inf<T>()), gp_p = padded_copy(gp + (int64_t)b * M, M, T(0));
       plan_rows(C, Mp, beta_p.data(), gp_p.data(), f + (int64_t)b * N, ab, et, det, lo, hi, w.Sx.data());
-      plan_times_points(w.Sx.data(), Mp, M, yb, xb, u + (int64_t)b * N, D, lo, hi, dxo + (int64_t)b * N * D);
+      plan_times_points(w.Sx.data(), Mp, M, yb, xb, u + (int64_t)b * N, D, lo, hi, dxb);
+      if (cosine) normalise_grad_rows(xb, w.pts.rx.data(), D, lo, hi, dxb);
       if (v) {
+        T* dyb = dyo + (int64_t)b * M * D;
         team.range(M, lo, hi);
         transpose_scaled(C, Mp, N, T(1), lo, hi, w.Ct.data(), Np);
         const std::vector<T> alpha_p = padded_copy(ab, N, -inf<T>()), fp_p = padded_copy(fp + (int64_t)b * N, N, T(0));
         plan_rows(w.Ct.data(), Np, alpha_p.data(), fp_p.data(), g + (int64_t)b * M, bb, et, det, lo, hi, w.Sy.data());
-        plan_times_points(w.Sy.data(), Np, N, xb, yb, v + (int64_t)b * M, D, lo, hi, dyo + (int64_t)b * M * D);
+        plan_times_points(w.Sy.data(), Np, N, xb, yb, v + (int64_t)b * M, D, lo, hi, dyb);
+        if (cosine) normalise_grad_rows(yb, same ? w.pts.rx.data() : w.pts.ry.data(), D, lo, hi, dyb);
       }
       team.sync();  // the team's tile is reused by the next pair
     });
   }
-  if (!v) return py::make_tuple(dx, py::none());
-  return py::make_tuple(dx, dy);
 }
 
 bool is_f64(const py::array& a) { return py::isinstance<py::array_t<double>>(a); }
@@ -905,8 +1010,8 @@ PYBIND11_MODULE(_sinkhorn, m) {
          double eps, int64_t n_iters, std::optional<double> tol, std::optional<double> rho, bool symmetric,
          int threads) {
         Plan plan = make_plan(anneal, eps, n_iters, tol, rho);
-        return is_f64(C) ? solve_impl<double>(&C, nullptr, nullptr, alpha, beta, plan, symmetric, threads)
-                         : solve_impl<float>(&C, nullptr, nullptr, alpha, beta, plan, symmetric, threads);
+        return is_f64(C) ? solve_impl<double>(&C, nullptr, nullptr, alpha, beta, plan, symmetric, false, threads)
+                         : solve_impl<float>(&C, nullptr, nullptr, alpha, beta, plan, symmetric, false, threads);
       },
       py::arg("C"), py::arg("alpha"), py::arg("beta"), py::arg("anneal"), py::arg("eps"), py::arg("n_iters"),
       py::arg("tol"), py::arg("rho"), py::arg("symmetric"), py::arg("threads"),
@@ -915,23 +1020,30 @@ PYBIND11_MODULE(_sinkhorn, m) {
       "solve_points",
       [](const py::array& x, const py::array& y, const py::array& alpha, const py::array& beta,
          const std::vector<double>& anneal, double eps, int64_t n_iters, std::optional<double> tol,
-         std::optional<double> rho, bool symmetric, int threads) {
+         std::optional<double> rho, bool symmetric, bool cosine, int threads) {
         Plan plan = make_plan(anneal, eps, n_iters, tol, rho);
-        return is_f64(x) ? solve_impl<double>(nullptr, &x, &y, alpha, beta, plan, symmetric, threads)
-                         : solve_impl<float>(nullptr, &x, &y, alpha, beta, plan, symmetric, threads);
+        return is_f64(x) ? solve_impl<double>(nullptr, &x, &y, alpha, beta, plan, symmetric, cosine, threads)
+                         : solve_impl<float>(nullptr, &x, &y, alpha, beta, plan, symmetric, cosine, threads);
       },
       py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"), py::arg("anneal"), py::arg("eps"),
-      py::arg("n_iters"), py::arg("tol"), py::arg("rho"), py::arg("symmetric"), py::arg("threads"),
-      "Sinkhorn on the sqeuclidean cost of x [B, N, D], y [B, M, D]; returns as solve_cost.");
+      py::arg("n_iters"), py::arg("tol"), py::arg("rho"), py::arg("symmetric"), py::arg("cosine"), py::arg("threads"),
+      "Sinkhorn between the raw points x [B, N, D], y [B, M, D] (padding rows ignored; centred for the sqeuclidean "
+      "cost, normalised for the cosine one); returns as solve_cost.");
   m.def(
       "grad_points",
       [](const py::array& x, const py::array& y, const py::array& alpha, const py::array& beta, const py::array& f,
          const py::array& g, const py::array& f_prev, const py::array& g_prev, double eps, double damping,
-         const py::array& u, const std::optional<py::array>& v, int threads) {
-        return is_f64(x) ? grad_impl<double>(x, y, alpha, beta, f, g, f_prev, g_prev, eps, damping, u, v, threads)
-                         : grad_impl<float>(x, y, alpha, beta, f, g, f_prev, g_prev, eps, damping, u, v, threads);
+         const py::array& u, const std::optional<py::array>& v, bool cosine, const py::array& dx,
+         const std::optional<py::array>& dy, int threads) {
+        if (is_f64(x))
+          grad_impl<double>(x, y, alpha, beta, f, g, f_prev, g_prev, eps, damping, u, v, cosine, dx, dy, threads);
+        else
+          grad_impl<float>(x, y, alpha, beta, f, g, f_prev, g_prev, eps, damping, u, v, cosine, dx, dy, threads);
       },
       py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"), py::arg("f"), py::arg("g"), py::arg("f_prev"),
-      py::arg("g_prev"), py::arg("eps"), py::arg("damping"), py::arg("u"), py::arg("v"), py::arg("threads"),
-      "Envelope gradients (dx [B, N, D], dy [B, M, D] or None) through the final step, sqeuclidean cost.");
+      py::arg("g_prev"), py::arg("eps"), py::arg("damping"), py::arg("u"), py::arg("v"), py::arg("cosine"),
+      py::arg("dx"), py::arg("dy"), py::arg("threads"),
+      "Writes the envelope gradients with respect to the raw points through the final step into dx [B, N, D] and "
+      "dy [B, M, D] (given with v), 0 on padding rows. The caller allocates them: torch's allocator reuses "
+      "large blocks where numpy's fresh pages cost a page fault each.");
 }

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from otfast.reference import Potentials
+from otfast.reference import Potentials, prepare_grad, prepare_points
 from otfast.schedule import Schedule
 
 try:
@@ -173,13 +173,16 @@ def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Sc
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-                 schedule: Schedule, symmetric: bool = False) -> Potentials:
-    """The Sinkhorn loop on the sqeuclidean cost of centred ``x [B, N, D]``, ``y [B, M, D]``.
+                 schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
+    """The Sinkhorn loop on the cost ``cost`` between the raw points ``x [B, N, D]``, ``y [B, M, D]``.
 
-    Up to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once in fp32.
+    The points are masked and centred or normalised by ``otfast.reference.prepare_points`` (elementwise
+    torch ops). Up to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once
+    in fp32.
     """
     (b, n, d), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
+    x, y = prepare_points(x, y, alpha, beta, cost)
     if max(n, m) <= RESIDENT_MAX:
         outs = _resident(x, y, None, alpha, beta, schedule, symmetric, n, m, d)
     else:
@@ -201,9 +204,12 @@ def _grad(x, y, f, g_prev, alpha, beta, u, eps, damping):
 
 
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
-                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None
+                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Envelope gradients through the final step (see ``otfast.reference.grad_points``), no [B, N, M] buffer."""
-    dx = _grad(x, y, pots.f, pots.g_prev, alpha, beta, u, eps, damping)
-    dy = None if v is None else _grad(y, x, pots.g, pots.f_prev, beta, alpha, v, eps, damping)
-    return dx, dy
+    """Envelope gradients with respect to the raw points (see ``otfast.reference.grad_points``), no [B, N, M]
+    buffer."""
+    xp, yp = prepare_points(x, y, alpha, beta, cost)
+    dx = prepare_grad(x, xp, _grad(xp, yp, pots.f, pots.g_prev, alpha, beta, u, eps, damping), alpha, cost)
+    if v is None:
+        return dx, None
+    return dx, prepare_grad(y, yp, _grad(yp, xp, pots.g, pots.f_prev, beta, alpha, v, eps, damping), beta, cost)
