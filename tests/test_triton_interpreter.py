@@ -107,6 +107,7 @@ def test_sinkhorn_on_costs_matches_reference(N, M, rho, scaling):
     assert bool((got.marginal_error <= 1e-4).all())
 
 
+@pytest.mark.filterwarnings("ignore:sinkhorn. 1 of 2 pairs did not reach tol")  # the hard pair, on purpose
 def test_tolerance_stops_pairs_independently():
     """An easy pair (y = x) stops long before a hard one in the same launch."""
     batch = make_points(2, 20, 20, 8, dtype=torch.float32, seed=3, ragged=False, junk=None)
