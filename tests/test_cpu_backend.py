@@ -112,6 +112,28 @@ def test_sinkhorn_on_costs_matches_reference(N, M, rho, scaling, dtype):
     assert bool((got.f[pad_a] == 0).all()) and bool((got.g[pad_b] == 0).all()), "potentials must be 0 on padding"
 
 
+KERNEL_CASES = [(0.01, 1.0, torch.float32), (0.005, 1.0, torch.float32), (0.02, 3.0, torch.float32),
+                (0.1, 10.0, torch.float32), (0.002, 1.0, torch.float64), (0.05, 30.0, torch.float64)]
+
+
+@pytest.mark.parametrize("eps,scale,dtype", KERNEL_CASES,
+                         ids=[f"eps{e}-scale{s}-{str(dt)[6:]}" for e, s, dt in KERNEL_CASES])
+def test_kernel_domain_iterations_match_reference(eps, scale, dtype):
+    """The fixed-temperature iterations run on kernels exp((f_hat + g_hat - C) / eps) while their sums stay
+    in range, form them again when the potentials drift, and fall back to the log domain when a fresh
+    kernel cannot hold the pair (C / eps in the thousands). These temperatures and cost scales exercise
+    all three (checked with a counting build when written); every one must give the reference's answer."""
+    batch = make_costs(3, 30, 25, dtype=dtype, seed=4, weights=True, scale=scale)
+    kw = dict(mask_a=batch.mask_a, mask_b=batch.mask_b, eps=eps, n_iters=300)
+    ref = otfast.sinkhorn(batch.cost, batch.a, batch.b, backend="torch", **kw)
+    got = otfast.sinkhorn(batch.cost, batch.a, batch.b, backend="cpu", **kw)
+    assert_close(got.value, ref.value, **VALUE_TOL[dtype], what="value")
+    f_atol = 5 * eps * (1e-5 if dtype == torch.float32 else 1e-12)  # potentials: ~eps ulp(C / eps) apart
+    assert_close(got.f, ref.f, rtol=VALUE_TOL[dtype]["rtol"], atol=f_atol, what="f")
+    assert_close(got.g, ref.g, rtol=VALUE_TOL[dtype]["rtol"], atol=f_atol, what="g")
+    assert_close(got.plan(), ref.plan(), **GRAD_TOL[dtype], what="plan")
+
+
 def test_sinkhorn_cost_gradient_matches_reference():
     batch = make_costs(2, 9, 11, dtype=torch.float64, seed=8)
     grads = {}

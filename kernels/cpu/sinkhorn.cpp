@@ -28,6 +28,17 @@
 // 64-byte vectors (GCC vector extensions), cloned for AVX-512, AVX2 and baseline x86-64 and picked at
 // load time. glibc's vector math would need -ffast-math, which breaks the -inf of the masks: never used.
 //
+// Kernel domain. At the final temperature the same update runs without the N M exponentials where it
+// can (Schmitzer's absorption, as in POT's sinkhorn_stabilized): with E_ij = exp((f^_i + g^_j - C_ij)/eps)
+// formed once at the current potentials f^, g^, T(g)_i = d f^_i - d eps log sum_j E_ij b_j
+// exp((g_j - g^_j)/eps): N M multiply-adds and N + M exponentials and logarithms per pass. The sums are
+// of positive terms, as accurate as the log-domain ones while they stay in [floor, 1/floor] and the
+// exponents within +-theta (ExpRange); a pass outside that is redone in the log domain and the kernel is
+// formed again, and a pair whose freshly formed kernel fails (C / eps far beyond the float range) stays
+// in the log domain. Annealing (one update per temperature) and the final extrapolation step always run
+// in the log domain. Measured at B = 32, N = M = 40, cosine, eps 0.05 on 2 threads: 100 iterations
+// take 1.1 ms instead of 2.1 ms.
+//
 // Backward (envelope theorem through the final step, see reference.grad_points): recompute the tile,
 // S^x_ij = exp(beta_j + (g_prev_j - C_ij)/eps + f_i/(d eps)) row by row, dx_i = u_i (x_i - sum_j S^x_ij y_j);
 // likewise dy_j = v_j (y_j - sum_i S^y_ji x_i) from the transposed tile. 4-row blocks share each loaded
@@ -35,13 +46,18 @@
 //
 // Threads: OpenMP over pairs (dynamic schedule); when the batch is smaller than the thread count and the
 // pairs are large (kSplitMin), one pair at a time with its rows and columns split across the threads
-// (two barriers per iteration). Every reduction has a fixed
-// order, so results are bitwise identical whatever the number of threads.
+// (two barriers per iteration, two more for the team's kernel-domain verdicts). Every reduction has a
+// fixed order and every kernel-domain choice depends on the pair's data only, so results are bitwise
+// identical whatever the number of threads.
 //
 // Accumulation: in the input precision (fp32 for fp32 inputs, fp64 for fp64). The LSE sums add M
 // terms in [0, 1] to a total >= 1: relative error at most M 2^-24 in fp32 (typically sqrt(M) 2^-24),
 // the size of the float32 reference's own rounding of C / eps. Dot products use 16 (fp32) or 8 (fp64)
 // interleaved partial sums and a fixed tree.
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -170,13 +186,17 @@ OTK_INLINE Simd<double>::V exp_core(Simd<double>::V xc) {
 // Bounds of exp_core: exp(lo) is the smallest normal number, exp(hi) stays finite.
 template <class T>
 struct ExpRange;
+//
+// The kernel-domain iterations (kernel_pass) accept a sum of E_ij v_j in [floor, 1 / floor] with every
+// exponent of v within +-theta: then the largest term is >= floor / 2^13, the terms within 2^-53 of it are
+// normal numbers, and so are the E_ij they come from (2^-106 in fp32, 2^-755 in fp64).
 template <>
 struct ExpRange<float> {
-  static constexpr float lo = -87.33654f, hi = 88.0f;
+  static constexpr float lo = -87.33654f, hi = 88.0f, floor = 0x1p-40f, theta = 20.0f;
 };
 template <>
 struct ExpRange<double> {
-  static constexpr double lo = -708.3964185322641, hi = 709.0;
+  static constexpr double lo = -708.3964185322641, hi = 709.0, floor = 0x1p-400, theta = 200.0;
 };
 
 // exp(x): 0 below lo (and for -inf), +inf above hi.
@@ -638,16 +658,137 @@ T ordered_sum(const T* v, int n) {
   return s;
 }
 
+// Rows [r0, r1) of E [R, ld] = exp(pr_r / eps + pc_c / eps - A[r, c]), A = C / eps [R, ld]; 0 where a
+// row or column weight is 0 (logw == -inf, the padding columns included).
+template <class T>
+OTK_CLONES void kernel_rows(const T* A, int ld, const T* pr, const T* logw_r, const T* pc, const T* logw_c, T eps,
+                            int r0, int r1, T* E) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  const V ninf = splat<V>(-inf<T>());
+  for (int r = r0; r < r1; ++r) {
+    T* e = E + (int64_t)r * ld;
+    if (logw_r[r] == -inf<T>()) {
+      std::fill(e, e + ld, T(0));
+      continue;
+    }
+    const T fr = pr[r] / eps;
+    const T* a = A + (int64_t)r * ld;
+    for (int c = 0; c < ld; c += L) {
+      const V z = (fr + load(pc + c) / eps) - load(a + c);
+      store(e + c, load(logw_c + c) == ninf ? V{} : vexp(z));
+    }
+  }
+}
+
+// The smallest and the largest lane of a vector.
+template <class T>
+T lane_min(typename Simd<T>::V v) {
+  T t[Simd<T>::L];
+  std::memcpy(t, &v, sizeof(v));
+  return *std::min_element(t, t + Simd<T>::L);
+}
+
+template <class T>
+T lane_max(typename Simd<T>::V v) {
+  T t[Simd<T>::L];
+  std::memcpy(t, &v, sizeof(v));
+  return *std::max_element(t, t + Simd<T>::L);
+}
+
+// v[c] = w_c exp((p_c - p_hat_c) / eps) over a padded vector (w = 0 on padding). False when an exponent
+// of a weighted entry leaves [-theta, theta] (the kernel of p_hat no longer fits p).
+template <class T>
+OTK_CLONES bool kernel_scaling(const T* p, const T* p_hat, const T* w, T eps, int n, T* v) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  V zmax{};  // max |z| over the weighted entries, lane-wise
+  for (int c = 0; c < n; c += L) {
+    const V z = (load(p + c) - load(p_hat + c)) / eps;
+    const V wc = load(w + c);
+    V az = z < V{} ? -z : z;
+    az = wc > V{} ? az : V{};
+    zmax = zmax > az ? zmax : az;
+    store(v + c, wc * vexp(z));
+  }
+  return lane_max<T>(zmax) <= ExpRange<T>::theta;
+}
+
+// out[q] = coef * (log(sum_r E[r, q] v_r) - p_hat_q / eps) for q in [q0, q1) (multiples of kPad), 0 where
+// logw[q] == -inf: the soft-min of softmin_pass with the exponentials of the tile replaced by the kernel E
+// of the potentials p_hat it was formed at (Schmitzer's absorption), so one multiply-add per entry
+// instead of an exponential. Each lane sums over r in a fixed order (four interleaved chains). E is 0
+// on the rows where v is 0 (masked), so the products there are 0. False when a valid lane's sum
+// leaves [floor, 1 / floor] (see ExpRange): the caller then redoes the lanes in the log domain.
+template <class T>
+OTK_CLONES bool kernel_pass(const T* E, int R, int lde, const T* v, const T* p_hat, int q0, int q1, T coef,
+                            T eps, const T* logw, T* out) {
+  using V = typename Simd<T>::V;
+  constexpr int L = Simd<T>::L;
+  const V ninf = splat<V>(-inf<T>());
+  V smin = splat<V>(inf<T>()), smax{};  // over the valid lanes; a NaN sum fails both comparisons below
+  for (int q = q0; q < q1; q += L) {
+    V s0{}, s1{}, s2{}, s3{};  // four chains (rows r mod 4) hide the multiply-add latency
+    int r = 0;
+    for (; r + 4 <= R; r += 4) {
+      const T* e = E + (int64_t)r * lde + q;
+      s0 += load(e) * v[r];
+      s1 += load(e + lde) * v[r + 1];
+      s2 += load(e + 2 * (int64_t)lde) * v[r + 2];
+      s3 += load(e + 3 * (int64_t)lde) * v[r + 3];
+    }
+    for (; r < R; ++r) s0 += load(E + (int64_t)r * lde + q) * v[r];
+    const V s = (s0 + s1) + (s2 + s3);
+    const V lw = load(logw + q);
+    const V s_valid = s == s ? s : V{};  // NaN -> 0, which fails the floor
+    smin = lw == ninf ? smin : (smin < s_valid ? smin : s_valid);
+    smax = lw == ninf ? smax : (smax > s ? smax : s);
+    store(out + q, lw == ninf ? V{} : coef * (vlog(s) - load(p_hat + q) / eps));
+  }
+  return lane_min<T>(smin) >= ExpRange<T>::floor && lane_max<T>(smax) <= T(1) / ExpRange<T>::floor;
+}
+
+// Denormal numbers flushed to zero (FTZ and DAZ) while alive, on this thread. The kernel-domain sums
+// may form products below the normal range, which cannot change a sum kernel_pass accepts but would
+// each cost a microcode assist.
+struct FlushDenormals {
+#if defined(__SSE2__)
+  unsigned int saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+// Team-wide OR of a per-thread flag: every thread gets the same answer. `round` must advance identically
+// on every thread; the two slots let the next round start before everyone has read this one.
+struct TeamFlags {
+  static constexpr int kMaxTeam = 1024;
+  std::vector<char> slots = std::vector<char>(2 * kMaxTeam, 0);
+
+  bool any(bool mine, int& round, const Team& team) {
+    if (team.nth == 1) return mine;
+    char* slot = slots.data() + (round++ % 2) * kMaxTeam;
+    slot[team.tid] = mine;
+    team.sync();
+    bool out = false;
+    for (int t = 0; t < team.nth; ++t) out = out || slot[t];
+    return out;
+  }
+};
+
 // Per-team state of one solve: scaled tiles and potentials, padded to kPad (pads hold 0).
 template <class T>
 struct ForwardWork {
   PreparedPoints<T> pts;
   CostTile<T> tile;
-  Buffer<T> K, Kt, f, g, ft, gt, rf, rg;
+  Buffer<T> K, Kt, E, Et, f, g, ft, gt, rf, rg, f_hat, g_hat;
+  TeamFlags failed;
 
   ForwardWork(int N, int M, int D, bool points)
-      : pts(points ? N : 0, points ? M : 0, points ? D : 0), tile(points ? N : 0, points ? M : 0), K((size_t)N * padded(M)), Kt((size_t)M * padded(N)), f(padded(N)),
-        g(padded(M)), ft(padded(N)), gt(padded(M)), rf(padded(N)), rg(padded(M)) {}
+      : pts(points ? N : 0, points ? M : 0, points ? D : 0), tile(points ? N : 0, points ? M : 0),
+        K((size_t)N * padded(M)), Kt((size_t)M * padded(N)), E((size_t)N * padded(M)), Et((size_t)M * padded(N)),
+        f(padded(N)), g(padded(M)), ft(padded(N)), gt(padded(M)), rf(padded(N)), rg(padded(M)), f_hat(padded(N)),
+        g_hat(padded(M)) {}
 };
 
 // Per-thread copies of a pair's weights, padded with -inf (log-weights) and 0 (weights).
@@ -675,7 +816,8 @@ void solve_pair(const T* C, int ldc, const T* alpha_in, const T* beta_in, int N,
   team.range(N, rlo, rhi);   // share of K's rows
   team.range(M, clo, chi);   // share of K^T's rows
   const Weights<T> a(alpha_in, N), b(beta_in, M);
-  std::vector<T> h(std::max(N, M));
+  std::vector<T> h(std::max(Np, Mp));
+  const FlushDenormals flush;
 
   // K = C / eps [N, Mp] (column pass) and K^T [M, Np] (row pass); symmetric problems need only K^T.
   // eps_k is per thread: every thread follows the same schedule, so all of them meet the barrier.
@@ -688,18 +830,69 @@ void solve_pair(const T* C, int ldc, const T* alpha_in, const T* beta_in, int N,
     team.sync();
     eps_k = e;
   };
-  // ft = T(g), gt = T~(f) on this thread's share (gt = ft when symmetric).
-  auto update = [&](const T* f, const T* g, double e, T* ft, T* gt) {
+  // ft = T(g) and gt = T~(f) on this thread's share, in the log domain (gt = ft when symmetric).
+  auto row_pass = [&](const T* g, double e, T* ft) {
     const T et = static_cast<T>(e);
-    const T coef = static_cast<T>(-plan.damping(e) * e);
     for (int j = 0; j < M; ++j) h[j] = b.logw[j] + g[j] / et;
-    softmin_pass(w.Kt.data(), M, Np, h.data(), ilo, ihi, coef, a.logw.data(), ft);
+    softmin_pass(w.Kt.data(), M, Np, h.data(), ilo, ihi, static_cast<T>(-plan.damping(e) * e), a.logw.data(), ft);
+  };
+  auto column_pass = [&](const T* f, double e, T* gt) {
+    const T et = static_cast<T>(e);
+    for (int i = 0; i < N; ++i) h[i] = a.logw[i] + f[i] / et;
+    softmin_pass(w.K.data(), N, Mp, h.data(), jlo, jhi, static_cast<T>(-plan.damping(e) * e), b.logw.data(), gt);
+  };
+  auto update = [&](const T* f, const T* g, double e, T* ft, T* gt) {
+    row_pass(g, e, ft);
+    if (symmetric)
+      std::copy(ft + ilo, ft + ihi, gt + ilo);
+    else
+      column_pass(f, e, gt);
+  };
+
+  // The same update at the final temperature through the kernels E = exp((f_hat + g_hat - C) / eps)
+  // (kernel_pass): formed at the current potentials, kept while the sums stay in range, formed again
+  // when they leave it, and given up for the rest of the solve when a freshly formed kernel fails (the
+  // log domain is then the only accurate way). Every choice is the team's and depends on the pair's
+  // data only. E [N, Mp] serves the column pass, Et [M, Np] the row pass (only Et when symmetric).
+  bool use_kernel = true, kernel_formed = false, fresh = false;
+  int round = 0;
+  auto form_kernel = [&](const T* f, const T* g) {
+    const T et = static_cast<T>(plan.eps);
+    std::copy(f + ilo, f + ihi, w.f_hat.data() + ilo);
+    std::copy(g + jlo, g + jhi, w.g_hat.data() + jlo);
+    team.sync();
+    if (!symmetric)
+      kernel_rows(w.K.data(), Mp, w.f_hat.data(), a.logw.data(), w.g_hat.data(), b.logw.data(), et, rlo, rhi,
+                  w.E.data());
+    kernel_rows(w.Kt.data(), Np, w.g_hat.data(), b.logw.data(), w.f_hat.data(), a.logw.data(), et, clo, chi,
+                w.Et.data());
+    team.sync();
+  };
+  auto kernel_update = [&](const T* f, const T* g, T* ft, T* gt) {
+    if (!use_kernel) return update(f, g, plan.eps, ft, gt);
+    if (!kernel_formed) {
+      form_kernel(f, g);
+      kernel_formed = fresh = true;
+    }
+    const T et = static_cast<T>(plan.eps), coef = static_cast<T>(-plan.damping(plan.eps) * plan.eps);
+    bool ok = kernel_scaling(g, w.g_hat.data(), b.w.data(), et, Mp, h.data()) &&
+              kernel_pass(w.Et.data(), M, Np, h.data(), w.f_hat.data(), ilo, ihi, coef, et, a.logw.data(), ft);
+    const bool row_failed = w.failed.any(!ok, round, team);
+    if (row_failed) row_pass(g, plan.eps, ft);
+    bool column_failed = false;
     if (symmetric) {
       std::copy(ft + ilo, ft + ihi, gt + ilo);
-      return;
+    } else {
+      ok = kernel_scaling(f, w.f_hat.data(), a.w.data(), et, Np, h.data()) &&
+           kernel_pass(w.E.data(), N, Mp, h.data(), w.g_hat.data(), jlo, jhi, coef, et, b.logw.data(), gt);
+      column_failed = w.failed.any(!ok, round, team);
+      if (column_failed) column_pass(f, plan.eps, gt);
     }
-    for (int i = 0; i < N; ++i) h[i] = a.logw[i] + f[i] / et;
-    softmin_pass(w.K.data(), N, Mp, h.data(), jlo, jhi, coef, b.logw.data(), gt);
+    if (row_failed || column_failed) {
+      use_kernel = !fresh;
+      kernel_formed = false;
+    }
+    fresh = false;
   };
   auto residuals = [&]() {
     const T et = static_cast<T>(plan.eps);
@@ -730,7 +923,7 @@ void solve_pair(const T* C, int ldc, const T* alpha_in, const T* beta_in, int N,
   const T tol = plan.tol ? static_cast<T>(*plan.tol) : T(0);
   int32_t n_done = static_cast<int32_t>(plan.anneal.size());
   for (int64_t it = 0; it < plan.n_iters; ++it) {
-    update(w.f.data(), w.g.data(), plan.eps, w.ft.data(), w.gt.data());
+    kernel_update(w.f.data(), w.g.data(), w.ft.data(), w.gt.data());
     if (plan.tol) residuals();
     team.sync();
     if (plan.tol) {
