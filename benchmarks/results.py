@@ -192,7 +192,8 @@ def headline(rows: list[dict], B: int, N: int, M: int, D: int) -> str:
         else:
             time = row["status"]
         ratios = [f"{num(row[c]):.1f}x" if num(row.get(c)) else "-" for c in ("speedup_vs_pot", "speedup_vs_geomloss")]
-        errs = " / ".join(f"{num(row[c]):.0e}" if num(row.get(c)) is not None else "-" for c in ("value_err", "grad_err"))
+        errs = " / ".join(f"{num(row[c]):.0e}" if num(row.get(c)) is not None else "-"
+                          for c in ("value_err", "grad_err"))
         verdict = {"ok": "ok", "mismatch": "WRONG", "error": "error"}[row["status"]]
         lines.append(f"| {row['setting']} | {row['mode']} | `{label(row)}` | {time} | {ratios[0]} | {ratios[1]} | "
                      f"{verdict} ({errs}) |")

@@ -163,7 +163,9 @@ class PointBatch:
         with those of the batched call.
         """
         n, m = self.len_x[i], self.len_y[i]
-        cut = (lambda t, k: None if t is None else t[i, :k].detach().clone())
+        def cut(t, k):
+            return None if t is None else t[i, :k].detach().clone()
+
         return cut(self.x, n), cut(self.y, m), cut(self.weights_x, n), cut(self.weights_y, m)
 
     def kwargs(self) -> dict:

@@ -177,9 +177,9 @@ def test_align_identical_sentences_gives_the_diagonal(tiny_model, tmp_path):
 
 
 def test_aggregate_tables_comparison_and_plot(tmp_path):
-    before = report.aggregate("xquad", [{"de": {"f1": 60.0, "exact_match": 40.0}, "ar": {"f1": 50.0, "exact_match": 30.0}},
-                                        {"de": {"f1": 64.0, "exact_match": 44.0}, "ar": {"f1": 52.0, "exact_match": 36.0}}],
-                              [1, 2], list(report.PAPER_SEEN_LANGUAGES), model="m")
+    runs = [{"de": {"f1": 60.0, "exact_match": 40.0}, "ar": {"f1": 50.0, "exact_match": 30.0}},
+            {"de": {"f1": 64.0, "exact_match": 44.0}, "ar": {"f1": 52.0, "exact_match": 36.0}}]
+    before = report.aggregate("xquad", runs, [1, 2], list(report.PAPER_SEEN_LANGUAGES), model="m")
     assert before["languages"]["de"]["f1"] == {"mean": 62.0, "std": 2.0, "per_seed": [60.0, 64.0]}
     assert before["averages"]["seen"] == {"f1": 62.0, "exact_match": 42.0}          # de only
     assert before["averages"]["all"] == {"f1": 56.5, "exact_match": 37.5}

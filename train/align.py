@@ -284,7 +284,7 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
     for lang in languages:
         say(lang.report.summary())
     if main:
-        (out / "data_report.json").write_text(json.dumps([vars(l.report) for l in languages], indent=1))
+        (out / "data_report.json").write_text(json.dumps([vars(lang.report) for lang in languages], indent=1))
         (out / "run_config.json").write_text(json.dumps(cfg, indent=1))
 
     model_path = cfg["model"]["name_or_path"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import squad
-from .finetune import TrainConfig, batches, device_of, finetune, set_seed
+from .finetune import TrainConfig, device_of, finetune, set_seed
 from .report import aggregate
 from .xnli import is_local
 
