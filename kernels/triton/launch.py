@@ -33,8 +33,8 @@ except ImportError as exc:  # the package installs and runs without triton
 else:
     UNAVAILABLE = None
 
-DESCRIPTION = "fused Triton kernels: register-resident tiles up to 128 x 128, streaming beyond"
 RESIDENT_MAX = 64
+DESCRIPTION = f"fused Triton kernels: register-resident tiles up to {RESIDENT_MAX} x {RESIDENT_MAX}, streaming beyond"
 PRECISIONS = ("ieee", "tf32x3")
 STREAM_BLOCK = 64
 COST_BLOCK = (64, 64, 32)

@@ -13,7 +13,7 @@ of a pass costs a subtraction and an FMA (beta2_j + k (g_j - C_ij)), a max, an e
 
 Kernels and their memory traffic (fp32 throughout; inputs of any float dtype are upcast on load):
 
-- ``_sinkhorn_resident_kernel``: one program per pair, the whole cost tile (up to 128 x 128) in registers,
+- ``_sinkhorn_resident_kernel``: one program per pair, the whole cost tile (up to 64 x 64) in registers,
   computed on chip from x and y (``tl.dot``, 2 D flops per entry, once) or loaded from a precomputed cost.
   Reads x, y (or C) once, writes f, g, f_prev, g_prev, the iteration count and the residual:
   O(N D + M D) bytes in, O(N + M) out. Per iteration 2 N M exponentials (N M when symmetric).
