@@ -17,13 +17,22 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/otfast-site"
 fi
 status=0
+if ! "$PY" -c "import otfast.kernels" 2> /dev/null; then
+  # kernels/ is installed as otfast.kernels: an offline editable install (it also builds the CPU kernel),
+  # else a source copy that lays the tree out as installed.
+  if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/install.log" 2>&1; then
+    echo "!! pip install -e . failed (see $out/install.log): running from a source copy instead"
+    rm -rf /tmp/otfast-src && mkdir -p /tmp/otfast-src && cp -r otfast /tmp/otfast-src/ \
+      && cp -r kernels /tmp/otfast-src/otfast/kernels && export PYTHONPATH="/tmp/otfast-src:$PYTHONPATH"
+  fi
+fi
 step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failures, go on
   local name=$1; shift
   echo "== $name: $*"
   "$@" > "$out/$name.log" 2>&1 || { echo "!! $name failed (exit $?)"; status=1; }
   tail -n 5 "$out/$name.log"
 }
-step env "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))"
+step env "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
 step tests "$PY" -m pytest -q tests/test_triton_interpreter.py tests/test_core_properties.py
 step resources "$PY" -m benchmarks.kernel_resources
 step bench "$PY" -m benchmarks.report --device cuda --out "$out" --note "gpu_suite.sh"
