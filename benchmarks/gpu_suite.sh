@@ -9,22 +9,22 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu}}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
+status=0
+if ! "$PY" -c "import otfast.kernels" 2> /dev/null; then
+  # kernels/ is installed as otfast.kernels: an offline editable install (it also builds the CPU kernel),
+  # else a source copy that lays the tree out as installed, where everything below then runs.
+  if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/install.log" 2>&1; then
+    echo "!! pip install -e . failed (see $out/install.log): running from a source copy instead"
+    rm -rf /tmp/otfast-src && cp -r . /tmp/otfast-src && cp -r kernels /tmp/otfast-src/otfast/kernels \
+      && cd /tmp/otfast-src
+  fi
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/otfast-site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/otfast-site"
-fi
-status=0
-if ! "$PY" -c "import otfast.kernels" 2> /dev/null; then
-  # kernels/ is installed as otfast.kernels: an offline editable install (it also builds the CPU kernel),
-  # else a source copy that lays the tree out as installed.
-  if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/install.log" 2>&1; then
-    echo "!! pip install -e . failed (see $out/install.log): running from a source copy instead"
-    rm -rf /tmp/otfast-src && mkdir -p /tmp/otfast-src && cp -r otfast /tmp/otfast-src/ \
-      && cp -r kernels /tmp/otfast-src/otfast/kernels && export PYTHONPATH="/tmp/otfast-src:$PYTHONPATH"
-  fi
 fi
 step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failures, go on
   local name=$1; shift
