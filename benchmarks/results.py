@@ -228,6 +228,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     ok = [r for r in rows if r["status"] == "ok" and r["kind"] == "sweep"]
     settings = sorted({r["setting"] for r in ok}) or ["-"]
@@ -252,6 +253,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
         for ax in (top, bottom):
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap there
             ax.set_xlabel("B x N x M")
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
