@@ -149,7 +149,7 @@ def test_config_overrides_types_and_typos():
     ("paper_large", ["bg", "de", "el", "es", "fr", "ar", "ru", "zh", "hi", "th", "tr", "vi", "ur", "sw"]),
 ])
 def test_paper_configs_carry_the_papers_recipe(name, langs):
-    cfg = load_config(TINY.parent / f"{name}.yaml")          # DESIGN.md section 1
+    cfg = load_config(TINY.parent / f"{name}.yaml")
     assert [spec["lang"] for spec in cfg["data"]["languages"]] == langs
     assert all(spec["format"] == "hub" and "en" in spec["name"].split("-") for spec in cfg["data"]["languages"])
     assert cfg["model"]["name_or_path"] == "bert-base-multilingual-cased"

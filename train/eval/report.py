@@ -8,7 +8,7 @@ A run's result is a dict::
      "seen_languages": ["bg", "de", ...]}     # the seen languages this run actually has
 
 Averages are over languages of the per-language means; "seen" uses the languages the alignment was
-trained on (DESIGN.md section 1: bg, de, el, es, fr) that the task has (XQuAD has no bg or fr).
+trained on (bg, de, el, es, fr) that the task has (XQuAD has no bg or fr).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-# DESIGN.md section 1, the paper's Table 1 (averages over the seen languages).
+# Alqahtani et al. (2021), Table 1: averages over the seen languages.
 PAPER = {
     "mBERT (their run)": {"xnli": {"accuracy": 73.5}, "xquad": {"f1": 73.4, "exact_match": 57.8}},
     "L2 alignment (Cao et al.)": {"xnli": {"accuracy": 74.6}, "xquad": {"f1": 68.0, "exact_match": 51.6}},
