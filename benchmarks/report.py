@@ -282,7 +282,8 @@ def device_section(sweep: list[dict], step: list[dict], png: Path, base_dir: Pat
         parts.append("### Sweep (p50 ms)\n\n" + res.markdown_table(sweep))
         if any(res.num(r.get("floor_fraction")) for r in sweep):
             parts.append("### Exponential-throughput floor\n\n"
-                         "floor = exponentials / 3.9e12 per second (an H100/H200's special-function throughput). Counting (`Setting.exponentials`): one soft-min "
+                         "floor = exponentials / 3.9e12 per second (an H100/H200's special-function throughput). "
+                         "Counting (`Setting.exponentials`): one soft-min "
                          "pass over an N x M cost is N M exponentials; an update of OT(a, b) runs two (2 B N M), "
                          "each symmetric problem of the debiased loss one (B N^2, B M^2); updates = initialisation + "
                          "annealing or fixed iterations + final extrapolation; the backward recomputes each plan "
