@@ -55,12 +55,22 @@ class SinkhornResult:
         return torch.exp(logp)
 
 
-def _warn_unconverged(error: torch.Tensor, schedule: Schedule, what: str) -> None:
+def _unconverged(pots: Potentials, schedule: Schedule) -> torch.Tensor:
+    """``[B]`` bool: the pairs that ran every update without their marginal error getting to ``tol``.
+
+    A pair that stopped early did reach ``tol``; the residual of the final extrapolation step that
+    follows can land a rounding above it, which is not a failure to converge.
+    """
     if schedule.tol is None:
-        return
-    n_bad = int((error > schedule.tol).sum())
+        return torch.zeros_like(pots.error, dtype=torch.bool)
+    ran_out = pots.n_iters >= len(schedule.anneal) + schedule.n_iters
+    return ran_out & (pots.error > schedule.tol)
+
+
+def _warn_unconverged(unconverged: torch.Tensor, schedule: Schedule, what: str) -> None:
+    n_bad = int(unconverged.sum())
     if n_bad:
-        warnings.warn(f"{what}: {n_bad} of {error.numel()} pairs did not reach tol={schedule.tol} within "
+        warnings.warn(f"{what}: {n_bad} of {unconverged.numel()} pairs did not reach tol={schedule.tol} within "
                       f"n_iters={schedule.n_iters}", RuntimeWarning, stacklevel=3)
 
 
@@ -115,7 +125,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
 
     log_a, log_b = torch.log(wa), torch.log(wb)
     pots = resolve(backend, C.device).solve(Cw, log_a, log_b, schedule)
-    _warn_unconverged(pots.error, schedule, "sinkhorn")
+    _warn_unconverged(_unconverged(pots, schedule), schedule, "sinkhorn")
     value = (wa * phi(pots.f, eps, rho)).sum(1) + (wb * phi(pots.g, eps, rho)).sum(1)
     fields = [pots.f, pots.g, value, pots.n_iters, pots.error, Cw, log_a, log_b]
     if cost.requires_grad:
@@ -133,10 +143,11 @@ class SinkhornLossFunction(torch.autograd.Function):
     Forward runs every Sinkhorn iteration without autograd and saves only x, y, the weights and the
     potentials ([B, N] and [B, M] vectors); masking, centring and normalising the points (``cost``) are
     the backend's (``otfast.reference.prepare_points``), so that a fused backend does them in the same
-    pass. It returns the values ``[B]`` and, not differentiable, the marginal errors ``[P, B]`` of its P
-    problems (OT(x, y), then OT(x, x), OT(y, y) when debiased). Backward applies the envelope theorem
-    through the final step (see ``otfast.reference``): exact at convergence, memory independent of the
-    number of iterations, no unrolling and no double backward.
+    pass. It returns the values ``[B]`` and, not differentiable, ``[P, B]`` flags of the pairs that did not
+    converge (``_unconverged``) in each of its P problems (OT(x, y), then OT(x, x), OT(y, y) when
+    debiased). Backward applies the envelope theorem through the final step (see ``otfast.reference``):
+    exact at convergence, memory independent of the number of iterations, no unrolling and no double
+    backward.
     """
 
     @staticmethod
@@ -150,14 +161,14 @@ class SinkhornLossFunction(torch.autograd.Function):
             problems.append(backend.solve_points(x, x, alpha, alpha, schedule, True, cost))
             problems.append(backend.solve_points(y, y, beta, beta, schedule, True, cost))
             value = value - (a * phi(problems[1].f, eps, rho)).sum(1) - (b * phi(problems[2].f, eps, rho)).sum(1)
-        errors = torch.stack([p.error for p in problems])
-        ctx.mark_non_differentiable(errors)
+        unconverged = torch.stack([_unconverged(p, schedule) for p in problems])
+        ctx.mark_non_differentiable(unconverged)
         ctx.backend, ctx.schedule, ctx.debias, ctx.cost = backend, schedule, debias, cost
         ctx.save_for_backward(x, y, a, b, *(t for p in problems for t in p[:4]))
-        return value, errors
+        return value, unconverged
 
     @staticmethod
-    def backward(ctx, grad_value, _grad_errors):
+    def backward(ctx, grad_value, _grad_unconverged):
         x, y, a, b, *flat = ctx.saved_tensors
         problems = [Potentials(*flat[i:i + 4], None, None) for i in range(0, len(flat), 4)]
         schedule, backend, cost = ctx.schedule, ctx.backend, ctx.cost
@@ -280,9 +291,9 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
     schedule = Schedule(eps=eps_final, anneal=anneal, n_iters=n_iters, tol=tol,
                         rho=None if reach is None else reach**2)
 
-    value, errors = SinkhornLossFunction.apply(x, y, a, b, mod, schedule, debias, cost)
-    for error, what in zip(errors, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
-        _warn_unconverged(error, schedule, f"sinkhorn_loss {what}")
+    value, unconverged = SinkhornLossFunction.apply(x, y, a, b, mod, schedule, debias, cost)
+    for flags, what in zip(unconverged, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
+        _warn_unconverged(flags, schedule, f"sinkhorn_loss {what}")
     if unbatched:
         return value[0]
     if reduction == "mean":

@@ -322,6 +322,21 @@ def test_tol_with_zero_iterations_warns(pts):
         loss(pts.x, pts.y, tol=1e-9)
 
 
+def test_only_pairs_that_ran_out_count_as_unconverged():
+    """A pair that stopped early reached tol; the final extrapolation step's residual may land a rounding
+    above it, which is no failure. A pair that used every update and is above tol is one."""
+    from otfast.functional import _unconverged
+    from otfast.reference import Potentials
+    from otfast.schedule import Schedule
+
+    sched = Schedule(eps=0.1, anneal=(2.0, 1.0), n_iters=10, tol=1e-5)
+    error = torch.tensor([1.01e-5, 1.01e-5, 0.99e-5])
+    n_iters = torch.tensor([7, 12, 12], dtype=torch.int32)  # stopped early, ran out, ran out
+    pots = Potentials(*(torch.zeros(3, 2),) * 4, n_iters, error)
+    assert _unconverged(pots, sched).tolist() == [False, True, False]
+    assert not _unconverged(pots, Schedule(eps=0.1, anneal=(2.0, 1.0), n_iters=10)).any()  # no tol
+
+
 def test_converged_run_does_not_warn(pts):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -187,9 +187,14 @@ OTK_INLINE Simd<double>::V exp_core(Simd<double>::V xc) {
 template <class T>
 struct ExpRange;
 //
-// The kernel-domain iterations (kernel_pass) accept a sum of E_ij v_j in [floor, 1 / floor] with every
-// exponent of v within +-theta: then the largest term is >= floor / 2^13, the terms within 2^-53 of it are
-// normal numbers, and so are the E_ij they come from (2^-106 in fp32, 2^-755 in fp64).
+// The kernel-domain iterations (kernel_pass) accept a sum of E_ij v_j over M terms in [floor, 1 / floor]
+// with every exponent of v within +-theta (v in [e^-theta, e^theta], normal). Then the largest term is
+// >= floor / M, and the terms that can change the sum in the working precision (within 2^-24 of it in
+// fp32, 2^-53 in fp64) are normal numbers, and so are the E_ij they come from: for M <= 2^13, E_ij >=
+// 2^(-40-13-24) e^-20 ~ 2^-106 in fp32 and 2^(-400-13-53) e^-200 ~ 2^-755 in fp64. The weights live in
+// the exponent of E (as in the log domain), never as separate factors that could underflow. Terms
+// below the normal range are therefore negligible, and flushing them to zero (FlushDenormals) changes
+// no accepted sum.
 template <>
 struct ExpRange<float> {
   static constexpr float lo = -87.33654f, hi = 88.0f, floor = 0x1p-40f, theta = 20.0f;
@@ -658,30 +663,42 @@ T ordered_sum(const T* v, int n) {
   return s;
 }
 
-// Rows [r0, r1) of E [R, ld] = exp(pr_r / eps + pc_c / eps - A[r, c]), A = C / eps [R, ld]; 0 where a
-// row or column weight is 0 (logw == -inf, the padding columns included).
+// Rows [r0, r1) of E [R, lde] = exp(logw_r + (pr_r + pc_c - cost(r, c)) / eps), with cost(r, c) = C[r, c],
+// or C[c, r] when `transposed` (C [*, ldc]); 0 where a row or column weight is 0 (logw == -inf, the
+// padding columns c >= Q included). r is the index the soft-min sums over, so its weight sits in the
+// exponent, as in the log domain. The exponent is formed in double precision: the kernel is kept for
+// many iterations, and a rounding of (f + g - C) / eps ~ 1e2 in fp32 would bias every one of them the
+// same way (measured: potentials 10x further from the fp64 answer than the log domain's on a slowly
+// converging pair). Formation is rare, so the cost is small.
 template <class T>
-OTK_CLONES void kernel_rows(const T* A, int ld, const T* pr, const T* logw_r, const T* pc, const T* logw_c, T eps,
-                            int r0, int r1, T* E) {
-  using V = typename Simd<T>::V;
-  constexpr int L = Simd<T>::L;
-  const V ninf = splat<V>(-inf<T>());
+OTK_CLONES void kernel_rows(const T* C, int ldc, bool transposed, int Q, const T* pr, const T* logw_r, const T* pc,
+                            const T* logw_c, double eps, int r0, int r1, T* E, int lde) {
+  using VD = typename Simd<double>::V;
+  constexpr int LD = Simd<double>::L;
   for (int r = r0; r < r1; ++r) {
-    T* e = E + (int64_t)r * ld;
+    T* e = E + (int64_t)r * lde;
     if (logw_r[r] == -inf<T>()) {
-      std::fill(e, e + ld, T(0));
+      std::fill(e, e + lde, T(0));
       continue;
     }
-    const T fr = pr[r] / eps;
-    const T* a = A + (int64_t)r * ld;
-    for (int c = 0; c < ld; c += L) {
-      const V z = (fr + load(pc + c) / eps) - load(a + c);
-      store(e + c, load(logw_c + c) == ninf ? V{} : vexp(z));
+    const double wr = static_cast<double>(logw_r[r]), fr = static_cast<double>(pr[r]);
+    for (int c = 0; c < lde; c += LD) {
+      double cost[LD], col[LD];
+      for (int l = 0; l < LD; ++l) {
+        const int q = std::min(c + l, Q - 1);  // padding columns read a valid entry; their weight zeroes them
+        cost[l] = static_cast<double>(transposed ? C[(int64_t)q * ldc + r] : C[(int64_t)r * ldc + q]);
+        col[l] = static_cast<double>(pc[c + l]);
+      }
+      VD vcost, vcol;
+      std::memcpy(&vcost, cost, sizeof(vcost));
+      std::memcpy(&vcol, col, sizeof(vcol));
+      const VD out = vexp(wr + ((fr + vcol) - vcost) / eps);
+      for (int l = 0; l < LD; ++l) e[c + l] = logw_c[c + l] == -inf<T>() ? T(0) : static_cast<T>(out[l]);
     }
   }
 }
 
-// The smallest and the largest lane of a vector.
+// v[c] = exp((p_c - p_hat_c) / eps) over a padded vector// The smallest and the largest lane of a vector.
 template <class T>
 T lane_min(typename Simd<T>::V v) {
   T t[Simd<T>::L];
@@ -696,20 +713,21 @@ T lane_max(typename Simd<T>::V v) {
   return *std::max_element(t, t + Simd<T>::L);
 }
 
-// v[c] = w_c exp((p_c - p_hat_c) / eps) over a padded vector (w = 0 on padding). False when an exponent
-// of a weighted entry leaves [-theta, theta] (the kernel of p_hat no longer fits p).
+, 0 where logw[c] == -inf (padding). False when an
+// exponent of a valid entry leaves [-theta, theta] (the kernel of p_hat no longer fits p).
 template <class T>
-OTK_CLONES bool kernel_scaling(const T* p, const T* p_hat, const T* w, T eps, int n, T* v) {
+OTK_CLONES bool kernel_scaling(const T* p, const T* p_hat, const T* logw, T eps, int n, T* v) {
   using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::L;
-  V zmax{};  // max |z| over the weighted entries, lane-wise
+  const V ninf = splat<V>(-inf<T>());
+  V zmax{};  // max |z| over the valid entries, lane-wise
   for (int c = 0; c < n; c += L) {
     const V z = (load(p + c) - load(p_hat + c)) / eps;
-    const V wc = load(w + c);
+    const auto masked = load(logw + c) == ninf;
     V az = z < V{} ? -z : z;
-    az = wc > V{} ? az : V{};
+    az = masked ? V{} : az;
     zmax = zmax > az ? zmax : az;
-    store(v + c, wc * vexp(z));
+    store(v + c, masked ? V{} : vexp(z));
   }
   return lane_max<T>(zmax) <= ExpRange<T>::theta;
 }
@@ -749,8 +767,8 @@ OTK_CLONES bool kernel_pass(const T* E, int R, int lde, const T* v, const T* p_h
 }
 
 // Denormal numbers flushed to zero (FTZ and DAZ) while alive, on this thread. The kernel-domain sums
-// may form products below the normal range, which cannot change a sum kernel_pass accepts but would
-// each cost a microcode assist.
+// may form products below the normal range, which cannot change a sum kernel_pass accepts (see
+// ExpRange) but would each cost a microcode assist.
 struct FlushDenormals {
 #if defined(__SSE2__)
   unsigned int saved = _mm_getcsr();
@@ -759,15 +777,19 @@ struct FlushDenormals {
 #endif
 };
 
-// Team-wide OR of a per-thread flag: every thread gets the same answer. `round` must advance identically
-// on every thread; the two slots let the next round start before everyone has read this one.
+// Team-wide OR of a per-thread flag: every thread gets the same answer. `round` (0 or 1) must flip
+// identically on every thread; the two slots let the next round start before everyone has read this one.
 struct TeamFlags {
-  static constexpr int kMaxTeam = 1024;
-  std::vector<char> slots = std::vector<char>(2 * kMaxTeam, 0);
+  int size;
+  std::vector<char> slots;
+
+  // threads: the call's thread count, which no team exceeds (for_each_pair).
+  explicit TeamFlags(int threads) : size(std::max(threads, 1)), slots(2 * (size_t)size, 0) {}
 
   bool any(bool mine, int& round, const Team& team) {
     if (team.nth == 1) return mine;
-    char* slot = slots.data() + (round++ % 2) * kMaxTeam;
+    char* slot = slots.data() + (size_t)round * size;
+    round ^= 1;
     slot[team.tid] = mine;
     team.sync();
     bool out = false;
@@ -784,11 +806,13 @@ struct ForwardWork {
   Buffer<T> K, Kt, E, Et, f, g, ft, gt, rf, rg, f_hat, g_hat;
   TeamFlags failed;
 
-  ForwardWork(int N, int M, int D, bool points)
+  // K and E serve the column pass only: none for symmetric problems.
+  ForwardWork(int N, int M, int D, bool points, bool symmetric, int threads)
       : pts(points ? N : 0, points ? M : 0, points ? D : 0), tile(points ? N : 0, points ? M : 0),
-        K((size_t)N * padded(M)), Kt((size_t)M * padded(N)), E((size_t)N * padded(M)), Et((size_t)M * padded(N)),
-        f(padded(N)), g(padded(M)), ft(padded(N)), gt(padded(M)), rf(padded(N)), rg(padded(M)), f_hat(padded(N)),
-        g_hat(padded(M)) {}
+        K((size_t)(symmetric ? 0 : N) * padded(M)), Kt((size_t)M * padded(N)),
+        E((size_t)(symmetric ? 0 : N) * padded(M)), Et((size_t)M * padded(N)), f(padded(N)), g(padded(M)),
+        ft(padded(N)), gt(padded(M)), rf(padded(N)), rg(padded(M)), f_hat(padded(N)), g_hat(padded(M)),
+        failed(threads) {}
 };
 
 // Per-thread copies of a pair's weights, padded with -inf (log-weights) and 0 (weights).
@@ -849,33 +873,35 @@ void solve_pair(const T* C, int ldc, const T* alpha_in, const T* beta_in, int N,
       column_pass(f, e, gt);
   };
 
-  // The same update at the final temperature through the kernels E = exp((f_hat + g_hat - C) / eps)
+  // The same update at the final temperature through the kernels E = exp(logw + (f_hat + g_hat - C) / eps)
   // (kernel_pass): formed at the current potentials, kept while the sums stay in range, formed again
-  // when they leave it, and given up for the rest of the solve when a freshly formed kernel fails (the
-  // log domain is then the only accurate way). Every choice is the team's and depends on the pair's
-  // data only. E [N, Mp] serves the column pass, Et [M, Np] the row pass (only Et when symmetric).
-  bool use_kernel = true, kernel_formed = false, fresh = false;
-  int round = 0;
+  // when they leave it, and given up for the rest of the solve once freshly formed kernels have failed
+  // kFreshFailures times (the log domain is then the only accurate way; the first potentials, one
+  // update away from zero, can be too far off for a kernel that later ones fit). Every choice is the
+  // team's and depends on the pair's data only. E [N, Mp] serves the column pass, Et [M, Np] the row
+  // pass (only Et when symmetric).
+  constexpr int kFreshFailures = 2;
+  bool kernel_formed = false, fresh = false;
+  int fresh_failures = 0, round = 0;
   auto form_kernel = [&](const T* f, const T* g) {
-    const T et = static_cast<T>(plan.eps);
     std::copy(f + ilo, f + ihi, w.f_hat.data() + ilo);
     std::copy(g + jlo, g + jhi, w.g_hat.data() + jlo);
     team.sync();
     if (!symmetric)
-      kernel_rows(w.K.data(), Mp, w.f_hat.data(), a.logw.data(), w.g_hat.data(), b.logw.data(), et, rlo, rhi,
-                  w.E.data());
-    kernel_rows(w.Kt.data(), Np, w.g_hat.data(), b.logw.data(), w.f_hat.data(), a.logw.data(), et, clo, chi,
-                w.Et.data());
+      kernel_rows(C, ldc, false, M, w.f_hat.data(), a.logw.data(), w.g_hat.data(), b.logw.data(), plan.eps, rlo, rhi,
+                  w.E.data(), Mp);
+    kernel_rows(C, ldc, true, N, w.g_hat.data(), b.logw.data(), w.f_hat.data(), a.logw.data(), plan.eps, clo, chi,
+                w.Et.data(), Np);
     team.sync();
   };
   auto kernel_update = [&](const T* f, const T* g, T* ft, T* gt) {
-    if (!use_kernel) return update(f, g, plan.eps, ft, gt);
+    if (fresh_failures == kFreshFailures) return update(f, g, plan.eps, ft, gt);
     if (!kernel_formed) {
       form_kernel(f, g);
       kernel_formed = fresh = true;
     }
     const T et = static_cast<T>(plan.eps), coef = static_cast<T>(-plan.damping(plan.eps) * plan.eps);
-    bool ok = kernel_scaling(g, w.g_hat.data(), b.w.data(), et, Mp, h.data()) &&
+    bool ok = kernel_scaling(g, w.g_hat.data(), b.logw.data(), et, Mp, h.data()) &&
               kernel_pass(w.Et.data(), M, Np, h.data(), w.f_hat.data(), ilo, ihi, coef, et, a.logw.data(), ft);
     const bool row_failed = w.failed.any(!ok, round, team);
     if (row_failed) row_pass(g, plan.eps, ft);
@@ -883,13 +909,13 @@ void solve_pair(const T* C, int ldc, const T* alpha_in, const T* beta_in, int N,
     if (symmetric) {
       std::copy(ft + ilo, ft + ihi, gt + ilo);
     } else {
-      ok = kernel_scaling(f, w.f_hat.data(), a.w.data(), et, Np, h.data()) &&
+      ok = kernel_scaling(f, w.f_hat.data(), a.logw.data(), et, Np, h.data()) &&
            kernel_pass(w.E.data(), N, Mp, h.data(), w.g_hat.data(), jlo, jhi, coef, et, b.logw.data(), gt);
       column_failed = w.failed.any(!ok, round, team);
       if (column_failed) column_pass(f, plan.eps, gt);
     }
     if (row_failed || column_failed) {
-      use_kernel = !fresh;
+      fresh_failures += fresh;
       kernel_formed = false;
     }
     fresh = false;
@@ -1107,8 +1133,8 @@ py::tuple solve_impl(const py::array* C_in, const py::array* x_in, const py::arr
   int32_t* ito = its.mutable_data();
   {
     py::gil_scoped_release release;
-    const bool same = x == y && alpha == beta;
-    ForwardWork<T> proto(N, M, D, C == nullptr);
+    const bool same = x == y && alpha == beta && N == M;
+    ForwardWork<T> proto(N, M, D, C == nullptr, symmetric, threads);
     for_each_pair(B, threads, (int64_t)N * M, proto, [&](int b, const Team& team, ForwardWork<T>& w) {
       const T* Cb = C ? C + (int64_t)b * N * M : nullptr;
       if (!C) {
@@ -1156,7 +1182,7 @@ void grad_impl(const py::array& x_in, const py::array& y_in, const py::array& al
     py::gil_scoped_release release;
     const T et = static_cast<T>(eps), det = static_cast<T>(damping * eps);
     const int Np = padded(N), Mp = padded(M);
-    const bool same = x == y && alpha == beta;
+    const bool same = x == y && alpha == beta && N == M;
     BackwardWork<T> proto(N, M, D);
     for_each_pair(B, threads, (int64_t)N * M, proto, [&](int b, const Team& team, BackwardWork<T>& w) {
       const T *ab = alpha + (int64_t)b * N, *bb = beta + (int64_t)b * M;
