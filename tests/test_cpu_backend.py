@@ -13,6 +13,7 @@ Outside CI the module is skipped, with otfast's reason, when the extension was n
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -132,6 +133,36 @@ def test_kernel_domain_iterations_match_reference(eps, scale, dtype):
     assert_close(got.f, ref.f, rtol=VALUE_TOL[dtype]["rtol"], atol=f_atol, what="f")
     assert_close(got.g, ref.g, rtol=VALUE_TOL[dtype]["rtol"], atol=f_atol, what="g")
     assert_close(got.plan(), ref.plan(), **GRAD_TOL[dtype], what="plan")
+
+
+@pytest.mark.parametrize("dtype,tiny,c", [(torch.float32, 1e-38, 52.0), (torch.float32, 1e-38, 70.0),
+                                           (torch.float64, 2e-308, 380.0)], ids=["fp32-c52", "fp32-c70", "fp64"])
+def test_weight_below_the_normal_range_keeps_its_term(dtype, tiny, c):
+    """A weight below the smallest normal number (subnormal) must weigh in the kernel-domain sums as in the
+    log domain: kept in the kernel's exponent, it is not flushed with the denormals (a review found it
+    lost when the weight was a separate factor)."""
+    C = torch.tensor([[0.0, c], [c, 0.0]], dtype=dtype)
+    a = torch.tensor([1.0, tiny], dtype=dtype)
+    for kw in (dict(n_iters=300), dict(n_iters=300, scaling=0.9)):
+        ref = otfast.sinkhorn(C, a, a, eps=1.0, backend="torch", **kw)
+        got = otfast.sinkhorn(C, a, a, eps=1.0, backend="cpu", **kw)
+        assert_close(got.f, ref.f, **VALUE_TOL[dtype], what="f")
+        assert_close(got.value, ref.value, **VALUE_TOL[dtype], what="value")
+
+
+def test_points_sharing_memory_with_different_lengths():
+    """x [B, N, D] and y [B, M, D] that are two views of one buffer (same data pointer, N != M), with
+    alpha and beta likewise, are two point sets, not one symmetric problem."""
+    B, N, M, D = 2, 9, 6, 5
+    buf = torch.randn(B * N * D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, y = buf.view(B, N, D), buf[:B * M * D].view(B, M, D)
+    logw = torch.full((B * N,), -math.log(N), dtype=torch.float64)
+    alpha, beta = logw.view(B, N), logw[:B * M].view(B, M)
+    sched = Schedule(eps=0.5, n_iters=50)
+    ref = reference.solve_points(x, y, alpha, beta, sched)
+    got = launch.solve_points(x, y, alpha, beta, sched)
+    assert_close(got.f, ref.f, **VALUE_TOL[torch.float64], what="f")
+    assert_close(got.g, ref.g, **VALUE_TOL[torch.float64], what="g")
 
 
 def test_sinkhorn_cost_gradient_matches_reference():

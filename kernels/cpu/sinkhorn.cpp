@@ -675,30 +675,30 @@ OTK_CLONES void kernel_rows(const T* C, int ldc, bool transposed, int Q, const T
                             const T* logw_c, double eps, int r0, int r1, T* E, int lde) {
   using VD = typename Simd<double>::V;
   constexpr int LD = Simd<double>::L;
+  std::vector<double> arg(lde, -inf<double>());  // exponents of one row; -inf (exp 0) on masked columns
+  const double inv_eps = 1.0 / eps;
   for (int r = r0; r < r1; ++r) {
     T* e = E + (int64_t)r * lde;
     if (logw_r[r] == -inf<T>()) {
       std::fill(e, e + lde, T(0));
       continue;
     }
-    const double wr = static_cast<double>(logw_r[r]), fr = static_cast<double>(pr[r]);
+    const double wr = logw_r[r], fr = pr[r];
+    const int64_t step = transposed ? ldc : 1;
+    const T* cost = transposed ? C + r : C + (int64_t)r * ldc;
+    for (int c = 0; c < Q; ++c)
+      arg[c] = logw_c[c] == -inf<T>() ? -inf<double>()
+                                       : wr + ((fr + double(pc[c])) - double(cost[c * step])) * inv_eps;
     for (int c = 0; c < lde; c += LD) {
-      double cost[LD], col[LD];
-      for (int l = 0; l < LD; ++l) {
-        const int q = std::min(c + l, Q - 1);  // padding columns read a valid entry; their weight zeroes them
-        cost[l] = static_cast<double>(transposed ? C[(int64_t)q * ldc + r] : C[(int64_t)r * ldc + q]);
-        col[l] = static_cast<double>(pc[c + l]);
-      }
-      VD vcost, vcol;
-      std::memcpy(&vcost, cost, sizeof(vcost));
-      std::memcpy(&vcol, col, sizeof(vcol));
-      const VD out = vexp(wr + ((fr + vcol) - vcost) / eps);
-      for (int l = 0; l < LD; ++l) e[c + l] = logw_c[c + l] == -inf<T>() ? T(0) : static_cast<T>(out[l]);
+      VD z;
+      std::memcpy(&z, arg.data() + c, sizeof(z));
+      const VD out = vexp(z);
+      for (int l = 0; l < LD; ++l) e[c + l] = static_cast<T>(out[l]);
     }
   }
 }
 
-// v[c] = exp((p_c - p_hat_c) / eps) over a padded vector// The smallest and the largest lane of a vector.
+// The smallest and the largest lane of a vector.
 template <class T>
 T lane_min(typename Simd<T>::V v) {
   T t[Simd<T>::L];
@@ -713,7 +713,7 @@ T lane_max(typename Simd<T>::V v) {
   return *std::max_element(t, t + Simd<T>::L);
 }
 
-, 0 where logw[c] == -inf (padding). False when an
+// v[c] = exp((p_c - p_hat_c) / eps) over a padded vector, 0 where logw[c] == -inf (padding). False when an
 // exponent of a valid entry leaves [-theta, theta] (the kernel of p_hat no longer fits p).
 template <class T>
 OTK_CLONES bool kernel_scaling(const T* p, const T* p_hat, const T* logw, T eps, int n, T* v) {
