@@ -5,7 +5,10 @@ unrelated PyPI package of that name).
 
 The C++ kernel (``otfast.kernels.cpu._sinkhorn``) is optional: it is built with OpenMP when the compiler
 supports it, without OpenMP (single-threaded) when it does not, and skipped with a warning when it
-cannot be compiled at all; ``otfast.backends()["cpu"]`` then says why and ``auto`` uses torch.
+cannot be compiled at all; ``otfast.backends()["cpu"]`` then says why and ``auto`` uses torch. A
+binary left in place by an earlier build is removed then, so that stale code never runs.
+``OTFAST_REQUIRE_CPU_KERNEL=1`` turns the skip into an error (CI sets it: a kernel that does not
+compile must fail the build, not fall back).
 Never -ffast-math: it assumes no infinities, and padding is -inf in every log-sum-exp. The flags used
 instead are value-safe: -fno-trapping-math (no FP exceptions are observed, lets selects vectorise) and
 -ffp-contract=fast (fused multiply-adds). The hot loops are cloned for AVX-512, AVX2 and baseline x86-64
@@ -62,8 +65,14 @@ class OptionalBuildExt(build_ext):
                 last = exc
         self._skip(last)
 
-    @staticmethod
-    def _skip(exc):
+    def _skip(self, exc):
+        if os.environ.get("OTFAST_REQUIRE_CPU_KERNEL") == "1":
+            raise RuntimeError(f"{CPU_EXTENSION} did not build and OTFAST_REQUIRE_CPU_KERNEL=1") from exc
+        package_dir = self.get_finalized_command("build_py").get_package_dir("otfast.kernels.cpu")
+        in_source = os.path.join(package_dir, os.path.basename(self.get_ext_filename(CPU_EXTENSION)))
+        for stale in {self.get_ext_fullpath(CPU_EXTENSION), in_source}:
+            if os.path.exists(stale):
+                os.remove(stale)
         print(f"warning: the optional C++ CPU kernel {CPU_EXTENSION} was not built ({exc}); otfast falls back "
               "to its torch backend (see otfast.backends())", file=sys.stderr)
 
