@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import otfast
-from conftest import assert_close, case_id, make_costs, make_points
+from conftest import assert_close, assert_finite_at_extreme_eps, case_id, make_costs, make_points
 
 triton = pytest.importorskip("triton")
 launch = pytest.importorskip("otfast.kernels.triton.launch")
@@ -147,11 +147,7 @@ def test_repeated_runs_are_bitwise_identical(N, M):
 
 
 def test_no_nan_at_extreme_eps():
-    """eps = 1e-4 with costs near 1e2 in float32: finite values and gradients."""
-    batch = make_points(2, 9, 13, 8, dtype=torch.float32, seed=4, scale=4.0)
-    out = _run(batch, "triton", eps=1e-4, scaling=0.5, debias=True)
-    for t in out[:3]:
-        assert torch.isfinite(t).all()
+    assert_finite_at_extreme_eps(_run, "triton")
 
 
 def test_auto_picks_triton_only_for_cuda():
