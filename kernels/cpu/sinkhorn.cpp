@@ -1264,6 +1264,5 @@ PYBIND11_MODULE(_sinkhorn, m) {
       py::arg("g_prev"), py::arg("eps"), py::arg("damping"), py::arg("u"), py::arg("v"), py::arg("cosine"),
       py::arg("dx"), py::arg("dy"), py::arg("threads"),
       "Writes the envelope gradients with respect to the raw points through the final step into dx [B, N, D] and "
-      "dy [B, M, D] (given with v), 0 on padding rows. The caller allocates them: torch's allocator reuses "
-      "large blocks where numpy's fresh pages cost a page fault each.");
+      "dy [B, M, D] (given with v), 0 on padding rows. The caller allocates them (see launch.grad_points).");
 }
