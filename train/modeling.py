@@ -5,6 +5,7 @@
 - ``build_tiny_model``: a tiny BERT from a ``BertConfig`` (random init) and a WordPiece tokenizer
   trained on the fly on given text, saved with ``save_pretrained`` so ``load_encoder`` reloads it.
 - ``encode_words``: word-tokenised sentences to input ids plus a ``[B, T]`` token-to-word index.
+- ``token_check``: which sentence pairs ``encode_words`` would leave without a token on a side.
 - ``layer_states``: the hidden states of one layer.
 - ``word_embeddings``: sub-word states to word representations (``last`` sub-word as in the paper's
   WordOT, ``first``, ``mean``, or the sub-words themselves, ``subword`` = SubOT), padded to
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
+from .hub import model_source
+
 WORD_MODES = ("last", "first", "mean", "subword")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -43,13 +46,27 @@ def load_encoder(name_or_path: str | Path, **model_kwargs):
 
     Raises:
         TypeError: if the tokenizer is not a fast tokenizer (word ids need one).
+        FileNotFoundError: a missing folder, or a hub name without network or cached copy
+            (``train.hub.model_source``).
     """
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = load_tokenizer(name_or_path)
+    source, kwargs = model_source(name_or_path)
+    model = AutoModel.from_pretrained(source, **kwargs, **model_kwargs)
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """The fast tokenizer of ``load_encoder`` alone.
+
+    Raises:
+        TypeError, FileNotFoundError: as ``load_encoder``.
+    """
+    source, kwargs = model_source(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if not tokenizer.is_fast:
         raise TypeError(f"{name_or_path}: a fast tokenizer is needed for sub-word to word mapping, got "
                         f"{type(tokenizer).__name__}")
-    model = AutoModel.from_pretrained(str(name_or_path), **model_kwargs)
-    return model, tokenizer
+    return tokenizer
 
 
 def build_tiny_model(texts: Iterable[str], output_dir: str | Path, *, vocab_size: int = 500,
@@ -119,18 +136,55 @@ def encode_words(tokenizer, words: Sequence[Sequence[str]], max_length: int = 12
         ``word_ids[b, t]`` is the index in ``words[b]`` of the word token t belongs to, -1 for special
         tokens and padding.
     """
-    budget = max_length - tokenizer.num_special_tokens_to_add()
-    plain = tokenizer([list(w) for w in words], is_split_into_words=True, add_special_tokens=False)
-    kept = []
-    for b, sentence in enumerate(words):
-        owners = plain.word_ids(b)
-        kept.append(list(sentence) if len(owners) <= budget else list(sentence[:owners[budget]]))
+    kept = [list(sentence[:n_words]) for sentence, (n_words, _, _) in zip(words, _fit(tokenizer, words, max_length))]
     enc = tokenizer(kept, is_split_into_words=True, padding=True, return_tensors="pt")
     ids = torch.full_like(enc["input_ids"], -1)
     for b in range(len(kept)):
         row = [-1 if w is None else w for w in enc.word_ids(b)]
         ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_ids": ids}
+
+
+def _fit(tokenizer, words: Sequence[Sequence[str]], max_length: int) -> list[tuple[int, int, int]]:
+    """Per sentence, ``(words kept, tokens kept, tokens in all)`` when cut at a word boundary to fit
+    ``max_length`` tokens with the special tokens (the truncation rule of ``encode_words``)."""
+    if not words:
+        return []
+    budget = max_length - tokenizer.num_special_tokens_to_add()
+    plain = tokenizer([list(w) for w in words], is_split_into_words=True, add_special_tokens=False)
+    out = []
+    for b, sentence in enumerate(words):
+        owners = plain.word_ids(b)
+        if len(owners) <= budget:
+            out.append((len(sentence), len(owners), len(owners)))
+        else:
+            cut = owners[budget]                                # the first word that does not fit whole
+            out.append((cut, owners.index(cut), len(owners)))
+    return out
+
+
+def token_check(tokenizer, max_length: int):
+    """A ``train.data.prepare_language`` check: the pairs that ``encode_words`` would leave with no token.
+
+    Args:
+        tokenizer: the model's fast tokenizer.
+        max_length: as in ``encode_words``.
+
+    Returns:
+        ``check(sources, targets) -> [reason or None, ...]`` over space-separated words; a reason is
+        ``"source: no sub-word token"`` (the tokenizer strips the whole side: U+FFFD, zero-width spaces,
+        control characters) or ``"source: no sub-word token within max_length N"`` (the first word alone
+        is longer than the budget), likewise for ``target``.
+    """
+    def reasons(side: str, sentences: list[str]) -> list[str | None]:
+        return [None if kept else f"{side}: no sub-word token" if total == 0 else
+                f"{side}: no sub-word token within max_length {max_length}"
+                for _, kept, total in _fit(tokenizer, [s.split() for s in sentences], max_length)]
+
+    def check(sources: list[str], targets: list[str]) -> list[str | None]:
+        return [s or t for s, t in zip(reasons("source", sources), reasons("target", targets))]
+
+    return check
 
 
 def layer_states(model, batch: dict[str, torch.Tensor], layer: int = -1) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..hub import load_dataset, model_source
 from .finetune import TrainConfig, batches, device_of, finetune, set_seed
 from .report import aggregate
 
@@ -90,9 +91,7 @@ def load_nli(source: str, split: str, language: str) -> list[dict]:
         raise ValueError(f"unknown split {split!r}; choose train, dev or test")
     if is_local(source, language):
         return read_nli_file(source.replace("{lang}", language), language)
-    import datasets
-
-    ds = datasets.load_dataset(source, language, split=_HUB_SPLITS[split])
+    ds = load_dataset(source, language, split=_HUB_SPLITS[split], what=f"data.{split}")
     return [{"premise": r["premise"], "hypothesis": r["hypothesis"], "label": _label(r["label"], source)}
             for r in ds]
 
@@ -148,7 +147,8 @@ def run(cfg: dict, model_path: str, out_dir: str | Path | None = None, log=print
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tcfg = TrainConfig.from_dict(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    source, hub_kwargs = model_source(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     collate = collator(tokenizer)
     data = cfg["data"]
     train_lang = cfg.get("train_language", "en")
@@ -165,7 +165,8 @@ def run(cfg: dict, model_path: str, out_dir: str | Path | None = None, log=print
     per_seed, runs = [], []
     for seed in cfg["seeds"]:
         set_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(LABELS)).to(device)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=len(LABELS),
+                                                                   **hub_kwargs).to(device)
 
         def dev_accuracy(model=model):
             return accuracy(predict(model, dev, collate, bs), [{"label": f["labels"]} for f in dev])

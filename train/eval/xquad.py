@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..hub import load_dataset, model_source
 from . import squad
 from .finetune import TrainConfig, device_of, finetune, set_seed
 from .report import aggregate
@@ -43,10 +44,8 @@ def load_qa(source: str, split: str, language: str | None = None) -> list[dict]:
     lang = language or "en"
     if is_local(source, lang):
         return squad.to_records(squad.load_squad_file(source.replace("{lang}", lang)))
-    import datasets
-
     config = f"{source}.{language}" if source == "xquad" else None
-    ds = datasets.load_dataset(source, config, split=split)
+    ds = load_dataset(source, config, split=split, what="data.train" if split == "train" else "data.test")
     return [{"id": r["id"], "title": r.get("title", ""), "context": r["context"], "question": r["question"],
              "answers": {"text": list(r["answers"]["text"]), "answer_start": list(r["answers"]["answer_start"])}}
             for r in ds]
@@ -194,7 +193,8 @@ def run(cfg: dict, model_path: str, out_dir: str | Path | None = None, log=print
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     tcfg = TrainConfig.from_dict(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    source, hub_kwargs = model_source(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs)
     collate = collator(tokenizer)
     data = cfg["data"]
     win = {k: cfg[k] for k in ("max_seq_length", "doc_stride", "max_query_length")}
@@ -209,7 +209,7 @@ def run(cfg: dict, model_path: str, out_dir: str | Path | None = None, log=print
     per_seed = []
     for seed in cfg["seeds"]:
         set_seed(seed)
-        model = AutoModelForQuestionAnswering.from_pretrained(model_path).to(device)
+        model = AutoModelForQuestionAnswering.from_pretrained(source, **hub_kwargs).to(device)
         finetune(model, train_features, collate, tcfg, seed=seed, log=log)
         scores = {}
         for lang, recs in tests.items():
