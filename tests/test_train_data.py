@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from train.config import load_config
-from train.data import batch_indices, load_pairs, prepare_language
+from train.data import DataReport, batch_indices, load_pairs, prepare_language
+from train.modeling import build_tiny_model, encode_words, load_tokenizer, token_check
 from train.synthetic import ENGLISH_VOCABULARY, synthetic_pairs, word_map
 
 FIXTURES = Path(__file__).parent / "fixtures" / "train"
@@ -35,6 +36,67 @@ def test_jsonl_with_dotted_fields_counts_malformed_lines():
                                 "empty source": 1}
     assert report.examples["invalid JSON"] == ["pairs.jsonl:2", "pairs.jsonl:5"]
     assert report.read == 7
+
+
+def test_jsonl_reader_survives_every_per_line_failure(tmp_path):
+    lines = ['{"source": "eins", "target": "one"}',
+             "[" * 100_000,                                          # RecursionError in json.loads
+             '{"source": ' + "1" * 5000 + ', "target": "x"}',        # ValueError: integer over 4300 digits
+             '{"source": "\\ud800 zwei", "target": "two"}',           # a lone surrogate: Arrow cannot store it
+             '{"source": "drei", "target": "three"}',
+             "[" * 100_000 + "]" * 100_000]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    ds, report = load_pairs({"lang": "de", "format": "jsonl", "path": "c.jsonl"}, base_dir=tmp_path)
+    assert list(zip(ds["source"], ds["target"], ds["where"])) == [("eins", "one", "c.jsonl:1"),
+                                                                  ("drei", "three", "c.jsonl:5")]
+    assert report.malformed == {"JSON nested too deeply": 2, "invalid JSON": 1, "invalid Unicode (lone surrogate)": 1}
+    assert report.examples["JSON nested too deeply"] == ["c.jsonl:2", "c.jsonl:6"]
+    assert report.examples["invalid JSON"] == ["c.jsonl:3"]
+    assert report.read == 6 == len(ds) + report.n_malformed
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    ds = synthetic_pairs(200, seed=0)
+    return load_tokenizer(build_tiny_model(list(ds["source"]) + list(ds["target"]),
+                                           tmp_path_factory.mktemp("tok") / "m", vocab_size=200))
+
+
+POISON = {"\ufffd\ufffd\ufffd": "no sub-word token",                    # what bytes ff fe fd decode to
+          "\u200b \u200b\u200b": "no sub-word token",                      # zero-width spaces
+          "ba" * 50 + " the dog": "no sub-word token within max_length 12",   # first word alone > 10 tokens
+          "the dog " + "ba" * 50: None,                                      # cut after "the dog": 2 words left
+          "the old dog": None}
+
+
+def test_token_check_finds_exactly_the_rows_encode_words_leaves_empty(tokenizer):
+    check = token_check(tokenizer, max_length=12)
+    texts = list(POISON)
+    got = check(texts, ["the cat"] * len(texts)) + check(["the cat"] * len(texts), texts)
+    assert got == [None if r is None else f"source: {r}" for r in POISON.values()] + \
+        [None if r is None else f"target: {r}" for r in POISON.values()]
+    enc = encode_words(tokenizer, [t.split() for t in texts], max_length=12)     # the independent reference
+    empty = [bool((row < 0).all()) for row in enc["word_ids"]]
+    assert empty == [r is not None for r in POISON.values()]
+
+
+def test_tsv_lines_the_tokenizer_strips_pass_reading_and_are_dropped_in_preparation(tmp_path, tokenizer):
+    good = synthetic_pairs(20, seed=1)
+    rows = [f"{s}\t{t}".encode() for s, t in zip(good["source"], good["target"])]
+    rows[3] = b"\xff\xfe\xfd\tthe dog sees a cat"                   # decodes to U+FFFD x 3
+    rows[7] = "\u200b\u200b\tthe cat".encode()
+    rows[12] = ("the dog\t" + "ba" * 50).encode()
+    (tmp_path / "p.tsv").write_bytes(b"\n".join(rows) + b"\n")
+    ds, report = load_pairs({"lang": "xx", "format": "tsv", "path": "p.tsv"}, base_dir=tmp_path)
+    assert report.malformed == {} and len(ds) == 20                 # the cleaning rules cannot see it
+    data = prepare_language(ds, report, pairs_per_language=17, check=token_check(tokenizer, max_length=12))
+    assert report.dropped == {"source: no sub-word token": 2, "target: no sub-word token within max_length 12": 1}
+    assert report.examples["source: no sub-word token"] == ["p.tsv:4", "p.tsv:8"]        # file order
+    assert report.examples["target: no sub-word token within max_length 12"] == ["p.tsv:13"]
+    assert report.unique_train == 17 and len(set(data.train)) == 17
+    enc = encode_words(tokenizer, [s.split() for pair in data.train for s in pair], max_length=12)
+    assert bool((enc["word_ids"].max(1).values >= 0).all())       # every kept side has a word
+    assert "no token 3 (source: no sub-word token: 2 at" in report.summary()
 
 
 def test_moses_pair_of_files_counts_unpaired_and_empty_lines():
@@ -88,8 +150,6 @@ def test_prepare_upsamples_filters_and_holds_out():
     rows = {"source": ["a b", "c d e", "f", "g h i j k l"], "target": ["A B", "C D E", "F", "G H"]}
     import datasets
 
-    from train.data import DataReport
-
     report = DataReport("xx", read=4)
     data = prepare_language(datasets.Dataset.from_dict(rows), report, pairs_per_language=7, eval_pairs=1,
                             min_words=2, max_words=4, seed=0)
@@ -105,8 +165,6 @@ def test_prepare_upsamples_filters_and_holds_out():
 
 def test_moses_tokenisation_splits_punctuation():
     import datasets
-
-    from train.data import DataReport
 
     ds = datasets.Dataset.from_dict({"source": ["L'homme, ici."], "target": ["The man, here."]})
     data = prepare_language(ds, DataReport("fr"), pairs_per_language=1)

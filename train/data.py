@@ -12,13 +12,17 @@ Every source yields rows ``{"source": str, "target": str}`` (non-English, Englis
 - ``format: moses``: two line-aligned plain-text files (``source_path``, ``target_path``).
 - ``format: synthetic``: ``train.synthetic.synthetic_pairs``.
 
-Malformed rows (a wrong field count, invalid JSON, a missing or non-string field, an empty side, a line
-without its partner in a Moses pair) are counted per reason, with the first few locations, in a
-``DataReport``; so are pairs removed by the length filter. Nothing is dropped silently, nothing crashes.
+Malformed rows (a wrong field count, invalid JSON of any kind, nesting too deep for the parser included,
+a missing or non-string field, text that is not valid Unicode, an empty side, a line without its
+partner in a Moses pair) are counted per reason, with the first few locations, in a ``DataReport``;
+every reader catches every per-line failure. Each row keeps its location (``where``).
 
 ``prepare_language`` then shuffles (seeded), holds out evaluation pairs, Moses-tokenises both sides
-(sacremoses), filters by length in words, and draws exactly ``pairs_per_language`` training pairs
-(upsampling by repetition where fewer exist). ``batch_indices`` gives the deterministic batch of any
+(sacremoses), filters by length in words, drops the pairs that the model's tokenizer reduces to no
+token on either side (``check``: text the tokenizer strips, such as U+FFFD or zero-width spaces, or a
+first word longer than ``max_length`` sub-words), counting them per reason with their locations, and
+draws exactly ``pairs_per_language`` training pairs (upsampling by repetition where fewer exist).
+Nothing is dropped silently, nothing crashes. ``batch_indices`` gives the deterministic batch of any
 process at any step, which is what makes a resume exact.
 """
 
@@ -28,13 +32,15 @@ import functools
 import json
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 from sacremoses import MosesTokenizer
+
+from .hub import load_dataset
 
 FORMATS = ("hub", "tsv", "jsonl", "moses", "synthetic")
 MAX_EXAMPLES = 5  # malformed locations kept per reason
@@ -47,8 +53,10 @@ class DataReport:
     Attributes:
         lang: the source language code.
         read: rows (lines) read.
-        malformed: ``{reason: count}`` of rows that could not be used as they are.
-        examples: ``{reason: [location, ...]}``, the first few locations (``file:line`` or row index).
+        malformed: ``{reason: count}`` of rows that could not be used as they are (reading).
+        dropped: ``{reason: count}`` of pairs the tokenizer leaves without a token on a side (preparation).
+        examples: ``{reason: [location, ...]}``, the first few locations (``file:line`` or row index) of
+            every reason of ``malformed`` and ``dropped``.
         filtered: pairs removed by the length filter.
         held_out: pairs kept aside for evaluation.
         unique_train: distinct training pairs before upsampling.
@@ -58,6 +66,7 @@ class DataReport:
     lang: str
     read: int = 0
     malformed: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     filtered: int = 0
     held_out: int = 0
@@ -77,11 +86,14 @@ class DataReport:
         return sum(self.malformed.values())
 
     def summary(self) -> str:
-        """One line for the log, e.g. ``de: read 1000, malformed 3 (empty target: 2, ...), ...``."""
-        bad = ", ".join(f"{r}: {n} at {', '.join(self.examples[r])}" for r, n in sorted(self.malformed.items()))
-        return (f"{self.lang}: read {self.read}, malformed {self.n_malformed}" + (f" ({bad})" if bad else "")
-                + f", length-filtered {self.filtered}, held out {self.held_out}, unique train {self.unique_train}"
-                f", train {self.train}")
+        """One line for the log, e.g. ``de: read 1000, malformed 3 (empty target: 2 at a.tsv:7, ...), ...``."""
+        def detail(table: dict[str, int]) -> str:
+            bad = ", ".join(f"{r}: {n} at {', '.join(self.examples[r])}" for r, n in sorted(table.items()))
+            return f" ({bad})" if bad else ""
+
+        return (f"{self.lang}: read {self.read}, malformed {self.n_malformed}{detail(self.malformed)}, "
+                f"no token {sum(self.dropped.values())}{detail(self.dropped)}, length-filtered {self.filtered}, "
+                f"held out {self.held_out}, unique train {self.unique_train}, train {self.train}")
 
 
 def _field(row: Any, path: str) -> Any:
@@ -92,9 +104,19 @@ def _field(row: Any, path: str) -> Any:
     return row
 
 
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:                          # a lone surrogate, e.g. from JSON's "\ud800"
+        return False
+    return True
+
+
 def _clean_pair(source: Any, target: Any, report: DataReport, where: str, out: dict[str, list[str]]) -> None:
     if not isinstance(source, str) or not isinstance(target, str):
         report.add_malformed("non-string field", where)
+    elif not _valid_unicode(source) or not _valid_unicode(target):
+        report.add_malformed("invalid Unicode (lone surrogate)", where)
     elif not source.strip():
         report.add_malformed("empty source", where)
     elif not target.strip():
@@ -102,11 +124,16 @@ def _clean_pair(source: Any, target: Any, report: DataReport, where: str, out: d
     else:
         out["source"].append(source.strip())
         out["target"].append(target.strip())
+        out["where"].append(where)
+
+
+def _new_rows() -> dict[str, list[str]]:
+    return {"source": [], "target": [], "where": []}
 
 
 def _rows_from_records(records: Iterable[tuple[str, Any]], source_field: str, target_field: str,
                        report: DataReport) -> datasets.Dataset:
-    out: dict[str, list[str]] = {"source": [], "target": []}
+    out = _new_rows()
     for where, row in records:
         report.read += 1
         try:
@@ -125,7 +152,7 @@ def _lines(path: Path) -> Iterator[str]:
 
 
 def _read_tsv(path: Path, report: DataReport) -> datasets.Dataset:
-    out: dict[str, list[str]] = {"source": [], "target": []}
+    out = _new_rows()
     for i, line in enumerate(_lines(path), 1):
         report.read += 1
         parts = line.split("\t")
@@ -140,15 +167,16 @@ def _jsonl_records(path: Path, report: DataReport) -> Iterator[tuple[str, Any]]:
     for i, line in enumerate(_lines(path), 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError) as exc:    # JSONDecodeError, over-long integers, deep nesting
             report.read += 1
-            report.add_malformed("invalid JSON", f"{path.name}:{i}")
+            reason = "JSON nested too deeply" if isinstance(exc, RecursionError) else "invalid JSON"
+            report.add_malformed(reason, f"{path.name}:{i}")
             continue
         yield f"{path.name}:{i}", row
 
 
 def _read_moses(source_path: Path, target_path: Path, report: DataReport) -> datasets.Dataset:
-    out: dict[str, list[str]] = {"source": [], "target": []}
+    out = _new_rows()
     src_lines, tgt_lines = _lines(source_path), _lines(target_path)
     i = 0
     while True:
@@ -178,7 +206,8 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
         base_dir: folder that relative file paths are resolved against.
 
     Returns:
-        ``(dataset, report)``: rows ``{"source", "target"}`` (stripped, non-empty) and the counts.
+        ``(dataset, report)``: rows ``{"source", "target", "where"}`` (stripped, non-empty, with their
+        location) and the counts.
 
     Raises:
         ValueError: on an unknown format or a spec missing a required key; FileNotFoundError for a
@@ -209,7 +238,7 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
         ds = synthetic_pairs(int(need("n_pairs")), seed=int(spec.get("seed", 0)),
                              map_seed=int(spec.get("map_seed", 1234)))
         report.read = len(ds)
-        return ds, report
+        return ds.add_column("where", [f"row {i}" for i in range(len(ds))]), report
     if fmt == "tsv":
         return _read_tsv(file("path"), report), report
     if fmt == "moses":
@@ -219,8 +248,9 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
         records = _jsonl_records(path, report)
         return _rows_from_records(records, spec.get("source_field", "source"), spec.get("target_field", "target"),
                                   report), report
-    hub = datasets.load_dataset(need("path"), spec.get("name"), split=spec.get("split", "train"),
-                                **spec.get("load_kwargs", {}))
+    hub = load_dataset(need("path"), spec.get("name"), split=spec.get("split", "train"),
+                       what=f"data.languages[{lang}]", example=f"{{lang: {lang}, format: tsv, path: FILE}}",
+                       **spec.get("load_kwargs", {}))
     records = ((f"row {i}", row) for i, row in enumerate(hub))
     return _rows_from_records(records, spec.get("source_field", f"translation.{lang}"),
                               spec.get("target_field", f"translation.{target_lang}"), report), report
@@ -244,16 +274,21 @@ class LanguageData:
     report: DataReport
 
 
+# (sources, targets) -> per pair, why it cannot be trained on ("source: no sub-word token", ...) or None.
+PairCheck = Callable[[list[str], list[str]], list[str | None]]
+
+
 def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per_language: int,
                      eval_pairs: int = 0, min_words: int = 1, max_words: int = 128, target_lang: str = "en",
-                     seed: int = 0, chunk_size: int = 20000, num_proc: int | None = None) -> LanguageData:
-    """Shuffle, hold out, word-tokenise, length-filter and sample one language pair.
+                     seed: int = 0, chunk_size: int = 20000, num_proc: int | None = None,
+                     check: PairCheck | None = None) -> LanguageData:
+    """Shuffle, hold out, word-tokenise, length-filter, check and sample one language pair.
 
     The shuffled corpus is read in chunks and tokenised (``datasets.map``) only until enough pairs are
     kept, so a corpus far larger than ``pairs_per_language`` is not tokenised in full.
 
     Args:
-        dataset: rows ``{"source", "target"}`` from ``load_pairs``.
+        dataset: rows ``{"source", "target"}`` (and optionally ``where``) from ``load_pairs``.
         report: its ``DataReport`` (updated in place).
         pairs_per_language: training pairs to return; fewer unique pairs are upsampled by repeating
             the shuffled list.
@@ -263,6 +298,9 @@ def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per
         seed: shuffling seed (the same seed gives the same data on every process).
         chunk_size: most rows tokenised per ``datasets.map`` call.
         num_proc: processes for ``datasets.map`` (None = in process).
+        check: given the Moses-tokenised sources and targets of the pairs that pass the length filter,
+            the reason each one cannot be trained on, or None (``train.modeling.token_check``); those
+            pairs are counted in ``report.dropped``.
 
     Returns:
         ``LanguageData``.
@@ -287,17 +325,30 @@ def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per
                 "target": [" ".join(tgt_tok.tokenize(t, escape=False)) for t in batch["target"]]}
 
     kept: list[tuple[str, str]] = []
+    first: dict[str, list[tuple[int, str]]] = {}     # per dropped reason, the first (row, location) in the corpus
     start = n_eval
     while start < len(order) and len(kept) < pairs_per_language:
         size = min(chunk_size, max(1000, 2 * (pairs_per_language - len(kept))))
-        chunk = dataset.select(order[start:start + size]).map(tokenise, batched=True, num_proc=num_proc)
+        rows = order[start:start + size]
+        chunk = dataset.select(rows).map(tokenise, batched=True, num_proc=num_proc)
         start += size
-        for source, target in zip(chunk["source"], chunk["target"]):
+        where = chunk["where"] if "where" in chunk.column_names else [f"row {i}" for i in rows]
+        fit = []
+        for source, target, at, row in zip(chunk["source"], chunk["target"], where, rows):
             n_src, n_tgt = len(source.split()), len(target.split())
             if min_words <= n_src <= max_words and min_words <= n_tgt <= max_words:
-                kept.append((source, target))
+                fit.append((source, target, at, row))
             else:
                 report.filtered += 1
+        reasons = check([p[0] for p in fit], [p[1] for p in fit]) if check is not None and fit else [None] * len(fit)
+        for (source, target, at, row), reason in zip(fit, reasons):
+            if reason is None:
+                kept.append((source, target))
+            else:
+                report.dropped[reason] = report.dropped.get(reason, 0) + 1
+                first.setdefault(reason, []).append((row, at))
+        first = {reason: sorted(found)[:MAX_EXAMPLES] for reason, found in first.items()}
+    report.examples.update({reason: [at for _, at in found] for reason, found in first.items()})
     kept = kept[:pairs_per_language]
     if not kept:
         raise ValueError(f"{report.lang}: no training pair left ({report.summary()})")
