@@ -4,7 +4,6 @@ have a known answer, spans located by hand)."""
 
 import csv
 import json
-import math
 import statistics
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from train.eval import report, squad, xnli, xquad
-from train.evaluate import load_config, main
+from train.evaluate import main
 from train.modeling import build_tiny_model
 from train.synthetic import synthetic_pairs
 
@@ -195,14 +194,6 @@ def test_aggregate_tables_comparison_and_plot(tmp_path):
         report.plot_before_after(before, after, "accuracy", tmp_path / "q.png")
     js, _ = report.write_result(tmp_path, "xquad", before)
     assert report.load_result(js)["averages"] == before["averages"]
-
-
-def test_load_config_overrides(tmp_path):
-    cfg = load_config(str(CONFIGS / "eval_xnli.yaml"), ["seeds=[7]", "data.train=/x/train.tsv", "learning_rate=1e-4"])
-    assert cfg["seeds"] == [7] and cfg["data"]["train"] == "/x/train.tsv" and math.isclose(cfg["learning_rate"], 1e-4)
-    assert cfg["batch_size"] * cfg["grad_accumulation"] == 32 and cfg["epochs"] == 5   # XTREME mBERT defaults
-    with pytest.raises(ValueError, match="key=value"):
-        load_config(str(CONFIGS / "eval_xnli.yaml"), ["seeds"])
 
 
 def test_train_config_bad_input():

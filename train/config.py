@@ -1,12 +1,18 @@
 """Run configuration: YAML files (``yaml.safe_load``) over defaults, plus ``--section.key value`` overrides.
 
-Every key must exist in ``DEFAULTS`` (a typo is a ``ValueError``, not a silently ignored setting);
+One loader and one override syntax for both command lines: ``train.align`` (defaults: ``DEFAULTS``)
+and ``train.evaluate`` (defaults: the task's shipped config, ``train/configs/eval_TASK.yaml``).
+Every key must exist in the defaults (a typo is a ``ValueError``, not a silently ignored setting);
 numbers are coerced to the default's type, so ``lr: 5e-5`` (a string to YAML 1.1) is a float.
+Overrides come as ``--train.lr 1e-4`` or ``--train.lr=1e-4``; values are read as YAML (``null``,
+``true``, numbers, ``[1, 2]``).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +77,20 @@ CHOICES = {("model", "word_mode"): ("last", "first", "mean", "subword"),
            ("train", "mixed_precision"): ("no", "bf16", "fp16")}
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+TASK_DEFAULTS = {task: Path(__file__).parent / "configs" / f"eval_{task}.yaml" for task in ("xnli", "xquad")}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Command-line help with every option's default, except where there is none to show (required
+    options, None, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _coerce(path: str, value: Any, default: Any) -> Any:
     if isinstance(default, dict):
         if not isinstance(value, dict):
@@ -94,44 +114,111 @@ def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> di
     for key, value in update.items():
         path = f"{prefix}.{key}" if prefix else key
         if key not in base:
-            raise ValueError(f"unknown config key {path!r} (known: {', '.join(sorted(base))})")
+            raise ValueError(f"unknown config key {path!r} (known: {', '.join(sorted(map(str, base)))})")
         out[key] = _coerce(path, value, base[key])
     return out
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping (``yaml.safe_load``: no code runs).
+
+    Raises:
+        ValueError: naming the file, if it does not exist, is not valid YAML or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def _yaml_value(text: str) -> Any:
+    """An override value: YAML (``null``, ``true``, numbers, lists); YAML 1.1 reads ``1e-4`` as a string, we
+    read it as a float."""
+    if text == "":
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value) else value
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """``["--train.lr", "1e-4", "--loss.granularity=batch"]`` to ``[(["train", "lr"], 1e-4), ...]``.
+
+    Dashes in keys read as underscores (``--train.max-steps`` is ``train.max_steps``).
+
+    Raises:
+        ValueError: on a token that is not ``--key`` or a key without its value.
+    """
+    out = []
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        if not flag.startswith("--") or len(flag) < 3 or flag.startswith("--="):
+            raise ValueError(f"overrides look like --train.lr 1e-4 (or --train.lr=1e-4), got {flag!r}")
+        if "=" in flag:
+            key, raw = flag[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ValueError(f"override {flag} needs a value (e.g. {flag} 1e-4)")
+            key, raw = flag[2:], args[i + 1]
+            i += 2
+        out.append((key.replace("-", "_").split("."), _yaml_value(raw)))
+    return out
+
+
+def read_config(path: str | Path | None, overrides: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults``, then the YAML file, then the ``--key value`` overrides, every key checked against the
+    defaults and coerced to the default's type.
+
+    Raises:
+        ValueError: on a missing or malformed file, an unknown key, a wrong type or a malformed override.
+    """
+    cfg = copy.deepcopy(defaults)
+    if path is not None:
+        cfg = _merge(cfg, read_yaml(path))
+    for keys, value in parse_overrides(overrides):
+        update: Any = value
+        for key in reversed(keys):
+            update = {key: update}
+        cfg = _merge(cfg, update)
+    return cfg
+
+
+def load_task_config(task: str, path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """An evaluation task's config (``train.evaluate xnli|xquad``): ``path`` over the task's shipped
+    defaults (``TASK_DEFAULTS``), then the overrides (``--seeds [1] --data.test FILE``)."""
+    return read_config(path, overrides, read_yaml(TASK_DEFAULTS[task]))
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), output_dir: str | None = None
                 ) -> dict[str, Any]:
-    """Read a run configuration.
+    """Read an alignment run's configuration (``train.align``).
 
     Args:
         path: a YAML file (``yaml.safe_load``) or None for the defaults alone.
-        overrides: ``["--train.lr", "1e-3", "--loss.granularity", "batch", ...]``; values are parsed
-            with ``yaml.safe_load`` (``null``, ``true``, numbers, lists).
+        overrides: ``["--train.lr", "1e-3", "--loss.granularity", "batch", ...]`` (``parse_overrides``).
         output_dir: replaces ``output_dir`` when given.
 
     Returns:
         The full nested configuration dict.
 
     Raises:
-        ValueError: on unknown keys, wrong types, a value outside its choices, or malformed overrides.
+        ValueError: on a missing file, unknown keys, wrong types, a value outside its choices, or
+            malformed overrides.
     """
-    cfg = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
-        cfg = _merge(cfg, loaded)
-    if len(overrides) % 2:
-        raise ValueError(f"overrides come as '--key value' pairs, got {list(overrides)}")
-    for flag, raw in zip(overrides[::2], overrides[1::2]):
-        if not flag.startswith("--") or len(flag) < 3:
-            raise ValueError(f"override keys look like --train.lr, got {flag!r}")
-        keys = flag[2:].replace("-", "_").split(".")
-        update: dict[str, Any] = yaml.safe_load(raw) if raw != "" else ""
-        for key in reversed(keys):
-            update = {key: update}
-        cfg = _merge(cfg, update)
+    cfg = read_config(path, overrides, DEFAULTS)
     if output_dir is not None:
         cfg["output_dir"] = output_dir
     for (section, key), allowed in CHOICES.items():

@@ -10,7 +10,9 @@ Tasks:
     report           the comparison table against the paper and before/after bar plots from result JSONs
 
 Every task prints its numbers as one JSON line on stdout; with ``--output-dir`` the tasks that produce
-per-language numbers also write ``TASK.json`` and ``TASK.md`` there.
+per-language numbers also write ``TASK.json`` and ``TASK.md`` there. ``xnli`` and ``xquad`` take config
+overrides as ``train.align`` does: ``--seeds [1] --data.test XNLI-1.0/xnli.test.tsv`` (``train.config``).
+Bad input is one ``error:`` line (exit status 2), not a traceback.
 """
 
 from __future__ import annotations
@@ -18,49 +20,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-import yaml
+from train.config import TASK_DEFAULTS, HelpFormatter, load_task_config
+
+FINETUNE_TASKS = ("xnli", "xquad")
 
 
-def load_config(path: str, overrides: list[str]) -> dict:
-    """A task config (``yaml.safe_load``) with ``key=value`` overrides.
-
-    Args:
-        path: the YAML file.
-        overrides: ``key=value`` strings; values are parsed as YAML (``1e-4`` as a float), dotted keys reach
-            into sections (``data.train=path``).
-
-    Returns:
-        The config dict.
-    """
-    with open(path, encoding="utf-8") as fh:
-        cfg = yaml.safe_load(fh)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: a config must be a YAML mapping")
-    for item in overrides:
+def _legacy_set(items: list[str]) -> list[str]:
+    """``--set key=value`` (the old override syntax) as ``--key=value``, with a DeprecationWarning."""
+    if items:
+        warnings.warn("--set KEY=VALUE is deprecated: write --KEY VALUE (e.g. --seeds [1] --data.test FILE)",
+                      DeprecationWarning, stacklevel=2)
+    for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = cfg
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = _yaml_value(value)
-    return cfg
-
-
-def _yaml_value(text: str):
-    """A YAML scalar or list; numbers YAML 1.1 reads as strings (``1e-4``) become floats."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+            raise ValueError(f"--set {item!r} must look like KEY=VALUE (better: --KEY VALUE)")
+    return [f"--{item}" for item in items]
 
 
 def _finish(args: argparse.Namespace, name: str, result: dict) -> dict:
@@ -78,14 +54,14 @@ def _log(message: str) -> None:
 def _xnli(args: argparse.Namespace) -> dict:
     from train.eval import xnli
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_task_config("xnli", args.config, args.overrides)
     return _finish(args, "xnli", xnli.run(cfg, args.model, args.output_dir, log=_log))
 
 
 def _xquad(args: argparse.Namespace) -> dict:
     from train.eval import xquad
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_task_config("xquad", args.config, args.overrides)
     return _finish(args, "xquad", xquad.run(cfg, args.model, args.output_dir, log=_log))
 
 
@@ -143,6 +119,7 @@ def _align(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     links: list[list[tuple[int, int]]] = []
+    unconverged = 0
     with torch.no_grad():
         for start in range(0, len(pairs), args.batch_size):
             chunk = pairs[start:start + args.batch_size]
@@ -151,10 +128,20 @@ def _align(args: argparse.Namespace) -> dict:
                 batch = {k: v.to(device) for k, v in encode_words(tokenizer, words, args.max_length).items()}
                 side.append(word_embeddings(layer_states(model, batch, args.layer), batch["word_ids"], args.word_mode))
             (x, mx), (y, my) = side
-            links += otfast.word_alignments(x.float(), y.float(), mx, my, cost=args.cost, eps=args.eps,
-                                            method=args.method, threshold=args.threshold)
+            with warnings.catch_warnings(record=True) as caught:    # said once below, in terms of our options
+                warnings.simplefilter("always", RuntimeWarning)
+                # float64: in float32 the marginal error of many pairs stalls near 1e-6
+                links += otfast.word_alignments(x.double(), y.double(), mx, my, cost=args.cost, eps=args.eps,
+                                                n_iters=args.n_iters, tol=args.tol, method=args.method,
+                                                threshold=args.threshold)
+            unconverged += any(issubclass(w.category, RuntimeWarning) for w in caught)
+    if unconverged:
+        _log(f"align: in {unconverged} of {-(-len(pairs) // args.batch_size)} batches some pairs did not reach "
+             f"--tol {args.tol} within --n-iters {args.n_iters}; their links come from a plan that is not fully "
+             "converged: raise --n-iters (or --tol) if that matters")
     result = {"task": "align", "model": str(args.model), "n_pairs": len(pairs),
-              "n_links": sum(map(len, links)), "method": args.method, "cost": args.cost, "eps": args.eps}
+              "n_links": sum(map(len, links)), "method": args.method, "cost": args.cost, "eps": args.eps,
+              "n_iters": args.n_iters, "tol": args.tol, "unconverged_batches": unconverged}
     if args.output:
         al.write_pharaoh(args.output, links)
         result["output"] = str(args.output)
@@ -196,39 +183,46 @@ def _report(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every task (one sub-command each)."""
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    fmt = HelpFormatter
+    parser = argparse.ArgumentParser(prog="./dev python -m train.evaluate", description=__doc__.split("\n")[0],
+                                     formatter_class=fmt, allow_abbrev=False)
     sub = parser.add_subparsers(dest="task", required=True)
 
-    for name, fn, default_cfg in (("xnli", _xnli, "train/configs/eval_xnli.yaml"),
-                                  ("xquad", _xquad, "train/configs/eval_xquad.yaml")):
-        p = sub.add_parser(name, help=f"{name} zero-shot transfer (fine-tune on English, test every language)")
+    for name in FINETUNE_TASKS:
+        p = sub.add_parser(name, help=f"{name} zero-shot transfer (fine-tune on English, test every language)",
+                           formatter_class=fmt, allow_abbrev=False,
+                           epilog="Any other '--KEY VALUE' pair overrides the config, e.g. --seeds [1] "
+                                  "--data.test XNLI-1.0/xnli.test.tsv (keys: those of the default config).")
         p.add_argument("--model", required=True, help="hub name or folder of the encoder (before or after alignment)")
-        p.add_argument("--config", default=default_cfg, help=f"task config (default {default_cfg})")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.add_argument("--config", default=str(TASK_DEFAULTS[name]),
+                       help="task config; its keys override the default config's")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="deprecated: override a config key (write --KEY VALUE instead)")
         p.add_argument("--output-dir", help="writes NAME.json, NAME.md and predictions/SEED/LANG.*")
-        p.set_defaults(handler=fn)
+        p.set_defaults(handler=_xnli if name == "xnli" else _xquad)
 
-    p = sub.add_parser("score-squad", help="official SQuAD v1.1 EM / F1 (percent)")
+    p = sub.add_parser("score-squad", help="official SQuAD v1.1 EM / F1 (percent)", formatter_class=fmt)
     p.add_argument("--gold", required=True, help="SQuAD v1.1 / XQuAD JSON file")
     p.add_argument("--predictions", required=True, help="JSON object: question id -> answer text")
     p.set_defaults(handler=_score_squad)
 
-    p = sub.add_parser("score-alignment", help="AER, precision, recall (fractions)")
+    p = sub.add_parser("score-alignment", help="AER, precision, recall (fractions)", formatter_class=fmt)
     p.add_argument("--gold", required=True, help="Pharaoh file, 'i-j' sure and 'ipj' possible links")
     p.add_argument("--predictions", required=True, help="Pharaoh file, 'i-j' links")
     p.set_defaults(handler=_score_alignment)
 
     for name, fn, help_ in (("retrieval", _retrieval, "sentence retrieval accuracy, both directions"),
                             ("align", _align, "word alignments from OT plans, Pharaoh output")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, formatter_class=fmt)
         p.add_argument("--model", required=True, help="hub name or folder of the encoder")
         p.add_argument("--source", help="source sentences, one per line (words split by spaces), or "
                                         "'src ||| tgt' lines without --target")
         p.add_argument("--target", help="target sentences, line-aligned with --source")
-        p.add_argument("--synthetic", type=int, default=0, metavar="N", help="use N held-out synthetic pairs")
+        p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                       help="use N held-out synthetic pairs instead of --source / --target (0: off)")
         p.add_argument("--synthetic-seed", type=int, default=12345, help="sampler seed of --synthetic")
         p.add_argument("--layer", type=int, default=-1, help="hidden_states index (0 = embeddings, -1 = last)")
-        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--batch-size", type=int, default=64, help="sentence pairs per forward pass")
         p.add_argument("--max-length", type=int, default=128, help="tokens per sentence")
         p.add_argument("--output-dir", help="writes NAME.json and NAME.md")
         if name == "retrieval":
@@ -239,34 +233,62 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--word-mode", default="last", choices=("last", "first", "mean"),
                            help="word = its last sub-word (the paper's WordOT), first, or mean")
             p.add_argument("--method", default="intersection",
-                           choices=("forward", "backward", "intersection", "threshold"))
-            p.add_argument("--threshold", type=float, default=None, help="for --method threshold, in (0, 1]")
-            p.add_argument("--cost", default="cosine", choices=("cosine", "sqeuclidean"))
+                           choices=("forward", "backward", "intersection", "threshold"),
+                           help="links from the plan: argmax per source word (forward), per target word "
+                                "(backward), both (intersection), or entries above --threshold")
+            p.add_argument("--threshold", type=float, default=None,
+                           help="for --method threshold: link i-j when P_ij reaches this share (0, 1] of both "
+                                "the row and the column mass of the plan")
+            p.add_argument("--cost", default="cosine", choices=("cosine", "sqeuclidean"),
+                           help="ground cost between word vectors")
             p.add_argument("--eps", type=float, default=0.05, help="entropic temperature of the plan")
+            p.add_argument("--n-iters", type=int, default=20000, help="most Sinkhorn iterations per batch")
+            p.add_argument("--tol", type=float, default=1e-4, help="stop once the marginal error is below this")
         p.set_defaults(handler=fn)
 
-    p = sub.add_parser("report", help="comparison with the paper and before/after plots")
+    p = sub.add_parser("report", help="comparison with the paper and before/after plots", formatter_class=fmt)
     p.add_argument("--run", action="append", required=True, metavar="LABEL=RESULT.json",
                    help="a result file of xnli / xquad / retrieval, under a system label (repeatable)")
     p.add_argument("--before", help="label of the model before alignment (for the plots)")
     p.add_argument("--after", help="label of the model after alignment")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", required=True, help="where comparison.md and the plots go")
     p.set_defaults(handler=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run one task; print its result as a JSON line and return it."""
-    args = build_parser().parse_args(argv)
+    """Run one task; print its result as a JSON line and return it.
+
+    Raises:
+        ValueError, OSError: bad input (``cli`` prints them as one line).
+    """
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.task in FINETUNE_TASKS:
+        args.overrides = extra + _legacy_set(args.set)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     result = args.handler(args)
     printable = {k: v for k, v in result.items() if k not in ("config", "train_runs")}
     print(json.dumps(printable, sort_keys=True))
     return result
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with bad input as one ``error:`` line (status 2) and Ctrl-C as one line (130)."""
     try:
-        main()
-    except (ValueError, TypeError, FileNotFoundError) as err:
+        main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:                 # bad input; a bug (TypeError, ...) keeps its traceback
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
