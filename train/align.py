@@ -1,6 +1,6 @@
 """OT alignment fine-tuning of a multilingual encoder (Alqahtani et al., Findings of EMNLP 2021).
 
-    python -m train.align --config train/configs/tiny.yaml [--section.key value ...] [--output-dir DIR]
+    ./dev python -m train.align --config train/configs/tiny.yaml [--section.key value ...] [--output-dir DIR]
     accelerate launch -m train.align --config train/configs/paper_wordot.yaml      # DDP, many GPUs
 
 Per step and language pair (source, English): the words of both sides go through the encoder, each
@@ -14,24 +14,36 @@ pair (``loss.granularity: sentence``, averaged over the pairs of a language) or 
 of the batch (``batch``). AdamW, linear warm-up and decay, gradient accumulation and clipping,
 autocast, ``accelerate`` for DDP.
 
-Output folder: ``metrics.csv`` and ``tensorboard/`` (training curves), ``data_report.json``,
-``run_config.json``, ``checkpoints/step-N/`` (safetensors model, optimiser, scheduler, per-process RNG, data position;
-the run resumes from the newest one), ``model/`` (``save_pretrained`` model and tokenizer) and
-``metrics.json`` with ``retrieval_before`` / ``retrieval_after`` (held-out pairs, mean of both
-directions, averaged over languages) and the per-language details.
+Output folder: ``metrics.csv`` and ``tensorboard/`` (training curves; a resume drops the rows logged
+after its checkpoint, so no step repeats), ``data_report.json``, ``run_config.json``,
+``checkpoints/step-N/`` (safetensors model, optimiser, scheduler, per-process RNG, data position;
+written to a temporary folder and renamed, so a crash never leaves half a checkpoint; the run resumes
+from the newest usable one and falls back to the one before when it is damaged), ``model/``
+(``save_pretrained`` model and tokenizer) and ``metrics.json`` with ``retrieval_before`` /
+``retrieval_after`` (held-out pairs, mean of both directions, averaged over languages) and the
+per-language details.
+
+SIGINT / SIGTERM during training: a checkpoint at the end of the current step, one line, exit status
+128 + the signal (130 / 143); a second signal exits at once. The same command then resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import hashlib
 import json
+import os
 import random
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +56,52 @@ from safetensors.torch import load_model, save_model
 
 import otfast
 
-from .config import load_config
-from .data import LanguageData, batch_indices, load_pairs, prepare_language
-from .modeling import build_tiny_model, encode_words, layer_states, load_encoder, word_embeddings
+from .config import HelpFormatter, load_config
+from .data import DataReport, LanguageData, batch_indices, load_pairs, prepare_language
+from .modeling import build_tiny_model, encode_words, layer_states, load_encoder, token_check, word_embeddings
 from .retrieval import evaluate_retrieval
+
+CHECKPOINT_DIR = re.compile(r"step-(\d+)")
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM after writing a checkpoint; ``exit_code`` is 128 + the signal.
+    The message is empty on all but the main process (one line per run, not per process)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """Split the command line into ``--config`` / ``--output-dir`` and ``--section.key value`` overrides."""
-    parser = argparse.ArgumentParser(prog="python -m train.align", description=__doc__.split("\n\n")[0],
-                                     epilog="Any other '--section.key value' pair overrides the config, "
-                                            "e.g. --train.lr 1e-4 --loss.granularity batch.")
+    parser = argparse.ArgumentParser(prog="./dev python -m train.align", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter,
+                                     epilog="Any other '--section.key value' pair overrides the config (every key "
+                                            "is listed in train/config.py), e.g. --train.lr 1e-4 "
+                                            "--loss.granularity batch.")
     parser.add_argument("--config", required=True, help="YAML file, e.g. train/configs/tiny.yaml")
     parser.add_argument("--output-dir", default=None, help="output folder (default: the config's output_dir)")
     return parser.parse_known_args(argv)
 
 
-def build_data(cfg: dict[str, Any], base_dir: Path) -> list[LanguageData]:
-    """Load and prepare every language pair of the config (same result on every process)."""
+def load_raw(cfg: dict[str, Any], base_dir: Path) -> list[tuple[datasets.Dataset, DataReport]]:
+    """Read every language pair of the config (``train.data.load_pairs``)."""
+    return [load_pairs(spec, cfg["data"]["target_lang"], base_dir) for spec in cfg["data"]["languages"]]
+
+
+def prepare_data(cfg: dict[str, Any], raw: list[tuple[datasets.Dataset, DataReport]], check=None
+                 ) -> list[LanguageData]:
+    """Prepare every language pair (same result on every process); ``check`` as in ``prepare_language``."""
     d = cfg["data"]
-    out = []
-    for spec in d["languages"]:
-        dataset, report = load_pairs(spec, d["target_lang"], base_dir)
-        out.append(prepare_language(dataset, report, pairs_per_language=d["pairs_per_language"],
-                                    eval_pairs=d["eval_pairs"], min_words=d["min_words"],
-                                    max_words=d["max_words"], target_lang=d["target_lang"],
-                                    seed=cfg["seed"], num_proc=d["num_proc"]))
-    return out
+    return [prepare_language(dataset, copy.deepcopy(report), pairs_per_language=d["pairs_per_language"],
+                             eval_pairs=d["eval_pairs"], min_words=d["min_words"], max_words=d["max_words"],
+                             target_lang=d["target_lang"], seed=cfg["seed"], num_proc=d["num_proc"], check=check)
+            for dataset, report in raw]
 
 
 def lr_lambda(warmup: int, total: int):
@@ -80,6 +111,21 @@ def lr_lambda(warmup: int, total: int):
             return (step + 1) / (warmup + 1)
         return max(0.0, (total - step) / max(1, total - warmup))
     return factor
+
+
+def total_steps(cfg: dict[str, Any], num_processes: int) -> int:
+    """Optimizer steps of the whole run (``train.max_steps``, else ``train.epochs`` over the pairs).
+
+    Raises:
+        ValueError: if that is no step at all.
+    """
+    t = cfg["train"]
+    per_epoch = cfg["data"]["pairs_per_language"] // (t["batch_size"] * num_processes)
+    total = t["max_steps"] if t["max_steps"] is not None else t["epochs"] * per_epoch // t["grad_accum"]
+    if total < 1 or per_epoch < 1:
+        raise ValueError(f"no optimizer step to run: {cfg['data']['pairs_per_language']} pairs per language, "
+                         f"batch {t['batch_size']} x {num_processes} processes x accumulation {t['grad_accum']}")
+    return total
 
 
 def alignment_loss(model, reference, tokenizer, languages: list[LanguageData], indices: list[list[int]],
@@ -151,19 +197,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                          state["numpy_has_gauss"], state["numpy_gauss"]))
 
 
+def checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """``(N, folder/checkpoints/step-N)`` for every folder named ``step-<digits>``, oldest first (anything else
+    there, such as ``step-20.bak`` or ``step-old``, is not a checkpoint and is left alone)."""
+    matches = [(CHECKPOINT_DIR.fullmatch(p.name), p) for p in (folder / "checkpoints").glob("step-*")]
+    return sorted((int(m.group(1)), p) for m, p in matches if m and p.is_dir())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, scheduler, state: dict[str, Any],
                     keep: int) -> None:
-    """Write ``folder/checkpoints/step-N`` (N = ``state["step"]``) and prune all but the newest ``keep``.
+    """Write ``folder/checkpoints/step-N`` (N = ``state["step"]``) atomically, then prune.
 
     Plain state only: the model as safetensors, optimiser / scheduler / grad-scaler state dicts and
-    per-process RNG states with ``torch.save`` (tensors, numbers, lists), the trainer state as JSON.
-    The folder is written under a temporary name and renamed, so a crash never leaves half a checkpoint.
+    per-process RNG states with ``torch.save`` (tensors, numbers, lists), the trainer state as JSON. Every
+    file goes to ``.step-N.tmp``, is flushed to disk, and the folder is renamed to ``step-N``: a crash at
+    any point leaves the previous checkpoints as they were. Then checkpoints of steps after N (left by an
+    abandoned or damaged timeline) are removed, and all but the newest ``keep`` (``keep`` <= 0: all kept).
     """
     root = folder / "checkpoints"
-    final = root / f"step-{state['step']}"
-    tmp = root / f".tmp-step-{state['step']}"
+    step = state["step"]
+    final, tmp, old = root / f"step-{step}", root / f".step-{step}.tmp", root / f".step-{step}.old"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".step-*"):                # what an earlier crash mid-save left
+            shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
@@ -176,60 +240,135 @@ def save_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, sc
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
+        for path in tmp.iterdir():
+            _fsync(path)
+        _fsync(tmp)
+        if final.exists():
+            final.rename(old)
         tmp.rename(final)
-        for old in sorted(root.glob("step-*"), key=lambda p: int(p.name[5:]))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+        _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)
+        kept = [p for n, p in checkpoint_dirs(folder) if n <= step]
+        for n, path in checkpoint_dirs(folder):
+            if n > step or (keep > 0 and path in kept[:-keep]):
+                shutil.rmtree(path)
     accelerator.wait_for_everyone()
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete ``checkpoints/step-N`` folder, or None."""
-    done = [p for p in (folder / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name[5:]), default=None)
+def _problem(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
-def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote (``torch.load(weights_only=True)``); returns the trainer state.
+def _file(path: Path, use):
+    """``use(path)``, with any failure turned into a ``CheckpointError`` naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return use(path)
+    except Exception as exc:  # a damaged file can fail in any way (pickle, safetensors, json, shapes)
+        raise CheckpointError(f"{path} is unusable ({_problem(exc)})") from None
 
-    Raises:
-        ValueError: if the checkpoint was written by a different number of processes.
-    """
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state["num_processes"] != accelerator.num_processes:
-        raise ValueError(f"{path} was written by {state['num_processes']} processes, this run has "
-                         f"{accelerator.num_processes}: the data position would not match")
-    load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), device=str(accelerator.device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True))
+
+def _trainer_state(path: Path, step: int) -> dict[str, Any]:
+    state = json.loads(path.read_text())
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    for key, kinds in (("step", int), ("num_processes", int), ("elapsed", (int, float)),
+                       ("retrieval_before", dict)):
+        if key not in state:
+            raise ValueError(f"no '{key}'")
+        if not isinstance(state[key], kinds) or isinstance(state[key], bool):
+            raise ValueError(f"'{key}' is {state[key]!r}")
+    if state["step"] != step:
+        raise ValueError(f"says step {state['step']}, its folder says {step}")
     return state
 
 
-def retrieval(model, tokenizer, languages: list[LanguageData], cfg: dict[str, Any]) -> dict[str, Any]:
-    """Held-out retrieval accuracy per language and its mean over languages (``mean`` of both directions)."""
-    per_lang = {}
-    for lang in languages:
-        if lang.held_out:
-            src, tgt = zip(*lang.held_out)
-            per_lang[lang.lang] = evaluate_retrieval(
-                model, tokenizer, list(src), list(tgt), layer=cfg["model"]["layer"],
-                batch_size=cfg["train"]["retrieval_batch_size"], max_length=cfg["model"]["max_length"])
-    mean = float(np.mean([r["mean"] for r in per_lang.values()])) if per_lang else float("nan")
-    return {"mean": mean, "by_language": per_lang}
+def restore_checkpoint(path: Path, step: int, accelerator: Accelerator, model, optimizer, scheduler
+                       ) -> dict[str, Any]:
+    """Load what ``save_checkpoint`` wrote (``torch.load(weights_only=True)``, safetensors); returns the trainer
+    state.
+
+    Raises:
+        CheckpointError: naming the file that is missing or damaged (the model may then be half loaded:
+            restore another checkpoint or stop).
+        ValueError: if the checkpoint was written by a different number of processes.
+    """
+    state = _file(path / "trainer_state.json", lambda p: _trainer_state(p, step))
+    if state["num_processes"] != accelerator.num_processes:
+        raise ValueError(f"{path} was written by {state['num_processes']} processes, this run has "
+                         f"{accelerator.num_processes}: resume with as many processes (the data position depends "
+                         "on it), or start again in a new --output-dir")
+
+    def tensors(p: Path):
+        return torch.load(p, weights_only=True, map_location="cpu")
+
+    _file(path / "model.safetensors", lambda p: load_model(accelerator.unwrap_model(model), str(p)))  # copied in place
+    _file(path / "optimizer.pt", lambda p: optimizer.load_state_dict(tensors(p)))
+    _file(path / "scheduler.pt", lambda p: scheduler.load_state_dict(tensors(p)))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        _file(path / "scaler.pt", lambda p: accelerator.scaler.load_state_dict(tensors(p)))
+    _file(path / f"rng-{accelerator.process_index}.pt", lambda p: _set_rng_state(tensors(p)))
+    return state
+
+
+def resume(out: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict[str, Any] | None:
+    """Restore the newest usable checkpoint of ``out``; None when there is no checkpoint at all.
+
+    A damaged one is reported in one line naming the file and the problem, and the one before is tried
+    (every process must be able to use it).
+
+    Raises:
+        ValueError: when checkpoints exist but none is usable, or they come from another process count.
+    """
+    found = checkpoint_dirs(out)
+    for step, path in reversed(found):
+        try:
+            state, problem = restore_checkpoint(path, step, accelerator, model, optimizer, scheduler), None
+        except CheckpointError as exc:
+            state, problem = None, str(exc)
+        every = gather_object([problem]) if accelerator.num_processes > 1 else [problem]
+        problems = [p for p in every if p]
+        if not problems:
+            return state
+        for line in dict.fromkeys(problems):
+            accelerator.print(f"checkpoint {line}: skipping step-{step}", file=sys.stderr)
+    if found:
+        raise ValueError(f"no usable checkpoint in {out / 'checkpoints'} (see above): move the damaged ones away, "
+                         "or pass --train.resume false (or a new --output-dir) to start over")
+    return None
 
 
 class MetricsLog:
-    """Training curves to ``metrics.csv`` (appended on resume) and TensorBoard (main process only)."""
+    """Training curves to ``metrics.csv`` and TensorBoard (main process only).
 
-    def __init__(self, folder: Path, enabled: bool):
+    Opening the log at step k (a fresh run: 0) drops the rows of later steps that an interrupted run left
+    (and TensorBoard's events after k), so no step is ever logged twice.
+    """
+
+    def __init__(self, folder: Path, enabled: bool, start_step: int):
         self.enabled, self.folder, self.writer = enabled, folder, None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(folder / "tensorboard"))
+            self._truncate(start_step)
+            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=start_step + 1)
+
+    def _truncate(self, step: int) -> None:
+        path = self.folder / "metrics.csv"
+        if not path.is_file():
+            return
+        if step == 0:
+            path.unlink()
+            return
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(keep)
+        os.replace(tmp, path)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Append one row (columns fixed by the first row written) and the TensorBoard scalars."""
@@ -251,142 +390,200 @@ class MetricsLog:
             self.writer.close()
 
 
-def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | None:
-    """Run (or resume) one alignment fine-tuning.
+class StopSignals:
+    """SIGINT and SIGTERM while training: the first asks for a checkpoint at the next step boundary, a
+    second exits at once (status 128 + signal) without saving.
 
-    Args:
-        cfg: the configuration from ``train.config.load_config``.
-        base_dir: folder that relative data paths are resolved against.
-
-    Returns:
-        The final metrics (also written to ``metrics.json``) on the main process; None on the other
-        processes and when the run stops early (``train.stop_after_steps``).
+    A repeat within ``REPEAT_AFTER_S`` of the first is the same request delivered twice, not a second one:
+    Ctrl-C or a scheduler signals every process of the group, and a launcher (torchrun, ``accelerate
+    launch``) forwards what it receives to its workers at once. Used as a context manager around the
+    training loop (the previous handlers come back after it); ``requested()`` is the signal number every
+    process agrees on (one all-gather per step under DDP), or 0.
     """
-    import transformers
-    from tqdm.auto import tqdm
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    t = cfg["train"]
-    if t["num_threads"] is not None:
-        torch.set_num_threads(t["num_threads"])
-    accelerator = Accelerator(mixed_precision=t["mixed_precision"], cpu=t["cpu"],
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    main = accelerator.is_main_process
-    say = accelerator.print
-    out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg["seed"])
-    started = time.perf_counter()
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_AFTER_S = 3.0
 
-    languages = build_data(cfg, base_dir)
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.received = 0
+        self.received_at = 0.0
+        self.previous: dict[int, Any] = {}
+
+    def _write(self, line: str) -> None:
+        if self.accelerator.is_main_process:
+            os.write(2, f"\n{line}\n".encode())           # safe inside a signal handler, unlike print
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            if time.monotonic() - self.received_at < self.REPEAT_AFTER_S:
+                return
+            self._write(f"{name} again: exiting now without saving (the last checkpoint is kept)")
+            os._exit(128 + signum)
+        self.received, self.received_at = signum, time.monotonic()
+        self._write(f"{name} received: saving a checkpoint after this step, then stopping "
+                    f"(send it again, {self.REPEAT_AFTER_S:.0f} s or more later, to exit at once)")
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self) -> int:
+        """The signal received by any process (the largest number), or 0."""
+        if self.accelerator.num_processes == 1:
+            return self.received
+        flags = self.accelerator.gather(torch.tensor([self.received], device=self.accelerator.device))
+        return int(flags.max())
+
+
+def retrieval(model, tokenizer, languages: list[LanguageData], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Held-out retrieval accuracy per language and its mean over languages (``mean`` of both directions)."""
+    per_lang = {}
     for lang in languages:
-        say(lang.report.summary())
-    if main:
-        (out / "data_report.json").write_text(json.dumps([vars(lang.report) for lang in languages], indent=1))
-        (out / "run_config.json").write_text(json.dumps(cfg, indent=1))
+        if lang.held_out:
+            src, tgt = zip(*lang.held_out)
+            per_lang[lang.lang] = evaluate_retrieval(
+                model, tokenizer, list(src), list(tgt), layer=cfg["model"]["layer"],
+                batch_size=cfg["train"]["retrieval_batch_size"], max_length=cfg["model"]["max_length"])
+    mean = float(np.mean([r["mean"] for r in per_lang.values()])) if per_lang else float("nan")
+    return {"mean": mean, "by_language": per_lang}
 
+
+@dataclass
+class Run:
+    """Everything one alignment run trains with (``setup``)."""
+
+    cfg: dict[str, Any]
+    accelerator: Accelerator
+    out: Path
+    languages: list[LanguageData]
+    model: Any
+    reference: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ot_loss: otfast.SinkhornLoss
+    total: int
+
+    def say(self, message: str) -> None:
+        """Print on the main process."""
+        self.accelerator.print(message)
+
+
+def setup(cfg: dict[str, Any], accelerator: Accelerator, out: Path, base_dir: Path, total: int) -> Run:
+    """Data, model (the tiny one is built on the first run), reference copy, optimiser, scheduler, loss.
+
+    The data are checked with the model's own tokenizer: a pair that it leaves without a token on a side
+    (within ``model.max_length``) is dropped before batching and counted in ``data_report.json``. The tiny
+    model's tokenizer is trained on the training pairs before that check.
+    """
+    t, main = cfg["train"], accelerator.is_main_process
+    raw = load_raw(cfg, base_dir)
     model_path = cfg["model"]["name_or_path"]
     if model_path is None:
         model_path = out / "init_model"
         if main and not (model_path / "config.json").is_file():
-            texts = [s for lang in languages for pair in lang.train for s in pair]
+            texts = [s for lang in prepare_data(cfg, raw) for pair in lang.train for s in pair]
             build_tiny_model(texts, model_path, seed=cfg["seed"], **cfg["model"]["tiny"])
         accelerator.wait_for_everyone()
     with accelerator.main_process_first():
         model, tokenizer = load_encoder(model_path)
         reference, _ = load_encoder(model_path)
+    languages = prepare_data(cfg, raw, token_check(tokenizer, cfg["model"]["max_length"]))
+    for lang in languages:
+        accelerator.print(lang.report.summary())
+    if main:
+        (out / "data_report.json").write_text(json.dumps([vars(lang.report) for lang in languages], indent=1))
+        (out / "run_config.json").write_text(json.dumps(cfg, indent=1))
     reference.eval().requires_grad_(False).to(accelerator.device)
     model.train()
-
-    per_epoch = cfg["data"]["pairs_per_language"] // (t["batch_size"] * accelerator.num_processes)
-    total = t["max_steps"] if t["max_steps"] is not None else t["epochs"] * per_epoch // t["grad_accum"]
-    if total < 1 or per_epoch < 1:
-        raise ValueError(f"no optimizer step to run: {cfg['data']['pairs_per_language']} pairs per language, "
-                         f"batch {t['batch_size']} x {accelerator.num_processes} processes x accumulation "
-                         f"{t['grad_accum']}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=tuple(t["adam_betas"]), eps=t["adam_eps"],
                                   weight_decay=t["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(t["warmup_ratio"] * total), total))
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_cfg = {k: v for k, v in cfg["loss"].items() if k not in ("granularity", "reg_lambda")}
-    ot_loss = otfast.SinkhornLoss(**loss_cfg)
+    return Run(cfg, accelerator, out, languages, model, reference, tokenizer, optimizer, scheduler,
+               otfast.SinkhornLoss(**loss_cfg), total)
 
-    state = {"step": 0, "num_processes": accelerator.num_processes, "retrieval_before": None, "elapsed": 0.0}
-    ckpt = latest_checkpoint(out) if t["resume"] else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator, model, optimizer, scheduler)
-        say(f"resumed from {ckpt} at step {state['step']}")
-    else:
-        if main:
-            state["retrieval_before"] = retrieval(accelerator.unwrap_model(model), tokenizer, languages, cfg)
-            say(f"retrieval before alignment: {state['retrieval_before']['mean']:.3f}")
 
-    log = MetricsLog(out, main)
-    bar = tqdm(total=total, initial=state["step"], disable=not main, desc="align", dynamic_ncols=True)
-    stop_at = total if t["stop_after_steps"] is None else min(total, state["step"] + t["stop_after_steps"])
+def start_or_resume(run: Run) -> dict[str, Any]:
+    """The trainer state: restored from the newest usable checkpoint, or fresh (with retrieval before)."""
+    acc = run.accelerator
+    if run.cfg["train"]["resume"]:
+        state = resume(run.out, acc, run.model, run.optimizer, run.scheduler)
+        if state is not None:
+            run.say(f"resumed from {run.out / 'checkpoints' / ('step-' + str(state['step']))} at step {state['step']}")
+            return state
+    state = {"step": 0, "num_processes": acc.num_processes, "retrieval_before": None, "elapsed": 0.0}
+    if acc.is_main_process:
+        state["retrieval_before"] = retrieval(acc.unwrap_model(run.model), run.tokenizer, run.languages, run.cfg)
+        run.say(f"retrieval before alignment: {state['retrieval_before']['mean']:.3f}")
+    return state
+
+
+def optimizer_step(run: Run, step: int) -> tuple[dict[str, float], float]:
+    """One optimiser step (``grad_accum`` micro-batches); returns the mean loss parts and the gradient norm."""
+    t, acc = run.cfg["train"], run.accelerator
+    sums: dict[str, float] = {}
+    for micro in range(t["grad_accum"]):
+        idx = [batch_indices(len(lang.train), micro_step=step * t["grad_accum"] + micro, batch_size=t["batch_size"],
+                             num_processes=acc.num_processes, process_index=acc.process_index,
+                             seed=run.cfg["seed"]) for lang in run.languages]
+        sync = micro == t["grad_accum"] - 1
+        with acc.no_sync(run.model) if not sync else contextlib.nullcontext():
+            loss, parts = alignment_loss(run.model, run.reference, run.tokenizer, run.languages, idx, run.cfg,
+                                         run.ot_loss, acc.device, acc.autocast)
+            acc.backward(loss / t["grad_accum"])
+        for key, value in {"loss": loss.item(), **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value / t["grad_accum"]
+    grad_norm = acc.clip_grad_norm_(run.model.parameters(), t["max_grad_norm"])
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return sums, float(grad_norm)
+
+
+def train_steps(run: Run, state: dict[str, Any], stop_at: int, log: MetricsLog, signals: StopSignals) -> None:
+    """Train from ``state["step"]`` to ``stop_at``, logging and checkpointing; ``state`` is updated in place.
+
+    Raises:
+        Interrupted: after the checkpoint that a SIGINT / SIGTERM asked for.
+    """
+    from tqdm.auto import tqdm
+
+    t, acc = run.cfg["train"], run.accelerator
+    bar = tqdm(total=run.total, initial=state["step"], disable=not acc.is_main_process, desc="align",
+               dynamic_ncols=True)
     run_started = time.perf_counter() - state["elapsed"]
-    while state["step"] < stop_at:
-        sums: dict[str, float] = {}
-        for micro in range(t["grad_accum"]):
-            micro_step = state["step"] * t["grad_accum"] + micro
-            idx = [batch_indices(len(lang.train), micro_step=micro_step, batch_size=t["batch_size"],
-                                 num_processes=accelerator.num_processes,
-                                 process_index=accelerator.process_index, seed=cfg["seed"]) for lang in languages]
-            sync = micro == t["grad_accum"] - 1
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                loss, parts = alignment_loss(model, reference, tokenizer, languages, idx, cfg, ot_loss,
-                                             accelerator.device, accelerator.autocast)
-                accelerator.backward(loss / t["grad_accum"])
-            for key, value in {"loss": loss.item(), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value / t["grad_accum"]
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        bar.update(1)
-        if state["step"] % t["log_every"] == 0 or state["step"] == total:
-            values = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
-            row = dict(zip(sums, values.tolist()))
-            row.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                       elapsed=time.perf_counter() - run_started)
-            log.log(state["step"], row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", reg=f"{row['reg']:.3f}")
-        state["elapsed"] = time.perf_counter() - run_started
-        if (t["checkpoint_every"] and state["step"] % t["checkpoint_every"] == 0) or state["step"] == stop_at:
-            save_checkpoint(out, accelerator, model, optimizer, scheduler, state, t["keep_checkpoints"])
-    bar.close()
-    log.close()
-    if state["step"] < total:
-        say(f"stopped at step {state['step']} of {total}; run the same command again to resume")
-        return None
-
-    final = accelerator.unwrap_model(model)
-    replica_digests = gather_object([parameter_digest(final)])  # DDP keeps replicas equal: check it
-    if not main:
-        return None
-    final.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    after = retrieval(final, tokenizer, languages, cfg)
-    before = state["retrieval_before"]
-    metrics = {"retrieval_before": before["mean"], "retrieval_after": after["mean"],
-               "retrieval_before_by_language": before["by_language"],
-               "retrieval_after_by_language": after["by_language"],
-               "steps": state["step"], "train_seconds": state["elapsed"],
-               "total_seconds": time.perf_counter() - started, "num_processes": accelerator.num_processes,
-               "params_sha256": replica_digests[0], "replica_params_sha256": replica_digests,
-               "replicas_identical": len(set(replica_digests)) == 1}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    for lang in languages:
-        if lang.lang in after["by_language"]:
-            b, r = before["by_language"][lang.lang], after["by_language"][lang.lang]
-            say(f"{lang.lang}-{cfg['data']['target_lang']} retrieval on {len(lang.held_out)} held-out pairs (mean of "
-                f"both directions): before {b['mean']:.3f} -> after {r['mean']:.3f}")
-    say(f"retrieval_before {metrics['retrieval_before']:.3f}  retrieval_after {metrics['retrieval_after']:.3f}  "
-        f"({state['step']} steps, {metrics['total_seconds']:.0f} s); model in {out / 'model'}")
-    return metrics
+    try:
+        while state["step"] < stop_at:
+            sums, grad_norm = optimizer_step(run, state["step"])
+            state["step"] += 1
+            bar.update(1)
+            if state["step"] % t["log_every"] == 0 or state["step"] == run.total:
+                values = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean")
+                row = dict(zip(sums, values.tolist()))
+                row.update(lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                           elapsed=time.perf_counter() - run_started)
+                log.log(state["step"], row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", reg=f"{row['reg']:.3f}")
+            state["elapsed"] = time.perf_counter() - run_started
+            signum = signals.requested()
+            if (t["checkpoint_every"] and state["step"] % t["checkpoint_every"] == 0) or state["step"] == stop_at \
+                    or signum:
+                save_checkpoint(run.out, acc, run.model, run.optimizer, run.scheduler, state, t["keep_checkpoints"])
+            if signum:
+                raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {state['step']} of "
+                                          f"{run.total}; checkpoint {run.out / 'checkpoints'}/step-{state['step']}; "
+                                          "run the same command again to resume" if acc.is_main_process else "")
+    finally:
+        bar.close()
 
 
 def parameter_digest(model) -> str:
@@ -399,15 +596,119 @@ def parameter_digest(model) -> str:
     return digest.hexdigest()
 
 
+def finish(run: Run, state: dict[str, Any], first_step: int, started: float) -> dict[str, Any] | None:
+    """Save ``model/``, measure retrieval after, write ``metrics.json`` (main process; None elsewhere)."""
+    acc, out = run.accelerator, run.out
+    final = acc.unwrap_model(run.model)
+    replica_digests = gather_object([parameter_digest(final)])  # DDP keeps replicas equal: check it
+    if not acc.is_main_process:
+        return None
+    final.save_pretrained(out / "model")
+    run.tokenizer.save_pretrained(out / "model")
+    after = retrieval(final, run.tokenizer, run.languages, run.cfg)
+    before = state["retrieval_before"]
+    metrics = {"retrieval_before": before["mean"], "retrieval_after": after["mean"],
+               "retrieval_before_by_language": before["by_language"],
+               "retrieval_after_by_language": after["by_language"],
+               "steps": state["step"], "train_seconds": state["elapsed"],
+               "total_seconds": time.perf_counter() - started, "num_processes": acc.num_processes,
+               "params_sha256": replica_digests[0], "replica_params_sha256": replica_digests,
+               "replicas_identical": len(set(replica_digests)) == 1}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    for lang in run.languages:
+        if lang.lang in after["by_language"]:
+            b, r = before["by_language"][lang.lang], after["by_language"][lang.lang]
+            run.say(f"{lang.lang}-{run.cfg['data']['target_lang']} retrieval on {len(lang.held_out)} held-out pairs "
+                    f"(mean of both directions): before {b['mean']:.3f} -> after {r['mean']:.3f}")
+    now = state["step"] - first_step
+    steps = f"{state['step']} steps" + (f", {now} of them in this invocation" if first_step else "")
+    run.say(f"retrieval_before {metrics['retrieval_before']:.3f}  retrieval_after {metrics['retrieval_after']:.3f}  "
+            f"({steps}, {metrics['total_seconds']:.0f} s); model in {out / 'model'}")
+    return metrics
+
+
+def completed(out: Path, total: int) -> dict[str, Any] | None:
+    """The metrics of a run in ``out`` that already finished all ``total`` steps, or None."""
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("steps") == total else None
+
+
+def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | None:
+    """Run (or resume) one alignment fine-tuning.
+
+    Args:
+        cfg: the configuration from ``train.config.load_config``.
+        base_dir: folder that relative data paths are resolved against.
+
+    Returns:
+        The final metrics (also written to ``metrics.json``) on the main process; None on the other
+        processes and when the run stops early (``train.stop_after_steps``). A run that is already
+        complete trains nothing and returns its metrics.
+
+    Raises:
+        Interrupted: SIGINT / SIGTERM stopped training (after a checkpoint).
+        ValueError: bad data or configuration, or no usable checkpoint to resume from.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    t = cfg["train"]
+    if t["num_threads"] is not None:
+        torch.set_num_threads(t["num_threads"])
+    accelerator = Accelerator(mixed_precision=t["mixed_precision"], cpu=t["cpu"],
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    out = Path(cfg["output_dir"])
+    total = total_steps(cfg, accelerator.num_processes)
+    done = completed(out, total) if t["resume"] else None
+    if done is not None:
+        accelerator.print(f"{out} is already complete ({total} steps; retrieval {done['retrieval_before']:.3f} -> "
+                          f"{done['retrieval_after']:.3f}); model in {out / 'model'}. Nothing to do: use a new "
+                          "--output-dir or --train.resume false to train again")
+        return done if accelerator.is_main_process else None
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg["seed"])
+    started = time.perf_counter()
+    run = setup(cfg, accelerator, out, base_dir, total)
+    state = start_or_resume(run)
+    first_step = state["step"]
+    stop_at = total if t["stop_after_steps"] is None else min(total, first_step + t["stop_after_steps"])
+    log = MetricsLog(out, accelerator.is_main_process, first_step)
+    try:
+        with StopSignals(accelerator) as signals:
+            train_steps(run, state, stop_at, log, signals)
+    finally:
+        log.close()
+    if state["step"] < total:
+        run.say(f"stopped at step {state['step']} of {total}; run the same command again to resume")
+        return None
+    return finish(run, state, first_step, started)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (see the module docstring)."""
+    """Command-line entry point (see the module docstring); returns the exit status.
+
+    Bad input (config, data, model path, checkpoints) is one ``error:`` line and status 2; an interrupt is
+    one line and 128 + the signal.
+    """
     args, overrides = parse_args(argv)
     try:
-        cfg = load_config(args.config, overrides, output_dir=args.output_dir)
-    except ValueError as exc:
+        train(load_config(args.config, overrides, output_dir=args.output_dir))
+    except Interrupted as exc:
+        if str(exc):
+            print(exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT) outside a training step; the checkpoints on disk are kept: run the same "
+              "command again to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, OSError) as exc:                 # bad input; a bug (TypeError, ...) keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    train(cfg)
     return 0
 
 
