@@ -26,6 +26,7 @@ from pathlib import Path
 from train.config import TASK_DEFAULTS, HelpFormatter, load_task_config
 
 FINETUNE_TASKS = ("xnli", "xquad")
+MODEL_TASKS = (*FINETUNE_TASKS, "retrieval", "align")
 
 
 def _legacy_set(items: list[str]) -> list[str]:
@@ -262,11 +263,12 @@ def main(argv: list[str] | None = None) -> dict:
     Raises:
         ValueError, OSError: bad input (``cli`` prints them as one line).
     """
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.task in MODEL_TASKS:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()        # no "Loading weights" bar per model
     if args.task in FINETUNE_TASKS:
         args.overrides = extra + _legacy_set(args.set)
     elif extra:
