@@ -30,16 +30,17 @@ def _tool(name: str) -> str:
     return path
 
 
-def _signature(fn, constexprs: dict) -> dict:
-    """Triton type strings from the launcher's naming convention: UPPER = pointer, s*/n_*/N/M/D = i32."""
+def _signature(fn, constexprs: dict, float64_pointers: frozenset) -> dict:
+    """Triton type strings from the kernels' naming convention: UPPER = pointer (float64 when listed in
+    ``float64_pointers``, int32 for ITERS, else fp32), s*/n_*/N/M/D = i32, other scalars fp32."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _INTS or name.startswith(("s", "n_")):
             sig[name] = "i32"
-        elif name.isupper() or name[0].isupper():
-            sig[name] = "*i32" if name == "ITERS" else "*fp32"
+        elif name[0].isupper():
+            sig[name] = "*i32" if name == "ITERS" else "*fp64" if name in float64_pointers else "*fp32"
         else:
             sig[name] = "fp32"
     return sig
@@ -55,7 +56,8 @@ def check(config: tuple[str, dict, int]) -> dict:
 
     name, constexprs, warps = config
     fn = getattr(K, name)
-    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs)
+    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, constexprs, K.FLOAT64_POINTERS),
+                                    constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": NUM_STAGES})
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,9 @@ class SinkhornResult:
     """The solution of a batch of entropic OT problems.
 
     Attributes:
-        f: ``[B, N]`` dual potential on the rows (0 on padding).
-        g: ``[B, M]`` dual potential on the columns (0 on padding).
+        f: ``[B, N]`` dual potential on the rows (0 on padding), in the cost's dtype (float32 for
+            float16/bfloat16 costs). The solver keeps them in float64; ``plan()`` uses those.
+        g: ``[B, M]`` dual potential on the columns (0 on padding), likewise.
         value: ``[B]`` entropic OT value OT_eps = <P, C> + eps KL(P || a x b) (plus the marginal
             penalties when unbalanced), from the duals. Differentiable with respect to the cost
             (gradient: the plan, envelope theorem).
@@ -42,6 +43,8 @@ class SinkhornResult:
     log_a: torch.Tensor
     log_b: torch.Tensor
     eps: float
+    f64: torch.Tensor = field(repr=False)
+    g64: torch.Tensor = field(repr=False)
 
     def plan(self) -> torch.Tensor:
         """The transport plan P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps), ``[B, N, M]``, 0 on padding.
@@ -50,9 +53,9 @@ class SinkhornResult:
             >>> res = otfast.sinkhorn(torch.rand(5, 7), eps=0.1)
             >>> res.plan().sum()  # ~1
         """
-        f, g = self.f.unsqueeze(-1), self.g.unsqueeze(-2)
+        f, g = self.f64.unsqueeze(-1), self.g64.unsqueeze(-2)
         logp = self.log_a.unsqueeze(-1) + self.log_b.unsqueeze(-2) + (f + g - self.cost) / self.eps
-        return torch.exp(logp)
+        return torch.exp(logp).to(self.cost.dtype)
 
 
 def _unconverged(pots: Potentials, schedule: Schedule) -> torch.Tensor:
@@ -126,15 +129,21 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
     log_a, log_b = torch.log(wa), torch.log(wb)
     pots = resolve(backend, C.device).solve(Cw, log_a, log_b, schedule)
     _warn_unconverged(_unconverged(pots, schedule), schedule, "sinkhorn")
-    value = (wa * phi(pots.f, eps, rho)).sum(1) + (wb * phi(pots.g, eps, rho)).sum(1)
-    fields = [pots.f, pots.g, value, pots.n_iters, pots.error, Cw, log_a, log_b]
+    value = _dual_value(wa, pots.f, eps, rho) + _dual_value(wb, pots.g, eps, rho)
+    exact = [pots.f.double(), pots.g.double()]
+    fields = [pots.f.to(dtype), pots.g.to(dtype), value.to(dtype), pots.n_iters, pots.error.to(dtype), Cw, log_a,
+              log_b]
     if cost.requires_grad:
-        plan = SinkhornResult(*fields, eps).plan()
-        fields[2] = value + (plan * (Cm - Cw)).sum((1, 2))
+        plan = SinkhornResult(*fields, eps, *exact).plan()
+        fields[2] = fields[2] + (plan * (Cm - Cw)).sum((1, 2))
     if unbatched:
-        fields = [t[0] for t in fields]
-    result = SinkhornResult(*fields, eps)
-    return result
+        fields, exact = [t[0] for t in fields], [t[0] for t in exact]
+    return SinkhornResult(*fields, eps, *exact)
+
+
+def _dual_value(w: torch.Tensor, f: torch.Tensor, eps: float, rho: float | None) -> torch.Tensor:
+    """``[B]`` sum_i w_i phi(f_i), in float64 (the potentials' precision)."""
+    return (w.double() * phi(f.double(), eps, rho)).sum(1)
 
 
 class SinkhornLossFunction(torch.autograd.Function):
@@ -156,11 +165,12 @@ class SinkhornLossFunction(torch.autograd.Function):
         eps, rho = schedule.eps, schedule.rho
 
         problems = [backend.solve_points(x, y, alpha, beta, schedule, False, cost)]
-        value = (a * phi(problems[0].f, eps, rho)).sum(1) + (b * phi(problems[0].g, eps, rho)).sum(1)
+        value = _dual_value(a, problems[0].f, eps, rho) + _dual_value(b, problems[0].g, eps, rho)
         if debias:
             problems.append(backend.solve_points(x, x, alpha, alpha, schedule, True, cost))
             problems.append(backend.solve_points(y, y, beta, beta, schedule, True, cost))
-            value = value - (a * phi(problems[1].f, eps, rho)).sum(1) - (b * phi(problems[2].f, eps, rho)).sum(1)
+            value = value - _dual_value(a, problems[1].f, eps, rho) - _dual_value(b, problems[2].f, eps, rho)
+        value = value.to(x.dtype)
         unconverged = torch.stack([_unconverged(p, schedule) for p in problems])
         ctx.mark_non_differentiable(unconverged)
         ctx.backend, ctx.schedule, ctx.debias, ctx.cost = backend, schedule, debias, cost
@@ -176,21 +186,21 @@ class SinkhornLossFunction(torch.autograd.Function):
         d = schedule.damping(eps)
         gv = grad_value.unsqueeze(1)
         alpha, beta = torch.log(a), torch.log(b)
+
+        def upstream(w, f):  # dL/df * d for the potential f of a problem, in the compute dtype
+            return (gv * w * phi_prime(f, eps, rho) * d).to(x.dtype)
+
         xy = problems[0]
-        u = gv * a * phi_prime(xy.f, eps, rho) * d
-        v = gv * b * phi_prime(xy.g, eps, rho) * d
-        dx, dy = backend.grad_points(x, y, alpha, beta, xy, eps, d, u, v, cost)
+        dx, dy = backend.grad_points(x, y, alpha, beta, xy, eps, upstream(a, xy.f), upstream(b, xy.g), cost)
         grad_a, grad_b = phi(xy.f, eps, rho, grad=True), phi(xy.g, eps, rho, grad=True)
         if ctx.debias:
             xx, yy = problems[1], problems[2]
-            dx = dx - backend.grad_points(x, x, alpha, alpha, xx, eps, d,
-                                          gv * a * phi_prime(xx.f, eps, rho) * d, None, cost)[0]
-            dy = dy - backend.grad_points(y, y, beta, beta, yy, eps, d,
-                                          gv * b * phi_prime(yy.f, eps, rho) * d, None, cost)[0]
+            dx = dx - backend.grad_points(x, x, alpha, alpha, xx, eps, upstream(a, xx.f), None, cost)[0]
+            dy = dy - backend.grad_points(y, y, beta, beta, yy, eps, upstream(b, yy.f), None, cost)[0]
             grad_a = grad_a - phi(xx.f, eps, rho, grad=True)
             grad_b = grad_b - phi(yy.f, eps, rho, grad=True)
-        grad_a = torch.where(a > 0, gv * grad_a, torch.zeros_like(grad_a))
-        grad_b = torch.where(b > 0, gv * grad_b, torch.zeros_like(grad_b))
+        grad_a = torch.where(a > 0, gv * grad_a.to(a.dtype), torch.zeros_like(a))
+        grad_b = torch.where(b > 0, gv * grad_b.to(b.dtype), torch.zeros_like(b))
         return dx, dy, grad_a, grad_b, None, None, None, None
 
 

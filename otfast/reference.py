@@ -9,13 +9,27 @@ dampening d (1 for balanced OT):
 The loop (init, annealing, iterations at the final eps, final extrapolation) is described in
 ``otfast.schedule``. It keeps potentials 0 on padding; masked entries enter every LSE as -inf.
 
+Precision: this backend computes in float64 whatever the input dtype (inputs are converted, results
+rounded back once; the potentials stay float64, see ``Potentials``). It is the accuracy anchor, not a
+speed path. In fp32, at the paper's settings (C / eps ~ 1e5), three things each cost percent-level gradient
+errors (measured with ``python -m benchmarks.accuracy``): plan rows assumed to sum to 1, potentials rounded
+to fp32 (one rounding of a potential of the cost's size is a 1% change in the plan), and log-sum-exps
+rounded to fp32 at the large temperatures of the annealing (an absolute error of eps_k 2^-24 in the
+potentials that the following steps carry down to the final eps). The fused backends say in their headers
+how they avoid each.
+
 Gradients (envelope theorem, GeomLoss's convention): the final step f = T(g_prev), g = T~(f_prev) is
-differentiated with its inputs g_prev, f_prev held fixed, f through x only and g through y only. With
-the row-normalised S^x_ij = exp(beta_j + (g_prev_j - C_ij)/eps + f_i/(d eps)) and column-normalised
-S^y_ij = exp(alpha_i + (f_prev_i - C_ij)/eps + g_j/(d eps)), and upstream weights u_i = dL/df_i * d,
+differentiated with its inputs g_prev, f_prev held fixed, f through x only and g through y only. With the
+plan rows S^x_i = softmax_j(beta_j + (g_prev_j - C_ij) / eps), each normalised by its own log-sum-exp
+(never exp(... + f_i / (d eps)), whose rows sum to 1 only in exact arithmetic), likewise the columns
+S^y_j = softmax_i(alpha_i + (f_prev_i - C_ij) / eps), and upstream weights u_i = dL/df_i * d,
 v_j = dL/dg_j * d, the sqeuclidean cost C_ij = |x_i - y_j|^2 / 2 gives
 
-    dL/dx_i = u_i (x_i - sum_j S^x_ij y_j),      dL/dy_j = v_j (y_j - sum_i S^y_ij x_i).
+    dL/dx_i = u_i sum_j S^x_ij (x_i - y_j) = u_i (x_i - sum_j S^x_ij y_j),      dL/dy_j likewise.
+
+The second form (a matrix product) is computed on centred points; its cancellation costs about
+2^-53 max|y| / |x_i - (S y)_i| relative here, 2^-24 in an fp32 backend (``tests/test_accuracy.py`` measures
+it on nearly aligned points).
 
 The point functions take the raw points and a cost name: rows on padding (log-weight -inf) are
 ignored whatever they hold; "sqeuclidean" centres each pair on the mean of its valid points (the cost
@@ -42,8 +56,8 @@ COSTS = ("sqeuclidean", "cosine")
 class Potentials(NamedTuple):
     """What a solve returns; every backend returns the same fields.
 
-    f [B, N], g [B, M]: potentials after the final step (0 on padding).
-    f_prev [B, N], g_prev [B, M]: potentials the final step started from (needed by the backward).
+    f [B, N], g [B, M]: potentials after the final step (0 on padding), float64 whatever the input dtype.
+    f_prev [B, N], g_prev [B, M]: potentials the final step started from (needed by the backward), float64.
     n_iters [B] int32: updates run per pair (annealing steps included, the final step not).
     error [B]: residual of the final step (``otfast.schedule.residual``, rows plus columns).
     """
@@ -99,7 +113,7 @@ def sqeuclidean_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (xx + yy - x @ y.transpose(1, 2)).clamp_min(0)
 
 
-def _softmin(C: torch.Tensor, h: torch.Tensor, eps: float, damping: float, mask: torch.Tensor) -> torch.Tensor:
+def softmin(C: torch.Tensor, h: torch.Tensor, eps: float, damping: float, mask: torch.Tensor) -> torch.Tensor:
     """-d eps LSE_j(h_j - C_ij / eps) over the last axis, 0 where ``mask`` is False."""
     out = -damping * eps * torch.logsumexp(h.unsqueeze(1) - C / eps, dim=2)
     return torch.where(mask, out, torch.zeros_like(out))
@@ -110,26 +124,26 @@ def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Sc
     """Run the Sinkhorn loop on a batch of cost matrices.
 
     Args:
-        C: ``[B, N, M]`` cost, finite everywhere (padding entries are ignored).
+        C: ``[B, N, M]`` cost, finite everywhere (padding entries are ignored); converted to float64.
         alpha: ``[B, N]`` log-weights, -inf on padding; beta: ``[B, M]``.
         schedule: temperatures, iteration count, tolerance and rho.
         symmetric: C is symmetric and alpha == beta (the OT(a, a) problem of the debiased loss):
             one potential, f == g, and only the row pass runs.
 
     Returns:
-        ``Potentials``.
+        ``Potentials`` (float64 potentials and error).
     """
+    C, alpha, beta = C.double(), alpha.double(), beta.double()
     Ct = C.transpose(1, 2)
     mask_a, mask_b = alpha > -math.inf, beta > -math.inf
 
     def update(f, g, eps):
         d = schedule.damping(eps)
-        ft = _softmin(C, beta + g / eps, eps, d, mask_a)
-        gt = ft if symmetric else _softmin(Ct, alpha + f / eps, eps, d, mask_b)
+        ft = softmin(C, beta + g / eps, eps, d, mask_a)
+        gt = ft if symmetric else softmin(Ct, alpha + f / eps, eps, d, mask_b)
         return ft, gt
 
-    zero_f, zero_g = torch.zeros_like(alpha), torch.zeros_like(beta)
-    f, g = update(zero_f, zero_g, schedule.eps_init)
+    f, g = update(torch.zeros_like(alpha), torch.zeros_like(beta), schedule.eps_init)
     for eps in schedule.anneal:
         ft, gt = update(f, g, eps)
         f, g = (f + ft) / 2, (g + gt) / 2
@@ -155,36 +169,39 @@ def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Sc
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                  schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
-    """``solve`` on the cost ``cost`` between the raw points ``x [B, N, D]`` and ``y [B, M, D]``."""
-    return solve(sqeuclidean_cost(*prepare_points(x, y, alpha, beta, cost)), alpha, beta, schedule, symmetric)
+    """``solve`` on the cost ``cost`` between the raw points ``x [B, N, D]`` and ``y [B, M, D]`` (in float64)."""
+    xp, yp = prepare_points(x.double(), y.double(), alpha.double(), beta.double(), cost)
+    return solve(sqeuclidean_cost(xp, yp), alpha, beta, schedule, symmetric)
 
 
-def row_softmax(C: torch.Tensor, f: torch.Tensor, g_prev: torch.Tensor, beta: torch.Tensor,
-                mask_a: torch.Tensor, eps: float, damping: float) -> torch.Tensor:
-    """S_ij = exp(beta_j + (g_prev_j - C_ij)/eps + f_i/(d eps)): rows sum to 1 when f = T(g_prev)."""
-    S = torch.exp(beta.unsqueeze(1) + (g_prev.unsqueeze(1) - C) / eps + f.unsqueeze(2) / (damping * eps))
-    return torch.where(mask_a.unsqueeze(2), S, torch.zeros_like(S))
+def plan_rows(C: torch.Tensor, q: torch.Tensor, logw: torch.Tensor, eps: float, mask: torch.Tensor) -> torch.Tensor:
+    """S_ij = softmax_j(logw_j + (q_j - C_ij) / eps), each row normalised by its own log-sum-exp; 0 where
+    ``mask`` is False."""
+    S = torch.softmax(logw.unsqueeze(1) + (q.unsqueeze(1) - C) / eps, dim=2)
+    return torch.where(mask.unsqueeze(2), S, torch.zeros_like(S))
 
 
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
-                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
+                eps: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Envelope gradients of a loss through the final step, with respect to the raw points.
 
     Args:
         x, y: the raw points the solve ran on, and its ``cost``.
-        pots: the ``Potentials`` of that solve.
+        pots: the ``Potentials`` of that solve (only f_prev and g_prev are read).
         u: ``[B, N]`` = dL/df * damping; v: ``[B, M]`` = dL/dg * damping, or None to skip dy
             (the symmetric problems, where the second argument of C is held fixed, as in GeomLoss).
 
     Returns:
-        ``(dx [B, N, D], dy [B, M, D] or None)``.
+        ``(dx [B, N, D], dy [B, M, D] or None)`` in x's dtype.
     """
+    dtype = x.dtype
+    x, y, alpha, beta = x.double(), y.double(), alpha.double(), beta.double()
     xp, yp = prepare_points(x, y, alpha, beta, cost)
     C = sqeuclidean_cost(xp, yp)
-    Sx = row_softmax(C, pots.f, pots.g_prev, beta, alpha > -math.inf, eps, damping)
-    dx = prepare_grad(x, xp, u.unsqueeze(2) * (xp - Sx @ yp), alpha, cost)
+    Sx = plan_rows(C, pots.g_prev.double(), beta, eps, alpha > -math.inf)
+    dx = prepare_grad(x, xp, u.double().unsqueeze(2) * (xp - Sx @ yp), alpha, cost).to(dtype)
     if v is None:
         return dx, None
-    Sy = row_softmax(C.transpose(1, 2), pots.g, pots.f_prev, alpha, beta > -math.inf, eps, damping)
-    return dx, prepare_grad(y, yp, v.unsqueeze(2) * (yp - Sy @ xp), beta, cost)
+    Sy = plan_rows(C.transpose(1, 2), pots.f_prev.double(), alpha, eps, beta > -math.inf)
+    return dx, prepare_grad(y, yp, v.double().unsqueeze(2) * (yp - Sy @ xp), beta, cost).to(dtype)

@@ -1,7 +1,7 @@
 """The Triton backend against the torch reference: on CPU under ``TRITON_INTERPRET=1`` (set by conftest.py
 when there is no GPU), on the GPU when there is one (``benchmarks/gpu_suite.sh`` runs this file there).
 
-Both regimes run: resident (max(N, M) <= 64) and streaming (longer). Every output of every launch is
+Both regimes run: resident (max(N, M) <= 32) and streaming (longer). Every output of every launch is
 poisoned with NaN (integers with a sentinel) first, so an element a kernel forgets to write fails.
 Shapes stay small (D = 8) because the interpreter runs each kernel op in numpy.
 """
@@ -48,12 +48,12 @@ SETTINGS = {
     "fixed-cosine": dict(cost="cosine", eps=0.1, scaling=None, n_iters=40, debias=False),
     "anneal-debias": dict(blur=0.3, scaling=0.5, debias=True),
     "unbalanced": dict(blur=0.5, scaling=0.5, reach=1.0, debias=True),
-    "tol": dict(eps=0.5, scaling=None, n_iters=300, tol=1e-4, debias=False),
+    "tol": dict(eps=2.0, scaling=None, n_iters=300, tol=1e-4, debias=False),  # pairs stop after 23-61 updates
 }
-# (N, M): resident 1, 7, 37, 64; streaming 65, 129, 300.
-RESIDENT = [(1, 7), (7, 37), (37, 20), (64, 33)]
-CASES = [(n, m, s) for n, m in RESIDENT for s in SETTINGS] + [(129, 40, "tol"), (129, 40, "unbalanced"),
-                                                              (300, 37, "anneal-debias")]
+# (N, M): resident 1, 7, 32; streaming 37 (two tiles of rows) and 70 (three, the last one ragged).
+RESIDENT = [(1, 7), (7, 20), (32, 17)]
+CASES = [(n, m, s) for n, m in RESIDENT for s in SETTINGS] + [(37, 20, "tol"), (70, 33, "unbalanced"),
+                                                              (70, 37, "anneal-debias")]
 
 
 def _run(batch, backend, **kw):
@@ -80,23 +80,43 @@ def test_loss_and_gradients_match_reference(N, M, setting):
         assert_close(got[3], ref[3], rtol=1e-4, atol=1e-5, what="d weights_x")  # exact 0 at N = 1, up to rounding
 
 
-@pytest.mark.parametrize("N,M", [(7, 37), (129, 40)], ids=["resident", "streaming"])
-def test_paper_setting_within_fp32_tolerance_of_the_fp64_oracle(N, M):
-    """At eps = 0.0025 (the paper's blur = 0.05) C / eps is in the thousands, and fp32 rounding of the cost
-    moves potentials by ~1e-5 = 4e-3 eps in any fp32 solver (torch's included), so the kernel is held to the
-    float64 oracle with the fp32 tolerance of the GeomLoss targets (2e-3 relative), not to the fp32 torch run."""
+@pytest.mark.parametrize("N,M", [(7, 20), (48, 40)], ids=["resident", "streaming"])
+def test_paper_setting_matches_the_fp64_oracle(N, M):
+    """At eps = 0.0025 (the paper's blur = 0.05) C / eps is in the thousands: the fp32 kernels are held to the
+    float64 oracle with the accuracy matrix's bounds (value 2e-6, gradients 1e-4)."""
     oracle = _run(make_points(2, N, M, 8, dtype=torch.float64, seed=7), "torch")
     got = _run(make_points(2, N, M, 8, dtype=torch.float32, seed=7), "triton")
-    for g, o, what in zip(got[:3], oracle[:3], ("value", "dx", "dy")):
-        assert_close(g, o, dtype=torch.float32, what=what)
+    assert_close(got[0], oracle[0], rtol=2e-6, atol=0, what="value")
+    for g, o, what in zip(got[1:3], oracle[1:3], ("dx", "dy")):
+        assert_close(g, o, rtol=1e-4, atol=0, what=what)
 
 
-@pytest.mark.parametrize("N,M", [(7, 9), (40, 64), (129, 37)], ids=lambda v: str(v))
+@pytest.mark.parametrize("N,M", [(7, 5), (40, 37)], ids=["resident", "streaming"])
+def test_huge_cost_over_eps_stays_finite(N, M):
+    """C / eps ~ 1e10: the values match the cpu backend (which computes in float64) instead of -inf / NaN."""
+    cost = torch.rand(2, N, M, generator=torch.Generator().manual_seed(0)) * 1e6
+    want = otfast.sinkhorn(cost, eps=1e-4, n_iters=20, backend="torch")
+    got = otfast.sinkhorn(cost.to(DEVICE), eps=1e-4, n_iters=20, backend="triton")
+    assert torch.isfinite(got.value).all()
+    assert_close(got.value.cpu(), want.value, rtol=1e-6, atol=0, what="value")
+
+
+def test_single_token_pairs_have_exact_gradients():
+    """N = M = 1: the plan is 1, and the gradient of OT(x, y) = |x - y|^2 / 2 is exactly x - y."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 1, 8, generator=gen), torch.randn(4, 1, 8, generator=gen)
+    xs = x.to(DEVICE).requires_grad_()
+    otfast.sinkhorn_loss(xs, y.to(DEVICE), eps=1e-4, scaling=None, n_iters=3, debias=False, reduction="sum",
+                         backend="triton").backward()
+    assert_close(xs.grad.cpu(), x - y, rtol=1e-6, atol=0, what="dx")
+
+
+@pytest.mark.parametrize("N,M", [(7, 9), (40, 37)], ids=lambda v: str(v))
 @pytest.mark.parametrize("rho,scaling", [(None, None), (0.5, 0.7)], ids=["balanced-fixed", "unbalanced-anneal"])
 def test_sinkhorn_on_costs_matches_reference(N, M, rho, scaling):
     cost, a, b, mask_a, mask_b = _on_device(*(getattr(make_costs(3, N, M, dtype=torch.float32, seed=N + M), k)
                                               for k in ("cost", "a", "b", "mask_a", "mask_b")))
-    kw = dict(mask_a=mask_a, mask_b=mask_b, eps=0.05, n_iters=200, tol=1e-4, rho=rho, scaling=scaling)
+    kw = dict(mask_a=mask_a, mask_b=mask_b, eps=0.2, n_iters=200, tol=1e-4, rho=rho, scaling=scaling)
     ref = otfast.sinkhorn(cost, a, b, backend="torch", **kw)
     got = otfast.sinkhorn(cost, a, b, backend="triton", **kw)
     assert_close(got.value, ref.value, rtol=1e-5, atol=1e-7, what="value")
@@ -138,7 +158,7 @@ def test_strided_inputs():
     assert_close(got, ref, rtol=1e-5, atol=1e-7, what="value")
 
 
-@pytest.mark.parametrize("N,M", [(7, 37), (129, 40)], ids=["resident", "streaming"])
+@pytest.mark.parametrize("N,M", [(7, 20), (48, 40)], ids=["resident", "streaming"])
 def test_repeated_runs_are_bitwise_identical(N, M):
     batch = make_points(2, N, M, 8, dtype=torch.float32, seed=2)
     first, second = _run(batch, "triton"), _run(batch, "triton")

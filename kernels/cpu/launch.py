@@ -1,11 +1,12 @@
 """Host launcher of the fused C++ CPU Sinkhorn kernel (``otfast.kernels.cpu._sinkhorn``).
 
 The same three functions, signatures and semantics as ``otfast.reference`` (the torch backend):
-``solve``, ``solve_points`` and ``grad_points``. Tensors go to the extension as numpy views of
+``solve``, ``solve_points`` and ``grad_points``. Tensors go to the extension as float64 numpy views of
 contiguous CPU buffers (no torch headers at build time); the kernel runs every iteration of the whole
-batch in one call with the GIL released, on ``torch.get_num_threads()`` OpenMP threads, and computes in
-the input precision (float32 or float64). See ``kernels/cpu/sinkhorn.cpp`` for the update rule, the
-memory traffic and the threading; results do not depend on the thread count.
+batch in one call with the GIL released, on ``torch.get_num_threads()`` OpenMP threads, in double
+precision whatever the input dtype (the potentials come back in float64, the gradients in the input
+dtype). See ``kernels/cpu/sinkhorn.cpp`` for the update rule, the precision, the memory traffic and the
+threading; results do not depend on the thread count.
 
 ``UNAVAILABLE`` is None when the extension imported, else the reason it did not.
 """
@@ -30,12 +31,8 @@ else:
                                               "one thread"))
 
 
-def _dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _np(t: torch.Tensor, dtype: torch.dtype):
-    return t.detach().to(dtype).contiguous().numpy()
+def _np(t: torch.Tensor):
+    return t.detach().to(torch.float64).contiguous().numpy()
 
 
 def _schedule_args(schedule: Schedule, symmetric: bool) -> dict:
@@ -58,11 +55,9 @@ def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Sc
             schedule and symmetric as in the reference.
 
     Returns:
-        ``Potentials`` in C's precision (float32 or float64), n_iters int32.
+        ``Potentials`` (float64), n_iters int32.
     """
-    dt = _dtype(C)
-    return _potentials(_sinkhorn.solve_cost(_np(C, dt), _np(alpha, dt), _np(beta, dt),
-                                            **_schedule_args(schedule, symmetric)))
+    return _potentials(_sinkhorn.solve_cost(_np(C), _np(alpha), _np(beta), **_schedule_args(schedule, symmetric)))
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
@@ -72,34 +67,31 @@ def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: to
     The kernel masks, centres or normalises each pair (``otfast.reference.prepare_points``) and forms
     its cost tile once; neither leaves the cache.
     """
-    dt = _dtype(x)
-    return _potentials(_sinkhorn.solve_points(_np(x, dt), _np(y, dt), _np(alpha, dt), _np(beta, dt),
-                                              cosine=cost == "cosine", **_schedule_args(schedule, symmetric)))
+    return _potentials(_sinkhorn.solve_points(_np(x), _np(y), _np(alpha), _np(beta), cosine=cost == "cosine",
+                                              **_schedule_args(schedule, symmetric)))
 
 
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
-                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
+                eps: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Envelope gradients through the final step, as ``otfast.reference.grad_points``.
 
     Args:
         x, y: the raw points ``[B, N, D]``, ``[B, M, D]`` the solve ran on, and its ``cost``.
-        pots: the ``Potentials`` of that solve (only f, g, f_prev, g_prev are read).
+        pots: the ``Potentials`` of that solve (only f_prev and g_prev are read).
         u: ``[B, N]`` = dL/df * damping; v: ``[B, M]`` = dL/dg * damping, or None to skip dy.
 
     Returns:
-        ``(dx [B, N, D], dy [B, M, D] or None)`` in x's precision, 0 on padding rows.
+        ``(dx [B, N, D], dy [B, M, D] or None)`` in x's dtype, 0 on padding rows.
     """
-    dt = _dtype(x)
     (b, n, d), m = x.shape, y.shape[1]
     # One block for both gradients, written by the kernel in place. Measured page faults per forward+backward
     # at B=32, N=M=40, D=768 (each one a fresh page the OS zeroes): fresh numpy outputs ~2000, two torch
     # buffers ~1800, this single block ~200-300 (about 1 ms less per step).
-    both = torch.empty(b * (n + (0 if v is None else m)) * d, dtype=dt)
+    both = torch.empty(b * (n + (0 if v is None else m)) * d, dtype=torch.float64)
     dx = both[:b * n * d].view(b, n, d)
     dy = None if v is None else both[b * n * d:].view(b, m, d)
-    _sinkhorn.grad_points(_np(x, dt), _np(y, dt), _np(alpha, dt), _np(beta, dt), _np(pots.f, dt), _np(pots.g, dt),
-                          _np(pots.f_prev, dt), _np(pots.g_prev, dt), float(eps), float(damping), _np(u, dt),
-                          None if v is None else _np(v, dt), cost == "cosine", dx.numpy(),
+    _sinkhorn.grad_points(_np(x), _np(y), _np(alpha), _np(beta), _np(pots.f_prev), _np(pots.g_prev), float(eps),
+                          _np(u), None if v is None else _np(v), cost == "cosine", dx.numpy(),
                           None if dy is None else dy.numpy(), torch.get_num_threads())
-    return dx, dy
+    return dx.to(x.dtype), None if dy is None else dy.to(x.dtype)

@@ -19,14 +19,16 @@
 // formed once from x [N, D] and y [M, D] (2 N M D flops, 4x2 register blocks of dot products; measured at
 // B = 32, N = M = 40, D = 768 on one core: about 1.1 ms, against 1.9 ms for torch's MKL bmm + norms in
 // reference.sqeuclidean_cost, which would also write [B, N, M] to memory), then kept as
-// two scaled copies K = C / eps [N, M] and K^T [M, N] (8 N M bytes in fp32, 13 KB at N = M = 40: they
+// two scaled copies K = C / eps [N, M] and K^T [M, N] (16 N M bytes, 26 KB at N = M = 40: they
 // stay in L1/L2 for every iteration). Each soft-min reduces over the leading axis of one copy with SIMD
 // lanes across its trailing axis, the output index, so that every lane accumulates its own sum in a
 // fixed order: no horizontal reduction, results independent of the thread count. Per pair and
 // iteration: 2 N M exponentials, 2 N M subtract/max, N + M logarithms; nothing but the tile and the
-// [N], [M] vectors is touched. exp and log are branch-free polynomials (Cephes-style, about 1 ulp) on
-// 64-byte vectors (GCC vector extensions), cloned for AVX-512, AVX2 and baseline x86-64 and picked at
-// load time. glibc's vector math would need -ffast-math, which breaks the -inf of the masks: never used.
+// [N], [M] vectors is touched. exp and log are branch-free polynomials (about 1 ulp) on 32-byte vectors
+// (GCC vector extensions), cloned for AVX-512, AVX2 and baseline x86-64 and picked at load time. 32 bytes,
+// not 64: on AVX2, 64-byte generic vectors are split into register pairs and the 4 x 2 dot blocks spill
+// (measured on an AMD EPYC with AVX2: the cost tile 5x slower than with 32-byte vectors). glibc's vector
+// math would need -ffast-math, which breaks the -inf of the masks: never used.
 //
 // Kernel domain. At the final temperature the same update runs without the N M exponentials where it
 // can (Schmitzer's absorption, as in POT's sinkhorn_stabilized): with the row pass's kernel
@@ -40,10 +42,12 @@
 // and the final extrapolation step always run in the log domain. Measured at B = 32, N = M = 40, cosine,
 // eps 0.05 on 2 threads: 100 iterations take 1.2 ms instead of 2.1 ms.
 //
-// Backward (envelope theorem through the final step, see reference.grad_points): recompute the tile,
-// S^x_ij = exp(beta_j + (g_prev_j - C_ij)/eps + f_i/(d eps)) row by row, dx_i = u_i (x_i - sum_j S^x_ij y_j);
-// likewise dy_j = v_j (y_j - sum_i S^y_ji x_i) from the transposed tile. 4-row blocks share each loaded
-// y_j; every sum runs in j order. Memory: the tile and two [N, M] plan tiles per pair, never [B, N, M].
+// Backward (envelope theorem through the final step, see reference.grad_points): recompute the tile, then
+// each plan row S^x_i = softmax_j(beta_j + (g_prev_j - C_ij) / eps), normalised by its own log-sum-exp (a
+// max pass, then the exponentials and their sum: never exp(... + f_i / (d eps)), whose rows sum to 1 only
+// in exact arithmetic), and dx_i = u_i (x_i - sum_j S^x_ij y_j); likewise dy_j from the columns with f_prev.
+// 4-row blocks share each loaded y_j; every sum runs in j order. Memory: the tile and two [N, M] plan tiles
+// per pair, never [B, N, M].
 //
 // Threads: OpenMP over pairs (dynamic schedule); when the batch is smaller than the thread count and the
 // pairs are large (kSplitMin), one pair at a time with its rows and columns split across the threads
@@ -51,10 +55,13 @@
 // fixed order and every kernel-domain choice depends on the pair's data only, so results are bitwise
 // identical whatever the number of threads.
 //
-// Accumulation: in the input precision (fp32 for fp32 inputs, fp64 for fp64). The LSE sums add M
-// terms in [0, 1] to a total >= 1: relative error at most M 2^-24 in fp32 (typically sqrt(M) 2^-24),
-// the size of the float32 reference's own rounding of C / eps. Dot products use 16 (fp32) or 8 (fp64)
-// interleaved partial sums and a fixed tree.
+// Precision: double throughout, whatever the input dtype (the launcher converts float32 inputs and rounds
+// the gradients back once; the potentials come out in double). At the paper's settings C / eps reaches 1e5
+// and fp32 is not enough in three places (measured with python -m benchmarks.accuracy, see the README's
+// Numerics): the cost tile (the rounding of an fp32 dot product over D = 768 moves the plan by percents),
+// the potentials (one fp32 rounding of a potential of the cost's size is a 1% change in the plan), and the
+// log-sum-exps at the large temperatures of the annealing (an error of eps 2^-24 that later steps carry
+// down to the final eps). Dot products use 4 interleaved partial sums per lane and a fixed tree.
 
 #if defined(__SSE2__)
 #include <xmmintrin.h>
@@ -91,25 +98,19 @@
 namespace otk {
 
 // ----------------------------------------------------------------------------------------------
-// 64-byte vectors and the elementary functions on them (no tables, no branches, no calls).
+// 32-byte vectors of doubles and the elementary functions on them (no tables, no branches, no calls).
 // ----------------------------------------------------------------------------------------------
 
 template <class T>
 struct Simd;
 template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr int L = 16;
-};
-template <>
 struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-  static constexpr int L = 8;
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+  static constexpr int L = 4;
 };
 
-constexpr int kPad = 16;  // padding unit of every tile row and vector (a multiple of both lane counts)
+constexpr int kPad = 16;  // padding unit of every tile row and vector (a multiple of the lane count)
 
 inline int padded(int n) { return (n + kPad - 1) / kPad * kPad; }
 
@@ -150,25 +151,6 @@ OTK_INLINE V taylor_tail(V r) {
 }
 
 // exp on [lo, hi] (callers clamp): Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, then 2^k p(r).
-OTK_INLINE Simd<float>::V exp_core(Simd<float>::V xc) {
-  using V = Simd<float>::V;
-  using I = Simd<float>::I;
-  const V magic = splat<V>(12582912.0f);  // 1.5 * 2^23: round(x / ln 2) lands in the low mantissa bits
-  V t = xc * 1.44269504088896341f + magic;
-  V k = t - magic;
-  V r = xc - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  I ki = (I)t - (I)magic;
-  return p * (V)((ki + 127) << 23);
-}
-
 OTK_INLINE Simd<double>::V exp_core(Simd<double>::V xc) {
   using V = Simd<double>::V;
   using I = Simd<double>::I;
@@ -190,16 +172,11 @@ struct ExpRange;
 //
 // The kernel-domain iterations (kernel_pass) accept a sum of E_ij v_j over M terms in [floor, 1 / floor]
 // with every exponent of v within +-theta (v in [e^-theta, e^theta], normal). Then the largest term is
-// >= floor / M, and the terms that can change the sum in the working precision (within 2^-24 of it in
-// fp32, 2^-53 in fp64) are normal numbers, and so are the E_ij they come from: for M <= 2^13, E_ij >=
-// 2^(-40-13-24) e^-20 ~ 2^-106 in fp32 and 2^(-400-13-53) e^-200 ~ 2^-755 in fp64. The weights live in
-// the exponent of E (as in the log domain), never as separate factors that could underflow. Terms
-// below the normal range are therefore negligible, and flushing them to zero (FlushDenormals) changes
-// no accepted sum.
-template <>
-struct ExpRange<float> {
-  static constexpr float lo = -87.33654f, hi = 88.0f, floor = 0x1p-40f, theta = 20.0f;
-};
+// >= floor / M, and the terms that can change the sum in double precision (within 2^-53 of it) are normal
+// numbers, and so are the E_ij they come from: for M <= 2^13, E_ij >= 2^(-400-13-53) e^-200 ~ 2^-755. The
+// weights live in the exponent of E (as in the log domain), never as separate factors that could
+// underflow. Terms below the normal range are therefore negligible, and flushing them to zero
+// (FlushDenormals) changes no accepted sum.
 template <>
 struct ExpRange<double> {
   static constexpr double lo = -708.3964185322641, hi = 709.0, floor = 0x1p-400, theta = 200.0;
@@ -216,8 +193,8 @@ OTK_INLINE V vexp(V x) {
   return x > hi ? splat<V>(inf<T>()) : y;
 }
 
-// exp(x) for the terms of a log-sum-exp, x <= 0 and finite: below lo it returns exp(lo) (~1e-38 in fp32,
-// ~2e-308 in fp64) instead of 0, which cannot change a sum that is >= 1.
+// exp(x) for the terms of a log-sum-exp, x <= 0 and finite: below lo it returns exp(lo) (~2e-308) instead
+// of 0, which cannot change a sum that is >= 1.
 template <class V, class T = std::remove_reference_t<decltype(V{}[0])>>
 OTK_INLINE V vexp_lse(V x) {
   const V lo = splat<V>(ExpRange<T>::lo);
@@ -225,33 +202,6 @@ OTK_INLINE V vexp_lse(V x) {
 }
 
 // log(s) for positive normal s (the LSE sums are >= 1); -inf for s <= 0.
-OTK_INLINE Simd<float>::V vlog(Simd<float>::V s) {
-  using V = Simd<float>::V;
-  using I = Simd<float>::I;
-  I b = (I)s;
-  I e = ((b >> 23) & 0xff) - 127;
-  V m = (V)((b & 0x7fffff) | 0x3f800000);  // [1, 2)
-  auto big = m > splat<V>(1.41421356f);
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  V ef = __builtin_convertvector(e, V);
-  V z = m - 1.0f, zz = z * z;
-  V y = splat<V>(7.0376836292e-2f);
-  y = y * z - 1.1514610310e-1f;
-  y = y * z + 1.1676998740e-1f;
-  y = y * z - 1.2420140846e-1f;
-  y = y * z + 1.4249322787e-1f;
-  y = y * z - 1.6668057665e-1f;
-  y = y * z + 2.0000714765e-1f;
-  y = y * z - 2.4999993993e-1f;
-  y = y * z + 3.3333331174e-1f;
-  y = y * z * zz;
-  y = y + ef * -2.12194440e-4f;
-  y = y - 0.5f * zz;
-  V out = (z + y) + ef * 0.693359375f;
-  return s > V{} ? out : splat<V>(-inf<float>());
-}
-
 OTK_INLINE Simd<double>::V vlog(Simd<double>::V s) {
   using V = Simd<double>::V;
   using I = Simd<double>::I;
@@ -281,10 +231,10 @@ OTK_INLINE Simd<double>::V vlog(Simd<double>::V s) {
 }
 
 // |exp(t) - 1|, accurate for small |t| (the residual of a nearly converged pair): a Taylor series below
-// ln(2)/2 (degree 9 in fp32, 15 in fp64: truncation below half an ulp), exp(t) - 1 above.
+// ln(2)/2 (degree 15: truncation below half an ulp), exp(t) - 1 above.
 template <class V, class T = std::remove_reference_t<decltype(V{}[0])>>
 OTK_INLINE V vabs_expm1(V t) {
-  V p = taylor_tail<sizeof(T) == 4 ? 9 : 15>(t);
+  V p = taylor_tail<15>(t);
   V small = t + t * t * p;
   V at = t < V{} ? -t : t;
   V out = at < splat<V>(T(0.34657359027997264)) ? small : vexp(t) - T(1);
@@ -667,10 +617,7 @@ T ordered_sum(const T* v, int n) {
 // Rows [r0, r1) of E [R, lde] = exp(logw_r + (pr_r + pc_c - cost(r, c)) / eps), with cost(r, c) = C[r, c],
 // or C[c, r] when `transposed` (C [*, ldc]); 0 where a row or column weight is 0 (logw == -inf, the
 // padding columns c >= Q included). r is the index the soft-min sums over, so its weight sits in the
-// exponent, as in the log domain. The exponent is formed in double precision: the kernel is kept for
-// many iterations, and a rounding of (f + g - C) / eps ~ 1e2 in fp32 would bias every one of them the
-// same way (measured: potentials 10x further from the fp64 answer than the log domain's on a slowly
-// converging pair). Formation is rare, so the cost is small.
+// exponent, as in the log domain.
 template <class T>
 OTK_CLONES void kernel_rows(const T* C, int ldc, bool transposed, int Q, const T* pr, const T* logw_r, const T* pc,
                             const T* logw_c, double eps, int r0, int r1, T* E, int lde) {
@@ -986,22 +933,37 @@ void solve_pair(const T* C, int ldc, const T* alpha_in, const T* beta_in, int N,
 // Backward.
 // ----------------------------------------------------------------------------------------------
 
-// Rows [lo, hi) of S [R, lds]: S[r, c] = exp(logw_c + (prev_c - A[r, c]) / eps + pot_r / (d eps)), 0 on
-// rows with logw_r == -inf. logw_c, prev_c padded to lds (logw_c = -inf there), A [R, lds].
+// Rows [lo, hi) of S [R, lds]: S[r, c] = softmax_c(logw_c + (prev_c - A[r, c]) / eps), each row normalised
+// by its own sum (the max of its exponents first, so no term overflows); 0 on rows with logw_r == -inf.
+// logw_c, prev_c padded to lds (logw_c = -inf there), A [R, lds].
 template <class T>
-OTK_CLONES void plan_rows(const T* A, int lds, const T* logw_c, const T* prev_c, const T* pot_r, const T* logw_r,
-                          T eps, T deps, int lo, int hi, T* S) {
+OTK_CLONES void plan_rows(const T* A, int lds, const T* logw_c, const T* prev_c, const T* logw_r, T eps, int lo,
+                          int hi, T* S) {
+  using V = typename Simd<T>::V;
   constexpr int L = Simd<T>::L;
+  const V ninf = splat<V>(-inf<T>());
   for (int r = lo; r < hi; ++r) {
     T* s = S + (int64_t)r * lds;
     if (logw_r[r] == -inf<T>()) {
       std::fill(s, s + lds, T(0));
       continue;
     }
-    const T fr = pot_r[r] / deps;
     const T* ar = A + (int64_t)r * lds;
-    for (int c = 0; c < lds; c += L)
-      store(s + c, vexp((load(logw_c + c) + (load(prev_c + c) - load(ar + c)) / eps) + fr));
+    V m = ninf;
+    for (int c = 0; c < lds; c += L) {
+      const V z = load(logw_c + c) + (load(prev_c + c) - load(ar + c)) / eps;
+      store(s + c, z);
+      m = m > z ? m : z;
+    }
+    const V mx = splat<V>(lane_max<T>(m));
+    V sum{};
+    for (int c = 0; c < lds; c += L) {
+      const V e = vexp(load(s + c) - mx);
+      store(s + c, e);
+      sum += e;
+    }
+    const V inv = splat<V>(T(1) / hsum<T>(sum));
+    for (int c = 0; c < lds; c += L) store(s + c, load(s + c) * inv);
   }
 }
 
@@ -1090,7 +1052,7 @@ using Arr = py::array_t<T, py::array::c_style>;
 template <class T>
 const T* data_of(const py::array& a, const char* name, std::vector<py::ssize_t> shape) {
   if (!py::isinstance<py::array_t<T>>(a))
-    throw std::invalid_argument(std::string(name) + " must have the dtype of the other inputs (float32 or float64)");
+    throw std::invalid_argument(std::string(name) + " must be a float64 array (the launcher converts the inputs)");
   if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + " must be C-contiguous");
   if (a.ndim() != (py::ssize_t)shape.size())
     throw std::invalid_argument(std::string(name) + " has the wrong number of dimensions");
@@ -1160,28 +1122,26 @@ T* out_of(const py::array& a, const char* name, std::vector<py::ssize_t> shape) 
 
 template <class T>
 void grad_impl(const py::array& x_in, const py::array& y_in, const py::array& alpha_in, const py::array& beta_in,
-               const py::array& f_in, const py::array& g_in, const py::array& fp_in, const py::array& gp_in,
-               double eps, double damping, const py::array& u_in, const std::optional<py::array>& v_in, bool cosine,
-               const py::array& dx_out, const std::optional<py::array>& dy_out, int threads) {
+               const py::array& fp_in, const py::array& gp_in, double eps, const py::array& u_in,
+               const std::optional<py::array>& v_in, bool cosine, const py::array& dx_out,
+               const std::optional<py::array>& dy_out, int threads) {
   if (x_in.ndim() != 3 || y_in.ndim() != 3) throw std::invalid_argument("x, y must be [B, N, D], [B, M, D]");
   const int B = (int)x_in.shape(0), N = (int)x_in.shape(1), M = (int)y_in.shape(1), D = (int)x_in.shape(2);
   const T* x = data_of<T>(x_in, "x", {B, N, D});
   const T* y = data_of<T>(y_in, "y", {B, M, D});
   const T* alpha = data_of<T>(alpha_in, "alpha", {B, N});
   const T* beta = data_of<T>(beta_in, "beta", {B, M});
-  const T* f = data_of<T>(f_in, "f", {B, N});
-  const T* g = data_of<T>(g_in, "g", {B, M});
   const T* fp = data_of<T>(fp_in, "f_prev", {B, N});
   const T* gp = data_of<T>(gp_in, "g_prev", {B, M});
   const T* u = data_of<T>(u_in, "u", {B, N});
   const T* v = v_in ? data_of<T>(*v_in, "v", {B, M}) : nullptr;
-  if (!(eps > 0) || !(damping > 0)) throw std::invalid_argument("eps and damping must be > 0");
+  if (!(eps > 0)) throw std::invalid_argument("eps must be > 0");
   if (v_in.has_value() != dy_out.has_value()) throw std::invalid_argument("v and dy are given together or not at all");
   T* dxo = out_of<T>(dx_out, "dx", {B, N, D});
   T* dyo = v ? out_of<T>(*dy_out, "dy", {B, M, D}) : nullptr;
   {
     py::gil_scoped_release release;
-    const T et = static_cast<T>(eps), det = static_cast<T>(damping * eps);
+    const T et = static_cast<T>(eps);
     const int Np = padded(N), Mp = padded(M);
     const bool same = x == y && alpha == beta && N == M;
     BackwardWork<T> proto(N, M, D);
@@ -1194,7 +1154,7 @@ void grad_impl(const py::array& x_in, const py::array& y_in, const py::array& al
       int lo, hi;
       team.range(N, lo, hi);
       const std::vector<T> beta_p = padded_copy(bb, M, -inf<T>()), gp_p = padded_copy(gp + (int64_t)b * M, M, T(0));
-      plan_rows(C, Mp, beta_p.data(), gp_p.data(), f + (int64_t)b * N, ab, et, det, lo, hi, w.Sx.data());
+      plan_rows(C, Mp, beta_p.data(), gp_p.data(), ab, et, lo, hi, w.Sx.data());
       plan_times_points(w.Sx.data(), Mp, M, yb, xb, u + (int64_t)b * N, D, lo, hi, dxb);
       if (cosine) normalise_grad_rows(xb, w.pts.rx.data(), D, lo, hi, dxb);
       if (v) {
@@ -1202,7 +1162,7 @@ void grad_impl(const py::array& x_in, const py::array& y_in, const py::array& al
         team.range(M, lo, hi);
         transpose_scaled(C, Mp, N, T(1), lo, hi, w.Ct.data(), Np);
         const std::vector<T> alpha_p = padded_copy(ab, N, -inf<T>()), fp_p = padded_copy(fp + (int64_t)b * N, N, T(0));
-        plan_rows(w.Ct.data(), Np, alpha_p.data(), fp_p.data(), g + (int64_t)b * M, bb, et, det, lo, hi, w.Sy.data());
+        plan_rows(w.Ct.data(), Np, alpha_p.data(), fp_p.data(), bb, et, lo, hi, w.Sy.data());
         plan_times_points(w.Sy.data(), Np, N, xb, yb, v + (int64_t)b * M, D, lo, hi, dyb);
         if (cosine) normalise_grad_rows(yb, same ? w.pts.rx.data() : w.pts.ry.data(), D, lo, hi, dyb);
       }
@@ -1210,8 +1170,6 @@ void grad_impl(const py::array& x_in, const py::array& y_in, const py::array& al
     });
   }
 }
-
-bool is_f64(const py::array& a) { return py::isinstance<py::array_t<double>>(a); }
 
 }  // namespace otk
 
@@ -1230,8 +1188,7 @@ PYBIND11_MODULE(_sinkhorn, m) {
          double eps, int64_t n_iters, std::optional<double> tol, std::optional<double> rho, bool symmetric,
          int threads) {
         Plan plan = make_plan(anneal, eps, n_iters, tol, rho);
-        return is_f64(C) ? solve_impl<double>(&C, nullptr, nullptr, alpha, beta, plan, symmetric, false, threads)
-                         : solve_impl<float>(&C, nullptr, nullptr, alpha, beta, plan, symmetric, false, threads);
+        return solve_impl<double>(&C, nullptr, nullptr, alpha, beta, plan, symmetric, false, threads);
       },
       py::arg("C"), py::arg("alpha"), py::arg("beta"), py::arg("anneal"), py::arg("eps"), py::arg("n_iters"),
       py::arg("tol"), py::arg("rho"), py::arg("symmetric"), py::arg("threads"),
@@ -1242,8 +1199,7 @@ PYBIND11_MODULE(_sinkhorn, m) {
          const std::vector<double>& anneal, double eps, int64_t n_iters, std::optional<double> tol,
          std::optional<double> rho, bool symmetric, bool cosine, int threads) {
         Plan plan = make_plan(anneal, eps, n_iters, tol, rho);
-        return is_f64(x) ? solve_impl<double>(nullptr, &x, &y, alpha, beta, plan, symmetric, cosine, threads)
-                         : solve_impl<float>(nullptr, &x, &y, alpha, beta, plan, symmetric, cosine, threads);
+        return solve_impl<double>(nullptr, &x, &y, alpha, beta, plan, symmetric, cosine, threads);
       },
       py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"), py::arg("anneal"), py::arg("eps"),
       py::arg("n_iters"), py::arg("tol"), py::arg("rho"), py::arg("symmetric"), py::arg("cosine"), py::arg("threads"),
@@ -1251,18 +1207,12 @@ PYBIND11_MODULE(_sinkhorn, m) {
       "cost, normalised for the cosine one); returns as solve_cost.");
   m.def(
       "grad_points",
-      [](const py::array& x, const py::array& y, const py::array& alpha, const py::array& beta, const py::array& f,
-         const py::array& g, const py::array& f_prev, const py::array& g_prev, double eps, double damping,
-         const py::array& u, const std::optional<py::array>& v, bool cosine, const py::array& dx,
-         const std::optional<py::array>& dy, int threads) {
-        if (is_f64(x))
-          grad_impl<double>(x, y, alpha, beta, f, g, f_prev, g_prev, eps, damping, u, v, cosine, dx, dy, threads);
-        else
-          grad_impl<float>(x, y, alpha, beta, f, g, f_prev, g_prev, eps, damping, u, v, cosine, dx, dy, threads);
-      },
-      py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"), py::arg("f"), py::arg("g"), py::arg("f_prev"),
-      py::arg("g_prev"), py::arg("eps"), py::arg("damping"), py::arg("u"), py::arg("v"), py::arg("cosine"),
-      py::arg("dx"), py::arg("dy"), py::arg("threads"),
+      [](const py::array& x, const py::array& y, const py::array& alpha, const py::array& beta,
+         const py::array& f_prev, const py::array& g_prev, double eps, const py::array& u,
+         const std::optional<py::array>& v, bool cosine, const py::array& dx, const std::optional<py::array>& dy,
+         int threads) { grad_impl<double>(x, y, alpha, beta, f_prev, g_prev, eps, u, v, cosine, dx, dy, threads); },
+      py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"), py::arg("f_prev"), py::arg("g_prev"),
+      py::arg("eps"), py::arg("u"), py::arg("v"), py::arg("cosine"), py::arg("dx"), py::arg("dy"), py::arg("threads"),
       "Writes the envelope gradients with respect to the raw points through the final step into dx [B, N, D] and "
       "dy [B, M, D] (given with v), 0 on padding rows. The caller allocates them (see launch.grad_points).");
 }

@@ -3,20 +3,19 @@
 Implements the backend interface of ``otfast.backends`` (``solve``, ``solve_points``, ``grad_points``,
 same signatures and semantics as ``otfast.reference``). Two regimes behind one entry:
 
-- resident (max(N, M) <= ``RESIDENT_MAX`` = 64): one program per pair holds the whole cost tile in registers;
+- resident (max(N, M) <= ``RESIDENT_MAX`` = 32): one program per pair holds both cost tiles in registers;
   extra device memory: the potentials, O(B (N + M)).
-- streaming (longer): the fp32 cost is written once, 4 B N M bytes, then streamed tile by tile.
+- streaming (longer): the cost is written once as two fp32 tiles (8 B N M bytes), then streamed.
 
 The backward is one tiled kernel for every length, launched for dx and again (roles swapped) for dy.
-Arithmetic is fp32 whatever the input dtype; float64 inputs are computed in fp32 and returned as float64.
-``OTFAST_TRITON_PRECISION`` (default "ieee") sets the ``tl.dot`` precision of the cost and of S @ y;
-"tf32x3" runs on tensor cores at near-fp32 accuracy (plain tf32, ~1e-3 relative, is too coarse for small
-eps and is not offered). The resident kernel forms its cost tile with exact fp32 FMAs whatever this says.
+The points are prepared (masked, centred or normalised) in float64 by ``otfast.reference.prepare_points``
+and the potentials are float64; the N M work is fp32 (``sinkhorn.py`` says where and why float64 is used).
+``OTFAST_TRITON_PRECISION`` (default "ieee") sets the ``tl.dot`` precision of S @ y in the backward;
+"tf32x3" runs it on tensor cores at near-fp32 accuracy (plain tf32, ~1e-3 relative, is not offered).
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -33,14 +32,14 @@ except ImportError as exc:  # the package installs and runs without triton
 else:
     UNAVAILABLE = None
 
-RESIDENT_MAX = 64
+RESIDENT_MAX = 32
 DESCRIPTION = f"fused Triton kernels: register-resident tiles up to {RESIDENT_MAX} x {RESIDENT_MAX}, streaming beyond"
 PRECISIONS = ("ieee", "tf32x3")
-STREAM_BLOCK = 64
-COST_BLOCK = (64, 64, 32)
-GRAD_BLOCK = (64, 64, 32, 64)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
+STREAM_BLOCK = 32
+COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
+GRAD_BLOCK = (64, 32, 16, 64)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
 GRAD_WARPS = 8
-STREAM_WARPS = 8
+STREAM_WARPS = 4
 COST_WARPS = 4
 # No software pipelining: prefetched tiles would stay live in registers and spill (checked with
 # ``python -m benchmarks.kernel_resources``); the kernels are exp-bound, not load-latency bound.
@@ -55,29 +54,29 @@ def precision() -> str:
 
 
 def resident_config(n: int, m: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the resident kernel for an n x m problem: a square power-of-two tile."""
-    block = max(16, triton.next_power_of_2(max(n, m)))
-    return block, 8 if block >= 64 else 4
+    """(BLOCK, num_warps) of the resident kernel for an n x m problem (n, m <= ``RESIDENT_MAX``): one square
+    tile. A 16 x 16 tile was tried too: at 2 or 4 warps one of its variants spills 8 bytes whichever the
+    warp count, and small pairs are launch-bound anyway."""
+    return RESIDENT_MAX, 8
 
 
 def configs() -> list[tuple[str, dict, int]]:
     """Every (kernel, constexprs, num_warps) the launchers can choose (all with ``NUM_STAGES``): what the
     sm_90 resource check compiles."""
     out = []
-    for block in (16 << i for i in range(int(math.log2(RESIDENT_MAX // 16)) + 1)):
-        warps = resident_config(block, block)[1]
-        for from_points in (True, False):
-            for symmetric in (False, True):
-                for has_tol in (False, True):
-                    out.append(("_sinkhorn_resident_kernel", dict(BLOCK_N=block, BLOCK_M=block,
-                                FROM_POINTS=from_points, SYMMETRIC=symmetric, HAS_TOL=has_tol), warps))
+    block, warps = resident_config(RESIDENT_MAX, RESIDENT_MAX)
+    for from_points in (True, False):
+        for symmetric in (False, True):
+            for has_tol in (False, True):
+                out.append(("_sinkhorn_resident_kernel", dict(BLOCK_N=block, BLOCK_M=block, FROM_POINTS=from_points,
+                                                              SYMMETRIC=symmetric, HAS_TOL=has_tol), warps))
     for symmetric in (False, True):
         for has_tol in (False, True):
             out.append(("_sinkhorn_streaming_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
                         SYMMETRIC=symmetric, HAS_TOL=has_tol), STREAM_WARPS))
+    bn, bm, bk = COST_BLOCK
+    out.append(("_cost_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk), COST_WARPS))
     for prec in PRECISIONS:
-        bn, bm, bk = COST_BLOCK
-        out.append(("_cost_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, PRECISION=prec), COST_WARPS))
         bn, bm, bk, bdo = GRAD_BLOCK
         out.append(("_grad_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=prec),
                     GRAD_WARPS))
@@ -89,11 +88,16 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _schedule_args(schedule: Schedule, device: torch.device) -> tuple:
-    anneal = torch.tensor(schedule.anneal or (0.0,), dtype=torch.float32, device=device)
+def _schedule(schedule: Schedule, device: torch.device) -> torch.Tensor:
+    """float64 [eps_init, annealing temperatures..., eps, 1 / rho] (0 when balanced): scalars in float64,
+    which kernel arguments cannot be."""
     inv_rho = 0.0 if schedule.rho is None else 1.0 / schedule.rho
-    return (anneal, len(schedule.anneal), schedule.eps_init, schedule.eps, schedule.n_iters,
-            schedule.tol if schedule.tol is not None else 0.0, inv_rho)
+    return torch.tensor((schedule.eps_init, *schedule.anneal, schedule.eps, inv_rho), dtype=torch.float64,
+                        device=device)
+
+
+def _loop_args(schedule: Schedule) -> tuple:
+    return len(schedule.anneal), schedule.n_iters, schedule.tol if schedule.tol is not None else 0.0
 
 
 def _check(alpha: torch.Tensor, beta: torch.Tensor, n: int, m: int, b: int) -> None:
@@ -102,15 +106,19 @@ def _check(alpha: torch.Tensor, beta: torch.Tensor, n: int, m: int, b: int) -> N
                          f"{b} x {n} x {m} problem")
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64).contiguous()
+
+
 def _outputs(b: int, n: int, m: int, device: torch.device) -> list[torch.Tensor]:
-    f32 = torch.float32
-    return [_empty((b, n), f32, device), _empty((b, m), f32, device), _empty((b, n), f32, device),
-            _empty((b, m), f32, device), _empty((b,), torch.int32, device), _empty((b,), f32, device)]
+    f64 = torch.float64
+    return [_empty((b, n), f64, device), _empty((b, m), f64, device), _empty((b, n), f64, device),
+            _empty((b, m), f64, device), _empty((b,), torch.int32, device), _empty((b,), torch.float32, device)]
 
 
-def _finish(outs: list[torch.Tensor], dtype: torch.dtype) -> Potentials:
+def _finish(outs: list[torch.Tensor]) -> Potentials:
     f, g, f_prev, g_prev, iters, err = outs
-    return Potentials(f.to(dtype), g.to(dtype), f_prev.to(dtype), g_prev.to(dtype), iters, err.to(dtype))
+    return Potentials(f, g, f_prev, g_prev, iters, err.double())
 
 
 def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, d):
@@ -122,41 +130,39 @@ def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, d):
         X, Y, COST, strides = x, y, x, (*x.stride(), *y.stride(), 0, 0, 0)
     else:
         X, Y, COST, strides = cost, cost, cost, (0, 0, 0, 0, 0, 0, *cost.stride())
-    anneal, *tail = _schedule_args(schedule, alpha.device)
     K._sinkhorn_resident_kernel[(b,)](
-        X, Y, COST, alpha.float().contiguous(), beta.float().contiguous(), anneal, *outs, n, m, d, *strides, *tail,
-        BLOCK_N=block, BLOCK_M=block, FROM_POINTS=from_points, SYMMETRIC=symmetric,
+        X, Y, COST, _f64(alpha), _f64(beta), _schedule(schedule, alpha.device), *outs, n, m, d, *strides,
+        *_loop_args(schedule), BLOCK_N=block, BLOCK_M=block, FROM_POINTS=from_points, SYMMETRIC=symmetric,
         HAS_TOL=schedule.tol is not None, num_warps=warps, num_stages=NUM_STAGES)
     return outs
 
 
-def _streaming(cost, alpha, beta, schedule, symmetric):
-    b, n, m = cost.shape
+def _streaming(cost_hi, cost_lo, alpha, beta, schedule, symmetric):
+    b, n, m = cost_hi.shape
     device = alpha.device
-    f_prev = torch.zeros((b, n), dtype=torch.float32, device=device)
-    g_prev = f_prev if symmetric else torch.zeros((b, m), dtype=torch.float32, device=device)
-    f = _empty((b, n), torch.float32, device)
-    g = f if symmetric else _empty((b, m), torch.float32, device)
+    f_prev = torch.zeros((b, n), dtype=torch.float64, device=device)
+    g_prev = f_prev if symmetric else torch.zeros((b, m), dtype=torch.float64, device=device)
+    f = _empty((b, n), torch.float64, device)
+    g = f if symmetric else _empty((b, m), torch.float64, device)
     iters, err = _empty((b,), torch.int32, device), _empty((b,), torch.float32, device)
-    anneal, *tail = _schedule_args(schedule, device)
     K._sinkhorn_streaming_kernel[(b,)](
-        cost, alpha.float().contiguous(), beta.float().contiguous(), anneal, f_prev, g_prev, f, g, iters, err,
-        n, m, *cost.stride(), *tail,
+        cost_hi, cost_lo, _f64(alpha), _f64(beta), _schedule(schedule, device), f_prev, g_prev, f, g, iters, err,
+        n, m, *cost_hi.stride(), *_loop_args(schedule),
         BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None,
         num_warps=STREAM_WARPS, num_stages=NUM_STAGES)
     return [f, g, f_prev, g_prev, iters, err]
 
 
-def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[B, N, M]`` cost |x_i - y_j|^2 / 2 of centred points ``x [B, N, D]``, ``y [B, M, D]``."""
+def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)``, fp32 ``[B, N, M]`` each: the cost |x_i - y_j|^2 / 2 of centred float64 points
+    ``x [B, N, D]``, ``y [B, M, D]``, accumulated in float64 and split as hi + lo."""
     (b, n, d), m = x.shape, y.shape[1]
-    cost = _empty((b, n, m), torch.float32, x.device)
+    hi, lo = _empty((b, n, m), torch.float32, x.device), _empty((b, n, m), torch.float32, x.device)
     bn, bm, bk = COST_BLOCK
     K._cost_kernel[(b, triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        x, y, cost, n, m, d, *x.stride(), *y.stride(),
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, PRECISION=precision(), num_warps=COST_WARPS,
+        x, y, hi, lo, n, m, d, *x.stride(), *y.stride(), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS,
         num_stages=NUM_STAGES)
-    return cost
+    return hi, lo
 
 
 def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
@@ -164,52 +170,50 @@ def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Sc
     """The Sinkhorn loop on precomputed costs ``C [B, N, M]`` (see ``otfast.reference.solve``)."""
     b, n, m = C.shape
     _check(alpha, beta, n, m, b)
-    cost = C.float()
+    cost = _f64(C)
     if max(n, m) <= RESIDENT_MAX:
-        outs = _resident(None, None, cost, alpha, beta, schedule, symmetric, n, m, 1)
-    else:
-        outs = _streaming(cost.contiguous(), alpha, beta, schedule, symmetric)
-    return _finish(outs, C.dtype)
+        return _finish(_resident(None, None, cost, alpha, beta, schedule, symmetric, n, m, 1))
+    hi = cost.float()
+    return _finish(_streaming(hi, (cost - hi.double()).float(), alpha, beta, schedule, symmetric))
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                  schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
     """The Sinkhorn loop on the cost ``cost`` between the raw points ``x [B, N, D]``, ``y [B, M, D]``.
 
-    The points are masked and centred or normalised by ``otfast.reference.prepare_points`` (elementwise
-    torch ops). Up to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once
-    in fp32.
+    The points are masked and centred or normalised in float64 by ``otfast.reference.prepare_points``
+    (elementwise torch ops). Up to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is
+    written once as two fp32 tiles.
     """
     (b, n, d), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
-    x, y = prepare_points(x, y, alpha, beta, cost)
+    xp, yp = prepare_points(x.double(), y.double(), alpha.double(), beta.double(), cost)
     if max(n, m) <= RESIDENT_MAX:
-        outs = _resident(x, y, None, alpha, beta, schedule, symmetric, n, m, d)
-    else:
-        outs = _streaming(cost_matrix(x, y), alpha, beta, schedule, symmetric)
-    return _finish(outs, x.dtype)
+        return _finish(_resident(xp, yp, None, alpha, beta, schedule, symmetric, n, m, d))
+    return _finish(_streaming(*cost_matrix(xp, yp), alpha, beta, schedule, symmetric))
 
 
-def _grad(x, y, f, g_prev, alpha, beta, u, eps, damping):
+def _grad(x, y, f, g_prev, alpha, beta, u, eps):
     (b, n, d), m = x.shape, y.shape[1]
     out = _empty((b, n, d), torch.float32, x.device)
     bn, bm, bk, bdo = GRAD_BLOCK
-    k = 1.0 / (eps * math.log(2.0))  # log2(e) / eps
     K._grad_kernel[(b, triton.cdiv(n, bn), triton.cdiv(d, bdo))](
-        x, y, f.float().contiguous(), g_prev.float().contiguous(), alpha.float().contiguous(),
-        beta.float().contiguous(), u.float().contiguous(), out, n, m, d, *x.stride(), *y.stride(), k, 1.0 / damping,
+        x, y, _f64(f), _f64(g_prev), _f64(alpha), _f64(beta), torch.tensor([eps], dtype=torch.float64, device=x.device),
+        u.float().contiguous(), out, n, m, d, *x.stride(), *y.stride(),
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS,
         num_stages=NUM_STAGES)
-    return out.to(x.dtype)
+    return out
 
 
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
-                eps: float, damping: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
+                eps: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Envelope gradients with respect to the raw points (see ``otfast.reference.grad_points``), no [B, N, M]
-    buffer."""
-    xp, yp = prepare_points(x, y, alpha, beta, cost)
-    dx = prepare_grad(x, xp, _grad(xp, yp, pots.f, pots.g_prev, alpha, beta, u, eps, damping), alpha, cost)
+    buffer; in x's dtype."""
+    xp, yp = prepare_points(x.double(), y.double(), alpha.double(), beta.double(), cost)
+    dxp = _grad(xp, yp, pots.f, pots.g_prev, alpha, beta, u, eps)
+    dx = prepare_grad(x.float(), xp.float(), dxp, alpha, cost).to(x.dtype)
     if v is None:
         return dx, None
-    return dx, prepare_grad(y, yp, _grad(yp, xp, pots.g, pots.f_prev, beta, alpha, v, eps, damping), beta, cost)
+    dyp = _grad(yp, xp, pots.g, pots.f_prev, beta, alpha, v, eps)
+    return dx, prepare_grad(y.float(), yp.float(), dyp, beta, cost).to(x.dtype)

@@ -1,34 +1,52 @@
 """Fused log-domain Sinkhorn kernels (Triton): forward and envelope backward, no [B, N, M] in the backward.
 
-Math (per pair; see ``otfast.reference`` for the specification these kernels implement). With
-C_ij = |x_i - y_j|^2 / 2, log-weights alpha, beta (-inf on padding), d = 1 / (1 + eps / rho):
+Math: the update, damping and loop of ``otfast.schedule`` (the one written specification; the names here
+follow it). Per pair, with C_ij = |x_i - y_j|^2 / 2, log-weights alpha, beta (-inf on padding) and
+d = 1 / (1 + eps / rho):
 
-    row soft-min     T(g)_i  = -d eps LSE_j( beta_j  + (g_j - C_ij) / eps )
-    column soft-min  T~(f)_j = -d eps LSE_i( alpha_i + (f_i - C_ij) / eps )
-    loop             f, g <- (f + T(g)) / 2, (g + T~(f)) / 2   (annealing, then n_extra at the final eps,
-                     a pair stops on its own once its residual <= tol), then f, g <- T(g), T~(f)
+    T(g)_i  = -d eps LSE_j( beta_j  + (g_j - C_ij) / eps ),   T~(f)_j likewise over i.
 
-Everything runs in base 2: with k = log2(e) / eps, LSE_j(z_j) = ln 2 * LSE2_j(log2(e) z_j), so each entry
-of a pass costs a subtraction and an FMA (beta2_j + k (g_j - C_ij)), a max, an exp2 and an add.
+Precision. The N M work runs in fp32; what fp32 cannot hold runs in float64 (the float64 torch backend is
+the yardstick: ``python -m benchmarks.accuracy``):
 
-Kernels and their memory traffic (fp32 throughout; inputs of any float dtype are upcast on load):
+- Potentials are float64 (registers for the resident kernel, global buffers when streaming): at the
+  paper's C / eps ~ 1e5 one fp32 rounding of a potential of the cost's size moves the plan by 1%.
+- The cost is formed from float64 prepared points with float64 accumulation (FMAs, or DMMA ``tl.dot``) and
+  kept as two fp32 tiles, C = C_hi + C_lo: an fp32 dot product over D = 768 is off by several units in the
+  last place, which at that C / eps is a percent-level change of the plan.
+- Fast passes (every temperature up to ``PRECISE_RATIO`` times the final one): with p the potential being
+  updated and q the one summed over, u_ij = C_ij - p_i - q_j is formed without rounding large numbers:
+  (s, e) = TwoSum(C_hi_ij, -ph_i), u_ij = (s - qh_j) + (e + C_lo_ij), where ph, qh are the fp32 roundings
+  of p, q; near the plan's support s - qh_j is exact (Sterbenz), so the exponent -u k (k = log2(e) / eps)
+  carries only its own rounding. The low parts ql = q - qh go into the column weights, those of p cancel:
+  T(q)_i = d (ph_i - eps ln2 LSE2_j(beta2_j + ql_j k - u_ij k)). About 12 fp32 operations and one exp2
+  per entry.
+- Precise passes (larger temperatures: the first steps of the annealing): exponents, maxima and sums in
+  float64, the exponentials in fp32. An fp32 log-sum-exp at temperature eps leaves an absolute error of
+  about eps 2^-24 in the potentials, which the following steps carry down to the final eps (measured with
+  the torch backend's loop: 5e-4 relative gradient error at D = 768, scale 1 in the paper setting; 1e-7
+  with float64 log-sum-exps above 256 times the final eps).
+- The backward normalises each plan row by its own log-sum-exp (online, as flash-attention's forward),
+  never assuming that rows built from the stored potentials sum to 1.
 
-- ``_sinkhorn_resident_kernel``: one program per pair, the whole cost tile (up to 64 x 64) in registers,
-  computed on chip from x and y (``tl.dot``, 2 D flops per entry, once) or loaded from a precomputed cost.
-  Reads x, y (or C) once, writes f, g, f_prev, g_prev, the iteration count and the residual:
+Everything is base 2 (exp2/log2) in the fp32 parts; masked entries are -inf in every LSE, and the running
+max is guarded so an all -inf row gives 0, never NaN.
+
+Kernels and their memory traffic:
+
+- ``_sinkhorn_resident_kernel``: one program per pair, both cost tiles (up to 64 x 64) in registers,
+  formed on chip from x and y (2 D float64 FMAs per entry, once) or loaded from a precomputed float64
+  cost. Reads x, y (or C) once, writes f, g, f_prev, g_prev, the iteration count and the residual:
   O(N D + M D) bytes in, O(N + M) out. Per iteration 2 N M exponentials (N M when symmetric).
-- ``_cost_kernel`` + ``_sinkhorn_streaming_kernel``: any length. The cost is written once in fp32
-  (4 N M bytes per pair: recomputing it from x, y every pass would cost 2 D flops per entry per pass,
-  far above the exp and bandwidth floors), then each pass streams it tile by tile with an online
-  log-sum-exp; potentials live in small [B, N] / [B, M] buffers (L2 resident).
-- ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = exp2(beta2_j + k (g_j - C_ij + f_i / d)):
-  grid (pair, row block, output feature block); C tiles are recomputed from x, y and S is multiplied
-  into y with ``tl.dot``, flash-attention style. Called once for dx and once (roles swapped) for dy.
-  Reads x, y, potentials; writes dx: no [B, N, M] buffer.
-
-Precision: cost tiles and S @ y use ``input_precision`` chosen by the launcher ("ieee" by default; tf32
-has ~1e-3 relative error, far too coarse when C / eps reaches 1e4). Masked entries are -inf in every
-LSE; the running max is guarded so an all -inf row gives 0, never NaN.
+- ``_cost_kernel`` + ``_sinkhorn_streaming_kernel``: any length. The cost is written once as C_hi, C_lo
+  (8 N M bytes per pair; recomputing it from x, y every pass would cost 2 D flops per entry per pass),
+  then each pass streams it tile by tile with an online log-sum-exp; the float64 potentials live in
+  [B, N] / [B, M] buffers (L2 resident).
+- ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps):
+  grid (pair, row block, output feature block); cost tiles are recomputed from x, y (DMMA), S is
+  accumulated into y with ``tl.dot`` (fp32 ``input_precision`` from the launcher) and a running max, and
+  divided by its row sums at the end. Called once for dx and once (roles swapped) for dy. Reads x, y and
+  the potentials; writes dx: no [B, N, M] buffer.
 """
 
 import triton
@@ -36,6 +54,12 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# Passes at a temperature above PRECISE_RATIO times the final one run in float64 (see the module docstring).
+PRECISE_RATIO = tl.constexpr(256.0)
+# Pointer arguments that hold float64 (every other pointer holds fp32, ITERS int32): the launchers pass
+# these, and the sm_90 resource check (``python -m benchmarks.kernel_resources``) compiles with them.
+FLOAT64_POINTERS = frozenset({"X", "Y", "COST", "ALPHA", "BETA", "SCHED", "F", "G", "F_PREV", "G_PREV", "FT",
+                              "GT"})
 
 
 @triton.jit
@@ -46,129 +70,201 @@ def _expm1(x):
 
 
 @triton.jit
-def _residual(f_old, f_new, logw2, eps):
-    """sum_i w_i |exp((f_old_i - f_new_i) / eps) - 1| with w = exp2(logw2) (0 where logw2 = -inf)."""
-    w = tl.where(logw2 > float("-inf"), tl.exp2(logw2), 0.0)
-    return tl.sum(w * tl.abs(_expm1((f_old - f_new) / eps)), axis=0)
+def _residual(f_old, f_new, w, eps):
+    """sum_i w_i |exp((f_old_i - f_new_i) / eps) - 1| (float64 potentials, fp32 weights and sum)."""
+    return tl.sum(w * tl.abs(_expm1(((f_old - f_new) / eps).to(tl.float32))), axis=0)
 
 
 @triton.jit
-def _cost_tile(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """C_ij = |x_i|^2/2 + |y_j|^2/2 - <x_i, y_j> for one [BLOCK_N, BLOCK_M] tile, accumulated in fp32."""
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    yy = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        in_k = offs_k < D
-        xt = tl.load(Xp + offs_n[:, None] * sxn + offs_k[None, :] * sxd, mask=in_n[:, None] & in_k[None, :],
-                     other=0.0).to(tl.float32)
-        yt = tl.load(Yp + offs_k[:, None] * syd + offs_m[None, :] * sym, mask=in_k[:, None] & in_m[None, :],
-                     other=0.0).to(tl.float32)
-        acc = tl.dot(xt, yt, acc, input_precision=PRECISION)
-        xx += tl.sum(xt * xt, axis=1)
-        yy += tl.sum(yt * yt, axis=0)
-    return tl.maximum(0.5 * xx[:, None] + 0.5 * yy[None, :] - acc, 0.0)
+def _split(p):
+    """``(hi, lo)``: the fp32 rounding of a float64 tensor and the rest, p = hi + lo to about 2^-48."""
+    hi = p.to(tl.float32)
+    return hi, (p - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _two_diff(a, b):
+    """``(s, e)`` with s = a - b rounded and s + e = a - b exactly (Knuth's TwoSum, branch-free)."""
+    s = a - b
+    bb = s - a
+    return s, (a - (s - bb)) - (b + bb)
+
+
+@triton.jit
+def _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS: tl.constexpr):
+    """z = w2_q - (C - ph - qh) k on a tile, for the pass that reduces over AXIS (1: p on the rows, q on the
+    columns; 0: the transpose). See the module docstring: u is exact near the support."""
+    if AXIS == 1:
+        s, e = _two_diff(C_hi, ph[:, None])
+        u = (s - qh[None, :]) + (e + C_lo)
+        z = w2[None, :] - u * k
+    else:
+        s, e = _two_diff(C_hi, ph[None, :])
+        u = (s - qh[:, None]) + (e + C_lo)
+        z = w2[:, None] - u * k
+    return z
+
+
+@triton.jit
+def _softmin_fast(C_hi, C_lo, p, q, logw2_q, eps, d, valid, AXIS: tl.constexpr):
+    """T(q) over AXIS on resident tiles, formed relative to the current p (float64 in and out).
+
+    Two sweeps (max, then the sum of exp2) recompute the exponents from the tiles, so that no second
+    tile-sized temporary stays live."""
+    k = ((1.0 / eps) * LOG2E).to(tl.float32)
+    ph, _ = _split(p)
+    qh, ql = _split(q)
+    w2 = logw2_q + ql * k
+    m = tl.max(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS), axis=AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    if AXIS == 1:
+        s = tl.sum(tl.exp2(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS) - m[:, None]), axis=1)
+    else:
+        s = tl.sum(tl.exp2(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS) - m[None, :]), axis=0)
+    out = d * (ph.to(tl.float64) - (eps * LN2) * (m + tl.log2(s)).to(tl.float64))
+    return tl.where(valid, out, 0.0)
+
+
+@triton.jit
+def _softmin_precise(C_hi, C_lo, q, logw_q, eps, d, valid, AXIS: tl.constexpr):
+    """-d eps LSE over AXIS of (logw_q + (q - C) / eps) with exponents, max and sum in float64, the
+    exponentials in fp32 (their relative rounding survives the float64 sum)."""
+    inv_eps = 1.0 / eps
+    h = logw_q + q * inv_eps
+    C = C_hi.to(tl.float64) + C_lo.to(tl.float64)
+    if AXIS == 1:
+        z = h[None, :] - C * inv_eps
+    else:
+        z = h[:, None] - C * inv_eps
+    m = tl.max(z, axis=AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    if AXIS == 1:
+        e = tl.exp2(((z - m[:, None]) * LOG2E).to(tl.float32))
+    else:
+        e = tl.exp2(((z - m[None, :]) * LOG2E).to(tl.float32))
+    out = -d * eps * (m + tl.log(tl.sum(e.to(tl.float64), axis=AXIS)))
+    return tl.where(valid, out, 0.0)
+
+
+@triton.jit
+def _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, precise, inv_rho,
+            SYMMETRIC: tl.constexpr):
+    """(T(g), T~(f)) at temperature eps on resident tiles; T~(f) = T(g) when SYMMETRIC."""
+    d = 1.0 / (1.0 + eps * inv_rho)
+    if precise:
+        ft = _softmin_precise(C_hi, C_lo, g, beta, eps, d, valid_n, 1)
+        if SYMMETRIC:
+            gt = ft
+        else:
+            gt = _softmin_precise(C_hi, C_lo, f, alpha, eps, d, valid_m, 0)
+    else:
+        ft = _softmin_fast(C_hi, C_lo, f, g, beta2, eps, d, valid_n, 1)
+        if SYMMETRIC:
+            gt = ft
+        else:
+            gt = _softmin_fast(C_hi, C_lo, g, f, alpha2, eps, d, valid_m, 0)
+    return ft, gt
 
 
 @triton.jit
 def _cost_tile_outer(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The cost tile as D rank-1 fp32 FMA updates: exact fp32 products, and the accumulator keeps the
+    """The cost tile as D rank-1 float64 FMA updates, returned as (C_hi, C_lo). The accumulator keeps the
     plain blocked layout that both reductions of the loop use (a tl.dot result would need layout
-    conversions that cost registers the resident tile cannot spare)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    xx = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    yy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    conversions that cost registers the resident tiles cannot spare)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float64)
+    xx = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    yy = tl.zeros((BLOCK_M,), dtype=tl.float64)
     for kk in range(0, D):
-        xk = tl.load(Xp + offs_n * sxn + kk * sxd, mask=in_n, other=0.0).to(tl.float32)
-        yk = tl.load(Yp + offs_m * sym + kk * syd, mask=in_m, other=0.0).to(tl.float32)
+        xk = tl.load(Xp + offs_n * sxn + kk * sxd, mask=in_n, other=0.0)
+        yk = tl.load(Yp + offs_m * sym + kk * syd, mask=in_m, other=0.0)
         acc += xk[:, None] * yk[None, :]
         xx += xk * xk
         yy += yk * yk
-    return tl.maximum(0.5 * xx[:, None] + 0.5 * yy[None, :] - acc, 0.0)
+    return _split(tl.maximum(0.5 * xx[:, None] + 0.5 * yy[None, :] - acc, 0.0))
 
 
 @triton.jit
-def _softmin(C, w2, p, k, scale, valid, AXIS: tl.constexpr):
-    """-scale * LSE2 over AXIS of (w2 + k (p - C)), the vectors w2, p broadcast along the other axis;
-    0 where ``valid`` is False.
-
-    p - C is formed before the scaling by k = log2(e) / eps: both are O(C) while k (p - C) reaches 1e4,
-    so scaling first would cancel catastrophically. Two sweeps over the resident tile (max, then sum
-    of exp2) recompute the exponent from C, so no second tile-sized temporary stays live."""
-    if AXIS == 1:
-        m = tl.max(tl.fma(p[None, :] - C, k, w2[None, :]), axis=1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        s = tl.sum(tl.exp2(tl.fma(p[None, :] - C, k, w2[None, :] - m[:, None])), axis=1)
-    else:
-        m = tl.max(tl.fma(p[:, None] - C, k, w2[:, None]), axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        s = tl.sum(tl.exp2(tl.fma(p[:, None] - C, k, w2[:, None] - m[None, :])), axis=0)
-    return tl.where(valid, -scale * (m + tl.log2(s)), 0.0)
-
-
-@triton.jit
-def _update(C, f, g, alpha2, beta2, valid_n, valid_m, eps, inv_rho, SYMMETRIC: tl.constexpr):
-    """(T(g), T~(f)) at temperature eps on a resident tile; T~(f) = T(g) when SYMMETRIC."""
-    k = LOG2E / eps
-    scale = eps * LN2 / (1.0 + eps * inv_rho)
-    ft = _softmin(C, beta2, g, k, scale, valid_n, 1)
-    if SYMMETRIC:
-        gt = ft
-    else:
-        gt = _softmin(C, alpha2, f, k, scale, valid_m, 0)
-    return ft, gt
+def _cost_tile_dot(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C_ij = |x_i|^2/2 + |y_j|^2/2 - <x_i, y_j> for one tile with float64 ``tl.dot`` (DMMA), as (C_hi, C_lo)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float64)
+    xx = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    yy = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < D
+        xt = tl.load(Xp + offs_n[:, None] * sxn + offs_k[None, :] * sxd, mask=in_n[:, None] & in_k[None, :],
+                     other=0.0)
+        yt = tl.load(Yp + offs_k[:, None] * syd + offs_m[None, :] * sym, mask=in_k[:, None] & in_m[None, :],
+                     other=0.0)
+        acc = tl.dot(xt, yt, acc)
+        xx += tl.sum(xt * xt, axis=1)
+        yy += tl.sum(yt * yt, axis=0)
+    return _split(tl.maximum(0.5 * xx[:, None] + 0.5 * yy[None, :] - acc, 0.0))
 
 
 @triton.jit
 def _sinkhorn_resident_kernel(
-        X, Y, COST, ALPHA, BETA, ANNEAL, F, G, F_PREV, G_PREV, ITERS, ERR,
-        N, M, D, sxb, sxn, sxd, syb, sym, syd, scb, scn, scm,
-        n_anneal, eps_init, eps, n_extra, tol, inv_rho,
+        X, Y, COST, ALPHA, BETA, SCHED, F, G, F_PREV, G_PREV, ITERS, ERR,
+        N, M, D, sxb, sxn, sxd, syb, sym, syd, scb, scn, scm, n_anneal, n_iters, tol,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_POINTS: tl.constexpr, SYMMETRIC: tl.constexpr,
         HAS_TOL: tl.constexpr):
-    """One pair per program, the whole cost tile in registers, every iteration on chip."""
+    """One pair per program, both cost tiles in registers, every iteration on chip.
+
+    SCHED (float64): eps_init, the n_anneal annealing temperatures, the final eps, 1 / rho (0 balanced)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     in_n = offs_n < N
     in_m = offs_m < M
-    alpha2 = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf")).to(tl.float32) * LOG2E
-    beta2 = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf")).to(tl.float32) * LOG2E
-    valid_n = alpha2 > float("-inf")
-    valid_m = beta2 > float("-inf")
+    alpha = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf"))
+    beta = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf"))
+    alpha2 = (alpha * LOG2E).to(tl.float32)
+    beta2 = (beta * LOG2E).to(tl.float32)
+    valid_n = alpha > float("-inf")
+    valid_m = beta > float("-inf")
+    w_n = tl.exp2(alpha2)
+    w_m = tl.exp2(beta2)
     if FROM_POINTS:
-        C = _cost_tile_outer(X + pid * sxb, Y + pid * syb, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
-                             BLOCK_N, BLOCK_M)
+        C_hi, C_lo = _cost_tile_outer(X + pid * sxb, Y + pid * syb, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym,
+                                      syd, BLOCK_N, BLOCK_M)
     else:
-        C = tl.load(COST + pid * scb + offs_n[:, None] * scn + offs_m[None, :] * scm,
-                    mask=in_n[:, None] & in_m[None, :], other=0.0).to(tl.float32)
+        C_hi, C_lo = _split(tl.load(COST + pid * scb + offs_n[:, None] * scn + offs_m[None, :] * scm,
+                                    mask=in_n[:, None] & in_m[None, :], other=0.0))
+    eps_init = tl.load(SCHED)
+    eps = tl.load(SCHED + n_anneal + 1)
+    inv_rho = tl.load(SCHED + n_anneal + 2)
+    threshold = eps * PRECISE_RATIO
 
-    f = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    g = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    f, g = _update(C, f, g, alpha2, beta2, valid_n, valid_m, eps_init, inv_rho, SYMMETRIC)
+    f = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    g = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    f, g = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps_init,
+                   eps_init > threshold, inv_rho, SYMMETRIC)
     for t in range(n_anneal):
-        ft, gt = _update(C, f, g, alpha2, beta2, valid_n, valid_m, tl.load(ANNEAL + t), inv_rho, SYMMETRIC)
+        e = tl.load(SCHED + 1 + t)
+        ft, gt = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, e, e > threshold,
+                         inv_rho, SYMMETRIC)
         f = (f + ft) * 0.5
         g = (g + gt) * 0.5
 
-    it = n_extra * 0
-    go = n_extra > 0
-    while go:
-        ft, gt = _update(C, f, g, alpha2, beta2, valid_n, valid_m, eps, inv_rho, SYMMETRIC)
+    it = n_iters * 0
+    go = n_iters > 0
+    while go:  # the final temperature: fast passes
+        ft, gt = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False, inv_rho,
+                         SYMMETRIC)
         active = go
         if HAS_TOL:
-            err = _residual(f, ft, alpha2, eps) + _residual(g, gt, beta2, eps)
+            err = _residual(f, ft, w_n, eps) + _residual(g, gt, w_m, eps)
             active = err > tol
         f = tl.where(active, (f + ft) * 0.5, f)
         g = tl.where(active, (g + gt) * 0.5, g)
         it += active.to(tl.int32)
-        go = active & (it < n_extra)
+        go = active & (it < n_iters)
 
-    f_new, g_new = _update(C, f, g, alpha2, beta2, valid_n, valid_m, eps, inv_rho, SYMMETRIC)
-    err = _residual(f, f_new, alpha2, eps) + _residual(g, g_new, beta2, eps)
+    f_new, g_new = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False, inv_rho,
+                           SYMMETRIC)
+    err = _residual(f, f_new, w_n, eps) + _residual(g, g_new, w_m, eps)
     tl.store(F + pid * N + offs_n, f_new, mask=in_n)
     tl.store(F_PREV + pid * N + offs_n, f, mask=in_n)
     tl.store(G + pid * M + offs_m, g_new, mask=in_m)
@@ -178,57 +274,78 @@ def _sinkhorn_resident_kernel(
 
 
 @triton.jit
-def _cost_kernel(X, Y, COST, N, M, D, sxb, sxn, sxd, syb, sym, syd,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """COST[b] = |x_i - y_j|^2 / 2 tile by tile, fp32, contiguous [B, N, M]. Grid (B, N tiles, M tiles)."""
+def _cost_kernel(X, Y, COST_HI, COST_LO, N, M, D, sxb, sxn, sxd, syb, sym, syd,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """COST_HI[b] + COST_LO[b] = |x_i - y_j|^2 / 2 tile by tile (float64 accumulation), contiguous
+    [B, N, M] fp32 each. Grid (B, N tiles, M tiles)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_n = offs_n < N
     in_m = offs_m < M
-    C = _cost_tile(X + pid * sxb, Y + pid * syb, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
-                   BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)
-    tl.store(COST + pid * N * M + offs_n[:, None] * M + offs_m[None, :], C, mask=in_n[:, None] & in_m[None, :])
+    C_hi, C_lo = _cost_tile_dot(X + pid * sxb, Y + pid * syb, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
+                                BLOCK_N, BLOCK_M, BLOCK_K)
+    offs = pid * N * M + offs_n[:, None] * M + offs_m[None, :]
+    tl.store(COST_HI + offs, C_hi, mask=in_n[:, None] & in_m[None, :])
+    tl.store(COST_LO + offs, C_lo, mask=in_n[:, None] & in_m[None, :])
 
 
 @triton.jit
-def _stream_softmin(Cp, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, LOGW_ROW, OUT, k, scale,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """OUT_i = -scale LSE2_j(logw2_j + k (pot_j - C_ij)) for every row i, online over column tiles
-    (pot_j - C_ij is formed before the scaling, as in ``_softmin``).
+def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, POT_ROW, LOGW_ROW, OUT, eps, d,
+                    precise, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT_i = T(q)_i = -d eps LSE_j(logw_j + (q_j - C_ij) / eps) for every row i, online over column tiles:
+    fast passes relative to the current p = POT_ROW, precise ones in float64 (module docstring).
 
     The column pass of the loop is this same routine on the transposed cost (strides swapped)."""
+    inv_eps = 1.0 / eps
+    k = (inv_eps * LOG2E).to(tl.float32)
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < n_rows
-        m_run = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-        s_run = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        ph, _ = _split(tl.load(POT_ROW + offs_r, mask=in_r, other=0.0))
+        m_run = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float64)
+        s_run = tl.zeros((BLOCK_R,), dtype=tl.float64)
         for c0 in range(0, n_cols, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             in_c = offs_c < n_cols
-            w2 = tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf")) * LOG2E
-            p = tl.load(POT_COL + offs_c, mask=in_c, other=0.0)
-            C = tl.load(Cp + offs_r[:, None] * s_row + offs_c[None, :] * s_col,
-                        mask=in_r[:, None] & in_c[None, :], other=0.0)
-            z = tl.fma(p[None, :] - C, k, w2[None, :])
-            m_new = tl.maximum(m_run, tl.max(z, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_run = s_run * tl.exp2(m_run - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
+            tile = in_r[:, None] & in_c[None, :]
+            logw = tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf"))
+            q = tl.load(POT_COL + offs_c, mask=in_c, other=0.0)
+            C_hi = tl.load(CH + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
+            C_lo = tl.load(CL + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
+            if precise:  # natural-log exponents in float64
+                z64 = (logw + q * inv_eps)[None, :] - (C_hi.to(tl.float64) + C_lo.to(tl.float64)) * inv_eps
+                m_new = tl.maximum(m_run, tl.max(z64, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                e = tl.exp2(((z64 - m_safe[:, None]) * LOG2E).to(tl.float32))
+                s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(e.to(tl.float64), axis=1)
+            else:  # base-2 exponents relative to ph, in fp32
+                qh, ql = _split(q)
+                z2 = _fast_exponents(C_hi, C_lo, ph, qh, (logw * LOG2E).to(tl.float32) + ql * k, k, 1)
+                m_new = tl.maximum(m_run, tl.max(z2, axis=1).to(tl.float64))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                ms = m_safe.to(tl.float32)
+                s_run = s_run * tl.exp2(m_run - m_safe) + tl.sum(tl.exp2(z2 - ms[:, None]), axis=1).to(tl.float64)
             m_run = m_new
         m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+        if precise:
+            out = -d * eps * (m_safe + tl.log(s_run))
+        else:
+            out = d * (ph.to(tl.float64) - (eps * LN2) * (m_safe + tl.log2(s_run)))
         valid = tl.load(LOGW_ROW + offs_r, mask=in_r, other=float("-inf")) > float("-inf")
-        tl.store(OUT + offs_r, tl.where(valid, -scale * (m_safe + tl.log2(s_run)), 0.0), mask=in_r)
+        tl.store(OUT + offs_r, tl.where(valid, out, 0.0), mask=in_r)
 
 
 @triton.jit
-def _stream_update(Cp, scn, scm, N, M, ALPHA, BETA, F, G, FT, GT, eps, inv_rho,
+def _stream_update(CH, CL, scn, scm, N, M, ALPHA, BETA, F, G, FT, GT, eps, precise, inv_rho,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr):
     """FT = T(G), GT = T~(F) (GT unused when SYMMETRIC) at temperature eps, streaming the cost."""
-    k = LOG2E / eps
-    scale = eps * LN2 / (1.0 + eps * inv_rho)
-    _stream_softmin(Cp, scn, scm, N, M, BETA, G, ALPHA, FT, k, scale, BLOCK_N, BLOCK_M)
+    d = 1.0 / (1.0 + eps * inv_rho)
+    _stream_softmin(CH, CL, scn, scm, N, M, BETA, G, F, ALPHA, FT, eps, d, precise, BLOCK_N, BLOCK_M)
     if not SYMMETRIC:
-        _stream_softmin(Cp, scm, scn, M, N, ALPHA, F, BETA, GT, k, scale, BLOCK_M, BLOCK_N)
+        _stream_softmin(CH, CL, scm, scn, M, N, ALPHA, F, G, BETA, GT, eps, d, precise, BLOCK_M, BLOCK_N)
+    # The program's warps wrote FT / GT through global memory, and the next step reads them across rows
+    # other warps wrote: a block-wide barrier orders the two (global stores are visible to the block after it).
     tl.debug_barrier()
 
 
@@ -238,9 +355,8 @@ def _stream_residual(P, PT, LOGW, n, eps, BLOCK: tl.constexpr):
     for o in range(0, n, BLOCK):
         offs = o + tl.arange(0, BLOCK)
         inb = offs < n
-        logw2 = tl.load(LOGW + offs, mask=inb, other=float("-inf")) * LOG2E
-        err += _residual(tl.load(P + offs, mask=inb, other=0.0), tl.load(PT + offs, mask=inb, other=0.0),
-                         logw2, eps)
+        w = tl.exp2((tl.load(LOGW + offs, mask=inb, other=float("-inf")) * LOG2E).to(tl.float32))
+        err += _residual(tl.load(P + offs, mask=inb, other=0.0), tl.load(PT + offs, mask=inb, other=0.0), w, eps)
     return err
 
 
@@ -253,6 +369,7 @@ def _stream_combine(P, PT, n, w_old, BLOCK: tl.constexpr):
         p = tl.load(P + offs, mask=inb, other=0.0)
         pt = tl.load(PT + offs, mask=inb, other=0.0)
         tl.store(P + offs, w_old * p + (1.0 - w_old) * pt, mask=inb)
+    # the next pass reads P across the whole vector: order these stores before it (see _stream_update)
     tl.debug_barrier()
 
 
@@ -277,75 +394,94 @@ def _stream_step(F, FT, G, GT, N, M, w_old, BLOCK_N: tl.constexpr, BLOCK_M: tl.c
 
 @triton.jit
 def _sinkhorn_streaming_kernel(
-        COST, ALPHA, BETA, ANNEAL, F, G, FT, GT, ITERS, ERR,
-        N, M, scb, scn, scm, n_anneal, eps_init, eps, n_extra, tol, inv_rho,
+        COST_HI, COST_LO, ALPHA, BETA, SCHED, F, G, FT, GT, ITERS, ERR,
+        N, M, scb, scn, scm, n_anneal, n_iters, tol,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_TOL: tl.constexpr):
     """One pair per program, any length: the cost streams tile by tile, potentials live in global memory.
 
     F, G hold the current potentials (zero on entry; G aliases F when SYMMETRIC) and end as f_prev,
-    g_prev; FT, GT are scratch and end as the final f, g."""
+    g_prev; FT, GT are scratch and end as the final f, g. SCHED as in the resident kernel."""
     pid = tl.program_id(0).to(tl.int64)
-    Cp = COST + pid * scb
+    CH, CL = COST_HI + pid * scb, COST_LO + pid * scb
     A, Bw = ALPHA + pid * N, BETA + pid * M
     Fp, Gp, FTp, GTp = F + pid * N, G + pid * M, FT + pid * N, GT + pid * M
+    eps_init = tl.load(SCHED)
+    eps = tl.load(SCHED + n_anneal + 1)
+    inv_rho = tl.load(SCHED + n_anneal + 2)
+    threshold = eps * PRECISE_RATIO
 
-    _stream_update(Cp, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, eps_init, inv_rho, BLOCK_N, BLOCK_M, SYMMETRIC)
+    _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, eps_init, eps_init > threshold, inv_rho,
+                   BLOCK_N, BLOCK_M, SYMMETRIC)
     _stream_step(Fp, FTp, Gp, GTp, N, M, 0.0, BLOCK_N, BLOCK_M, SYMMETRIC)
     for t in range(n_anneal):
-        _stream_update(Cp, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, tl.load(ANNEAL + t), inv_rho,
+        e = tl.load(SCHED + 1 + t)
+        _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, e, e > threshold, inv_rho,
                        BLOCK_N, BLOCK_M, SYMMETRIC)
         _stream_step(Fp, FTp, Gp, GTp, N, M, 0.5, BLOCK_N, BLOCK_M, SYMMETRIC)
 
-    it = n_extra * 0
-    go = n_extra > 0
-    while go:
-        _stream_update(Cp, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, eps, inv_rho, BLOCK_N, BLOCK_M, SYMMETRIC)
+    it = n_iters * 0
+    go = n_iters > 0
+    while go:  # the final temperature: fast passes
+        _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, eps, False, inv_rho,
+                       BLOCK_N, BLOCK_M, SYMMETRIC)
         active = go
         if HAS_TOL:
             active = _stream_error(Fp, FTp, Gp, GTp, A, Bw, N, M, eps, BLOCK_N, BLOCK_M, SYMMETRIC) > tol
         if active:
             _stream_step(Fp, FTp, Gp, GTp, N, M, 0.5, BLOCK_N, BLOCK_M, SYMMETRIC)
         it += active.to(tl.int32)
-        go = active & (it < n_extra)
+        go = active & (it < n_iters)
 
-    _stream_update(Cp, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, eps, inv_rho, BLOCK_N, BLOCK_M, SYMMETRIC)
+    _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, eps, False, inv_rho,
+                   BLOCK_N, BLOCK_M, SYMMETRIC)
     tl.store(ITERS + pid, n_anneal + it)
     tl.store(ERR + pid, _stream_error(Fp, FTp, Gp, GTp, A, Bw, N, M, eps, BLOCK_N, BLOCK_M, SYMMETRIC))
 
 
 @triton.jit
-def _grad_kernel(X, Y, F, G_PREV, ALPHA, BETA, U, OUT,
-                 N, M, D, sxb, sxn, sxd, syb, sym, syd, k, inv_d,
+def _grad_kernel(X, Y, F, G_PREV, ALPHA, BETA, SCHED, U, OUT, N, M, D, sxb, sxn, sxd, syb, sym, syd,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
                  PRECISION: tl.constexpr):
     """OUT_i = u_i (x_i - sum_j S_ij y_j) for one row block and one block of output features.
 
-    S_ij = exp2(beta2_j + k (g_prev_j - C_ij + f_i / d)) with k = log2(e)/eps, the small sum in parentheses
-    formed before the scaling: the rows of S sum to 1 because f = T(g_prev). Grid (B, N blocks, D blocks);
-    OUT is contiguous fp32 [B, N, D]."""
+    S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps), eps = SCHED[0]: exponents formed relative to f
+    (= T(g_prev), so near 0 on the plan's support) as in the fast passes, a running max and sum over the M
+    tiles rescale the accumulator (flash-attention's forward), and the row sums divide it at the end. Grid
+    (B, N blocks, D blocks); OUT is contiguous fp32 [B, N, D]."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_do = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     in_n = offs_n < N
     in_do = offs_do < D
     Xp, Yp = X + pid * sxb, Y + pid * syb
+    eps = tl.load(SCHED)
+    k = ((1.0 / eps) * LOG2E).to(tl.float32)
     valid_n = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf")) > float("-inf")
-    f_d = tl.load(F + pid * N + offs_n, mask=in_n, other=0.0) * inv_d
+    ph, _ = _split(tl.load(F + pid * N + offs_n, mask=in_n, other=0.0))
+    m_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         in_m = offs_m < M
-        C = _cost_tile(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
-                       BLOCK_N, BLOCK_M, BLOCK_K, PRECISION)
-        beta2 = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf")) * LOG2E
-        g = tl.load(G_PREV + pid * M + offs_m, mask=in_m, other=0.0)
-        e = tl.fma((g[None, :] - C) + f_d[:, None], k, beta2[None, :])
-        S = tl.exp2(tl.where(valid_n[:, None] & (beta2 > float("-inf"))[None, :], e, float("-inf")))
+        C_hi, C_lo = _cost_tile_dot(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
+                                    BLOCK_N, BLOCK_M, BLOCK_K)
+        qh, ql = _split(tl.load(G_PREV + pid * M + offs_m, mask=in_m, other=0.0))
+        w2 = (tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf")) * LOG2E).to(tl.float32) + ql * k
+        z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, 1)
+        z = tl.where(valid_n[:, None], z, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp2(m_run - m_safe)
+        S = tl.exp2(z - m_safe[:, None])
+        s_run = s_run * scale + tl.sum(S, axis=1)
         yt = tl.load(Yp + offs_m[:, None] * sym + offs_do[None, :] * syd, mask=in_m[:, None] & in_do[None, :],
                      other=0.0).to(tl.float32)
-        acc = tl.dot(S, yt, acc, input_precision=PRECISION)
+        acc = tl.dot(S, yt, acc * scale[:, None], input_precision=PRECISION)
+        m_run = m_new
     xt = tl.load(Xp + offs_n[:, None] * sxn + offs_do[None, :] * sxd, mask=in_n[:, None] & in_do[None, :],
                  other=0.0).to(tl.float32)
     u = tl.load(U + pid * N + offs_n, mask=in_n, other=0.0)
-    tl.store(OUT + pid * N * D + offs_n[:, None] * D + offs_do[None, :], u[:, None] * (xt - acc),
+    sy = acc / tl.where(s_run > 0.0, s_run, 1.0)[:, None]
+    tl.store(OUT + pid * N * D + offs_n[:, None] * D + offs_do[None, :], u[:, None] * (xt - sy),
              mask=in_n[:, None] & in_do[None, :])
