@@ -52,14 +52,14 @@ def check(config: tuple[str, dict, int]) -> dict:
     from triton.backends.compiler import GPUTarget
 
     from otfast.kernels.triton import sinkhorn as K
-    from otfast.kernels.triton.launch import NUM_STAGES
+    from otfast.kernels.triton.launch import FP_FUSION, NUM_STAGES
 
     name, constexprs, warps = config
     fn = getattr(K, name)
     src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, constexprs, K.FLOAT64_POINTERS),
                                     constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": NUM_STAGES})
+                              options={"num_warps": warps, "num_stages": NUM_STAGES, "enable_fp_fusion": FP_FUSION})
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
         with open(cubin, "wb") as fh:

@@ -44,6 +44,10 @@ COST_WARPS = 4
 # No software pipelining: prefetched tiles would stay live in registers and spill (checked with
 # ``python -m benchmarks.kernel_resources``); the kernels are exp-bound, not load-latency bound.
 NUM_STAGES = 1
+# Fused multiply-adds on (triton's default, named so that triton >= 3.9 does not warn that its default will
+# change): the kernels' error-free subtractions (TwoSum) contain no products to fuse, and the exponent
+# -u k + w is better rounded once.
+FP_FUSION = True
 
 
 def precision() -> str:
@@ -57,7 +61,7 @@ def resident_config(n: int, m: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the resident kernel for an n x m problem (n, m <= ``RESIDENT_MAX``): one square
     tile. A 16 x 16 tile was tried too: at 2 or 4 warps one of its variants spills 8 bytes whichever the
     warp count, and small pairs are launch-bound anyway."""
-    return RESIDENT_MAX, 8
+    return RESIDENT_MAX, 4
 
 
 def configs() -> list[tuple[str, dict, int]]:
@@ -133,7 +137,7 @@ def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, d):
     K._sinkhorn_resident_kernel[(b,)](
         X, Y, COST, _f64(alpha), _f64(beta), _schedule(schedule, alpha.device), *outs, n, m, d, *strides,
         *_loop_args(schedule), BLOCK_N=block, BLOCK_M=block, FROM_POINTS=from_points, SYMMETRIC=symmetric,
-        HAS_TOL=schedule.tol is not None, num_warps=warps, num_stages=NUM_STAGES)
+        HAS_TOL=schedule.tol is not None, num_warps=warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return outs
 
 
@@ -149,7 +153,7 @@ def _streaming(cost_hi, cost_lo, alpha, beta, schedule, symmetric):
         cost_hi, cost_lo, _f64(alpha), _f64(beta), _schedule(schedule, device), f_prev, g_prev, f, g, iters, err,
         n, m, *cost_hi.stride(), *_loop_args(schedule),
         BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None,
-        num_warps=STREAM_WARPS, num_stages=NUM_STAGES)
+        num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return [f, g, f_prev, g_prev, iters, err]
 
 
@@ -161,7 +165,7 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     bn, bm, bk = COST_BLOCK
     K._cost_kernel[(b, triton.cdiv(n, bn), triton.cdiv(m, bm))](
         x, y, hi, lo, n, m, d, *x.stride(), *y.stride(), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS,
-        num_stages=NUM_STAGES)
+        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return hi, lo
 
 
@@ -201,7 +205,7 @@ def _grad(x, y, f, g_prev, alpha, beta, u, eps):
         x, y, _f64(f), _f64(g_prev), _f64(alpha), _f64(beta), torch.tensor([eps], dtype=torch.float64, device=x.device),
         u.float().contiguous(), out, n, m, d, *x.stride(), *y.stride(),
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS,
-        num_stages=NUM_STAGES)
+        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
 
 
