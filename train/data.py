@@ -10,12 +10,17 @@ Every source yields rows ``{"source": str, "target": str}`` (non-English, Englis
 - ``format: jsonl``: one JSON object per line; fields as for ``hub`` (default ``source`` / ``target``;
   ``translation.de`` style paths work too).
 - ``format: moses``: two line-aligned plain-text files (``source_path``, ``target_path``).
+- ``format: gettext``: the compiled gettext catalogues (``.mo``) of a folder, by default
+  ``/usr/share/locale/<lang>/LC_MESSAGES`` (``train.catalogues``): each message's translation and its
+  English original; placeholders removed, lines joined, and empty, untranslated and repeated messages
+  counted, as that module says.
 - ``format: synthetic``: ``train.synthetic.synthetic_pairs``.
 
 Malformed rows (a wrong field count, invalid JSON of any kind, nesting too deep for the parser included,
 a missing or non-string field, text that is not valid Unicode, an empty side, a line without its
 partner in a Moses pair) are counted per reason, with the first few locations, in a ``DataReport``;
-every reader catches every per-line failure. Each row keeps its location (``where``).
+every reader catches every per-line failure. Rows kept after an edit (a catalogue message without its
+placeholders) are counted too. Each row keeps its location (``where``).
 
 ``prepare_language`` then shuffles (seeded), holds out evaluation pairs, Moses-tokenises both sides
 (sacremoses), filters by length in words, drops the pairs that the model's tokenizer reduces to no
@@ -42,7 +47,7 @@ from sacremoses import MosesTokenizer
 
 from .hub import load_dataset
 
-FORMATS = ("hub", "tsv", "jsonl", "moses", "synthetic")
+FORMATS = ("hub", "tsv", "jsonl", "moses", "gettext", "synthetic")
 MAX_EXAMPLES = 5  # malformed locations kept per reason
 
 
@@ -54,9 +59,10 @@ class DataReport:
         lang: the source language code.
         read: rows (lines) read.
         malformed: ``{reason: count}`` of rows that could not be used as they are (reading).
+        edited: ``{reason: count}`` of rows kept after a change (reading; ``format: gettext`` only).
         dropped: ``{reason: count}`` of pairs the tokenizer leaves without a token on a side (preparation).
-        examples: ``{reason: [location, ...]}``, the first few locations (``file:line`` or row index) of
-            every reason of ``malformed`` and ``dropped``.
+        examples: ``{reason: [location, ...]}``, the first few locations (``file:line``, ``file.mo#entry`` or
+            row index) of every reason of ``malformed``, ``edited`` and ``dropped``.
         filtered: pairs removed by the length filter.
         held_out: pairs kept aside for evaluation.
         unique_train: distinct training pairs before upsampling.
@@ -66,6 +72,7 @@ class DataReport:
     lang: str
     read: int = 0
     malformed: dict[str, int] = field(default_factory=dict)
+    edited: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     filtered: int = 0
@@ -73,12 +80,19 @@ class DataReport:
     unique_train: int = 0
     train: int = 0
 
-    def add_malformed(self, reason: str, where: str) -> None:
-        """Count one malformed row and remember where it was (the first few per reason)."""
-        self.malformed[reason] = self.malformed.get(reason, 0) + 1
+    def _count(self, table: dict[str, int], reason: str, where: str) -> None:
+        table[reason] = table.get(reason, 0) + 1
         seen = self.examples.setdefault(reason, [])
         if len(seen) < MAX_EXAMPLES:
             seen.append(where)
+
+    def add_malformed(self, reason: str, where: str) -> None:
+        """Count one malformed row and remember where it was (the first few per reason)."""
+        self._count(self.malformed, reason, where)
+
+    def add_edited(self, reason: str, where: str) -> None:
+        """Count one row kept after an edit and remember where it was (the first few per reason)."""
+        self._count(self.edited, reason, where)
 
     @property
     def n_malformed(self) -> int:
@@ -92,6 +106,7 @@ class DataReport:
             return f" ({bad})" if bad else ""
 
         return (f"{self.lang}: read {self.read}, malformed {self.n_malformed}{detail(self.malformed)}, "
+                f"edited {sum(self.edited.values())}{detail(self.edited)}, "
                 f"no token {sum(self.dropped.values())}{detail(self.dropped)}, length-filtered {self.filtered}, "
                 f"held out {self.held_out}, unique train {self.unique_train}, train {self.train}")
 
@@ -198,8 +213,9 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
     """Load one language pair's raw parallel rows.
 
     Args:
-        spec: ``{"lang": "de", "format": "hub" | "tsv" | "jsonl" | "moses" | "synthetic", ...}`` with
-            ``path`` (hub name or file), ``name`` / ``split`` / ``load_kwargs`` (hub), ``source_field`` /
+        spec: ``{"lang": "de", "format": "hub" | "tsv" | "jsonl" | "moses" | "gettext" | "synthetic", ...}``
+            with ``path`` (hub name, file, or for gettext a ``.mo`` file or folder, default
+            ``/usr/share/locale/<lang>/LC_MESSAGES``), ``name`` / ``split`` / ``load_kwargs`` (hub), ``source_field`` /
             ``target_field`` (hub, jsonl), ``source_path`` / ``target_path`` (moses), ``n_pairs`` /
             ``seed`` / ``map_seed`` (synthetic).
         target_lang: the English side's code, for the default hub field ``translation.<target_lang>``.
@@ -210,8 +226,8 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
         location) and the counts.
 
     Raises:
-        ValueError: on an unknown format or a spec missing a required key; FileNotFoundError for a
-            missing file.
+        ValueError: on an unknown format, a spec missing a required key or a folder without catalogues;
+            FileNotFoundError for a missing file.
     """
     lang = spec.get("lang")
     fmt = spec.get("format")
@@ -243,6 +259,12 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
         return _read_tsv(file("path"), report), report
     if fmt == "moses":
         return _read_moses(file("source_path"), file("target_path"), report), report
+    if fmt == "gettext":
+        from .catalogues import read_catalogues
+
+        out = _new_rows()
+        read_catalogues(Path(base_dir) / str(spec.get("path", f"/usr/share/locale/{lang}/LC_MESSAGES")), report, out)
+        return datasets.Dataset.from_dict(out), report
     if fmt == "jsonl":
         path = file("path")
         records = _jsonl_records(path, report)
