@@ -34,7 +34,7 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failures, 
 }
 step env "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
 step tests "$PY" -m pytest -q tests/test_triton_interpreter.py tests/test_core_properties.py
-step resources "$PY" -m benchmarks.kernel_resources
+step resources "$PY" -m otfast.kernels.triton.resources
 step bench "$PY" -m benchmarks.report --device cuda --out "$out" --note "gpu_suite.sh"
 step step "$PY" -m benchmarks.step --device cuda --out "$out" --note "gpu_suite.sh"
 echo "logs and CSV in $out"

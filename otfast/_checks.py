@@ -158,3 +158,20 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype otfast computes in: float64 stays float64, everything else runs in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_points(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None, mask_y: torch.Tensor | None) -> None:
+    """Raise unless x and y are float point clouds ``[B, N, D]``, ``[B, M, D]`` (or unbatched ``[N, D]``,
+    ``[M, D]``) on one device with their masks."""
+    check_float_tensor("x", x)
+    check_float_tensor("y", y)
+    if x.dim() != y.dim() or x.dim() not in (2, 3):
+        raise ValueError(f"x and y must both be [B, N, D] / [B, M, D] (or unbatched [N, D] / [M, D]), got "
+                         f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() == 3 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"batch sizes differ: x has {x.shape[0]} pairs, y has {y.shape[0]}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"feature sizes differ: x has D={x.shape[-1]}, y has D={y.shape[-1]}")
+    if 0 in x.shape or 0 in y.shape:
+        raise ValueError(f"empty input: x {tuple(x.shape)}, y {tuple(y.shape)}")
+    check_same_device(x=x, y=y, mask_x=mask_x, mask_y=mask_y)

@@ -1,28 +1,55 @@
 """Backend dispatch: which implementation of the solver runs for a given tensor.
 
-A backend is a module with three functions of the same signatures as ``otfast.reference``:
-``solve(C, alpha, beta, schedule, symmetric)``, ``solve_points(x, y, alpha, beta, schedule, symmetric)``
-and ``grad_points(x, y, alpha, beta, pots, eps, damping, u, v)``.
+A backend is a module implementing ``Backend`` (the three functions of ``otfast.reference``):
 
 - ``torch``: ``otfast.reference``, always there.
-- ``triton``: fused kernels (``otfast.kernels.triton``) for CUDA tensors; CPU tensors only under
-  ``TRITON_INTERPRET=1``.
-- ``cpu``: the C++ extension (``otfast.kernels.cpu``) for CPU tensors, when it was built.
+- ``triton``: ``otfast.triton_backend``, the launchers of the fused kernels (``otfast.kernels.triton``) for
+  CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``.
+- ``cpu``: ``otfast.cpu_backend``, the launcher of the C++ extension (``otfast.kernels.cpu``) for CPU
+  tensors, when it was built.
 - ``auto``: triton for CUDA tensors, else cpu if built, else torch.
+
+The fused backends are imported on first use, by name, because their dependencies (triton, a built
+extension) are optional; a module that cannot be imported says why (``backends()``).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from . import reference
+from .reference import Potentials
+from .schedule import Schedule
 
 NAMES = ("auto", "torch", "triton", "cpu")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend provides (modules implement it; ``otfast.reference`` is the specification).
+
+    Tensors: points ``x [B, N, D]``, ``y [B, M, D]`` (raw: the backend masks, centres or normalises them as
+    ``otfast.reference.prepare_points`` does), log-weights ``alpha [B, N]``, ``beta [B, M]`` (-inf on
+    padding), a cost name from ``otfast.reference.COSTS``.
+    """
+
+    def solve(self, cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
+              symmetric: bool = False) -> Potentials:
+        """The Sinkhorn loop of ``otfast.schedule`` on precomputed costs ``[B, N, M]``."""
+
+    def solve_points(self, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                     schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
+        """The same loop on the cost ``cost`` between the points; ``symmetric`` for OT(x, x) (y is x)."""
+
+    def grad_points(self, x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                    pots: Potentials, eps: float, u: torch.Tensor, v: torch.Tensor | None,
+                    cost: str = "sqeuclidean") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Envelope gradients with respect to the raw points, given upstream weights u = dL/df * damping and
+        v = dL/dg * damping (None: no dy)."""
 
 
 class BackendInfo(NamedTuple):
@@ -36,10 +63,10 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _load(name: str) -> tuple[ModuleType | None, str]:
+def _load(name: str) -> tuple[Backend | None, str]:
     if name == "torch":
         return reference, "the float64-capable reference (always available)"
-    module = {"triton": "otfast.kernels.triton.launch", "cpu": "otfast.kernels.cpu.launch"}[name]
+    module = {"triton": "otfast.triton_backend", "cpu": "otfast.cpu_backend"}[name]
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
@@ -71,7 +98,7 @@ def backends() -> dict[str, BackendInfo]:
     return out
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
+def resolve(name: str, device: torch.device) -> Backend:
     """The backend module that runs for tensors on ``device``.
 
     Raises:

@@ -1,7 +1,7 @@
-"""Host launcher of the fused C++ CPU Sinkhorn kernel (``otfast.kernels.cpu._sinkhorn``).
+"""The cpu backend: host launcher of the fused C++ CPU Sinkhorn kernel (``otfast.kernels.cpu._sinkhorn``).
 
-The same three functions, signatures and semantics as ``otfast.reference`` (the torch backend):
-``solve``, ``solve_points`` and ``grad_points``. Tensors go to the extension as float64 numpy views of
+Implements ``otfast.backends.Backend`` (``solve``, ``solve_points``, ``grad_points``, the semantics of
+``otfast.reference``). Tensors go to the extension as float64 numpy views of
 contiguous CPU buffers (no torch headers at build time); the kernel runs every iteration of the whole
 batch in one call with the GIL released, on ``torch.get_num_threads()`` OpenMP threads, in double
 precision whatever the input dtype (the potentials come back in float64, the gradients in the input
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from otfast.reference import Potentials
-from otfast.schedule import Schedule
+from .reference import Potentials
+from .schedule import Schedule
 
 try:
-    from . import _sinkhorn
+    from .kernels.cpu import _sinkhorn
 except ImportError as exc:
     _sinkhorn = None
     UNAVAILABLE: str | None = (f"the C++ extension otfast.kernels.cpu._sinkhorn is not built ({exc}); it needs a "
@@ -46,18 +46,19 @@ def _potentials(out) -> Potentials:
     return Potentials(*(torch.from_numpy(a) for a in out))
 
 
-def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
+def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
           symmetric: bool = False) -> Potentials:
     """``otfast.reference.solve`` (same arguments and result) on the C++ kernel.
 
     Args:
-        C: ``[B, N, M]`` cost; alpha ``[B, N]``, beta ``[B, M]`` log-weights (-inf on padding);
+        cost_matrix: ``[B, N, M]`` cost; alpha ``[B, N]``, beta ``[B, M]`` log-weights (-inf on padding);
             schedule and symmetric as in the reference.
 
     Returns:
         ``Potentials`` (float64), n_iters int32.
     """
-    return _potentials(_sinkhorn.solve_cost(_np(C), _np(alpha), _np(beta), **_schedule_args(schedule, symmetric)))
+    return _potentials(_sinkhorn.solve_cost(_np(cost_matrix), _np(alpha), _np(beta),
+                                            **_schedule_args(schedule, symmetric)))
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
@@ -84,13 +85,13 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
     Returns:
         ``(dx [B, N, D], dy [B, M, D] or None)`` in x's dtype, 0 on padding rows.
     """
-    (b, n, d), m = x.shape, y.shape[1]
+    (b, n, dim), m = x.shape, y.shape[1]
     # One block for both gradients, written by the kernel in place. Measured page faults per forward+backward
     # at B=32, N=M=40, D=768 (each one a fresh page the OS zeroes): fresh numpy outputs ~2000, two torch
     # buffers ~1800, this single block ~200-300 (about 1 ms less per step).
-    both = torch.empty(b * (n + (0 if v is None else m)) * d, dtype=torch.float64)
-    dx = both[:b * n * d].view(b, n, d)
-    dy = None if v is None else both[b * n * d:].view(b, m, d)
+    both = torch.empty(b * (n + (0 if v is None else m)) * dim, dtype=torch.float64)
+    dx = both[:b * n * dim].view(b, n, dim)
+    dy = None if v is None else both[b * n * dim:].view(b, m, dim)
     _sinkhorn.grad_points(_np(x), _np(y), _np(alpha), _np(beta), _np(pots.f_prev), _np(pots.g_prev), float(eps),
                           _np(u), None if v is None else _np(v), cost == "cosine", dx.numpy(),
                           None if dy is None else dy.numpy(), torch.get_num_threads())

@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as chk
+from .backends import NAMES as BACKEND_NAMES
 from .backends import resolve
 from .reference import COSTS, Potentials
-from .schedule import Schedule, bounding_diameter, epsilon_schedule, phi, phi_prime
+from .schedule import Schedule, bounding_diameter, epsilon_schedule, phi, phi_prime, unconverged
 REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass(frozen=True)
 class SinkhornResult:
-    """The solution of a batch of entropic OT problems.
+    """The solution of a batch of entropic OT problems (``otfast.sinkhorn``).
 
     Attributes:
         f: ``[B, N]`` dual potential on the rows (0 on padding), in the cost's dtype (float32 for
@@ -30,6 +31,8 @@ class SinkhornResult:
         n_iters: ``[B]`` updates run per pair.
         marginal_error: ``[B]`` L1 marginal error (rows plus columns) of the last iterate; a
             fixed-point residual when unbalanced.
+        cost_matrix: ``[B, N, M]`` the cost (0 on padding), detached; log_a ``[B, N]``, log_b ``[B, M]``:
+            the log-weights (-inf on padding); eps: the temperature.
 
     Unbatched calls (a ``[N, M]`` cost) drop the leading batch axis everywhere.
     """
@@ -39,7 +42,7 @@ class SinkhornResult:
     value: torch.Tensor
     n_iters: torch.Tensor
     marginal_error: torch.Tensor
-    cost: torch.Tensor
+    cost_matrix: torch.Tensor
     log_a: torch.Tensor
     log_b: torch.Tensor
     eps: float
@@ -54,37 +57,48 @@ class SinkhornResult:
             >>> res.plan().sum()  # ~1
         """
         f, g = self.f64.unsqueeze(-1), self.g64.unsqueeze(-2)
-        logp = self.log_a.unsqueeze(-1) + self.log_b.unsqueeze(-2) + (f + g - self.cost) / self.eps
-        return torch.exp(logp).to(self.cost.dtype)
+        logp = self.log_a.unsqueeze(-1) + self.log_b.unsqueeze(-2) + (f + g - self.cost_matrix) / self.eps
+        return torch.exp(logp).to(self.cost_matrix.dtype)
+
+    @property
+    def cost(self) -> torch.Tensor:
+        """Deprecated name of ``cost_matrix``."""
+        warnings.warn("SinkhornResult.cost is deprecated; use SinkhornResult.cost_matrix", FutureWarning,
+                      stacklevel=2)
+        return self.cost_matrix
 
 
-def _unconverged(pots: Potentials, schedule: Schedule) -> torch.Tensor:
-    """``[B]`` bool: the pairs that ran every update without their marginal error getting to ``tol``.
-
-    A pair that stopped early did reach ``tol``; the residual of the final extrapolation step that
-    follows can land a rounding above it, which is not a failure to converge.
-    """
-    if schedule.tol is None:
-        return torch.zeros_like(pots.error, dtype=torch.bool)
-    ran_out = pots.n_iters >= len(schedule.anneal) + schedule.n_iters
-    return ran_out & (pots.error > schedule.tol)
+def _renamed(old: str, old_value, new: str, new_value):
+    """The value of a renamed argument: the new one, or the old one with a FutureWarning."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"give {new} only ({old} is its deprecated name)")
+    warnings.warn(f"the argument {old}= is deprecated; use {new}=", FutureWarning, stacklevel=3)
+    return old_value
 
 
-def _warn_unconverged(unconverged: torch.Tensor, schedule: Schedule, what: str) -> None:
-    n_bad = int(unconverged.sum())
+def _warn_unconverged(flags: torch.Tensor, schedule: Schedule, what: str) -> None:
+    """One RuntimeWarning naming how many pairs ran every update without reaching ``tol``, and how many
+    updates that was."""
+    n_bad = int(flags.sum())
     if n_bad:
-        warnings.warn(f"{what}: {n_bad} of {unconverged.numel()} pairs did not reach tol={schedule.tol} within "
-                      f"n_iters={schedule.n_iters}", RuntimeWarning, stacklevel=3)
+        steps = len(schedule.anneal)
+        ran = f"{steps} annealing steps + n_iters={schedule.n_iters}" if steps else f"n_iters={schedule.n_iters}"
+        warnings.warn(f"{what}: {n_bad} of {flags.numel()} pairs did not reach tol={schedule.tol} within "
+                      f"{steps + schedule.n_iters} updates ({ran}); raise n_iters or tol", RuntimeWarning,
+                      stacklevel=3)
 
 
-def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
-             mask_a: torch.Tensor | None = None, mask_b: torch.Tensor | None = None, eps: float,
+def sinkhorn(cost_matrix: torch.Tensor | None = None, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+             *, mask_a: torch.Tensor | None = None, mask_b: torch.Tensor | None = None, eps: float,
              n_iters: int = 100, tol: float | None = None, rho: float | None = None,
-             scaling: float | None = None, backend: str = "auto") -> SinkhornResult:
+             scaling: float | None = None, backend: str = "auto", cost: torch.Tensor | None = None
+             ) -> SinkhornResult:
     """Solve a batch of entropic OT problems on precomputed costs, in the log domain.
 
     Args:
-        cost: ``[B, N, M]`` (or ``[N, M]``) cost matrices.
+        cost_matrix: ``[B, N, M]`` (or ``[N, M]``) cost matrices.
         a: ``[B, N]`` non-negative row weights, normalised over the unmasked entries (default uniform).
         b: ``[B, M]`` column weights, likewise.
         mask_a: ``[B, N]`` bool or int, 1 = token, 0 = padding (a Hugging Face ``attention_mask``).
@@ -97,6 +111,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         scaling: eps-annealing factor in (0, 1): temperatures go from the largest cost down to eps,
             multiplied by ``scaling`` at each step; None = fixed eps.
         backend: "auto", "torch", "triton" or "cpu" (see ``otfast.backends()``).
+        cost: deprecated name of ``cost_matrix`` (``cost`` names the cost function in ``sinkhorn_loss``).
 
     Returns:
         ``SinkhornResult`` with potentials, values, iteration counts, errors and ``plan()``.
@@ -107,12 +122,15 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         >>> res.plan().shape
         torch.Size([4, 7, 9])
     """
-    C, ma, mb, unbatched = chk.as_matrix_batch("cost", cost, mask_a, mask_b)
+    cost_matrix = _renamed("cost", cost, "cost_matrix", cost_matrix)
+    if cost_matrix is None:
+        raise TypeError("sinkhorn() needs the cost_matrix")
+    C, ma, mb, unbatched = chk.as_matrix_batch("cost_matrix", cost_matrix, mask_a, mask_b)
     chk.check_positive("eps", eps)
     chk.check_positive("rho", rho, allow_none=True)
     chk.check_iterations(n_iters, tol)
     chk.check_scaling(scaling)
-    chk.check_same_device(cost=cost, a=a, b=b)
+    chk.check_same_device(cost_matrix=cost_matrix, a=a, b=b)
     valid = ma.unsqueeze(2) & mb.unsqueeze(1)
     dtype = chk.compute_dtype(C.dtype)
     wa = chk.as_weights("a", chk.lift(a, unbatched), ma, dtype).detach()
@@ -128,12 +146,12 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
 
     log_a, log_b = torch.log(wa), torch.log(wb)
     pots = resolve(backend, C.device).solve(Cw, log_a, log_b, schedule)
-    _warn_unconverged(_unconverged(pots, schedule), schedule, "sinkhorn")
+    _warn_unconverged(unconverged(pots.n_iters, pots.error, schedule), schedule, "sinkhorn")
     value = _dual_value(wa, pots.f, eps, rho) + _dual_value(wb, pots.g, eps, rho)
     exact = [pots.f.double(), pots.g.double()]
     fields = [pots.f.to(dtype), pots.g.to(dtype), value.to(dtype), pots.n_iters, pots.error.to(dtype), Cw, log_a,
               log_b]
-    if cost.requires_grad:
+    if cost_matrix.requires_grad:
         plan = SinkhornResult(*fields, eps, *exact).plan()
         fields[2] = fields[2] + (plan * (Cm - Cw)).sum((1, 2))
     if unbatched:
@@ -153,7 +171,7 @@ class SinkhornLossFunction(torch.autograd.Function):
     potentials ([B, N] and [B, M] vectors); masking, centring and normalising the points (``cost``) are
     the backend's (``otfast.reference.prepare_points``), so that a fused backend does them in the same
     pass. It returns the values ``[B]`` and, not differentiable, ``[P, B]`` flags of the pairs that did not
-    converge (``_unconverged``) in each of its P problems (OT(x, y), then OT(x, x), OT(y, y) when
+    converge (``otfast.schedule.unconverged``) in each of its P problems (OT(x, y), then OT(x, x), OT(y, y) when
     debiased). Backward applies the envelope theorem through the final step (see ``otfast.reference``):
     exact at convergence, memory independent of the number of iterations, no unrolling and no double
     backward.
@@ -171,11 +189,11 @@ class SinkhornLossFunction(torch.autograd.Function):
             problems.append(backend.solve_points(y, y, beta, beta, schedule, True, cost))
             value = value - _dual_value(a, problems[1].f, eps, rho) - _dual_value(b, problems[2].f, eps, rho)
         value = value.to(x.dtype)
-        unconverged = torch.stack([_unconverged(p, schedule) for p in problems])
-        ctx.mark_non_differentiable(unconverged)
+        flags = torch.stack([unconverged(p.n_iters, p.error, schedule) for p in problems])
+        ctx.mark_non_differentiable(flags)
         ctx.backend, ctx.schedule, ctx.debias, ctx.cost = backend, schedule, debias, cost
         ctx.save_for_backward(x, y, a, b, *(t for p in problems for t in p[:4]))
-        return value, unconverged
+        return value, flags
 
     @staticmethod
     def backward(ctx, grad_value, _grad_unconverged):
@@ -183,12 +201,12 @@ class SinkhornLossFunction(torch.autograd.Function):
         problems = [Potentials(*flat[i:i + 4], None, None) for i in range(0, len(flat), 4)]
         schedule, backend, cost = ctx.schedule, ctx.backend, ctx.cost
         eps, rho = schedule.eps, schedule.rho
-        d = schedule.damping(eps)
+        damping = schedule.damping(eps)
         gv = grad_value.unsqueeze(1)
         alpha, beta = torch.log(a), torch.log(b)
 
         def upstream(w, f):  # dL/df * d for the potential f of a problem, in the compute dtype
-            return (gv * w * phi_prime(f, eps, rho) * d).to(x.dtype)
+            return (gv * w * phi_prime(f, eps, rho) * damping).to(x.dtype)
 
         xy = problems[0]
         dx, dy = backend.grad_points(x, y, alpha, beta, xy, eps, upstream(a, xy.f), upstream(b, xy.g), cost)
@@ -204,19 +222,23 @@ class SinkhornLossFunction(torch.autograd.Function):
         return dx, dy, grad_a, grad_b, None, None, None, None
 
 
-def _check_points(x, y, mask_x, mask_y):
-    chk.check_float_tensor("x", x)
-    chk.check_float_tensor("y", y)
-    if x.dim() != y.dim() or x.dim() not in (2, 3):
-        raise ValueError(f"x and y must both be [B, N, D] / [B, M, D] (or unbatched [N, D] / [M, D]), got "
-                         f"shapes {tuple(x.shape)} and {tuple(y.shape)}")
-    if x.dim() == 3 and x.shape[0] != y.shape[0]:
-        raise ValueError(f"batch sizes differ: x has {x.shape[0]} pairs, y has {y.shape[0]}")
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"feature sizes differ: x has D={x.shape[-1]}, y has D={y.shape[-1]}")
-    if 0 in x.shape or 0 in y.shape:
-        raise ValueError(f"empty input: x {tuple(x.shape)}, y {tuple(y.shape)}")
-    chk.check_same_device(x=x, y=y, mask_x=mask_x, mask_y=mask_y)
+def check_loss_options(*, cost: str, blur: float, eps: float | None, scaling: float | None, n_iters: int | None,
+                       tol: float | None, reach: float | None, diameter: float | None, reduction: str,
+                       backend: str) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming the first bad option of ``sinkhorn_loss`` (``SinkhornLoss``
+    checks its options with it when it is built)."""
+    if cost not in COSTS:
+        raise ValueError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    chk.check_positive("blur", blur)
+    chk.check_positive("eps", eps, allow_none=True)
+    chk.check_positive("reach", reach, allow_none=True)
+    chk.check_positive("diameter", diameter, allow_none=True)
+    chk.check_iterations(n_iters, tol)
+    chk.check_scaling(scaling)
 
 
 def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None = None,
@@ -260,17 +282,9 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
         >>> loss = otfast.sinkhorn_loss(x, y, mask_x, mask_y)
         >>> loss.backward()
     """
-    _check_points(x, y, mask_x, mask_y)
-    if cost not in COSTS:
-        raise ValueError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
-    chk.check_positive("blur", blur)
-    chk.check_positive("eps", eps, allow_none=True)
-    chk.check_positive("reach", reach, allow_none=True)
-    chk.check_positive("diameter", diameter, allow_none=True)
-    chk.check_iterations(n_iters, tol)
-    chk.check_scaling(scaling)
+    chk.check_points(x, y, mask_x, mask_y)
+    check_loss_options(cost=cost, blur=blur, eps=eps, scaling=scaling, n_iters=n_iters, tol=tol, reach=reach,
+                       diameter=diameter, reduction=reduction, backend=backend)
     mod = resolve(backend, x.device)
 
     unbatched = x.dim() == 2
@@ -301,8 +315,8 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
     schedule = Schedule(eps=eps_final, anneal=anneal, n_iters=n_iters, tol=tol,
                         rho=None if reach is None else reach**2)
 
-    value, unconverged = SinkhornLossFunction.apply(x, y, a, b, mod, schedule, debias, cost)
-    for flags, what in zip(unconverged, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
+    value, flags_per_problem = SinkhornLossFunction.apply(x, y, a, b, mod, schedule, debias, cost)
+    for flags, what in zip(flags_per_problem, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
         _warn_unconverged(flags, schedule, f"sinkhorn_loss {what}")
     if unbatched:
         return value[0]

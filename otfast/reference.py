@@ -1,13 +1,8 @@
-"""The torch backend: a readable, float64-capable log-domain Sinkhorn, the oracle of every test.
+"""The torch backend: a readable, float64 log-domain Sinkhorn, the oracle of every test.
 
-Per pair, with cost C [N, M], log-weights alpha [N], beta [M] (-inf on padding), temperature eps and
-dampening d (1 for balanced OT):
-
-    row soft-min     T(g)_i  = -d eps LSE_j( beta_j  + (g_j - C_ij) / eps )
-    column soft-min  T~(f)_j = -d eps LSE_i( alpha_i + (f_i - C_ij) / eps )
-
-The loop (init, annealing, iterations at the final eps, final extrapolation) is described in
-``otfast.schedule``. It keeps potentials 0 on padding; masked entries enter every LSE as -inf.
+It implements the loop of ``otfast.schedule`` (the soft-min T, its transpose T~ and the dampening d are
+defined there) as plainly as possible, and defines what every backend shares: the ``Potentials`` a solve
+returns, and the preparation of the points (``prepare_points``) and its backward (``prepare_grad``).
 
 Precision: this backend computes in float64 whatever the input dtype (inputs are converted, results
 rounded back once; the potentials stay float64, see ``Potentials``). It is the accuracy anchor, not a
@@ -119,28 +114,28 @@ def softmin(C: torch.Tensor, h: torch.Tensor, eps: float, damping: float, mask: 
     return torch.where(mask, out, torch.zeros_like(out))
 
 
-def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
+def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
           symmetric: bool = False) -> Potentials:
     """Run the Sinkhorn loop on a batch of cost matrices.
 
     Args:
-        C: ``[B, N, M]`` cost, finite everywhere (padding entries are ignored); converted to float64.
+        cost_matrix: ``[B, N, M]`` cost, finite everywhere (padding entries are ignored); converted to float64.
         alpha: ``[B, N]`` log-weights, -inf on padding; beta: ``[B, M]``.
         schedule: temperatures, iteration count, tolerance and rho.
-        symmetric: C is symmetric and alpha == beta (the OT(a, a) problem of the debiased loss):
+        symmetric: the cost is symmetric and alpha == beta (the OT(a, a) problem of the debiased loss):
             one potential, f == g, and only the row pass runs.
 
     Returns:
         ``Potentials`` (float64 potentials and error).
     """
-    C, alpha, beta = C.double(), alpha.double(), beta.double()
+    C, alpha, beta = cost_matrix.double(), alpha.double(), beta.double()
     Ct = C.transpose(1, 2)
     mask_a, mask_b = alpha > -math.inf, beta > -math.inf
 
     def update(f, g, eps):
-        d = schedule.damping(eps)
-        ft = softmin(C, beta + g / eps, eps, d, mask_a)
-        gt = ft if symmetric else softmin(Ct, alpha + f / eps, eps, d, mask_b)
+        damping = schedule.damping(eps)
+        ft = softmin(C, beta + g / eps, eps, damping, mask_a)
+        gt = ft if symmetric else softmin(Ct, alpha + f / eps, eps, damping, mask_b)
         return ft, gt
 
     f, g = update(torch.zeros_like(alpha), torch.zeros_like(beta), schedule.eps_init)

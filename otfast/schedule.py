@@ -1,14 +1,24 @@
-"""What every backend runs: the temperature schedule, the stopping rule and the unbalanced terms.
+"""The one specification of otfast's Sinkhorn loop, which every backend implements and cites.
 
-The Sinkhorn loop of otfast is GeomLoss's symmetric loop (Feydy 2020, thesis Algorithm 3.5):
+Per pair: cost C [N, M], log-weights alpha [N], beta [M] (-inf on padding, which enters every LSE as
+-inf; potentials are 0 there), temperature eps, and the dampening d = 1 / (1 + eps / rho) of unbalanced
+OT with KL penalty rho (d = 1 when balanced, ``Schedule.damping``). The soft-min (C-transform) and its
+transpose:
 
-    init      f = T_{eps_0}(0),  g = T~_{eps_0}(0)
+    T(g)_i  = -d eps LSE_j( beta_j  + (g_j - C_ij) / eps )        (row pass, reduce over j)
+    T~(f)_j = -d eps LSE_i( alpha_i + (f_i - C_ij) / eps )        (column pass, reduce over i)
+
+The loop is GeomLoss's symmetric one (Feydy 2020, thesis Algorithm 3.5), with the fields of ``Schedule``:
+
+    init      f = T_{eps_init}(0),  g = T~_{eps_init}(0)
     anneal    for eps in anneal:          f, g <- (f + T(g)) / 2, (g + T~(f)) / 2
-    iterate   n_iters times at the final eps, same update, a pair stops once its residual <= tol
+    iterate   n_iters times at the final eps, same update; a pair stops once its residual
+              (``residual``, rows plus columns) is <= tol
     final     f, g <- T(g), T~(f)         (the "extrapolation" step; gradients go through it alone)
 
-with the soft-min (C-transform) T(g)_i = -d eps LSE_j(beta_j + (g_j - C_ij) / eps), T~ its transpose,
-d = 1 / (1 + eps / rho) the dampening of unbalanced OT (d = 1 when balanced).
+A backend returns the final f, g, the potentials f_prev, g_prev the final step started from, the updates
+run per pair and the final step's residual (``otfast.reference.Potentials``). A symmetric problem (C
+symmetric, alpha = beta: OT(a, a) of the debiased loss) has one potential, f = g, and only the row pass.
 """
 
 from __future__ import annotations
@@ -43,10 +53,6 @@ class Schedule:
 
     def damping(self, eps: float) -> float:
         return 1.0 if self.rho is None else 1.0 / (1.0 + eps / self.rho)
-
-    @property
-    def total_iters(self) -> int:
-        return len(self.anneal) + self.n_iters
 
 
 def epsilon_schedule(diameter: float, blur: float, scaling: float, p: float = 2.0) -> tuple[float, ...]:
@@ -102,3 +108,14 @@ def residual(f_old: torch.Tensor, f_new: torch.Tensor, log_w: torch.Tensor, eps:
     """
     term = torch.exp(log_w) * torch.expm1((f_old - f_new) / eps).abs()
     return torch.where(log_w > -math.inf, term, torch.zeros_like(term)).sum(dim=-1)
+
+
+def unconverged(n_iters: torch.Tensor, error: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """``[B]`` bool: the pairs that ran every update of ``schedule`` with their residual still above ``tol``.
+
+    A pair that stopped early did reach ``tol``; the residual of the final extrapolation step that follows
+    can land a rounding above it, which is not a failure to converge. All False without a ``tol``.
+    """
+    if schedule.tol is None:
+        return torch.zeros_like(error, dtype=torch.bool)
+    return (n_iters >= len(schedule.anneal) + schedule.n_iters) & (error > schedule.tol)

@@ -1,17 +1,20 @@
-"""Host launchers of the Triton Sinkhorn kernels: shape checks, regimes, block sizes. No autograd, no policy.
+"""The triton backend: host launchers of the Triton Sinkhorn kernels (``otfast.kernels.triton``).
 
-Implements the backend interface of ``otfast.backends`` (``solve``, ``solve_points``, ``grad_points``,
-same signatures and semantics as ``otfast.reference``). Two regimes behind one entry:
+Implements ``otfast.backends.Backend`` (``solve``, ``solve_points``, ``grad_points``, the semantics of
+``otfast.reference``): shape checks, the choice of regime and configuration (among
+``otfast.kernels.triton.configs``), float64 point preparation (``otfast.reference.prepare_points``) and
+the output buffers. Two regimes behind one entry:
 
 - resident (max(N, M) <= ``RESIDENT_MAX`` = 32): one program per pair holds both cost tiles in registers;
   extra device memory: the potentials, O(B (N + M)).
 - streaming (longer): the cost is written once as two fp32 tiles (8 B N M bytes), then streamed.
 
 The backward is one tiled kernel for every length, launched for dx and again (roles swapped) for dy.
-The points are prepared (masked, centred or normalised) in float64 by ``otfast.reference.prepare_points``
-and the potentials are float64; the N M work is fp32 (``sinkhorn.py`` says where and why float64 is used).
-``OTFAST_TRITON_PRECISION`` (default "ieee") sets the ``tl.dot`` precision of S @ y in the backward;
-"tf32x3" runs it on tensor cores at near-fp32 accuracy (plain tf32, ~1e-3 relative, is not offered).
+The potentials are float64; the N M work is fp32 (``kernels/triton/sinkhorn.py`` says where and why float64
+is used). ``OTFAST_TRITON_PRECISION`` (default "ieee") sets the ``tl.dot`` precision of S @ y in the
+backward; "tf32x3" runs it on tensor cores at near-fp32 accuracy (plain tf32, ~1e-3 relative, is not
+offered). ``OTFAST_DEBUG_POISON=1`` fills every output buffer with NaN (int32: -2^31) before the kernels
+run, so that an element a kernel forgets to write shows (the tests set it).
 """
 
 from __future__ import annotations
@@ -20,34 +23,22 @@ import os
 
 import torch
 
-from otfast.reference import Potentials, prepare_grad, prepare_points
-from otfast.schedule import Schedule
+from .reference import Potentials, prepare_grad, prepare_points
+from .schedule import Schedule
 
 try:
     import triton
 
-    from . import sinkhorn as K
+    from .kernels.triton import sinkhorn as K
+    from .kernels.triton.configs import (COST_BLOCK, COST_WARPS, FP_FUSION, GRAD_BLOCK, GRAD_WARPS, NUM_STAGES,
+                                         PRECISIONS, RESIDENT_MAX, RESIDENT_WARPS, STREAM_BLOCK, STREAM_WARPS)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
+    DESCRIPTION = "fused Triton kernels (triton not installed)"
 else:
     UNAVAILABLE = None
-
-RESIDENT_MAX = 32
-DESCRIPTION = f"fused Triton kernels: register-resident tiles up to {RESIDENT_MAX} x {RESIDENT_MAX}, streaming beyond"
-PRECISIONS = ("ieee", "tf32x3")
-STREAM_BLOCK = 32
-COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
-GRAD_BLOCK = (64, 32, 16, 64)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
-GRAD_WARPS = 8
-STREAM_WARPS = 4
-COST_WARPS = 4
-# No software pipelining: prefetched tiles would stay live in registers and spill (checked with
-# ``python -m benchmarks.kernel_resources``); the kernels are exp-bound, not load-latency bound.
-NUM_STAGES = 1
-# Fused multiply-adds on (triton's default, named so that triton >= 3.9 does not warn that its default will
-# change): the kernels' error-free subtractions (TwoSum) contain no products to fuse, and the exponent
-# -u k + w is better rounded once.
-FP_FUSION = True
+    DESCRIPTION = (f"fused Triton kernels: register-resident tiles up to {RESIDENT_MAX} x {RESIDENT_MAX}, "
+                   "streaming beyond")
 
 
 def precision() -> str:
@@ -57,38 +48,10 @@ def precision() -> str:
     return value
 
 
-def resident_config(n: int, m: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the resident kernel for an n x m problem (n, m <= ``RESIDENT_MAX``): one square
-    tile. A 16 x 16 tile was tried too: at 2 or 4 warps one of its variants spills 8 bytes whichever the
-    warp count, and small pairs are launch-bound anyway."""
-    return RESIDENT_MAX, 4
-
-
-def configs() -> list[tuple[str, dict, int]]:
-    """Every (kernel, constexprs, num_warps) the launchers can choose (all with ``NUM_STAGES``): what the
-    sm_90 resource check compiles."""
-    out = []
-    block, warps = resident_config(RESIDENT_MAX, RESIDENT_MAX)
-    for from_points in (True, False):
-        for symmetric in (False, True):
-            for has_tol in (False, True):
-                out.append(("_sinkhorn_resident_kernel", dict(BLOCK_N=block, BLOCK_M=block, FROM_POINTS=from_points,
-                                                              SYMMETRIC=symmetric, HAS_TOL=has_tol), warps))
-    for symmetric in (False, True):
-        for has_tol in (False, True):
-            out.append(("_sinkhorn_streaming_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
-                        SYMMETRIC=symmetric, HAS_TOL=has_tol), STREAM_WARPS))
-    bn, bm, bk = COST_BLOCK
-    out.append(("_cost_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk), COST_WARPS))
-    for prec in PRECISIONS:
-        bn, bm, bk, bdo = GRAD_BLOCK
-        out.append(("_grad_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=prec),
-                    GRAD_WARPS))
-    return out
-
-
 def _empty(shape, dtype, device) -> torch.Tensor:
-    """Output allocation; the tests replace it with a NaN-filled one so an unwritten element shows."""
+    """An output buffer: uninitialised, or poisoned with NaN (-2^31 for integers) when ``OTFAST_DEBUG_POISON=1``."""
+    if os.environ.get("OTFAST_DEBUG_POISON") == "1":
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -(2**31), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -125,19 +88,19 @@ def _finish(outs: list[torch.Tensor]) -> Potentials:
     return Potentials(f, g, f_prev, g_prev, iters, err.double())
 
 
-def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, d):
+def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, dim):
     b = alpha.shape[0]
     outs = _outputs(b, n, m, alpha.device)
-    block, warps = resident_config(n, m)
     from_points = cost is None
     if from_points:
         X, Y, COST, strides = x, y, x, (*x.stride(), *y.stride(), 0, 0, 0)
     else:
         X, Y, COST, strides = cost, cost, cost, (0, 0, 0, 0, 0, 0, *cost.stride())
     K._sinkhorn_resident_kernel[(b,)](
-        X, Y, COST, _f64(alpha), _f64(beta), _schedule(schedule, alpha.device), *outs, n, m, d, *strides,
-        *_loop_args(schedule), BLOCK_N=block, BLOCK_M=block, FROM_POINTS=from_points, SYMMETRIC=symmetric,
-        HAS_TOL=schedule.tol is not None, num_warps=warps, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        X, Y, COST, _f64(alpha), _f64(beta), _schedule(schedule, alpha.device), *outs, n, m, dim, *strides,
+        *_loop_args(schedule), BLOCK_N=RESIDENT_MAX, BLOCK_M=RESIDENT_MAX, FROM_POINTS=from_points,
+        SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None, num_warps=RESIDENT_WARPS, num_stages=NUM_STAGES,
+        enable_fp_fusion=FP_FUSION)
     return outs
 
 
@@ -160,21 +123,21 @@ def _streaming(cost_hi, cost_lo, alpha, beta, schedule, symmetric):
 def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)``, fp32 ``[B, N, M]`` each: the cost |x_i - y_j|^2 / 2 of centred float64 points
     ``x [B, N, D]``, ``y [B, M, D]``, accumulated in float64 and split as hi + lo."""
-    (b, n, d), m = x.shape, y.shape[1]
+    (b, n, dim), m = x.shape, y.shape[1]
     hi, lo = _empty((b, n, m), torch.float32, x.device), _empty((b, n, m), torch.float32, x.device)
     bn, bm, bk = COST_BLOCK
     K._cost_kernel[(b, triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        x, y, hi, lo, n, m, d, *x.stride(), *y.stride(), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS,
+        x, y, hi, lo, n, m, dim, *x.stride(), *y.stride(), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS,
         num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return hi, lo
 
 
-def solve(C: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
+def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
           symmetric: bool = False) -> Potentials:
-    """The Sinkhorn loop on precomputed costs ``C [B, N, M]`` (see ``otfast.reference.solve``)."""
-    b, n, m = C.shape
+    """The Sinkhorn loop on precomputed costs ``cost_matrix [B, N, M]`` (see ``otfast.reference.solve``)."""
+    b, n, m = cost_matrix.shape
     _check(alpha, beta, n, m, b)
-    cost = _f64(C)
+    cost = _f64(cost_matrix)
     if max(n, m) <= RESIDENT_MAX:
         return _finish(_resident(None, None, cost, alpha, beta, schedule, symmetric, n, m, 1))
     hi = cost.float()
@@ -189,21 +152,21 @@ def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: to
     (elementwise torch ops). Up to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is
     written once as two fp32 tiles.
     """
-    (b, n, d), m = x.shape, y.shape[1]
+    (b, n, dim), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
     xp, yp = prepare_points(x.double(), y.double(), alpha.double(), beta.double(), cost)
     if max(n, m) <= RESIDENT_MAX:
-        return _finish(_resident(xp, yp, None, alpha, beta, schedule, symmetric, n, m, d))
+        return _finish(_resident(xp, yp, None, alpha, beta, schedule, symmetric, n, m, dim))
     return _finish(_streaming(*cost_matrix(xp, yp), alpha, beta, schedule, symmetric))
 
 
 def _grad(x, y, f, g_prev, alpha, beta, u, eps):
-    (b, n, d), m = x.shape, y.shape[1]
-    out = _empty((b, n, d), torch.float32, x.device)
+    (b, n, dim), m = x.shape, y.shape[1]
+    out = _empty((b, n, dim), torch.float32, x.device)
     bn, bm, bk, bdo = GRAD_BLOCK
-    K._grad_kernel[(b, triton.cdiv(n, bn), triton.cdiv(d, bdo))](
+    K._grad_kernel[(b, triton.cdiv(n, bn), triton.cdiv(dim, bdo))](
         x, y, _f64(f), _f64(g_prev), _f64(alpha), _f64(beta), torch.tensor([eps], dtype=torch.float64, device=x.device),
-        u.float().contiguous(), out, n, m, d, *x.stride(), *y.stride(),
+        u.float().contiguous(), out, n, m, dim, *x.stride(), *y.stride(),
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS,
         num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out

@@ -69,12 +69,12 @@ def test_weights_of_wrong_shape(pts):
 
 
 def test_cost_1d():
-    with pytest.raises(ValueError, match="cost must be 2-D .* got 1-D"):
+    with pytest.raises(ValueError, match="cost_matrix must be 2-D .* got 1-D"):
         otfast.sinkhorn(torch.rand(5), eps=0.1)
 
 
 def test_cost_4d():
-    with pytest.raises(ValueError, match="cost must be 2-D .* got 4-D"):
+    with pytest.raises(ValueError, match="cost_matrix must be 2-D .* got 4-D"):
         otfast.sinkhorn(torch.rand(2, 2, 3, 4), eps=0.1)
 
 
@@ -125,7 +125,7 @@ def test_inf_in_y(pts):
 def test_nan_in_cost_on_valid_entry(cost):
     c = cost.clone()
     c[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match="cost contains NaN"):
+    with pytest.raises(ValueError, match="cost_matrix contains NaN"):
         otfast.sinkhorn(c, eps=0.1)
 
 
@@ -266,7 +266,7 @@ def test_integer_points(pts, dtype):
 
 
 def test_integer_cost(cost):
-    with pytest.raises(TypeError, match="cost must be float16, bfloat16, float32 or float64, got torch.int64"):
+    with pytest.raises(TypeError, match="cost_matrix must be float16, bfloat16, float32 or float64, got torch.int64"):
         otfast.sinkhorn((cost * 10).long(), eps=0.1)
 
 
@@ -306,7 +306,8 @@ def test_unconverged_pairs_warn_with_count():
     """Two hard pairs out of three miss tol: the warning says "2 of 3 pairs"; the easy one converges."""
     costs = make_costs(3, 6, 7, seed=32, ragged=False, junk=None).cost
     costs[0] = 0.5  # a constant cost: converged after the first update
-    with pytest.warns(RuntimeWarning, match=r"sinkhorn: 2 of 3 pairs did not reach tol=1e-09 within n_iters=5"):
+    with pytest.warns(RuntimeWarning, match=r"sinkhorn: 2 of 3 pairs did not reach tol=1e-09 within 5 updates "
+                                            r"\(n_iters=5\); raise n_iters or tol"):
         res = otfast.sinkhorn(costs, eps=0.005, n_iters=5, tol=1e-9, backend="torch")
     assert res.marginal_error[0] <= 1e-9 < res.marginal_error[1:].min()
 
@@ -316,25 +317,27 @@ def test_unconverged_loss_warns(pts):
         loss(pts.x, pts.y, blur=0.01, scaling=None, n_iters=2, tol=1e-12)
 
 
-def test_tol_with_zero_iterations_warns(pts):
-    """tol with the default annealing (n_iters defaults to 0) is not silently ignored."""
-    with pytest.warns(RuntimeWarning, match=r"2 of 2 pairs did not reach tol=1e-09 within n_iters=0"):
+def test_tol_with_zero_iterations_warns_with_the_real_count(pts):
+    """tol with the default annealing (n_iters defaults to 0) is not silently ignored, and the warning counts
+    the annealing steps that did run."""
+    steps = len(otfast.schedule.epsilon_schedule(otfast.schedule.bounding_diameter(
+        pts.x, pts.y, torch.ones(pts.x.shape[:2], dtype=torch.bool), torch.ones(pts.y.shape[:2], dtype=torch.bool)),
+        0.05, 0.5))
+    with pytest.warns(RuntimeWarning, match=rf"2 of 2 pairs did not reach tol=1e-09 within {steps} updates "
+                                            rf"\({steps} annealing steps \+ n_iters=0\)"):
         loss(pts.x, pts.y, tol=1e-9)
 
 
 def test_only_pairs_that_ran_out_count_as_unconverged():
     """A pair that stopped early reached tol; the final extrapolation step's residual may land a rounding
     above it, which is no failure. A pair that used every update and is above tol is one."""
-    from otfast.functional import _unconverged
-    from otfast.reference import Potentials
-    from otfast.schedule import Schedule
+    from otfast.schedule import Schedule, unconverged
 
     sched = Schedule(eps=0.1, anneal=(2.0, 1.0), n_iters=10, tol=1e-5)
     error = torch.tensor([1.01e-5, 1.01e-5, 0.99e-5])
     n_iters = torch.tensor([7, 12, 12], dtype=torch.int32)  # stopped early, ran out, ran out
-    pots = Potentials(*(torch.zeros(3, 2),) * 4, n_iters, error)
-    assert _unconverged(pots, sched).tolist() == [False, True, False]
-    assert not _unconverged(pots, Schedule(eps=0.1, anneal=(2.0, 1.0), n_iters=10)).any()  # no tol
+    assert unconverged(n_iters, error, sched).tolist() == [False, True, False]
+    assert not unconverged(n_iters, error, Schedule(eps=0.1, anneal=(2.0, 1.0), n_iters=10)).any()  # no tol
 
 
 def test_converged_run_does_not_warn(pts):
@@ -368,3 +371,34 @@ def test_extreme_loss_input_is_finite(reach):
     ref = otfast.sinkhorn_loss(batch.x.double(), batch.y.double(), batch.mask_x, batch.mask_y, eps=1e-4, reach=reach,
                                reduction="none", backend="torch")
     assert torch.allclose(value.double(), ref, rtol=1e-3), "float32 loss far from the float64 run"
+
+
+# --- renamed arguments ------------------------------------------------------------------------------
+
+def test_old_name_of_the_cost_matrix_still_works_with_a_warning():
+    cost_matrix = make_costs(2, 4, 5, seed=40, ragged=False, junk=None).cost
+    want = otfast.sinkhorn(cost_matrix, eps=0.1)
+    with pytest.warns(FutureWarning, match=r"cost= is deprecated; use cost_matrix="):
+        got = otfast.sinkhorn(cost=cost_matrix, eps=0.1)
+    assert torch.equal(got.value, want.value)
+    with pytest.warns(FutureWarning, match=r"SinkhornResult.cost is deprecated"):
+        assert got.cost is got.cost_matrix
+    with pytest.raises(TypeError, match="give cost_matrix only"):
+        otfast.sinkhorn(cost_matrix, cost=cost_matrix, eps=0.1)
+    with pytest.raises(TypeError, match="needs the cost_matrix"):
+        otfast.sinkhorn(eps=0.1)
+
+
+@pytest.mark.parametrize("options,match", [(dict(backend="gpu"), "unknown backend 'gpu'"),
+                                           (dict(cost="l1"), "unknown cost 'l1'"),
+                                           (dict(blur=0.0), "blur must be a finite number > 0"),
+                                           (dict(scaling=1.5), "scaling must lie in"),
+                                           (dict(n_iters=-1), "n_iters must be an integer")])
+def test_module_checks_its_options_when_built(options, match):
+    with pytest.raises(ValueError, match=match):
+        otfast.SinkhornLoss(**options)
+
+
+def test_module_takes_no_positional_options():
+    with pytest.raises(TypeError):
+        otfast.SinkhornLoss("cosine")

@@ -113,11 +113,12 @@ def test_float32_close_to_float64_reference_default_loss():
     _compare(batch.x, batch.y, ones_x, ones_y, torch.float32, blur=0.05, scaling=0.5, debias=True)
 
 
-@pytest.mark.xfail(strict=True, reason="a valid token with weight exactly 0 is treated as padding (mask = a > 0 in "
-                   "SinkhornLossFunction), so its weight gradient misses its potential f_i; GeomLoss extends f to it. "
-                   "Values and x/y gradients agree; reported to the lead")
+@pytest.mark.xfail(strict=True, reason="documented semantics (README, API): a token with weight 0 counts as padding, "
+                   "so its weight gradient is 0, where GeomLoss gives it the potential the token would have; values "
+                   "and point gradients agree")
 def test_zero_weight_on_valid_token():
-    """Weight gradient at a valid token whose weight is 0 (the derivative of the loss is still defined there)."""
+    """Weight gradient at a valid token whose weight is 0, where otfast and GeomLoss differ on purpose: otfast
+    treats the token as padding. Strict xfail: if the two ever agree, the documented semantics changed."""
     x, y, wx, wy = _data(torch.float64, seed=5)
     wx = wx.clone()
     wx[0, 1] = 0.0

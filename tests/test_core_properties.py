@@ -147,7 +147,7 @@ def test_marginal_error_before_convergence():
     kwargs = dict(mask_a=batch.mask_a, mask_b=batch.mask_b, eps=0.01, n_iters=3, backend="torch")
     res = otfast.sinkhorn(batch.cost, batch.a, batch.b, **kwargs)
     log_a, log_b = res.log_a, res.log_b
-    pots = reference.solve(res.cost, log_a, log_b, Schedule(eps=0.01, n_iters=3))
+    pots = reference.solve(res.cost_matrix, log_a, log_b, Schedule(eps=0.01, n_iters=3))
     assert (res.n_iters == 3).all()
     assert torch.equal(res.f, pots.f) and torch.equal(res.marginal_error, pots.error)
     for i in range(2):

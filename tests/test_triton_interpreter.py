@@ -20,7 +20,7 @@ import otfast
 from conftest import assert_close, assert_finite_at_extreme_eps, case_id, make_costs, make_points
 
 triton = pytest.importorskip("triton")
-launch = pytest.importorskip("otfast.kernels.triton.launch")
+backend = pytest.importorskip("otfast.triton_backend")
 
 if not otfast.backends()["triton"].available:
     pytest.skip(f"triton backend unavailable: {otfast.backends()['triton'].detail}", allow_module_level=True)
@@ -36,12 +36,7 @@ def _on_device(*tensors):
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every tensor the launchers allocate starts as NaN (floats) or -2^31 (int32)."""
-
-    def empty(shape, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else -(2**31)
-        return torch.full(shape, fill, dtype=dtype, device=device)
-
-    monkeypatch.setattr(launch, "_empty", empty)
+    monkeypatch.setenv("OTFAST_DEBUG_POISON", "1")
 
 
 SETTINGS = {
@@ -173,17 +168,19 @@ def test_no_nan_at_extreme_eps():
 def test_auto_picks_triton_only_for_cuda():
     from otfast.backends import resolve
 
-    assert resolve("auto", torch.device("cpu")) is not launch
+    assert resolve("auto", torch.device("cpu")) is not backend
     if DEVICE.type == "cuda":
-        assert resolve("auto", DEVICE) is launch
+        assert resolve("auto", DEVICE) is backend
     else:
-        assert resolve("triton", DEVICE) is launch  # allowed on CPU only because TRITON_INTERPRET=1
+        assert resolve("triton", DEVICE) is backend  # allowed on CPU only because TRITON_INTERPRET=1
 
 
 def test_every_kernel_configuration_compiles_for_sm90_without_spills():
-    """``python -m benchmarks.kernel_resources`` compiles every configuration the launchers can choose for
+    """``python -m otfast.kernels.triton.resources`` compiles every configuration the launchers can choose for
     sm_90 (no GPU needed) and exits 1 on any spill."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources"], cwd=ROOT, capture_output=True,
+    from otfast.kernels.triton.configs import configs
+
+    proc = subprocess.run([sys.executable, "-m", "otfast.kernels.triton.resources"], cwd=ROOT, capture_output=True,
                           text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"{len(launch.configs())} configurations compiled for sm_90, 0 spilling" in proc.stdout
+    assert f"{len(configs())} configurations compiled for sm_90, 0 spilling" in proc.stdout

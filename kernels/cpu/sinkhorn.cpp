@@ -1,12 +1,8 @@
 // Fused log-domain Sinkhorn for CPU tensors: every iteration of a batch of OT problems in one call.
 //
-// Semantics are those of otfast/reference.py and otfast/schedule.py, to which this file is a faster
-// twin (same init, annealing list, per-pair tol stop, final extrapolation step, residual, masking).
-// Per pair, with cost C [N, M], log-weights alpha [N], beta [M] (-inf on padding), temperature eps and
-// dampening d (1 when balanced):
-//
-//     row soft-min     T(g)_i  = -d eps LSE_j( beta_j  + g_j / eps - C_ij / eps )
-//     column soft-min  T~(f)_j = -d eps LSE_i( alpha_i + f_i / eps - C_ij / eps )
+// Math: the loop of otfast/schedule.py (the one written specification: the soft-min T, its transpose, the
+// dampening d, init, annealing list, per-pair tol stop, final extrapolation step, residual, masking), with
+// the semantics of otfast/reference.py, to which this file is a faster twin.
 //
 // Points. The point entries take the raw embeddings and do reference.prepare_points themselves, into a
 // per-team copy that stays in cache: padding rows (log-weight -inf) become 0 whatever they hold, then

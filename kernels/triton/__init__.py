@@ -1,1 +1,2 @@
-"""Fused Triton Sinkhorn kernels (forward and backward) and their launchers."""
+"""Fused Triton Sinkhorn kernels (``sinkhorn``), the configurations they ship with (``configs``) and their sm_90
+resource check (``python -m otfast.kernels.triton.resources``)."""

@@ -1,11 +1,11 @@
 """sm_90 resource check of every Triton kernel configuration the launchers can choose, without a GPU.
 
-Each configuration from ``otfast.kernels.triton.launch.configs()`` is compiled ahead of time for
+Each configuration from ``otfast.kernels.triton.configs.configs()`` is compiled ahead of time for
 ``GPUTarget("cuda", 90, 32)``; ``cuobjdump --dump-resource-usage`` (shipped with triton) reads registers,
 shared memory and stack frame from the cubin, and ``ptxas -v`` on the PTX reads the spill stores and loads.
 Prints one table row per configuration and exits 1 if any configuration spills.
 
-    python -m benchmarks.kernel_resources [--jobs 2]
+    python -m otfast.kernels.triton.resources [--jobs 2]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def check(config: tuple[str, dict, int]) -> dict:
     from triton.backends.compiler import GPUTarget
 
     from otfast.kernels.triton import sinkhorn as K
-    from otfast.kernels.triton.launch import FP_FUSION, NUM_STAGES
+    from otfast.kernels.triton.configs import FP_FUSION, NUM_STAGES
 
     name, constexprs, warps = config
     fn = getattr(K, name)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
     args = parser.parse_args(argv)
-    from otfast.kernels.triton.launch import configs
+    from otfast.kernels.triton.configs import configs
 
     todo = configs()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

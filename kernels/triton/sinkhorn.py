@@ -1,10 +1,8 @@
 """Fused log-domain Sinkhorn kernels (Triton): forward and envelope backward, no [B, N, M] in the backward.
 
-Math: the update, damping and loop of ``otfast.schedule`` (the one written specification; the names here
-follow it). Per pair, with C_ij = |x_i - y_j|^2 / 2, log-weights alpha, beta (-inf on padding) and
-d = 1 / (1 + eps / rho):
-
-    T(g)_i  = -d eps LSE_j( beta_j  + (g_j - C_ij) / eps ),   T~(f)_j likewise over i.
+Math: the loop of ``otfast.schedule`` (the one written specification: the soft-min T, its transpose, the
+dampening d, the init, annealing, iterations and final step; the names here follow it) on the cost
+C_ij = |x_i - y_j|^2 / 2 of the prepared points.
 
 Precision. The N M work runs in fp32; what fp32 cannot hold runs in float64 (the float64 torch backend is
 the yardstick: ``python -m benchmarks.accuracy``):
@@ -57,7 +55,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Passes at a temperature above PRECISE_RATIO times the final one run in float64 (see the module docstring).
 PRECISE_RATIO = tl.constexpr(256.0)
 # Pointer arguments that hold float64 (every other pointer holds fp32, ITERS int32): the launchers pass
-# these, and the sm_90 resource check (``python -m benchmarks.kernel_resources``) compiles with them.
+# these, and the sm_90 resource check (``python -m otfast.kernels.triton.resources``) compiles with them.
 FLOAT64_POINTERS = frozenset({"X", "Y", "COST", "ALPHA", "BETA", "SCHED", "F", "G", "F_PREV", "G_PREV", "FT",
                               "GT"})
 
@@ -106,7 +104,7 @@ def _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _softmin_fast(C_hi, C_lo, p, q, logw2_q, eps, d, valid, AXIS: tl.constexpr):
+def _softmin_fast(C_hi, C_lo, p, q, logw2_q, eps, damping, valid, AXIS: tl.constexpr):
     """T(q) over AXIS on resident tiles (float64 in and out), in two sweeps over the tiles.
 
     The first sweep forms the exponents relative to the current p and takes their max m; the second forms
@@ -125,7 +123,7 @@ def _softmin_fast(C_hi, C_lo, p, q, logw2_q, eps, d, valid, AXIS: tl.constexpr):
         s = tl.sum(tl.exp2(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS) - c[:, None]), axis=1)
     else:
         s = tl.sum(tl.exp2(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS) - c[None, :]), axis=0)
-    out = d * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s).to(tl.float64)))
+    out = damping * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s).to(tl.float64)))
     return tl.where(valid, out, 0.0)
 
 
@@ -141,7 +139,7 @@ def _shifted(ph, m, eps):
 
 
 @triton.jit
-def _softmin_precise(C_hi, C_lo, q, logw_q, eps, d, valid, AXIS: tl.constexpr):
+def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.constexpr):
     """-d eps LSE over AXIS of (logw_q + (q - C) / eps) with exponents, max and sum in float64, the
     exponentials in fp32 (their relative rounding survives the float64 sum)."""
     inv_eps = 1.0 / eps
@@ -157,7 +155,7 @@ def _softmin_precise(C_hi, C_lo, q, logw_q, eps, d, valid, AXIS: tl.constexpr):
         e = tl.exp2(((z - m[:, None]) * LOG2E).to(tl.float32))
     else:
         e = tl.exp2(((z - m[None, :]) * LOG2E).to(tl.float32))
-    out = -d * eps * (m + tl.log(tl.sum(e.to(tl.float64), axis=AXIS)))
+    out = -damping * eps * (m + tl.log(tl.sum(e.to(tl.float64), axis=AXIS)))
     return tl.where(valid, out, 0.0)
 
 
@@ -165,19 +163,19 @@ def _softmin_precise(C_hi, C_lo, q, logw_q, eps, d, valid, AXIS: tl.constexpr):
 def _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, precise, inv_rho,
             SYMMETRIC: tl.constexpr):
     """(T(g), T~(f)) at temperature eps on resident tiles; T~(f) = T(g) when SYMMETRIC."""
-    d = 1.0 / (1.0 + eps * inv_rho)
+    damping = 1.0 / (1.0 + eps * inv_rho)
     if precise:
-        ft = _softmin_precise(C_hi, C_lo, g, beta, eps, d, valid_n, 1)
+        ft = _softmin_precise(C_hi, C_lo, g, beta, eps, damping, valid_n, 1)
         if SYMMETRIC:
             gt = ft
         else:
-            gt = _softmin_precise(C_hi, C_lo, f, alpha, eps, d, valid_m, 0)
+            gt = _softmin_precise(C_hi, C_lo, f, alpha, eps, damping, valid_m, 0)
     else:
-        ft = _softmin_fast(C_hi, C_lo, f, g, beta2, eps, d, valid_n, 1)
+        ft = _softmin_fast(C_hi, C_lo, f, g, beta2, eps, damping, valid_n, 1)
         if SYMMETRIC:
             gt = ft
         else:
-            gt = _softmin_fast(C_hi, C_lo, g, f, alpha2, eps, d, valid_m, 0)
+            gt = _softmin_fast(C_hi, C_lo, g, f, alpha2, eps, damping, valid_m, 0)
     return ft, gt
 
 
@@ -306,7 +304,7 @@ def _cost_kernel(X, Y, COST_HI, COST_LO, N, M, D, sxb, sxn, sxd, syb, sym, syd,
 
 
 @triton.jit
-def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, POT_ROW, LOGW_ROW, OUT, eps, d,
+def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, POT_ROW, LOGW_ROW, OUT, eps, damping,
                     precise, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """OUT_i = T(q)_i = -d eps LSE_j(logw_j + (q_j - C_ij) / eps) for every row i, over column tiles: precise
     passes online in float64, fast ones in two sweeps relative to the current p = POT_ROW, then to the
@@ -317,17 +315,17 @@ def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, POT
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < n_rows
         if precise:
-            out = _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, eps, d,
+            out = _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, eps, damping,
                                       BLOCK_R, BLOCK_C)
         else:
-            out = _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, POT_ROW, eps, d,
+            out = _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, POT_ROW, eps, damping,
                                    BLOCK_R, BLOCK_C)
         valid = tl.load(LOGW_ROW + offs_r, mask=in_r, other=float("-inf")) > float("-inf")
         tl.store(OUT + offs_r, tl.where(valid, out, 0.0), mask=in_r)
 
 
 @triton.jit
-def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, eps, d,
+def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, eps, damping,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """-d eps LSE over the columns for one row block, online: exponents, max and sum in float64."""
     inv_eps = 1.0 / eps
@@ -347,11 +345,11 @@ def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, PO
         e = tl.exp2(((z - m_safe[:, None]) * LOG2E).to(tl.float32))
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(e.to(tl.float64), axis=1)
         m_run = m_new
-    return -d * eps * (tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(s_run))
+    return -damping * eps * (tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(s_run))
 
 
 @triton.jit
-def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, POT_ROW, eps, d,
+def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, POT_ROW, eps, damping,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """d (p' - eps ln2 LSE2) for one row block in two sweeps over the column tiles: the max of the fp32
     exponents relative to the current p, then their sum relative to the shifted reference (``_shifted``)."""
@@ -368,7 +366,7 @@ def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_C
         offs_c = c0 + tl.arange(0, BLOCK_C)
         z = _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
         s += tl.sum(tl.exp2(z - c[:, None]), axis=1).to(tl.float64)
-    return d * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s)))
+    return damping * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s)))
 
 
 @triton.jit
@@ -387,10 +385,10 @@ def _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_C
 def _stream_update(CH, CL, scn, scm, N, M, ALPHA, BETA, F, G, FT, GT, eps, precise, inv_rho,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr):
     """FT = T(G), GT = T~(F) (GT unused when SYMMETRIC) at temperature eps, streaming the cost."""
-    d = 1.0 / (1.0 + eps * inv_rho)
-    _stream_softmin(CH, CL, scn, scm, N, M, BETA, G, F, ALPHA, FT, eps, d, precise, BLOCK_N, BLOCK_M)
+    damping = 1.0 / (1.0 + eps * inv_rho)
+    _stream_softmin(CH, CL, scn, scm, N, M, BETA, G, F, ALPHA, FT, eps, damping, precise, BLOCK_N, BLOCK_M)
     if not SYMMETRIC:
-        _stream_softmin(CH, CL, scm, scn, M, N, ALPHA, F, G, BETA, GT, eps, d, precise, BLOCK_M, BLOCK_N)
+        _stream_softmin(CH, CL, scm, scn, M, N, ALPHA, F, G, BETA, GT, eps, damping, precise, BLOCK_M, BLOCK_N)
     # The program's warps wrote FT / GT through global memory, and the next step reads them across rows
     # other warps wrote: a block-wide barrier orders the two (global stores are visible to the block after it).
     tl.debug_barrier()
