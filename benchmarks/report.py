@@ -3,16 +3,19 @@
 Usage::
 
     python -m benchmarks.report [--quick] [--out DIR] [--device cpu|cuda] [--budget S] [--note TEXT]
-    python -m benchmarks.report --render DIR/results.csv     # only re-render tables, plot and RESULTS.md
+    python -m benchmarks.report --render DIR/results.csv     # only re-render the table and plot
+    python -m benchmarks.report --quick --update-docs        # also the tracked CSV, RESULTS.md and README table
 
 For every point (setting, mode, B, N, M, D, dtype) it draws one batch (``providers.make_inputs``), computes
 the otfast torch reference on it (float64 where cheap), then for every provider: skips it with a reason
 (unavailable, wrong device, estimated memory or time over budget), or runs it once and checks its values
 (and gradients) against the reference, and times it only if the check passes (warm-up, then up to
 ``--repeats`` calls within ``--budget`` seconds: p20/p50/p80 ms, CUDA-synchronised; peak extra memory on
-CUDA). Rows are appended to ``DIR/results.csv`` point by point; at the end the markdown table
-(``DIR/table.md``), the plot (``DIR/plot-<device>.png``), ``benchmarks/RESULTS.md`` (this device's section)
-and the README table are regenerated from the CSV.
+CUDA). Rows are appended to ``DIR/results.csv`` point by point (``DIR`` defaults to ``runs/benchmarks``,
+outside version control); at the end the markdown table (``DIR/table.md``) and the plot
+(``DIR/plot-<device>.png``) are regenerated from the CSV. Nothing tracked changes unless ``--update-docs``
+is given: then the rows go to ``benchmarks/results/`` and ``benchmarks/RESULTS.md`` (this device's
+section) and the README table are regenerated too, and the command says which files it wrote.
 
 Full sweep: B in {8, 64, 256} x N = M in {16, 32, 64, 128, 256, 512}, D = 768, forward and forward+backward,
 settings "fixed" and "paper", plus the B=32, N=M=40 point of issues 2 and 4. ``--quick``: that point and a
@@ -51,7 +54,8 @@ QUICK_POINTS = (
     ("fixed", "fwd+bwd", *ISSUE_POINT), ("paper", "fwd+bwd", *ISSUE_POINT), ("fixed", "forward", *ISSUE_POINT),
     ("fixed", "fwd+bwd", 8, 16, 16), ("paper", "fwd+bwd", 8, 16, 16),
 )
-DEFAULT_OUT = REPO / "benchmarks" / "results"
+DEFAULT_OUT = REPO / "runs" / "benchmarks"
+DOCS_OUT = REPO / "benchmarks" / "results"  # the tracked results behind RESULTS.md and the README table
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -254,9 +258,11 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
             log(f"updated the {device} section of {results_md}")
     table = "\n".join(tables) or "_no results yet_\n"
     (out / "table.md").write_text(table)
+    log(f"wrote {out / 'table.md'} and the plots in {out}")
     if readme is not None:
         try:
             res.update_readme(readme, table + "\nFull results, commands and notes: `benchmarks/RESULTS.md`.\n")
+            log(f"updated the benchmark table of {readme}")
         except ValueError as exc:
             log(f"README not updated: {exc}")
 
@@ -326,10 +332,28 @@ def base_columns(device: str, command: str, note: str) -> dict:
                 device_name=device_name(device), versions=versions(), commit=commit(), command=command, note=note)
 
 
+def add_docs_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--update-docs`` and the files it writes (shared with ``benchmarks.step``)."""
+    ap.add_argument("--update-docs", action="store_true",
+                    help="write to the tracked benchmarks/results/ and regenerate benchmarks/RESULTS.md and the README "
+                         "table (modifies tracked files)")
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="with --update-docs")
+    ap.add_argument("--readme", type=Path, default=REPO / "README.md", help="with --update-docs")
+
+
+def docs_targets(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
+    """(output folder, RESULTS.md or None, README or None) for the parsed arguments."""
+    if args.update_docs:
+        return args.out or DOCS_OUT, args.results, args.readme
+    return args.out or DEFAULT_OUT, None, None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few points, under 2 minutes on a 2-core CPU")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of results.csv, table.md, plots")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"folder of results.csv, table.md, plots (default {DEFAULT_OUT.relative_to(REPO)}, or "
+                         f"{DOCS_OUT.relative_to(REPO)} with --update-docs)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     ap.add_argument("--budget", type=float, default=None,
@@ -337,9 +361,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed calls at most (default 5 quick, else 20)")
     ap.add_argument("--only", default=None, help="run only providers whose label contains this text")
     ap.add_argument("--note", default="", help="free text stored with the rows and shown in RESULTS.md")
-    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
-    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
-    ap.add_argument("--no-docs", action="store_true", help="do not touch RESULTS.md and the README")
+    add_docs_arguments(ap)
     ap.add_argument("--render", type=Path, nargs="+", default=None,
                     help="only re-render outputs from these CSV files (no measurement)")
     ap.add_argument("--run", nargs="+", default=None,
@@ -349,13 +371,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results_md = None if args.no_docs else args.results
-    readme = None if args.no_docs else args.readme
+    out, results_md, readme = docs_targets(args)
     if args.render:
         rows = [r for path in args.render for r in res.read_rows(path)]
         if args.run:
             rows = [r for r in rows if r["run_id"] in args.run]
-        render(rows, sorted({r["device"] for r in rows}), args.out, results_md, readme)
+        render(rows, sorted({r["device"] for r in rows}), out, results_md, readme)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
@@ -364,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.report " + shlex.join(sys.argv[1:] if argv is None else argv)
     base = base_columns(args.device, command.strip(), args.note)
     plist = [p for p in providers() if args.only is None or args.only in p.label]
-    csv_path = args.out / "results.csv"
+    csv_path = out / "results.csv"
     estimates, refs = Estimates(enabled=not args.quick), {}
     points = sweep_points(args.quick)
     for i, point in enumerate(points, 1):
@@ -374,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                          repeats=repeats, estimates=estimates, base=base, refs=refs, skip_slow=not args.quick)
         res.append_rows(csv_path, rows)
     print(f"appended to {csv_path}")
-    render(res.read_rows(csv_path), [args.device], args.out, results_md, readme)
+    render(res.read_rows(csv_path), [args.device], out, results_md, readme)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.step [--quick] [--out DIR] [--device cpu|cuda]
+    python -m benchmarks.step [--quick] [--out DIR] [--device cpu|cuda] [--update-docs]
 
 The step is the harness's (``train/align.py``): a batch of parallel sentences (targets and sources) goes
 through the encoder (``train.modeling.layer_states``), the frozen initial encoder gives h0 for the English
@@ -33,8 +33,8 @@ import torch
 import otfast
 
 from . import results as res
-from .report import DEFAULT_OUT, base_columns, render
-from .timing import REPO, load_average, synchronize
+from .report import add_docs_arguments, base_columns, docs_targets, render
+from .timing import load_average, synchronize
 
 MODELS = {
     "bert-tiny": dict(vocab_size=2000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -179,22 +179,20 @@ def run(device: str, quick: bool, base: dict, log=print) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None, help="folder of results.csv (as benchmarks.report)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--note", default="")
-    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
-    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
-    ap.add_argument("--no-docs", action="store_true", help="do not touch RESULTS.md and the README")
+    ap.add_argument("--note", default="", help="free text stored with the rows")
+    add_docs_arguments(ap)
     args = ap.parse_args(argv)
+    out, results_md, readme = docs_targets(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     command = "python -m benchmarks.step " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows = run(args.device, args.quick, base_columns(args.device, command.strip(), args.note))
-    csv_path = args.out / "results.csv"
+    csv_path = out / "results.csv"
     res.append_rows(csv_path, rows)
     print(f"appended to {csv_path}")
-    render(res.read_rows(csv_path), [args.device], args.out, None if args.no_docs else args.results,
-           None if args.no_docs else args.readme)
+    render(res.read_rows(csv_path), [args.device], out, results_md, readme)
     return 0
 
 

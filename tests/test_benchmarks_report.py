@@ -205,3 +205,15 @@ def test_every_cpu_provider_agrees_with_the_reference(setting):
     assert {"otfast", "geomloss", "torch-unrolled"} <= set(ran)
     if setting == "fixed":
         assert {"pot-solve_batch", "pot-sinkhorn_log"} <= set(ran)
+
+
+def test_documents_change_only_with_update_docs(tmp_path):
+    """Without --update-docs the results go to an untracked folder and no document is named; with it, the
+    tracked results folder, RESULTS.md and the README are the targets."""
+    from benchmarks.report import DEFAULT_OUT, DOCS_OUT, REPO, docs_targets, parse_args
+
+    assert docs_targets(parse_args(["--quick"])) == (DEFAULT_OUT, None, None)
+    assert DEFAULT_OUT.relative_to(REPO).parts[0] == "runs"  # ignored by git (.gitignore)
+    assert docs_targets(parse_args(["--quick", "--out", str(tmp_path)])) == (tmp_path, None, None)
+    out, results_md, readme = docs_targets(parse_args(["--quick", "--update-docs"]))
+    assert (out, results_md, readme) == (DOCS_OUT, REPO / "benchmarks" / "RESULTS.md", REPO / "README.md")
