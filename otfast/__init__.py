@@ -7,10 +7,10 @@ semantics), ``SinkhornResult`` and ``backends()``; word alignments from OT plans
 
 from .alignment import alignment_links, plan_alignments, word_alignments
 from .backends import BackendInfo, backends
-from .functional import SinkhornLossFunction, SinkhornResult, sinkhorn, sinkhorn_loss
+from .functional import SinkhornResult, sinkhorn, sinkhorn_loss
 from .module import SinkhornLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendInfo", "SinkhornLoss", "SinkhornLossFunction", "SinkhornResult", "alignment_links", "backends",
+__all__ = ["BackendInfo", "SinkhornLoss", "SinkhornResult", "alignment_links", "backends",
            "plan_alignments", "sinkhorn", "sinkhorn_loss", "word_alignments", "__version__"]

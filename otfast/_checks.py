@@ -21,18 +21,6 @@ def check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def check_finite(name: str, t: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """Raise ``ValueError`` if ``t`` holds NaN or inf where ``mask`` (broadcast on the left) is set."""
-    if bool(torch.isfinite(t.sum())):  # one pass: a NaN or inf anywhere makes the sum NaN or inf
-        return
-    bad = ~torch.isfinite(t)
-    if mask is not None:
-        bad = bad & mask.reshape(mask.shape + (1,) * (t.dim() - mask.dim()))
-    if bool(bad.any()):
-        kind = "NaN" if bool(torch.isnan(t).logical_and(bad).any()) else "inf"
-        raise ValueError(f"{name} contains {kind} values")
-
-
 def check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
     if value is None:
@@ -59,40 +47,41 @@ def check_scaling(scaling: float | None) -> None:
         raise ValueError(f"scaling must lie in (0, 1), got {scaling}")
 
 
-def as_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Turn a Hugging Face style attention mask (1 = token, 0 = padding) into a bool tensor.
+def as_mask(name: str, mask, shape: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Hugging Face style attention mask (1 = token, 0 = padding) as a bool tensor, and the values to check.
 
     Args:
-        mask: ``[B, N]`` bool or integer tensor, or None for "every token is valid".
+        mask: ``[B, N]`` bool or integer tensor (or anything ``torch.as_tensor`` takes, such as nested lists),
+            or None for "every token is valid".
         shape: the expected ``(B, N)``.
 
-    Raises:
-        ValueError: wrong shape, values other than 0/1, or a pair without any valid token.
+    Returns:
+        ``(bool mask, raw)``: ``raw`` is the integer mask whose values ``input_checks`` must see (0 and 1 only),
+        None when there is nothing to check. Shapes, devices and dtypes are checked here (no host read).
     """
     if mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
+        return torch.ones(shape, dtype=torch.bool, device=device), None
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        try:
+            mask = torch.as_tensor(mask, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be a tensor (or nested lists of 0 and 1), got {type(mask).__name__}: "
+                            f"{exc}") from None
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)} (batch, length)")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device}, the data is on {device}")
     if mask.dtype == torch.bool:
-        out = mask
-    elif mask.dtype.is_floating_point or mask.dtype.is_complex:
+        return mask, None
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise TypeError(f"{name} must be a bool or integer tensor, got {mask.dtype}")
-    else:
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError(f"{name} must hold only 0 and 1 (1 = token, 0 = padding)")
-        out = mask.bool()
-    empty = (~out.any(dim=1)).nonzero().flatten()
-    if empty.numel():
-        raise ValueError(f"{name}: pair at batch index {int(empty[0])} has no valid token")
-    return out
+    return mask != 0, mask
 
 
 def as_weights(name: str, w: torch.Tensor | None, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Non-negative weights normalised to sum 1 over the unmasked entries, 0 on padding.
+    """Non-negative weights normalised to sum 1 over the unmasked entries, 0 on padding (the sum is taken in
+    float64, so that weights near the float32 maximum do not overflow it). Shapes, devices and dtypes are
+    checked here; the values (finite, non-negative, a positive total) by ``input_checks``.
 
     Args:
         w: ``[B, N]`` weights or None for uniform weights.
@@ -106,20 +95,88 @@ def as_weights(name: str, w: torch.Tensor | None, mask: torch.Tensor, dtype: tor
         raise ValueError(f"{name} has shape {tuple(w.shape)}, expected {tuple(mask.shape)}")
     if w.device != mask.device:
         raise ValueError(f"{name} is on {w.device}, the data is on {mask.device}")
-    check_finite(name, w, mask)
-    if bool(((w < 0) & mask).any()):
-        raise ValueError(f"{name} has negative weights")
-    w = torch.where(mask, w.to(dtype), torch.zeros((), dtype=dtype, device=w.device))
-    total = w.sum(dim=1, keepdim=True)
-    zero = (total.squeeze(1) <= 0).nonzero().flatten()
-    if zero.numel():
-        raise ValueError(f"{name}: pair at batch index {int(zero[0])} has zero total weight")
-    return w / total
+    w = torch.where(mask, w.double(), torch.zeros((), dtype=torch.float64, device=w.device))
+    return (w / w.sum(dim=1, keepdim=True)).to(dtype)
 
 
-def as_matrix_batch(name: str, t: torch.Tensor, mask_a: torch.Tensor | None, mask_b: torch.Tensor | None
+# What ``input_checks`` looks for, in order, with the roles of the inputs in braces (named by the caller:
+# ``LOSS_NAMES``, or a cost matrix's); ``raise_input_errors`` raises the first that holds. {index} is the
+# first batch index concerned.
+INPUT_ERRORS = (
+    "{mask_x} must hold only 0 and 1 (1 = token, 0 = padding)",
+    "{mask_y} must hold only 0 and 1 (1 = token, 0 = padding)",
+    "{mask_x}: pair at batch index {index} has no valid token",
+    "{mask_y}: pair at batch index {index} has no valid token",
+    "{x} contains NaN values",
+    "{x} contains inf values",
+    "{y} contains NaN values",
+    "{y} contains inf values",
+    "{weights_x} contains NaN values",
+    "{weights_x} contains inf values",
+    "{weights_x} has negative weights",
+    "{weights_x}: pair at batch index {index} has zero total weight",
+    "{weights_y} contains NaN values",
+    "{weights_y} contains inf values",
+    "{weights_y} has negative weights",
+    "{weights_y}: pair at batch index {index} has zero total weight",
+)
+_PER_PAIR = (2, 3, 11, 15)
+LOSS_NAMES = dict(mask_x="mask_x", mask_y="mask_y", x="x", y="y", weights_x="weights_x", weights_y="weights_y")
+
+
+def input_checks(x: torch.Tensor, y: torch.Tensor | None, mask_x: torch.Tensor, mask_y: torch.Tensor,
+                 raw_x: torch.Tensor | None, raw_y: torch.Tensor | None, weights_x: torch.Tensor | None,
+                 weights_y: torch.Tensor | None) -> torch.Tensor:
+    """int64 ``[len(INPUT_ERRORS)]`` on the data's device: for each error, the first batch index where it holds
+    (0 for the errors of a whole tensor), -1 where it does not. Computed with device ops only: no host read
+    (the loss's custom op reads it when it runs, ``raise_input_errors``).
+
+    Args:
+        x: ``[B, N, D]`` points (or a ``[B, N, M]`` matrix already masked to 0 off its valid entries);
+            y: ``[B, M, D]`` or None; mask_x, mask_y: bool masks; raw_x, raw_y: the integer masks to check
+            for values other than 0 and 1 (``as_mask``), or None; weights_x, weights_y: ``[B, N]``,
+            ``[B, M]`` raw weights or None.
+    """
+    def mask_values(raw):
+        return None if raw is None else ((raw != 0) & (raw != 1)).flatten()
+
+    def rows(t, mask):  # NaN / inf anywhere in a valid row (amax propagates NaN and cannot overflow)
+        if t is None:
+            return None, None
+        peak = t.detach().abs().amax(dim=-1) if t.dim() == 3 else t.detach().abs()
+        return (torch.isnan(peak) & mask).flatten(), (torch.isinf(peak) & mask).flatten()
+
+    def weight_checks(w, mask):
+        if w is None:
+            return [None] * 4
+        total = torch.where(mask, w.detach().double(), torch.zeros((), dtype=torch.float64, device=w.device)).sum(1)
+        return [*rows(w, mask), ((w.detach() < 0) & mask).flatten(), total <= 0]
+
+    flags = [mask_values(raw_x), mask_values(raw_y), ~mask_x.any(dim=1), ~mask_y.any(dim=1), *rows(x, mask_x),
+             *rows(y, mask_y), *weight_checks(weights_x, mask_x), *weight_checks(weights_y, mask_y)]
+    none = torch.full((), -1, dtype=torch.int64, device=x.device)
+    out = []
+    for k, bad in enumerate(flags):
+        if bad is None:
+            out.append(none)
+        else:
+            where = bad.to(torch.int8).argmax() if k in _PER_PAIR else torch.zeros_like(none)
+            out.append(torch.where(bad.any(), where, none))
+    return torch.stack(out)
+
+
+def raise_input_errors(codes: torch.Tensor, names: dict[str, str] = LOSS_NAMES) -> None:
+    """Raise ``ValueError`` with the first message of ``INPUT_ERRORS`` whose code is >= 0 (one host read)."""
+    for code, message in zip(codes.tolist(), INPUT_ERRORS):
+        if code >= 0:
+            raise ValueError(message.format(index=code, **names))
+
+
+def as_matrix_batch(name: str, t: torch.Tensor, mask_a: torch.Tensor | None, mask_b: torch.Tensor | None,
+                    a: torch.Tensor | None = None, b: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Validate a ``[B, N, M]`` (or unbatched ``[N, M]``) matrix batch such as a cost or a plan, with masks.
+    """Validate a ``[B, N, M]`` (or unbatched ``[N, M]``) matrix batch such as a cost or a plan, with masks and
+    the values of the row and column weights ``a``, ``b`` when given (their shapes are ``as_weights``').
 
     Args:
         name: the argument's name, for the messages.
@@ -138,9 +195,17 @@ def as_matrix_batch(name: str, t: torch.Tensor, mask_a: torch.Tensor | None, mas
         raise ValueError(f"{name} has an empty dimension: {tuple(t.shape)}")
     check_same_device(**{name: t}, mask_a=mask_a, mask_b=mask_b)
     B, N, M = t3.shape
-    ma = as_mask("mask_a", lift(mask_a, unbatched), (B, N), t3.device)
-    mb = as_mask("mask_b", lift(mask_b, unbatched), (B, M), t3.device)
-    check_finite(name, t3, ma.unsqueeze(2) & mb.unsqueeze(1))
+    ma, raw_a = as_mask("mask_a", lift(mask_a, unbatched), (B, N), t3.device)
+    mb, raw_b = as_mask("mask_b", lift(mask_b, unbatched), (B, M), t3.device)
+    valid = ma.unsqueeze(2) & mb.unsqueeze(1)
+    entries = torch.where(valid, t3.detach(), torch.zeros((), dtype=t3.dtype, device=t3.device))
+    for weight_name, w in (("a", a), ("b", b)):
+        if w is not None:
+            check_float_tensor(weight_name, w)
+    a, b = (None if w is None or tuple(w.shape) != tuple(m.shape) else w
+            for w, m in ((lift(a, unbatched), ma), (lift(b, unbatched), mb)))
+    raise_input_errors(input_checks(entries, None, ma, mb, raw_a, raw_b, a, b),
+                       dict(LOSS_NAMES, mask_x="mask_a", mask_y="mask_b", x=name, weights_x="a", weights_y="b"))
     return t3, ma, mb, unbatched
 
 

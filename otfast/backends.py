@@ -10,7 +10,9 @@ A backend is a module implementing ``Backend`` (the three functions of ``otfast.
 - ``auto``: triton for CUDA tensors, else cpu if built, else torch.
 
 The fused backends are imported on first use, by name, because their dependencies (triton, a built
-extension) are optional; a module that cannot be imported says why (``backends()``).
+extension) are optional; a module that cannot be imported says why (``backends()``). A backend that sets
+``DEVICE_SCHEDULE = True`` takes a ``Schedule`` whose annealing is an ``otfast.schedule.Annealing`` (the list
+derived on the device from a device diameter); the others get the list as floats.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from . import _checks as chk
 from .backends import NAMES as BACKEND_NAMES
 from .backends import resolve
-from .reference import COSTS, Potentials
-from .schedule import Schedule, bounding_diameter, epsilon_schedule, phi, phi_prime, unconverged
+from .reference import COSTS
+from .ops import dual_value, schedule_of, sinkhorn_loss_op
+from .schedule import Schedule, bounding_diameter, epsilon_schedule, unconverged
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -125,12 +126,12 @@ def sinkhorn(cost_matrix: torch.Tensor | None = None, a: torch.Tensor | None = N
     cost_matrix = _renamed("cost", cost, "cost_matrix", cost_matrix)
     if cost_matrix is None:
         raise TypeError("sinkhorn() needs the cost_matrix")
-    C, ma, mb, unbatched = chk.as_matrix_batch("cost_matrix", cost_matrix, mask_a, mask_b)
+    chk.check_same_device(cost_matrix=cost_matrix, a=a, b=b)
+    C, ma, mb, unbatched = chk.as_matrix_batch("cost_matrix", cost_matrix, mask_a, mask_b, a, b)
     chk.check_positive("eps", eps)
     chk.check_positive("rho", rho, allow_none=True)
     chk.check_iterations(n_iters, tol)
     chk.check_scaling(scaling)
-    chk.check_same_device(cost_matrix=cost_matrix, a=a, b=b)
     valid = ma.unsqueeze(2) & mb.unsqueeze(1)
     dtype = chk.compute_dtype(C.dtype)
     wa = chk.as_weights("a", chk.lift(a, unbatched), ma, dtype).detach()
@@ -147,7 +148,7 @@ def sinkhorn(cost_matrix: torch.Tensor | None = None, a: torch.Tensor | None = N
     log_a, log_b = torch.log(wa), torch.log(wb)
     pots = resolve(backend, C.device).solve(Cw, log_a, log_b, schedule)
     _warn_unconverged(unconverged(pots.n_iters, pots.error, schedule), schedule, "sinkhorn")
-    value = _dual_value(wa, pots.f, eps, rho) + _dual_value(wb, pots.g, eps, rho)
+    value = dual_value(wa, pots.f, eps, rho) + dual_value(wb, pots.g, eps, rho)
     exact = [pots.f.double(), pots.g.double()]
     fields = [pots.f.to(dtype), pots.g.to(dtype), value.to(dtype), pots.n_iters, pots.error.to(dtype), Cw, log_a,
               log_b]
@@ -159,67 +160,7 @@ def sinkhorn(cost_matrix: torch.Tensor | None = None, a: torch.Tensor | None = N
     return SinkhornResult(*fields, eps, *exact)
 
 
-def _dual_value(w: torch.Tensor, f: torch.Tensor, eps: float, rho: float | None) -> torch.Tensor:
-    """``[B]`` sum_i w_i phi(f_i), in float64 (the potentials' precision)."""
-    return (w.double() * phi(f.double(), eps, rho)).sum(1)
 
-
-class SinkhornLossFunction(torch.autograd.Function):
-    """OT(a, b) (minus the symmetric terms when debiased) between raw points, per pair.
-
-    Forward runs every Sinkhorn iteration without autograd and saves only x, y, the weights and the
-    potentials ([B, N] and [B, M] vectors); masking, centring and normalising the points (``cost``) are
-    the backend's (``otfast.reference.prepare_points``), so that a fused backend does them in the same
-    pass. It returns the values ``[B]`` and, not differentiable, ``[P, B]`` flags of the pairs that did not
-    converge (``otfast.schedule.unconverged``) in each of its P problems (OT(x, y), then OT(x, x), OT(y, y) when
-    debiased). Backward applies the envelope theorem through the final step (see ``otfast.reference``):
-    exact at convergence, memory independent of the number of iterations, no unrolling and no double
-    backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, y, a, b, backend, schedule, debias, cost):
-        alpha, beta = torch.log(a), torch.log(b)
-        eps, rho = schedule.eps, schedule.rho
-
-        problems = [backend.solve_points(x, y, alpha, beta, schedule, False, cost)]
-        value = _dual_value(a, problems[0].f, eps, rho) + _dual_value(b, problems[0].g, eps, rho)
-        if debias:
-            problems.append(backend.solve_points(x, x, alpha, alpha, schedule, True, cost))
-            problems.append(backend.solve_points(y, y, beta, beta, schedule, True, cost))
-            value = value - _dual_value(a, problems[1].f, eps, rho) - _dual_value(b, problems[2].f, eps, rho)
-        value = value.to(x.dtype)
-        flags = torch.stack([unconverged(p.n_iters, p.error, schedule) for p in problems])
-        ctx.mark_non_differentiable(flags)
-        ctx.backend, ctx.schedule, ctx.debias, ctx.cost = backend, schedule, debias, cost
-        ctx.save_for_backward(x, y, a, b, *(t for p in problems for t in p[:4]))
-        return value, flags
-
-    @staticmethod
-    def backward(ctx, grad_value, _grad_unconverged):
-        x, y, a, b, *flat = ctx.saved_tensors
-        problems = [Potentials(*flat[i:i + 4], None, None) for i in range(0, len(flat), 4)]
-        schedule, backend, cost = ctx.schedule, ctx.backend, ctx.cost
-        eps, rho = schedule.eps, schedule.rho
-        damping = schedule.damping(eps)
-        gv = grad_value.unsqueeze(1)
-        alpha, beta = torch.log(a), torch.log(b)
-
-        def upstream(w, f):  # dL/df * d for the potential f of a problem, in the compute dtype
-            return (gv * w * phi_prime(f, eps, rho) * damping).to(x.dtype)
-
-        xy = problems[0]
-        dx, dy = backend.grad_points(x, y, alpha, beta, xy, eps, upstream(a, xy.f), upstream(b, xy.g), cost)
-        grad_a, grad_b = phi(xy.f, eps, rho, grad=True), phi(xy.g, eps, rho, grad=True)
-        if ctx.debias:
-            xx, yy = problems[1], problems[2]
-            dx = dx - backend.grad_points(x, x, alpha, alpha, xx, eps, upstream(a, xx.f), None, cost)[0]
-            dy = dy - backend.grad_points(y, y, beta, beta, yy, eps, upstream(b, yy.f), None, cost)[0]
-            grad_a = grad_a - phi(xx.f, eps, rho, grad=True)
-            grad_b = grad_b - phi(yy.f, eps, rho, grad=True)
-        grad_a = torch.where(a > 0, gv * grad_a.to(a.dtype), torch.zeros_like(a))
-        grad_b = torch.where(b > 0, gv * grad_b.to(b.dtype), torch.zeros_like(b))
-        return dx, dy, grad_a, grad_b, None, None, None, None
 
 
 def check_loss_options(*, cost: str, blur: float, eps: float | None, scaling: float | None, n_iters: int | None,
@@ -247,7 +188,7 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
                   tol: float | None = None, debias: bool = True, reach: float | None = None,
                   diameter: float | None = None, weights_x: torch.Tensor | None = None,
                   weights_y: torch.Tensor | None = None, reduction: str = "mean",
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", check_inputs: bool = True) -> torch.Tensor:
     """Sinkhorn loss between batches of token embeddings, with GeomLoss's semantics.
 
     With the defaults this is GeomLoss's ``SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.5)``, the
@@ -270,12 +211,18 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
         weights_x, weights_y: ``[B, N]`` / ``[B, M]`` non-negative weights (default uniform over tokens).
         reduction: "mean" or "sum" over pairs, or "none" for a ``[B]`` tensor.
         backend: "auto", "torch", "triton" or "cpu" (see ``otfast.backends()``).
+        check_inputs: check the values of the inputs (masks of 0 and 1, no empty pair, no NaN/inf, weights
+            that are non-negative with a positive total) and raise ``ValueError`` naming the problem. The
+            check is computed on the device and read once when the loss runs; False skips it, for a step
+            that must not wait for the device (CUDA graphs; ``torch.cuda.set_sync_debug_mode``). Shapes,
+            dtypes and devices are always checked.
 
     Returns:
         The loss: a scalar, or ``[B]`` with ``reduction="none"``.
 
     Gradients flow to x, y and the weights by the envelope theorem: exact at convergence, no
-    unrolling, memory independent of the iteration count, no double backward.
+    unrolling, memory independent of the iteration count, no double backward. The work runs in the custom
+    op ``otfast::sinkhorn_loss`` (``otfast.ops``), so that ``torch.compile`` and CUDA graphs see one op.
 
     Example:
         >>> x, y = torch.randn(8, 12, 768, requires_grad=True), torch.randn(8, 15, 768)
@@ -285,39 +232,39 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
     chk.check_points(x, y, mask_x, mask_y)
     check_loss_options(cost=cost, blur=blur, eps=eps, scaling=scaling, n_iters=n_iters, tol=tol, reach=reach,
                        diameter=diameter, reduction=reduction, backend=backend)
-    mod = resolve(backend, x.device)
-
     unbatched = x.dim() == 2
     if unbatched:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
-        mask_x, mask_y, weights_x, weights_y = (None if t is None else t.unsqueeze(0)
+        mask_x, mask_y, weights_x, weights_y = (None if t is None else torch.as_tensor(t).unsqueeze(0)
                                                 for t in (mask_x, mask_y, weights_x, weights_y))
     (B, N, _), M = x.shape, y.shape[1]
-    mx = chk.as_mask("mask_x", mask_x, (B, N), x.device)
-    my = chk.as_mask("mask_y", mask_y, (B, M), y.device)
-    chk.check_finite("x", x, mx)
-    chk.check_finite("y", y, my)
+    mx, raw_x = chk.as_mask("mask_x", mask_x, (B, N), x.device)
+    my, raw_y = chk.as_mask("mask_y", mask_y, (B, M), y.device)
     dtype = chk.compute_dtype(x.dtype)
     a = chk.as_weights("weights_x", weights_x, mx, dtype)
     b = chk.as_weights("weights_y", weights_y, my, dtype)
-
+    checks = chk.input_checks(x, y, mx, my, raw_x, raw_y, weights_x, weights_y) if check_inputs else None
     x, y = x.to(dtype), y.to(dtype)
 
     eps_final = blur**2 if eps is None else eps
-    anneal: tuple[float, ...] = ()
+    blur_final = math.sqrt(eps_final)
+    start = None
     if scaling is not None:
         if diameter is None:
             xs, ys = (F.normalize(x, dim=-1), F.normalize(y, dim=-1)) if cost == "cosine" else (x, y)
-            diameter = max(bounding_diameter(xs, ys, mx, my), math.sqrt(eps_final))
-        anneal = epsilon_schedule(diameter, math.sqrt(eps_final), scaling, p=2.0)
+            start = bounding_diameter(xs, ys, mx, my).clamp_min(blur_final)
+        else:
+            start = torch.full((), max(diameter, blur_final), dtype=torch.float64, device=x.device)
     if n_iters is None:
         n_iters = 0 if scaling is not None else 100
-    schedule = Schedule(eps=eps_final, anneal=anneal, n_iters=n_iters, tol=tol,
-                        rho=None if reach is None else reach**2)
+    rho = None if reach is None else reach**2
 
-    value, flags_per_problem = SinkhornLossFunction.apply(x, y, a, b, mod, schedule, debias, cost)
-    for flags, what in zip(flags_per_problem, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
-        _warn_unconverged(flags, schedule, f"sinkhorn_loss {what}")
+    value, flags, *_ = sinkhorn_loss_op(x, y, a, b, start, checks, eps_final, blur_final, scaling, n_iters, tol, rho,
+                                        debias, cost, backend)
+    if tol is not None and not torch.compiler.is_compiling() and x.device.type != "meta":
+        schedule = schedule_of(eps_final, start, blur_final, scaling, n_iters, tol, rho).on_host()
+        for problem_flags, what in zip(flags, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
+            _warn_unconverged(problem_flags, schedule, f"sinkhorn_loss {what}")
     if unbatched:
         return value[0]
     if reduction == "mean":

@@ -24,9 +24,33 @@ symmetric, alpha = beta: OT(a, a) of the debiased loss) has one potential, f = g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
+
+
+class Annealing(NamedTuple):
+    """GeomLoss's annealing list (``epsilon_schedule``, p = 2) from a diameter that lives on the device.
+
+    A backend that runs its loop on the device derives the temperatures there (the Triton kernels do), so
+    that nothing waits for the diameter; the others ask ``Schedule.on_host()`` for the list.
+
+    Attributes:
+        diameter: 0-d float64 tensor, the annealing start (already at least ``blur``).
+        blur: the final temperature's square root.
+        scaling: the annealing factor in (0, 1).
+    """
+
+    diameter: torch.Tensor
+    blur: float
+    scaling: float
+
+    def length(self) -> torch.Tensor:
+        """0-d int64 tensor on the diameter's device: the number of temperatures, ``len(epsilon_schedule(...))``
+        (the length of ``arange(2 log diameter, 2 log blur, 2 log scaling)`` plus the first and last)."""
+        start, end, step = 2 * torch.log(self.diameter), 2 * math.log(self.blur), 2 * math.log(self.scaling)
+        return torch.ceil((end - start) / step).clamp_min(0).to(torch.int64) + 2
 
 
 @dataclass(frozen=True)
@@ -35,14 +59,15 @@ class Schedule:
 
     Attributes:
         eps: the final temperature.
-        anneal: temperatures of the annealing steps, one symmetric update each (empty for a fixed eps).
+        anneal: temperatures of the annealing steps, one symmetric update each (empty for a fixed eps), or an
+            ``Annealing`` to derive them from a device diameter.
         n_iters: further updates at ``eps`` after the annealing steps.
         tol: per-pair stop once the residual (see ``residual``) is <= tol; None runs all ``n_iters``.
         rho: KL penalty on the marginals (unbalanced OT), None for balanced OT.
     """
 
     eps: float
-    anneal: tuple[float, ...] = ()
+    anneal: tuple[float, ...] | Annealing = ()
     n_iters: int = 100
     tol: float | None = None
     rho: float | None = None
@@ -53,6 +78,17 @@ class Schedule:
 
     def damping(self, eps: float) -> float:
         return 1.0 if self.rho is None else 1.0 / (1.0 + eps / self.rho)
+
+    def on_host(self) -> Schedule:
+        """The same schedule with the annealing temperatures as floats (reads a device diameter once)."""
+        if not isinstance(self.anneal, Annealing):
+            return self
+        ann = self.anneal
+        return replace(self, anneal=epsilon_schedule(float(ann.diameter), ann.blur, ann.scaling))
+
+    def n_anneal(self) -> int | torch.Tensor:
+        """The number of annealing steps: an int, or a 0-d tensor on the device of an ``Annealing``'s diameter."""
+        return self.anneal.length() if isinstance(self.anneal, Annealing) else len(self.anneal)
 
 
 def epsilon_schedule(diameter: float, blur: float, scaling: float, p: float = 2.0) -> tuple[float, ...]:
@@ -66,16 +102,20 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float, p: float = 2.
     return (diameter**p, *(math.exp(float(e)) for e in steps), blur**p)
 
 
-def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> float:
-    """Diagonal of the bounding box of all valid points of the batch (GeomLoss's ``max_diameter``).
+def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> torch.Tensor:
+    """Diagonal of the bounding box of all valid points of the batch (GeomLoss's ``max_diameter``), as a 0-d
+    float64 tensor on the points' device (computed there: nothing waits for it).
 
     Args:
         x: ``[B, N, D]``, y: ``[B, M, D]``; mask_x ``[B, N]``, mask_y ``[B, M]`` bool.
     """
-    px, py = x.detach()[mask_x], y.detach()[mask_y]
-    hi = torch.maximum(px.amax(dim=0), py.amax(dim=0))  # amax: no indices (``max(dim=)`` is ~7x slower)
-    lo = torch.minimum(px.amin(dim=0), py.amin(dim=0))
-    return float((hi - lo).norm())
+    def extreme(t, mask, fill, reduce):  # amax/amin: no indices (``max(dim=)`` is ~7x slower)
+        return reduce(torch.where(mask.unsqueeze(-1), t.detach(), fill), dim=(0, 1))
+
+    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    hi = torch.maximum(extreme(x, mask_x, -inf, torch.amax), extreme(y, mask_y, -inf, torch.amax))
+    lo = torch.minimum(extreme(x, mask_x, inf, torch.amin), extreme(y, mask_y, inf, torch.amin))
+    return (hi - lo).double().norm()
 
 
 def phi(f: torch.Tensor, eps: float, rho: float | None, *, grad: bool = False) -> torch.Tensor:
@@ -118,4 +158,4 @@ def unconverged(n_iters: torch.Tensor, error: torch.Tensor, schedule: Schedule) 
     """
     if schedule.tol is None:
         return torch.zeros_like(error, dtype=torch.bool)
-    return (n_iters >= len(schedule.anneal) + schedule.n_iters) & (error > schedule.tol)
+    return (n_iters >= schedule.n_anneal() + schedule.n_iters) & (error > schedule.tol)

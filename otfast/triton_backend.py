@@ -19,12 +19,14 @@ run, so that an element a kernel forgets to write shows (the tests set it).
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
 
 from .reference import Potentials, prepare_grad, prepare_points
-from .schedule import Schedule
+from .schedule import Annealing, Schedule
 
 try:
     import triton
@@ -37,6 +39,7 @@ except ImportError as exc:  # the package installs and runs without triton
     DESCRIPTION = "fused Triton kernels (triton not installed)"
 else:
     UNAVAILABLE = None
+    DEVICE_SCHEDULE = True  # derives an Annealing's temperatures on the device (otfast.ops reads this)
     DESCRIPTION = (f"fused Triton kernels: register-resident tiles up to {RESIDENT_MAX} x {RESIDENT_MAX}, "
                    "streaming beyond")
 
@@ -56,15 +59,27 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _schedule(schedule: Schedule, device: torch.device) -> torch.Tensor:
-    """float64 [eps_init, annealing temperatures..., eps, 1 / rho] (0 when balanced): scalars in float64,
-    which kernel arguments cannot be."""
+    """The kernels' float64 schedule buffer (``sinkhorn._anneal_eps``): eps, 1 / rho (0 when balanced), then
+    an ``Annealing``'s diameter with 2 log blur, 2 log scaling and blur^2 (the kernels derive the list; the
+    diameter is never read on the host), or 0 and the explicit list."""
     inv_rho = 0.0 if schedule.rho is None else 1.0 / schedule.rho
-    return torch.tensor((schedule.eps_init, *schedule.anneal, schedule.eps, inv_rho), dtype=torch.float64,
-                        device=device)
+    ann = schedule.anneal
+    if isinstance(ann, Annealing):
+        head = _constants((schedule.eps, inv_rho), device)
+        tail = _constants((2 * math.log(ann.blur), 2 * math.log(ann.scaling), ann.blur**2, 0.0), device)
+        return torch.cat((head, ann.diameter.reshape(1).to(torch.float64), tail))
+    return _constants((schedule.eps, inv_rho, 0.0, 0.0, 1.0, 0.0, len(ann), *ann), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A float64 device tensor of host constants, copied to the device once per distinct value (a later call,
+    inside a CUDA graph capture too, copies nothing)."""
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def _loop_args(schedule: Schedule) -> tuple:
-    return len(schedule.anneal), schedule.n_iters, schedule.tol if schedule.tol is not None else 0.0
+    return schedule.n_iters, schedule.tol if schedule.tol is not None else 0.0
 
 
 def _check(alpha: torch.Tensor, beta: torch.Tensor, n: int, m: int, b: int) -> None:
@@ -165,7 +180,7 @@ def _grad(x, y, f, g_prev, alpha, beta, u, eps):
     out = _empty((b, n, dim), torch.float32, x.device)
     bn, bm, bk, bdo = GRAD_BLOCK
     K._grad_kernel[(b, triton.cdiv(n, bn), triton.cdiv(dim, bdo))](
-        x, y, _f64(f), _f64(g_prev), _f64(alpha), _f64(beta), torch.tensor([eps], dtype=torch.float64, device=x.device),
+        x, y, _f64(f), _f64(g_prev), _f64(alpha), _f64(beta), _constants((eps,), x.device),
         u.float().contiguous(), out, n, m, dim, *x.stride(), *y.stride(),
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS,
         num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)

@@ -180,6 +180,38 @@ def _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps,
 
 
 @triton.jit
+def _schedule(SCHED):
+    """(eps, 1 / rho, n_anneal, eps_init) of a schedule buffer (float64, see ``_anneal_eps``)."""
+    eps = tl.load(SCHED)
+    n_anneal = _n_anneal(SCHED)
+    eps_init = tl.where(n_anneal > 0, _anneal_eps(SCHED, 0, n_anneal), eps)
+    return eps, tl.load(SCHED + 1), n_anneal, eps_init
+
+
+@triton.jit
+def _n_anneal(SCHED):
+    """The number of annealing temperatures: derived from the diameter, or the length of the explicit list."""
+    diameter = tl.load(SCHED + 2)
+    start, end, step = 2.0 * tl.log(tl.maximum(diameter, 1e-300)), tl.load(SCHED + 3), tl.load(SCHED + 4)
+    derived = tl.maximum(tl.ceil((end - start) / step), 0.0) + 2.0
+    return tl.where(diameter > 0.0, derived, tl.load(SCHED + 6)).to(tl.int32)
+
+
+@triton.jit
+def _anneal_eps(SCHED, t, n_anneal):
+    """Temperature t of the annealing list. SCHED (float64) = [eps, 1 / rho, diameter, 2 log blur,
+    2 log scaling, blur^2, n_list, list...]: with diameter > 0 the list is GeomLoss's ``epsilon_schedule``
+    derived here, as ``otfast.schedule`` builds it on the host (diameter^2, exp(2 log diameter + i 2 log
+    scaling) for i = 0, 1, ..., blur^2), so that no host needs to read the diameter; with diameter = 0 it is
+    the n_list explicit temperatures that follow."""
+    diameter = tl.load(SCHED + 2)
+    start = 2.0 * tl.log(tl.maximum(diameter, 1e-300))
+    derived = tl.where(t == 0, diameter * diameter,
+                       tl.where(t == n_anneal - 1, tl.load(SCHED + 5), tl.exp(start + (t - 1) * tl.load(SCHED + 4))))
+    return tl.where(diameter > 0.0, derived, tl.load(SCHED + 7 + t))
+
+
+@triton.jit
 def _cost_tile_outer(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """The cost tile as D rank-1 float64 FMA updates, returned as (C_hi, C_lo). The accumulator keeps the
@@ -220,12 +252,12 @@ def _cost_tile_dot(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
 @triton.jit
 def _sinkhorn_resident_kernel(
         X, Y, COST, ALPHA, BETA, SCHED, F, G, F_PREV, G_PREV, ITERS, ERR,
-        N, M, D, sxb, sxn, sxd, syb, sym, syd, scb, scn, scm, n_anneal, n_iters, tol,
+        N, M, D, sxb, sxn, sxd, syb, sym, syd, scb, scn, scm, n_iters, tol,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_POINTS: tl.constexpr, SYMMETRIC: tl.constexpr,
         HAS_TOL: tl.constexpr):
     """One pair per program, both cost tiles in registers, every iteration on chip.
 
-    SCHED (float64): eps_init, the n_anneal annealing temperatures, the final eps, 1 / rho (0 balanced)."""
+    SCHED: the schedule buffer of ``_anneal_eps`` (the annealing list may live on the device only)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -245,9 +277,7 @@ def _sinkhorn_resident_kernel(
     else:
         C_hi, C_lo = _split(tl.load(COST + pid * scb + offs_n[:, None] * scn + offs_m[None, :] * scm,
                                     mask=in_n[:, None] & in_m[None, :], other=0.0))
-    eps_init = tl.load(SCHED)
-    eps = tl.load(SCHED + n_anneal + 1)
-    inv_rho = tl.load(SCHED + n_anneal + 2)
+    eps, inv_rho, n_anneal, eps_init = _schedule(SCHED)
     threshold = eps * PRECISE_RATIO
 
     f = tl.zeros((BLOCK_N,), dtype=tl.float64)
@@ -255,7 +285,7 @@ def _sinkhorn_resident_kernel(
     f, g = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps_init,
                    eps_init > threshold, inv_rho, SYMMETRIC)
     for t in range(n_anneal):
-        e = tl.load(SCHED + 1 + t)
+        e = _anneal_eps(SCHED, t, n_anneal)
         ft, gt = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, e, e > threshold,
                          inv_rho, SYMMETRIC)
         f = (f + ft) * 0.5
@@ -440,7 +470,7 @@ def _stream_step(F, FT, G, GT, N, M, w_old, BLOCK_N: tl.constexpr, BLOCK_M: tl.c
 @triton.jit
 def _sinkhorn_streaming_kernel(
         COST_HI, COST_LO, ALPHA, BETA, SCHED, F, G, FT, GT, ITERS, ERR,
-        N, M, scb, scn, scm, n_anneal, n_iters, tol,
+        N, M, scb, scn, scm, n_iters, tol,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_TOL: tl.constexpr):
     """One pair per program, any length: the cost streams tile by tile, potentials live in global memory.
 
@@ -450,16 +480,14 @@ def _sinkhorn_streaming_kernel(
     CH, CL = COST_HI + pid * scb, COST_LO + pid * scb
     A, Bw = ALPHA + pid * N, BETA + pid * M
     Fp, Gp, FTp, GTp = F + pid * N, G + pid * M, FT + pid * N, GT + pid * M
-    eps_init = tl.load(SCHED)
-    eps = tl.load(SCHED + n_anneal + 1)
-    inv_rho = tl.load(SCHED + n_anneal + 2)
+    eps, inv_rho, n_anneal, eps_init = _schedule(SCHED)
     threshold = eps * PRECISE_RATIO
 
     _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, eps_init, eps_init > threshold, inv_rho,
                    BLOCK_N, BLOCK_M, SYMMETRIC)
     _stream_step(Fp, FTp, Gp, GTp, N, M, 0.0, BLOCK_N, BLOCK_M, SYMMETRIC)
     for t in range(n_anneal):
-        e = tl.load(SCHED + 1 + t)
+        e = _anneal_eps(SCHED, t, n_anneal)
         _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, e, e > threshold, inv_rho,
                        BLOCK_N, BLOCK_M, SYMMETRIC)
         _stream_step(Fp, FTp, Gp, GTp, N, M, 0.5, BLOCK_N, BLOCK_M, SYMMETRIC)

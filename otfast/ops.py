@@ -1,0 +1,134 @@
+"""The loss as ``torch.library`` custom ops: ``otfast::sinkhorn_loss`` and its backward.
+
+``sinkhorn_loss`` calls these, so that ``torch.compile(fullgraph=True)`` sees one opaque op (with fake
+implementations for shapes, and the envelope-theorem backward registered as its autograd formula) instead of
+the backends' Python, and a CUDA graph can capture it (the Triton path neither reads a device value on the
+host nor allocates host data once warmed up). The ops take only tensors and plain values:
+
+- ``sinkhorn_loss(x, y, a, b, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho, debias, cost,
+  backend)`` -> ``(value [B], flags [P, B], f_xy [B, N], g_xy [B, M], f_prev_xy, g_prev_xy, f_xx [B, N],
+  f_prev_xx, f_yy [B, M], f_prev_yy)``: the potentials float64, the OT(x, x) / OT(y, y) ones empty unless
+  ``debias``; ``flags`` the pairs that did not reach ``tol`` in each of the P problems.
+- ``sinkhorn_loss_backward(grad_value, x, y, a, b, the eight potentials, eps, rho, debias, cost, backend)``
+  -> ``(dx, dy, da, db)``.
+
+``diameter`` (0-d float64, with ``blur`` and ``scaling``) is the annealing start, or None for a fixed
+eps; ``input_checks`` (``otfast._checks.input_checks``) is what the implementation reads to raise on bad
+input values, or None to skip that (the one host read such a check needs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _checks as chk
+from .backends import resolve
+from .reference import Potentials
+from .schedule import Annealing, Schedule, phi, phi_prime, unconverged
+
+_EMPTY = 0  # the shape of the OT(x, x) / OT(y, y) outputs when not debiased
+
+
+def schedule_of(eps: float, diameter: Tensor | None, blur: float, scaling: float | None, n_iters: int,
+                tol: float | None, rho: float | None) -> Schedule:
+    """The ``Schedule`` the ops' arguments describe."""
+    anneal = () if scaling is None else Annealing(diameter, blur, scaling)
+    return Schedule(eps=eps, anneal=anneal, n_iters=n_iters, tol=tol, rho=rho)
+
+
+def dual_value(w: Tensor, f: Tensor, eps: float, rho: float | None) -> Tensor:
+    """``[B]`` sum_i w_i phi(f_i), in float64 (the potentials' precision)."""
+    return (w.double() * phi(f.double(), eps, rho)).sum(1)
+
+
+@torch.library.custom_op("otfast::sinkhorn_loss", mutates_args=())
+def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, diameter: Tensor | None,
+                     input_checks: Tensor | None, eps: float, blur: float, scaling: float | None, n_iters: int,
+                     tol: float | None, rho: float | None, debias: bool, cost: str, backend: str
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if input_checks is not None:
+        chk.raise_input_errors(input_checks)
+    mod = resolve(backend, x.device)
+    schedule = schedule_of(eps, diameter, blur, scaling, n_iters, tol, rho)
+    if not _runs_on_device(mod):
+        schedule = schedule.on_host()
+    alpha, beta = torch.log(a), torch.log(b)
+    xy = mod.solve_points(x, y, alpha, beta, schedule, False, cost)
+    value = dual_value(a, xy.f, eps, rho) + dual_value(b, xy.g, eps, rho)
+    problems = [xy]
+    if debias:
+        xx = mod.solve_points(x, x, alpha, alpha, schedule, True, cost)
+        yy = mod.solve_points(y, y, beta, beta, schedule, True, cost)
+        value = value - dual_value(a, xx.f, eps, rho) - dual_value(b, yy.f, eps, rho)
+        problems += [xx, yy]
+        sym = [xx.f, xx.f_prev, yy.f, yy.f_prev]
+    else:  # four distinct empty tensors: a custom op's outputs must not alias each other
+        sym = [x.new_empty(_EMPTY, dtype=torch.float64) for _ in range(4)]
+    flags = torch.stack([unconverged(p.n_iters, p.error, schedule) for p in problems])
+    return (value.to(x.dtype), flags, *(t.double().contiguous() for t in xy[:4]), *sym)
+
+
+def _runs_on_device(mod) -> bool:
+    """Whether a backend derives the annealing list on the device (``Annealing``); the others need floats."""
+    return getattr(mod, "DEVICE_SCHEDULE", False)
+
+
+@sinkhorn_loss_op.register_fake
+def _(x, y, a, b, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho, debias, cost, backend):
+    (B, N, _), M = x.shape, y.shape[1]
+    f64 = dict(dtype=torch.float64, device=x.device)
+    problems = 3 if debias else 1
+    sym = [(B, N), (B, N), (B, M), (B, M)] if debias else [(_EMPTY,)] * 4
+    return (x.new_empty(B), torch.empty(problems, B, dtype=torch.bool, device=x.device),
+            *(torch.empty(s, **f64) for s in ((B, N), (B, M), (B, N), (B, M))), *(torch.empty(s, **f64) for s in sym))
+
+
+@torch.library.custom_op("otfast::sinkhorn_loss_backward", mutates_args=())
+def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tensor, b: Tensor, f_xy: Tensor,
+                              g_xy: Tensor, f_prev_xy: Tensor, g_prev_xy: Tensor, f_xx: Tensor, f_prev_xx: Tensor,
+                              f_yy: Tensor, f_prev_yy: Tensor, eps: float, rho: float | None, debias: bool,
+                              cost: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Envelope gradients through the final step (``otfast.reference`` states the formulas)."""
+    mod = resolve(backend, x.device)
+    damping = Schedule(eps=eps, rho=rho).damping(eps)
+    gv = grad_value.unsqueeze(1)
+    alpha, beta = torch.log(a), torch.log(b)
+
+    def upstream(w, f):  # dL/df * damping for the potential f of a problem, in the compute dtype
+        return (gv * w * phi_prime(f, eps, rho) * damping).to(x.dtype)
+
+    xy = Potentials(f_xy, g_xy, f_prev_xy, g_prev_xy, None, None)
+    dx, dy = mod.grad_points(x, y, alpha, beta, xy, eps, upstream(a, f_xy), upstream(b, g_xy), cost)
+    grad_a, grad_b = phi(f_xy, eps, rho, grad=True), phi(g_xy, eps, rho, grad=True)
+    if debias:
+        xx = Potentials(f_xx, f_xx, f_prev_xx, f_prev_xx, None, None)
+        yy = Potentials(f_yy, f_yy, f_prev_yy, f_prev_yy, None, None)
+        dx = dx - mod.grad_points(x, x, alpha, alpha, xx, eps, upstream(a, f_xx), None, cost)[0]
+        dy = dy - mod.grad_points(y, y, beta, beta, yy, eps, upstream(b, f_yy), None, cost)[0]
+        grad_a = grad_a - phi(f_xx, eps, rho, grad=True)
+        grad_b = grad_b - phi(f_yy, eps, rho, grad=True)
+    grad_a = torch.where(a > 0, gv * grad_a.to(a.dtype), torch.zeros_like(a))
+    grad_b = torch.where(b > 0, gv * grad_b.to(b.dtype), torch.zeros_like(b))
+    return dx, dy, grad_a, grad_b
+
+
+@sinkhorn_loss_backward_op.register_fake
+def _(grad_value, x, y, a, b, f_xy, g_xy, f_prev_xy, g_prev_xy, f_xx, f_prev_xx, f_yy, f_prev_yy, eps, rho, debias,
+      cost, backend):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(a), torch.empty_like(b)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, a, b, _diameter, _checks, eps, _blur, _scaling, _n_iters, _tol, rho, debias, cost, backend = inputs
+    ctx.save_for_backward(x, y, a, b, *output[2:])
+    ctx.options = (eps, rho, debias, cost, backend)
+
+
+def _backward(ctx, grad_value, *_grad_others):
+    x, y, a, b, *pots = ctx.saved_tensors
+    dx, dy, da, db = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *pots, *ctx.options)
+    return dx, dy, da, db, None, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("otfast::sinkhorn_loss", _backward, setup_context=_setup_context)
