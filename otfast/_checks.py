@@ -33,6 +33,18 @@ def check_positive(name: str, value: float | None, *, allow_none: bool = False) 
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
+# The smallest temperature any backend accepts: 1 / eps and C / eps stay finite in float64 for costs up to
+# 1e8 (below this, the loss was NaN). The Triton kernels' fp32 exponents need more (their launcher says so).
+EPS_MIN = 1e-300
+
+
+def check_temperature(what: str, eps: float) -> None:
+    """Raise ``ValueError`` when a temperature is too small for the float64 the solvers compute in."""
+    if eps < EPS_MIN:
+        raise ValueError(f"{what} = {eps:g} is below {EPS_MIN:g}, where 1 / eps and C / eps stop being finite "
+                         "float64 numbers; use a larger one")
+
+
 def check_iterations(n_iters: int | None, tol: float | None) -> None:
     if n_iters is not None and (isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0):
         raise ValueError(f"n_iters must be an integer >= 0, got {n_iters!r}")
@@ -215,7 +227,7 @@ def lift(t: torch.Tensor | None, unbatched: bool) -> torch.Tensor | None:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
         raise ValueError(f"inputs are on different devices: {devices}")
 

@@ -78,7 +78,14 @@ def _constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
+# The kernels scale exponents by log2(e) / eps in fp32: it must stay well inside the fp32 range.
+EPS_MIN = 1e-30
+
+
 def _loop_args(schedule: Schedule) -> tuple:
+    if schedule.eps < EPS_MIN:
+        raise ValueError(f"eps = {schedule.eps:g} is below {EPS_MIN:g}, where the Triton kernels' fp32 exponents "
+                         "overflow; use the cpu or torch backend (float64) for it")
     return schedule.n_iters, schedule.tol if schedule.tol is not None else 0.0
 
 

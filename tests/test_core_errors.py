@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import otfast
-from conftest import make_costs, make_points
+from conftest import assert_close, make_costs, make_points
 
 
 @pytest.fixture
@@ -402,3 +402,32 @@ def test_module_checks_its_options_when_built(options, match):
 def test_module_takes_no_positional_options():
     with pytest.raises(TypeError):
         otfast.SinkhornLoss("cosine")
+
+
+# --- what the adversarial runs of issue 15 found ----------------------------------------------------
+
+@pytest.mark.parametrize("options", [dict(blur=1e-160), dict(eps=1e-301)], ids=["blur", "eps"])
+def test_temperature_below_float64_is_refused(pts, options):
+    with pytest.raises(ValueError, match=r"is below 1e-300, where 1 / eps and C / eps stop being finite"):
+        loss(pts.x, pts.y, **options)
+
+
+def test_tiny_but_representable_blur_gives_finite_values(pts):
+    """blur = 1e-20 (eps = 1e-40, below the fp32 range) was [nan, nan]: the solvers compute in float64."""
+    assert torch.isfinite(loss(pts.x, pts.y, blur=1e-20, reduction="none")).all()
+
+
+def test_huge_weights_do_not_overflow_their_normalisation(pts):
+    """Weights of 1e38 each sum past the float32 maximum; they are normalised in float64 (the result is the
+    uniform loss, as any constant weights give)."""
+    huge = torch.full(pts.x.shape[:2], 1e38)
+    assert_close(loss(pts.x, pts.y, weights_x=huge, reduction="none"), loss(pts.x, pts.y, reduction="none"),
+                 rtol=1e-6, atol=0, what="loss")
+
+
+def test_masks_given_as_lists(pts):
+    mask_x, mask_y = pts.mask_x.tolist(), pts.mask_y.tolist()
+    assert torch.equal(loss(pts.x, pts.y, mask_x, mask_y, reduction="none"),
+                       loss(pts.x, pts.y, pts.mask_x, pts.mask_y, reduction="none"))
+    with pytest.raises(TypeError, match="mask_x must be a tensor"):
+        loss(pts.x, pts.y, "all", None)
