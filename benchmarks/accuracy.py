@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", type=int, default=0, metavar="N", help="run N random cases instead of the matrix")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    names = args.backend.split(",") if args.backend else [n for n, i in otfast.backends().items() if i.available]
+    names = args.backend.split(",") if args.backend else [n for n, i in otfast.backends().items()
+                                                          if i.available and not (n == "cpu" and device.type != "cpu")]
     interpreted = device.type == "cpu"
     if args.sweep:
         counts = sweep(args.sweep, names, device, max_D=16 if interpreted and "triton" in names else 768)

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (GPU time is scarce): the CUDA tests of the Triton backend, the
-# sm_90 resource check, the benchmark sweep and the end-to-end step benchmark. CSV files and logs go to
-# the folder given as $1, else $OUT, else runs/gpu. Benchmark providers whose packages are missing (POT,
-# GeomLoss, flash-sinkhorn have no network on the GPU machines) are skipped and say so; carry their wheels
-# in .whl/ to include them: this script installs .whl/*.whl into a private folder first.
+# Everything that needs a GPU, in one call that fits a 15-minute lease (the steps' limits add up to 360 s on an
+# H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
+# important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
+# against POT / GeomLoss / flash-sinkhorn, the sm_90 resource check, the training-step benchmark, and
+# last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
+# $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
+# OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md. Benchmark providers whose packages
+# are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped and say so;
+# carry their wheels in .whl/ to include them: this script installs .whl/*.whl into a private folder first.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
 set -uo pipefail
@@ -26,16 +30,23 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/otfast-site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/otfast-site"
 fi
-step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failures, go on
-  local name=$1; shift
-  echo "== $name: $*"
-  "$@" > "$out/$name.log" 2>&1 || { echo "!! $name failed (exit $?)"; status=1; }
-  tail -n 5 "$out/$name.log"
+step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.log, remember failures, go on
+  local name=$1 limit=$2; shift 2
+  echo "== $name (at most ${limit} s): $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "!! $name stopped at its ${limit} s limit"
+  [ $rc -ne 0 ] && { echo "!! $name failed (exit $rc)"; status=1; }
+  echo "   $name took $((SECONDS - start)) s"
+  tail -n 4 "$out/$name.log"
 }
-step env "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
-step tests "$PY" -m pytest -q tests/test_triton_interpreter.py tests/test_core_properties.py
-step resources "$PY" -m otfast.kernels.triton.resources
-step bench "$PY" -m benchmarks.report --device cuda --out "$out" --note "gpu_suite.sh"
-step step "$PY" -m benchmarks.step --device cuda --out "$out" --note "gpu_suite.sh"
+step env 20 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
+step accuracy 70 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
+step tests 80 "$PY" -m pytest -q -x tests/test_triton_interpreter.py tests/test_compile.py tests/test_accuracy.py -k "triton or cuda"
+step goals 70 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --budget 3 --repeats 10 --note "gpu_suite.sh"
+step resources 40 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
+step step 40 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
+step sweep 40 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh"
 echo "logs and CSV in $out"
 exit $status

@@ -5,7 +5,14 @@ Each configuration from ``otfast.kernels.triton.configs.configs()`` is compiled 
 shared memory and stack frame from the cubin, and ``ptxas -v`` on the PTX reads the spill stores and loads.
 Prints one table row per configuration and exits 1 if any configuration spills.
 
-    python -m otfast.kernels.triton.resources [--jobs 2]
+``--sass`` prints instead, for the solvers' configurations, the static instruction counts of every loop of
+the compiled SASS (``cuobjdump -sass``; a loop is the range of a backward branch): exponentials
+(MUFU.EX2), logarithms, barriers, shared-memory loads and stores, warp shuffles, fp32 and fp64 arithmetic
+and fp32/fp64 conversions, per thread and per trip of the loop. The iteration loop of the resident kernel
+is the one with 2 N M / threads exponentials (16 at 32 x 32 and 4 warps); the counts show what one
+Sinkhorn iteration costs beside its exponentials, without a GPU.
+
+    python -m otfast.kernels.triton.resources [--jobs 2] [--sass]
 """
 
 from __future__ import annotations
@@ -46,8 +53,7 @@ def _signature(fn, constexprs: dict, float64_pointers: frozenset) -> dict:
     return sig
 
 
-def check(config: tuple[str, dict, int]) -> dict:
-    """Compile one configuration for sm_90 and read its resource usage."""
+def _compile(config: tuple[str, dict, int]):
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -58,8 +64,14 @@ def check(config: tuple[str, dict, int]) -> dict:
     fn = getattr(K, name)
     src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, constexprs, K.FLOAT64_POINTERS),
                                     constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": NUM_STAGES, "enable_fp_fusion": FP_FUSION})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": NUM_STAGES, "enable_fp_fusion": FP_FUSION})
+
+
+def check(config: tuple[str, dict, int]) -> dict:
+    """Compile one configuration for sm_90 and read its resource usage."""
+    name, constexprs, warps = config
+    compiled = _compile(config)
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
         with open(cubin, "wb") as fh:
@@ -79,13 +91,58 @@ def check(config: tuple[str, dict, int]) -> dict:
                 spill_loads=int(spills.group(2)))
 
 
+# SASS opcodes counted by ``--sass``, in groups.
+SASS_GROUPS = {
+    "exp2": ("MUFU.EX2",), "log2": ("MUFU.LG2",), "barrier": ("BAR",), "lds": ("LDS",), "sts": ("STS",),
+    "shuffle": ("SHFL",), "fp32": ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP"),
+    "fp64": ("DADD", "DFMA", "DMUL", "DSETP"), "convert": ("F2F",),
+}
+
+
+def sass_loops(config: tuple[str, dict, int]) -> list[dict]:
+    """Static per-thread instruction counts of each loop of one configuration's SASS (``--sass``)."""
+    compiled = _compile(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2).strip())
+            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = sorted({(int(target, 16), addr) for addr, text in code
+                    for target in re.findall(r"BRA(?:\.\w+)*\s+(?:\w+,\s*)?0x([0-9a-f]+)", text)
+                    if int(target, 16) <= addr})
+    out = []
+    for start, end in loops:
+        ops = [re.sub(r"^@!?U?P[T0-9]+\s+", "", text).split()[0] for addr, text in code if start <= addr <= end]
+        counts = {group: sum(op.split(".")[0] in prefixes or op.startswith(prefixes) for op in ops)
+                  for group, prefixes in SASS_GROUPS.items()}
+        out.append(dict(start=start, instructions=len(ops), **counts))
+    return out
+
+
+def print_sass(configs: list[tuple[str, dict, int]]) -> None:
+    for config in configs:
+        name, constexprs, warps = config
+        print(f"{name} {' '.join(f'{k}={v}' for k, v in constexprs.items())} warps={warps}")
+        print(f"  {'loop at':>8} {'instr':>6} " + " ".join(f"{g:>7}" for g in SASS_GROUPS))
+        for loop in sass_loops(config):
+            print(f"  {loop['start']:#8x} {loop['instructions']:>6} " + " ".join(f"{loop[g]:>7}" for g in SASS_GROUPS))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--sass", action="store_true",
+                        help="per-loop SASS instruction counts of the solvers (fixed eps, no tol) instead")
     args = parser.parse_args(argv)
     from otfast.kernels.triton.configs import configs
 
     todo = configs()
+    if args.sass:
+        print_sass([c for c in todo if c[0] in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel")
+                    and not c[1]["SYMMETRIC"] and not c[1]["HAS_TOL"] and c[1].get("FROM_POINTS", True)])
+        return 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(check, todo))
     print(f"{'kernel':28} {'constexprs':72} {'warps':>5} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st/ld':>11}")
