@@ -23,12 +23,13 @@ class SinkhornLoss(nn.Module):
     def __init__(self, *, cost: str = "sqeuclidean", blur: float = 0.05, eps: float | None = None,
                  scaling: float | None = 0.5, n_iters: int | None = None, tol: float | None = None,
                  debias: bool = True, reach: float | None = None, diameter: float | None = None,
-                 reduction: str = "mean", backend: str = "auto"):
+                 reduction: str = "mean", backend: str = "auto", check_inputs: bool = True):
         super().__init__()
         check_loss_options(cost=cost, blur=blur, eps=eps, scaling=scaling, n_iters=n_iters, tol=tol, reach=reach,
                            diameter=diameter, reduction=reduction, backend=backend)
         self.options = dict(cost=cost, blur=blur, eps=eps, scaling=scaling, n_iters=n_iters, tol=tol, debias=debias,
-                            reach=reach, diameter=diameter, reduction=reduction, backend=backend)
+                            reach=reach, diameter=diameter, reduction=reduction, backend=backend,
+                            check_inputs=check_inputs)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None = None,
                 mask_y: torch.Tensor | None = None, weights_x: torch.Tensor | None = None,
