@@ -15,16 +15,18 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import otfast
-from train.align import alignment_loss, main
+from accelerate import Accelerator
+
+from train.align import alignment_loss, main, setup
 from train.config import load_config
 from train.data import batch_indices, load_pairs, prepare_language
 from train.modeling import build_tiny_model, encode_words, layer_states, load_encoder
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "train" / "configs" / "tiny.yaml"
-# Two synthetic language pairs (different word maps), a smaller model, dropout on (so the RNG state
-# matters), gradient accumulation, a few steps.
-SMALL = ["--data.languages", ("[{lang: xx, format: synthetic, n_pairs: 120, seed: 0},"
+# Two synthetic language pairs (different word maps), a smaller model with dropout, trained with dropout on
+# (so the RNG state matters), gradient accumulation, a few steps.
+SMALL = ["--train.dropout", "true","--data.languages", ("[{lang: xx, format: synthetic, n_pairs: 120, seed: 0},"
                               " {lang: yy, format: synthetic, n_pairs: 120, seed: 1, map_seed: 7}]"),
          "--data.pairs_per_language", "64", "--data.eval_pairs", "16", "--train.batch_size", "4",
          "--train.grad_accum", "2", "--train.max_steps", "6", "--train.checkpoint_every", "0",
@@ -48,6 +50,21 @@ def _setup(tmp_path, overrides=()):
 def _loss(setup):
     cfg, langs, model, reference, tok, idx, ot = setup
     return alignment_loss(model, reference, tok, langs, idx, cfg, ot, torch.device("cpu"), contextlib.nullcontext)
+
+
+def english_drift(model, reference, tok, english: list[list[str]]) -> float:
+    """sum ||h - h0||^2 over the words' tokens, one sentence at a time (no padding), both encoders without
+    dropout, averaged over the sentences: the regulariser as Cao et al. define it."""
+    total, training = 0.0, model.training
+    model.eval()
+    for words in english:
+        batch = encode_words(tok, [words])
+        with torch.no_grad():
+            h, h0 = layer_states(model, batch), layer_states(reference, batch)
+        keep = batch["word_ids"][0] >= 0
+        total += ((h[0, keep] - h0[0, keep]) ** 2).sum().item()
+    model.train(training)
+    return total / len(english)
 
 
 @pytest.mark.parametrize("granularity", ["sentence", "batch"])
@@ -90,16 +107,36 @@ def test_regulariser_is_zero_at_step_zero_and_matches_its_formula_after(tmp_path
         for p in model.encoder.layer[-1].output.dense.parameters():
             p.add_(0.05 * torch.randn_like(p))
     _, parts = _loss(setup)
-    english = [langs[0].train[i][1].split() for i in idx[0]]
-    expected = 0.0
-    for words in english:                                  # one sentence at a time, no padding
-        batch = encode_words(tok, [words])
-        with torch.no_grad():
-            h, h0 = layer_states(model, batch), layer_states(reference, batch)
-        keep = batch["word_ids"][0] >= 0
-        expected += ((h[0, keep] - h0[0, keep]) ** 2).sum().item()
-    assert parts["reg"] == pytest.approx(expected / len(english), rel=1e-4)
+    expected = english_drift(model, reference, tok, [langs[0].train[i][1].split() for i in idx[0]])
+    assert parts["reg"] == pytest.approx(expected, rel=1e-4)
     assert parts["reg"] > 0
+
+
+@pytest.mark.parametrize("dropout", ["false", "true"])
+def test_with_dropout_in_the_model_the_regulariser_is_zero_at_step_zero_and_measures_drift(tmp_path, dropout):
+    cfg = load_config(TINY, [*SMALL, "--train.dropout", dropout], output_dir=str(tmp_path))
+    run = setup(cfg, Accelerator(cpu=True), tmp_path, ROOT, total=6)
+    assert run.model.config.hidden_dropout_prob == run.model.config.attention_probs_dropout_prob == 0.1
+    idx = [batch_indices(64, micro_step=0, batch_size=4, num_processes=1, process_index=0, seed=0)] * 2
+
+    def loss():
+        return alignment_loss(run.model, run.reference, run.tokenizer, run.languages, idx, cfg, run.ot_loss,
+                              torch.device("cpu"), contextlib.nullcontext)[1]
+
+    first, again = loss(), loss()
+    assert first["reg"] == again["reg"] == 0.0
+    assert (first["ot_xx"] == again["ot_xx"]) == (dropout == "false")       # masks drawn only with dropout on
+    run.model.train()                                        # dropout in the trained encoder alone (as before)
+    run.reference.eval()
+    assert loss()["reg"] > 0                                 # measures dropout noise: the weights are h0's
+    if dropout == "false":                                   # drift: the term equals its dropout-free formula
+        run.model.eval()
+        with torch.no_grad():
+            for p in run.model.encoder.layer[-1].output.dense.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        english = [run.languages[k].train[i][1].split() for k in range(2) for i in idx[k]]
+        expected = english_drift(run.model, run.reference, run.tokenizer, english)
+        assert loss()["reg"] == pytest.approx(expected, rel=1e-4) and expected > 0
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

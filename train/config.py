@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "max_steps": None,          # optimizer steps; None = epochs over pairs_per_language
         "warmup_ratio": 0.1,
         "max_grad_norm": 1.0,
+        "dropout": False,           # dropout in the trained encoder; see train.align.alignment_loss
         "mixed_precision": "no",    # no | bf16 | fp16 (autocast, on GPU)
         "cpu": False,               # force the CPU even when a GPU is there
         "num_threads": None,        # torch CPU threads per process (None = torch's default)
