@@ -5,11 +5,16 @@ that is run again."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import train.evaluate as evaluate
 from train import align, hub
@@ -104,3 +109,36 @@ def test_a_finished_run_run_again_trains_nothing_and_says_it_is_complete(tmp_pat
                      f"{metrics['retrieval_after']:.3f}); model in {out / 'model'}. Nothing to do: use a new "
                      "--output-dir or --train.resume false to train again\n")
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files          # nothing written
+
+
+def _spin_count(args: list[str], policy: str | None = None) -> int:
+    """libgomp's spin count (``GOMP_SPINCOUNT``, 0 under the passive policy) as the process's OpenMP runtime
+    reports it when it starts (``OMP_DISPLAY_ENV=VERBOSE``)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"OMP_DISPLAY_ENV": "VERBOSE"}, **({"OMP_WAIT_POLICY": policy} if policy else {}))
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr)
+    if found is None:
+        pytest.skip("torch's OpenMP runtime is not GNU libgomp (no GOMP_SPINCOUNT in its OMP_DISPLAY_ENV report)")
+    return int(found.group(1))
+
+
+def test_the_entry_points_make_waiting_openmp_threads_sleep_unless_the_environment_says_otherwise():
+    assert _spin_count(["-m", "train.align", "--help"]) == 0
+    assert _spin_count(["-c", "import train, torch"], policy="ACTIVE") > 300_000
+    assert _spin_count(["-c", "import torch, train; assert train.OPENMP_SPINS"]) > 0   # too late: it spins
+
+
+def test_threads_that_spin_are_pointed_out(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(align, "OPENMP_SPINS", True)
+    threads = torch.get_num_threads()
+    try:
+        assert align.main(["--config", str(CONFIGS / "tiny.yaml"), "--output-dir", str(tmp_path),
+                           "--train.num_threads", "2", "--train.max_steps", "0"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "note: torch was imported before train, with no OMP_WAIT_POLICY: its 2 threads spin" in err
+    assert err.splitlines()[-1].startswith("error: no optimizer step to run")

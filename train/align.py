@@ -61,6 +61,7 @@ from safetensors.torch import load_model, save_model
 
 import otfast
 
+from . import OPENMP_SPINS
 from .config import HelpFormatter, load_config
 from .data import DataReport, LanguageData, batch_indices, load_pairs, prepare_language
 from .modeling import build_tiny_model, encode_words, layer_states, load_encoder, token_check, word_embeddings
@@ -675,6 +676,11 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
         torch.set_num_threads(t["num_threads"])
     accelerator = Accelerator(mixed_precision=t["mixed_precision"], cpu=t["cpu"],
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if OPENMP_SPINS and torch.get_num_threads() > 1:
+        accelerator.print(f"note: torch was imported before train, with no OMP_WAIT_POLICY: its "
+                          f"{torch.get_num_threads()} threads spin while they wait, which on a busy machine makes "
+                          "steps several times slower; set OMP_WAIT_POLICY=PASSIVE before Python starts (python -m "
+                          "train.align does), or --train.num_threads 1", file=sys.stderr)
     out = Path(cfg["output_dir"])
     total = total_steps(cfg, accelerator.num_processes)
     done = completed(out, total) if t["resume"] else None
