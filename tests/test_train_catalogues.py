@@ -1,5 +1,5 @@
 """Pairs from gettext catalogues (``format: gettext``): a hand-made catalogue with every odd entry real ones
-hold, read against Python's own ``gettext`` module; the catalogues installed on this machine, if any."""
+hold, read against Python's own ``gettext`` module (the installed catalogues: ``test_train_real.py``)."""
 
 from __future__ import annotations
 
@@ -99,47 +99,3 @@ def test_a_folder_without_catalogues_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_pairs({"lang": "fr", "format": "gettext", "path": str(tmp_path / "missing")})
 
-
-INSTALLED = Path("/usr/share/locale/fr/LC_MESSAGES")
-
-
-def installed_catalogues() -> list[Path]:
-    """The French catalogues this machine has, or a skip that says why there are none."""
-    files = sorted(INSTALLED.glob("*.mo")) if INSTALLED.is_dir() else []
-    if not files:
-        pytest.skip(f"no French gettext catalogue (*.mo) in {INSTALLED}: Debian installs them with the programs "
-                    "(coreutils, git, apt, ...) unless dpkg is told to leave out /usr/share/locale")
-    return files
-
-
-def test_the_installed_catalogues_are_read_and_their_odd_messages_counted():
-    files = installed_catalogues()
-    ds, report = load_pairs({"lang": "fr", "format": "gettext"})
-    messages, empty, multi_line, placeholders = 0, 0, 0, 0
-    raw = {}
-    for path in files:
-        charset, raw[path.name] = read_mo(path)
-        with open(path, "rb") as fh:
-            catalog = gettext.GNUTranslations(fh)._catalog             # the independent reader
-        for key, text in catalog.items():
-            if key == "" or (isinstance(key, tuple) and key[1] != 0):    # the header; plural forms after the first
-                continue
-            msgid = key[0] if isinstance(key, tuple) else key
-            messages += 1
-            empty += not text.strip()
-            multi_line += "\n" in msgid.strip() or "\n" in text.strip()
-            placeholders += "%" in msgid + text or "{" in msgid + text
-    assert report.read == messages == len(ds) + report.n_malformed
-    assert report.malformed.get("empty translation", 0) == empty
-    assert 0 < report.edited["multi-line message: lines joined"] <= multi_line
-    assert 0 < report.edited["format placeholders removed"] <= placeholders
-
-    def entry(where: str) -> tuple[bytes, bytes]:
-        name, i = where.split("#")
-        return raw[name][int(i)]
-
-    for reason, ok in (("multi-line message: lines joined", lambda i, s: b"\n" in i.strip() + s.strip()),
-                       ("format placeholders removed", lambda i, s: b"%" in i + s or b"{" in i + s),
-                       ("empty translation", lambda i, s: not s.split(b"\x00")[0].strip())):
-        assert all(ok(*entry(where)) for where in report.examples.get(reason, [])), reason
-    assert not any("\n" in text or "%s" in text for text in list(ds["source"]) + list(ds["target"]))
