@@ -217,3 +217,32 @@ def test_documents_change_only_with_update_docs(tmp_path):
     assert docs_targets(parse_args(["--quick", "--out", str(tmp_path)])) == (tmp_path, None, None)
     out, results_md, readme = docs_targets(parse_args(["--quick", "--update-docs"]))
     assert (out, results_md, readme) == (DOCS_OUT, REPO / "benchmarks" / "RESULTS.md", REPO / "README.md")
+
+
+def test_step_ot_share_and_its_noise_band():
+    """The share is (with - without) / with from the medians; a band reaching below 0 is flagged as noise."""
+    from benchmarks.step import ot_shares
+
+    rows = [dict(p20_ms=95.0, p50_ms=100.0, p80_ms=105.0), dict(p20_ms=120.0, p50_ms=125.0, p80_ms=130.0),
+            dict(p20_ms=90.0, p50_ms=98.0, p80_ms=110.0)]
+    ot_shares(rows)
+    assert rows[1]["ot_share"] == pytest.approx(0.2) and "within noise" not in rows[1]["detail"]
+    assert rows[2]["ot_share"] < 0 and rows[2]["detail"].endswith("(within noise)")
+
+
+def test_step_benchmark_calls_the_harness_loss(monkeypatch):
+    """The step is train.align.alignment_loss itself, not a copy: replacing it changes what the step runs."""
+    import train.align
+    from benchmarks.step import AlignmentStep, long_pairs
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[6])  # the OT term it was given
+        return torch.zeros((), requires_grad=True), {}
+
+    monkeypatch.setattr(train.align, "alignment_loss", spy)
+    model = torch.nn.Linear(2, 2)
+    step = AlignmentStep(model, tokenizer=None, pairs=long_pairs(2, 16), max_tokens=16)
+    step("the OT term")
+    assert calls == ["the OT term"]

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
         "scaling": 0.5,
         "debias": True,
         "backend": "auto",
+        "check_inputs": True,       # False: no host read for input checks (a step a CUDA graph can capture)
         "reg_lambda": 1.0,          # lambda * sum ||h - h0||^2 over English tokens (per sentence pair)
     },
     "train": {
