@@ -409,9 +409,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_point(point, plist, device=args.device, dtype=args.dtype, D=D_MODEL, budget=budget,
                          repeats=repeats, estimates=estimates, base=base, refs=refs, skip_slow=not args.quick)
         res.append_rows(csv_path, rows)
-    print(f"appended to {csv_path}")
-    render(res.read_rows(csv_path), [args.device], out, results_md, readme)
+    render_after_run(csv_path, args.device, out, results_md, readme)
     return 0
+
+
+def render_after_run(csv_path: Path, device: str, out: Path, results_md: Path | None, readme: Path | None) -> None:
+    """Say where the rows went, then regenerate the outputs of ``device`` from the whole CSV (``render``)."""
+    print(f"appended to {csv_path}")
+    render(res.read_rows(csv_path), [device], out, results_md, readme)
 
 
 if __name__ == "__main__":

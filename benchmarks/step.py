@@ -37,7 +37,7 @@ import torch
 import otfast
 
 from . import results as res
-from .report import add_docs_arguments, base_columns, docs_targets, render
+from .report import add_docs_arguments, base_columns, docs_targets, render_after_run
 from .timing import load_average, synchronize
 
 MODELS = {
@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.device, args.quick, base_columns(args.device, command.strip(), args.note))
     csv_path = out / "results.csv"
     res.append_rows(csv_path, rows)
-    print(f"appended to {csv_path}")
-    render(res.read_rows(csv_path), [args.device], out, results_md, readme)
+    render_after_run(csv_path, args.device, out, results_md, readme)
     return 0
 
 
