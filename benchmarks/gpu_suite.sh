@@ -2,12 +2,13 @@
 # Everything that needs a GPU, in one call that fits a 15-minute lease (the steps' limits add up to 360 s on an
 # H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
 # important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
-# against POT / GeomLoss / flash-sinkhorn, the sm_90 resource check, the training-step benchmark, and
-# last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
+# against POT / GeomLoss / flash-sinkhorn, the sm_90 resource check, the training-step benchmark, the tiny
+# alignment run with bf16 autocast (retrieval must lift), and last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
 # $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
 # OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md. Benchmark providers whose packages
-# are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped and say so;
-# carry their wheels in .whl/ to include them: this script installs .whl/*.whl into a private folder first.
+# are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped and say so, and
+# the harness needs `datasets` and what it pulls in: carry their wheels in .whl/ (README, "On a GPU
+# machine"); this script installs .whl/*.whl into a private folder first.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
 set -uo pipefail
@@ -42,11 +43,12 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.
   tail -n 4 "$out/$name.log"
 }
 step env 20 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
-step accuracy 70 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
-step tests 80 "$PY" -m pytest -q -x tests/test_triton_interpreter.py tests/test_compile.py tests/test_accuracy.py -k "triton or cuda"
-step goals 70 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --budget 3 --repeats 10 --note "gpu_suite.sh"
-step resources 40 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
+step accuracy 60 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
+step tests 70 "$PY" -m pytest -q -x tests/test_triton_interpreter.py tests/test_compile.py tests/test_accuracy.py -k "triton or cuda"
+step goals 60 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --budget 3 --repeats 10 --note "gpu_suite.sh"
+step resources 30 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
 step step 40 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
-step sweep 40 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh"
+step harness 50 "$PY" -m benchmarks.harness_gpu --out "$out"
+step sweep 30 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh"
 echo "logs and CSV in $out"
 exit $status
