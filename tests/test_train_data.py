@@ -214,6 +214,6 @@ def test_paper_configs_carry_the_papers_recipe(name, langs):
     assert (cfg["model"]["layer"], cfg["model"]["word_mode"]) == (-1, "last")
     assert cfg["data"]["pairs_per_language"] == 250_000
     assert cfg["loss"] == {"granularity": "sentence", "cost": "sqeuclidean", "blur": 0.05, "scaling": 0.5,
-                           "debias": True, "backend": "auto", "reg_lambda": 1.0}
+                           "debias": True, "backend": "auto", "check_inputs": True, "reg_lambda": 1.0}
     t = cfg["train"]
     assert (t["lr"], t["batch_size"], t["grad_accum"], t["epochs"], t["max_steps"]) == (5e-5, 24, 2, 1, None)
