@@ -68,9 +68,15 @@ def _expm1(x):
 
 
 @triton.jit
+def _residual_terms(f_old, f_new, w, eps):
+    """w_i |exp((f_old_i - f_new_i) / eps) - 1| (float64 potentials, fp32 weights and terms)."""
+    return w * tl.abs(_expm1(((f_old - f_new) / eps).to(tl.float32)))
+
+
+@triton.jit
 def _residual(f_old, f_new, w, eps):
-    """sum_i w_i |exp((f_old_i - f_new_i) / eps) - 1| (float64 potentials, fp32 weights and sum)."""
-    return tl.sum(w * tl.abs(_expm1(((f_old - f_new) / eps).to(tl.float32))), axis=0)
+    """The marginal residual sum_i ``_residual_terms``_i."""
+    return tl.sum(_residual_terms(f_old, f_new, w, eps), axis=0)
 
 
 @triton.jit
@@ -203,12 +209,14 @@ def _anneal_eps(SCHED, t, n_anneal):
     2 log scaling, blur^2, n_list, list...]: with diameter > 0 the list is GeomLoss's ``epsilon_schedule``
     derived here, as ``otfast.schedule`` builds it on the host (diameter^2, exp(2 log diameter + i 2 log
     scaling) for i = 0, 1, ..., blur^2), so that no host needs to read the diameter; with diameter = 0 it is
-    the n_list explicit temperatures that follow."""
+    the n_list explicit temperatures that follow. Only temperatures 0 <= t < n_anneal of an explicit list are
+    read (the buffer of a derived list ends at index 6)."""
     diameter = tl.load(SCHED + 2)
     start = 2.0 * tl.log(tl.maximum(diameter, 1e-300))
     derived = tl.where(t == 0, diameter * diameter,
                        tl.where(t == n_anneal - 1, tl.load(SCHED + 5), tl.exp(start + (t - 1) * tl.load(SCHED + 4))))
-    return tl.where(diameter > 0.0, derived, tl.load(SCHED + 7 + t))
+    explicit = tl.load(SCHED + 7 + t, mask=(diameter <= 0.0) & (t >= 0) & (t < n_anneal), other=0.0)
+    return tl.where(diameter > 0.0, derived, explicit)
 
 
 @triton.jit
@@ -243,7 +251,7 @@ def _cost_tile_dot(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
                      other=0.0)
         yt = tl.load(Yp + offs_k[:, None] * syd + offs_m[None, :] * sym, mask=in_k[:, None] & in_m[None, :],
                      other=0.0)
-        acc = tl.dot(xt, yt, acc)
+        acc = tl.dot(xt, yt, acc, out_dtype=tl.float64)
         xx += tl.sum(xt * xt, axis=1)
         yy += tl.sum(yt * yt, axis=0)
     return _split(tl.maximum(0.5 * xx[:, None] + 0.5 * yy[None, :] - acc, 0.0))
@@ -426,13 +434,15 @@ def _stream_update(CH, CL, scn, scm, N, M, ALPHA, BETA, F, G, FT, GT, eps, preci
 
 @triton.jit
 def _stream_residual(P, PT, LOGW, n, eps, BLOCK: tl.constexpr):
-    err = 0.0
+    """``_residual`` over a streamed vector: per-lane partial sums, one reduction at the end."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for o in range(0, n, BLOCK):
         offs = o + tl.arange(0, BLOCK)
         inb = offs < n
         w = tl.exp2((tl.load(LOGW + offs, mask=inb, other=float("-inf")) * LOG2E).to(tl.float32))
-        err += _residual(tl.load(P + offs, mask=inb, other=0.0), tl.load(PT + offs, mask=inb, other=0.0), w, eps)
-    return err
+        acc += _residual_terms(tl.load(P + offs, mask=inb, other=0.0), tl.load(PT + offs, mask=inb, other=0.0), w,
+                               eps)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
