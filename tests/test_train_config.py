@@ -29,6 +29,16 @@ def test_overrides_in_both_spellings():
         parse_overrides(["train.lr", "1"])
 
 
+def test_no_and_off_stay_strings_and_booleans_are_true_or_false(tmp_path):
+    """YAML 1.2 booleans: ``mixed_precision: no`` is accelerate's "no", not False (YAML 1.1 read it as False)."""
+    tiny = CONFIGS / "tiny.yaml"
+    assert load_config(tiny, ["--train.mixed_precision", "no"])["train"]["mixed_precision"] == "no"
+    (tmp_path / "run.yaml").write_text("train:\n  mixed_precision: no\n  cpu: false\n  resume: off\n")
+    assert read_yaml(tmp_path / "run.yaml")["train"] == {"mixed_precision": "no", "cpu": False, "resume": "off"}
+    with pytest.raises(ValueError, match="train.cpu must be true or false, got 'yes'"):
+        load_config(tiny, ["--train.cpu", "yes"])
+
+
 def test_config_files_fail_with_one_line_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"config file .*missing.yaml not found"):
         load_config(tmp_path / "missing.yaml")

@@ -1,11 +1,14 @@
-"""Run configuration: YAML files (``yaml.safe_load``) over defaults, plus ``--section.key value`` overrides.
+"""Run configuration: YAML files (``yaml.SafeLoader``: no code runs) over defaults, plus ``--section.key value``
+overrides.
 
 One loader and one override syntax for both command lines: ``train.align`` (defaults: ``DEFAULTS``)
 and ``train.evaluate`` (defaults: the task's shipped config, ``train/configs/eval_TASK.yaml``).
 Every key must exist in the defaults (a typo is a ``ValueError``, not a silently ignored setting);
 numbers are coerced to the default's type, so ``lr: 5e-5`` (a string to YAML 1.1) is a float.
 Overrides come as ``--train.lr 1e-4`` or ``--train.lr=1e-4``; values are read as YAML (``null``,
-``true``, numbers, ``[1, 2]``).
+``true``, numbers, ``[1, 2]``). Booleans are YAML 1.2's, ``true`` and ``false`` only: YAML 1.1 also reads
+``no``, ``off``, ``yes`` and ``on`` as booleans, which turned ``mixed_precision: no`` (accelerate's own
+spelling) into ``False``.
 """
 
 from __future__ import annotations
@@ -79,6 +82,21 @@ CHOICES = {("model", "word_mode"): ("last", "first", "mean", "subword"),
            ("train", "mixed_precision"): ("no", "bf16", "fp16")}
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data, no code runs) with YAML 1.2 booleans (see the module docstring)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_SafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SafeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _safe_load(stream: Any) -> Any:
+    return yaml.load(stream, Loader=_SafeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 TASK_DEFAULTS = {task: Path(__file__).parent / "configs" / f"eval_{task}.yaml" for task in ("xnli", "xquad")}
 
@@ -122,7 +140,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> di
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping (``yaml.safe_load``: no code runs).
+    """A YAML mapping (``_SafeLoader``: no code runs).
 
     Raises:
         ValueError: naming the file, if it does not exist, is not valid YAML or is not a mapping.
@@ -132,7 +150,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
+            loaded = _safe_load(fh)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if loaded is None:
@@ -148,7 +166,7 @@ def _yaml_value(text: str) -> Any:
     if text == "":
         return ""
     try:
-        value = yaml.safe_load(text)
+        value = _safe_load(text)
     except yaml.YAMLError:
         return text
     return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value) else value
@@ -209,7 +227,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), output_d
     """Read an alignment run's configuration (``train.align``).
 
     Args:
-        path: a YAML file (``yaml.safe_load``) or None for the defaults alone.
+        path: a YAML file (``_SafeLoader``) or None for the defaults alone.
         overrides: ``["--train.lr", "1e-3", "--loss.granularity", "batch", ...]`` (``parse_overrides``).
         output_dir: replaces ``output_dir`` when given.
 
