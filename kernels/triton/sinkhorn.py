@@ -32,7 +32,7 @@ max is guarded so an all -inf row gives 0, never NaN.
 
 Kernels and their memory traffic:
 
-- ``_sinkhorn_resident_kernel``: one program per pair, both cost tiles (up to 64 x 64) in registers,
+- ``_sinkhorn_resident_kernel``: one program per pair, both cost tiles (``RESIDENT_MAX`` = 32 square) in registers,
   formed on chip from x and y (2 D float64 FMAs per entry, once) or loaded from a precomputed float64
   cost. Reads x, y (or C) once, writes f, g, f_prev, g_prev, the iteration count and the residual:
   O(N D + M D) bytes in, O(N + M) out. Per iteration 2 N M exponentials (N M when symmetric).
