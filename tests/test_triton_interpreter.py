@@ -86,6 +86,11 @@ def test_paper_setting_matches_the_fp64_oracle(N, M):
         assert_close(g, o, rtol=1e-4, atol=0, what=what)
 
 
+# The interpreter's numpy warns for the tile's lanes outside the pair (rows N..31 of the resident tile, whose
+# zero cost against huge potentials overflows): the kernel discards those lanes (``valid``); the outputs are
+# what the test checks.
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
+                            "ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("N,M", [(7, 5), (40, 37)], ids=["resident", "streaming"])
 def test_huge_cost_over_eps_stays_finite(N, M):
     """C / eps ~ 1e10: the values match the cpu backend (which computes in float64) instead of -inf / NaN."""
