@@ -201,8 +201,17 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
     buffer; in x's dtype."""
     xp, yp = prepare_points(x.double(), y.double(), alpha.double(), beta.double(), cost)
     dxp = _grad(xp, yp, pots.f, pots.g_prev, alpha, beta, u, eps)
-    dx = prepare_grad(x.float(), xp.float(), dxp, alpha, cost).to(x.dtype)
+    dx = _map_grad(x, xp, dxp, alpha, cost)
     if v is None:
         return dx, None
     dyp = _grad(yp, xp, pots.g, pots.f_prev, beta, alpha, v, eps)
-    return dx, prepare_grad(y.float(), yp.float(), dyp, beta, cost).to(x.dtype)
+    return dx, _map_grad(y, yp, dyp, beta, cost)
+
+
+def _map_grad(x: torch.Tensor, xp: torch.Tensor, dxp: torch.Tensor, alpha: torch.Tensor, cost: str) -> torch.Tensor:
+    """``prepare_grad`` in x's dtype. For "sqeuclidean" it is the identity on what ``_grad_kernel`` writes
+    (centring passes the gradient unchanged, and a padding row's is already 0: its prepared point is 0, its
+    weight u_i is 0 and its plan row is empty), so no launch is spent on it."""
+    if cost == "sqeuclidean":
+        return dxp.to(x.dtype)
+    return prepare_grad(x.float(), xp.float(), dxp, alpha, cost).to(x.dtype)

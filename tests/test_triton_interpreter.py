@@ -148,6 +148,19 @@ def test_half_precision_inputs(dtype):
         assert_close(g.float(), r.float(), dtype=dtype, what=what)
 
 
+@pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
+def test_nan_padding_gets_exact_zero_gradients(cost):
+    """NaN on padded tokens: the gradients are finite, match the reference, and are exactly 0 on padding
+    (the sqeuclidean backward returns the kernel's rows as they are: its padding rows must be 0 already)."""
+    batch = make_points(3, 9, 12, 8, dtype=torch.float32, seed=13, junk=float("nan"))
+    ref, got = _run(batch, "torch", cost=cost), _run(batch, "triton", cost=cost)
+    for r, g, what, mask in ((ref[1], got[1], "dx", batch.mask_x), (ref[2], got[2], "dy", batch.mask_y)):
+        g = g.cpu()
+        assert torch.isfinite(g).all(), what
+        assert torch.equal(g[~mask.bool()], torch.zeros_like(g[~mask.bool()])), f"{what} is not 0 on padding"
+        assert_close(g, r, rtol=1e-4, atol=1e-7, what=what)
+
+
 def test_strided_inputs():
     base = make_points(2, 9, 11, 16, dtype=torch.float32, seed=5, junk=None)
     bx, by, mx, my = _on_device(base.x, base.y, base.mask_x, base.mask_y)
