@@ -220,6 +220,24 @@ def _anneal_eps(SCHED, t, n_anneal):
 
 
 @triton.jit
+def _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold):
+    """``(eps_t, precise, annealing, w_old)`` of trip t of the streaming kernel's one loop over
+    ``otfast.schedule``'s steps: t = 0 initialises at eps_init (the update replaces the zero potentials:
+    w_old = 0), t = 1..n_anneal anneal, later trips iterate at the final eps (each kept update averages:
+    w_old = 1/2). The loop stops after the first update it does not keep (n_iters reached, or the residual at
+    or below tol): that is the final step, and the potentials it started from are f_prev, g_prev. Passes
+    above ``threshold`` run in float64.
+
+    The streaming kernel needs the one update call site (three, with both soft-min sweeps inlined at each,
+    spilled 172 B on sm_90). The resident kernel keeps three sites instead, the same steps unrolled: its
+    final loop is compiled for fast passes only (685 SASS instructions per iteration, README), and the
+    one-loop form spilled 4 B under triton 3.7.1."""
+    annealing = t <= n_anneal
+    e = tl.where(t == 0, eps_init, tl.where(annealing, _anneal_eps(SCHED, t - 1, n_anneal), eps))
+    return e, annealing & (e > threshold), annealing, tl.where(t == 0, 0.0, 0.5)
+
+
+@triton.jit
 def _cost_tile_outer(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """The cost tile as D rank-1 float64 FMA updates, returned as (C_hi, C_lo). The accumulator keeps the
@@ -493,24 +511,19 @@ def _sinkhorn_streaming_kernel(
     eps, inv_rho, n_anneal, eps_init = _schedule(SCHED)
     threshold = eps * PRECISE_RATIO
 
-    # One update call site for the whole schedule (the resident kernel's three, inlined here with both
-    # softmin sweeps each, spilled on sm_90): step t = 0 initialises at eps_init, t = 1..n_anneal anneals,
-    # then the final temperature runs fast passes while fewer than n_iters were kept (and, with a
-    # tolerance, while the residual exceeds it); the update that stops the loop is the final f, g.
     t = n_iters * 0
     it = n_iters * 0
     go = n_iters >= 0
-    while go:
-        annealing = t <= n_anneal
-        e = tl.where(t == 0, eps_init, tl.where(annealing, _anneal_eps(SCHED, t - 1, n_anneal), eps))
-        _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, e, annealing & (e > threshold), inv_rho,
+    while go:  # the schedule, one step per trip (``_schedule_step``)
+        e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
+        _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, e, precise, inv_rho,
                        BLOCK_N, BLOCK_M, SYMMETRIC)
         active = annealing | (it < n_iters)
         if HAS_TOL:
             active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, N, M, eps, BLOCK_N, BLOCK_M,
                                                           SYMMETRIC) > tol))
         if active:
-            _stream_step(Fp, FTp, Gp, GTp, N, M, tl.where(t == 0, 0.0, 0.5), BLOCK_N, BLOCK_M, SYMMETRIC)
+            _stream_step(Fp, FTp, Gp, GTp, N, M, w_old, BLOCK_N, BLOCK_M, SYMMETRIC)
         it += (active & ~annealing).to(tl.int32)
         t += 1
         go = active
