@@ -15,8 +15,8 @@ the cell (annealed losses; the cosine cost as the squared distance of normalised
 must not be less exact than it there.
 
 ``--sweep N`` draws N random cases instead (D 16 or 768, scale 0.1 to 100, eps 1e-4 to 0.1, fixed,
-annealed, debiased or unbalanced, ragged lengths) and counts, per backend, non-finite values or gradients
-and gradients more than 1% off the float64 answer; exit status 1 when there is any.
+annealed, debiased or unbalanced, random lengths 1 to 24, no padding) and counts, per backend, non-finite
+values or gradients and gradients more than 1% off the float64 answer; exit status 1 when there is any.
 
 On a CPU, ``--backend triton`` needs ``TRITON_INTERPRET=1`` and runs only the cells the interpreter can
 afford (``--quick`` restricts every backend to those). Exit status 1 when any cell fails.

@@ -132,7 +132,7 @@ INPUT_ERRORS = (
     "{weights_y} has negative weights",
     "{weights_y}: pair at batch index {index} has zero total weight",
 )
-_PER_PAIR = (2, 3, 11, 15)
+_PER_PAIR = tuple(k for k, message in enumerate(INPUT_ERRORS) if "{index}" in message)
 LOSS_NAMES = dict(mask_x="mask_x", mask_y="mask_y", x="x", y="y", weights_x="weights_x", weights_y="weights_y")
 
 
@@ -221,9 +221,12 @@ def as_matrix_batch(name: str, t: torch.Tensor, mask_a: torch.Tensor | None, mas
     return t3, ma, mb, unbatched
 
 
-def lift(t: torch.Tensor | None, unbatched: bool) -> torch.Tensor | None:
-    """Add the batch axis to an optional per-pair tensor of an unbatched call."""
-    return t.unsqueeze(0) if unbatched and t is not None else t
+def lift(t, unbatched: bool):
+    """Add the batch axis to an optional per-pair tensor (or nested lists, which ``as_mask`` converts on the
+    data's device) of an unbatched call."""
+    if not unbatched or t is None:
+        return t
+    return t.unsqueeze(0) if isinstance(t, torch.Tensor) else [t]
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

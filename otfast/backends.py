@@ -100,14 +100,19 @@ def backends() -> dict[str, BackendInfo]:
     return out
 
 
+def check_name(name: str) -> None:
+    """Raises ValueError naming the choices when ``name`` is not a backend name."""
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend module that runs for tensors on ``device``.
 
     Raises:
         ValueError: unknown name, or a backend that cannot run on ``device`` here.
     """
-    if not isinstance(name, str) or name not in NAMES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    check_name(name)
     if name == "auto":
         if device.type == "cuda":
             mod, _ = _load("triton")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as chk
-from .backends import NAMES as BACKEND_NAMES
+from .backends import check_name as check_backend_name
 from .backends import resolve
 from .reference import COSTS
 from .ops import dual_value, schedule_of, sinkhorn_loss_op
@@ -161,9 +161,6 @@ def sinkhorn(cost_matrix: torch.Tensor | None = None, a: torch.Tensor | None = N
     return SinkhornResult(*fields, eps, *exact)
 
 
-
-
-
 def check_loss_options(*, cost: str, blur: float, eps: float | None, scaling: float | None, n_iters: int | None,
                        tol: float | None, reach: float | None, diameter: float | None, reduction: str,
                        backend: str) -> None:
@@ -173,8 +170,7 @@ def check_loss_options(*, cost: str, blur: float, eps: float | None, scaling: fl
         raise ValueError(f"unknown cost {cost!r}; choose one of {', '.join(COSTS)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
-    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    check_backend_name(backend)
     chk.check_positive("blur", blur)
     chk.check_positive("eps", eps, allow_none=True)
     chk.check_temperature("eps" if eps is not None else "eps = blur^2", eps if eps is not None else blur**2)
@@ -237,8 +233,7 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
     unbatched = x.dim() == 2
     if unbatched:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
-        mask_x, mask_y, weights_x, weights_y = (None if t is None else torch.as_tensor(t).unsqueeze(0)
-                                                for t in (mask_x, mask_y, weights_x, weights_y))
+        mask_x, mask_y, weights_x, weights_y = (chk.lift(t, True) for t in (mask_x, mask_y, weights_x, weights_y))
     (B, N, _), M = x.shape, y.shape[1]
     mx, raw_x = chk.as_mask("mask_x", mask_x, (B, N), x.device)
     my, raw_y = chk.as_mask("mask_y", mask_y, (B, M), y.device)

@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import torch
 
 
-class Annealing(NamedTuple):
+@dataclass(frozen=True)
+class Annealing:
     """GeomLoss's annealing list (``epsilon_schedule``, p = 2) from a diameter that lives on the device.
 
     A backend that runs its loop on the device derives the temperatures there (the Triton kernels do), so
-    that nothing waits for the diameter; the others ask ``Schedule.on_host()`` for the list.
+    that nothing waits for the diameter; the others ask ``Schedule.on_host()`` for the list. Not a sequence
+    on purpose: code that expects the list fails loudly here instead of reading (diameter, blur, scaling) as
+    temperatures.
 
     Attributes:
         diameter: 0-d float64 tensor, the annealing start (already at least ``blur``).

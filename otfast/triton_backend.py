@@ -13,8 +13,9 @@ The backward is one tiled kernel for every length, launched for dx and again (ro
 The potentials are float64; the N M work is fp32 (``kernels/triton/sinkhorn.py`` says where and why float64
 is used). ``OTFAST_TRITON_PRECISION`` (default "ieee") sets the ``tl.dot`` precision of S @ y in the
 backward; "tf32x3" runs it on tensor cores at near-fp32 accuracy (plain tf32, ~1e-3 relative, is not
-offered). ``OTFAST_DEBUG_POISON=1`` fills every output buffer with NaN (int32: -2^31) before the kernels
-run, so that an element a kernel forgets to write shows (the tests set it).
+offered). ``OTFAST_DEBUG_POISON=1`` fills every output-only buffer with NaN (int32: -2^31) before the
+kernels run, so that an element a kernel forgets to write shows (the tests set it); the streaming kernel's
+f_prev, g_prev are inputs too and start at 0.
 """
 
 from __future__ import annotations

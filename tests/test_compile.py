@@ -86,6 +86,16 @@ def test_device_annealing_is_geomloss_list(diameter, scaling):
     assert Schedule(eps=0.0025, anneal=ann).on_host().anneal == host
 
 
+def test_device_annealing_is_not_read_as_a_list_of_temperatures():
+    """Code that expects host temperatures fails on an ``Annealing`` instead of reading its fields as them."""
+    sched = Schedule(eps=0.0025, anneal=Annealing(torch.tensor(2.0, dtype=torch.float64), 0.05, 0.5))
+    with pytest.raises(TypeError):
+        _ = sched.eps_init
+    with pytest.raises(TypeError):
+        list(sched.anneal)
+    assert sched.on_host().eps_init == 4.0
+
+
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="triton unavailable")
 @pytest.mark.parametrize("N,M", [(7, 9), (33, 17)], ids=["resident", "streaming"])
 def test_triton_derives_the_annealing_list_on_the_device(N, M):

@@ -431,3 +431,9 @@ def test_masks_given_as_lists(pts):
                        loss(pts.x, pts.y, pts.mask_x, pts.mask_y, reduction="none"))
     with pytest.raises(TypeError, match="mask_x must be a tensor"):
         loss(pts.x, pts.y, "all", None)
+    # one pair without the batch axis, and the cost-matrix entry point
+    assert torch.equal(loss(pts.x[0], pts.y[0], mask_x[0], mask_y[0]), loss(pts.x[0], pts.y[0], pts.mask_x[0],
+                                                                             pts.mask_y[0]))
+    cost = torch.cdist(pts.x[0], pts.y[0]) ** 2 / 2
+    assert torch.equal(otfast.sinkhorn(cost, mask_a=mask_x[0], mask_b=mask_y[0], eps=0.1).value,
+                       otfast.sinkhorn(cost, mask_a=pts.mask_x[0], mask_b=pts.mask_y[0], eps=0.1).value)

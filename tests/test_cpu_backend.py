@@ -225,7 +225,7 @@ def test_backend_functions_match_reference(name, dtype, cost):
                 assert getattr(got, field).dtype == torch.float64  # potentials are float64 in every backend
                 assert_close(getattr(got, field), getattr(ref, field), **VALUE_TOL[dtype], what=field)
             assert_close(got.error, ref.error, rtol=1e-3, atol=ERROR_ATOL[dtype], what="error")
-        # each backend differentiates through its own potentials, as SinkhornLossFunction does
+        # each backend differentiates through its own potentials, as the loss op's backward does (otfast/ops.py)
         gen = torch.Generator().manual_seed(1)
         u = torch.randn(aa.shape, generator=gen, dtype=torch.float64).to(dtype)
         v = None if sym else torch.randn(bb.shape, generator=gen, dtype=torch.float64).to(dtype)

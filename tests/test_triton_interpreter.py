@@ -93,7 +93,7 @@ def test_paper_setting_matches_the_fp64_oracle(N, M):
                             "ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("N,M", [(7, 5), (40, 37)], ids=["resident", "streaming"])
 def test_huge_cost_over_eps_stays_finite(N, M):
-    """C / eps ~ 1e10: the values match the cpu backend (which computes in float64) instead of -inf / NaN."""
+    """C / eps ~ 1e10: the values match the torch backend (which computes in float64) instead of -inf / NaN."""
     cost = torch.rand(2, N, M, generator=torch.Generator().manual_seed(0)) * 1e6
     want = otfast.sinkhorn(cost, eps=1e-4, n_iters=20, backend="torch")
     got = otfast.sinkhorn(cost.to(DEVICE), eps=1e-4, n_iters=20, backend="triton")

@@ -1172,7 +1172,7 @@ void grad_impl(const py::array& x_in, const py::array& y_in, const py::array& al
 PYBIND11_MODULE(_sinkhorn, m) {
   namespace py = pybind11;
   using namespace otk;
-  m.doc() = "Fused log-domain Sinkhorn on CPU (see kernels/cpu/launch.py for the Python-facing API).";
+  m.doc() = "Fused log-domain Sinkhorn on CPU (see otfast/cpu_backend.py for the Python-facing API).";
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else
@@ -1210,5 +1210,5 @@ PYBIND11_MODULE(_sinkhorn, m) {
       py::arg("x"), py::arg("y"), py::arg("alpha"), py::arg("beta"), py::arg("f_prev"), py::arg("g_prev"),
       py::arg("eps"), py::arg("u"), py::arg("v"), py::arg("cosine"), py::arg("dx"), py::arg("dy"), py::arg("threads"),
       "Writes the envelope gradients with respect to the raw points through the final step into dx [B, N, D] and "
-      "dy [B, M, D] (given with v), 0 on padding rows. The caller allocates them (see launch.grad_points).");
+      "dy [B, M, D] (given with v), 0 on padding rows. The caller allocates them (see otfast/cpu_backend.py, grad_points).");
 }
