@@ -128,6 +128,15 @@ def run_once(provider: Provider, x: torch.Tensor, y: torch.Tensor, setting: Sett
     return values, torch.autograd.grad(values.sum(), (xg, yg))
 
 
+def run_once_timed(prov: Provider, x: torch.Tensor, y: torch.Tensor, setting: Setting, backward: bool,
+                   device: torch.device):
+    """``(run_once's result, seconds)`` of one call, the device synchronised."""
+    start = dt.datetime.now()
+    out = run_once(prov, x, y, setting, backward)
+    synchronize(device)
+    return out, (dt.datetime.now() - start).total_seconds()
+
+
 def timed_call(provider: Provider, x: torch.Tensor, y: torch.Tensor, setting: Setting, backward: bool):
     """The call the timing repeats."""
     if not backward:
@@ -212,15 +221,9 @@ def run_point(point: tuple, plist: list[Provider], *, device: str, dtype: str, D
                 log(f"  {prov.label}: skipped ({reason})")
             continue
         try:
-            start = dt.datetime.now()
-            values, grads = run_once(prov, x, y, setting, backward)
-            synchronize(device)
-            first = (dt.datetime.now() - start).total_seconds()
+            (values, grads), first = run_once_timed(prov, x, y, setting, backward, device)
             if first > budget / 10:  # a first call can include a JIT compile: the estimate takes a second one
-                start = dt.datetime.now()
-                run_once(prov, x, y, setting, backward)
-                synchronize(device)
-                first = (dt.datetime.now() - start).total_seconds()
+                first = run_once_timed(prov, x, y, setting, backward, device)[1]
         except Exception as exc:  # a provider failing is a result to record, not a reason to stop the sweep
             row.update(status="error", detail=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             log(f"  {prov.label}: error {row['detail']}")

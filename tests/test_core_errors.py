@@ -6,6 +6,8 @@ Also: an unconverged pair gives a RuntimeWarning naming how many pairs, and extr
 
 from __future__ import annotations
 
+import inspect
+
 import warnings
 
 import pytest
@@ -402,6 +404,16 @@ def test_module_checks_its_options_when_built(options, match):
 def test_module_takes_no_positional_options():
     with pytest.raises(TypeError):
         otfast.SinkhornLoss("cosine")
+
+
+def test_module_options_are_the_functions_with_the_same_defaults():
+    """``SinkhornLoss`` restates ``sinkhorn_loss``'s options (its keyword-only parameters but the weights,
+    which are data of each call): every one, with the same default."""
+    module = inspect.signature(otfast.SinkhornLoss.__init__).parameters
+    function = inspect.signature(otfast.sinkhorn_loss).parameters
+    options = {name: p.default for name, p in function.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("weights_x", "weights_y")}
+    assert {name: p.default for name, p in module.items() if name != "self"} == options
 
 
 # --- what the adversarial runs of issue 15 found ----------------------------------------------------
