@@ -5,5 +5,6 @@
 - ``benchmarks.results``: the CSV schema and everything generated from the CSV (markdown table, PNG plot,
   ``benchmarks/RESULTS.md``, the README table).
 - ``python -m benchmarks.report``: the sweep. ``python -m benchmarks.step``: one encoder alignment step.
+  ``python -m benchmarks.launches``: the kernel launches of one loss call.
 - ``pytest benchmarks/ --benchmark-only``: the pytest-benchmark suite (not collected by the main test run).
 """

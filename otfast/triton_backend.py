@@ -2,8 +2,8 @@
 
 Implements ``otfast.backends.Backend`` (``solve``, ``solve_points``, ``grad_points``, the semantics of
 ``otfast.reference``): shape checks, the choice of regime and configuration (among
-``otfast.kernels.triton.configs``), float64 point preparation (``otfast.reference.prepare_points``) and
-the output buffers. Two regimes behind one entry:
+``otfast.kernels.triton.configs``), the preparation of the points and the output buffers. Two regimes
+behind one entry:
 
 - resident (max(N, M) <= ``RESIDENT_MAX`` = 32): one program per pair holds both cost tiles in registers;
   extra device memory: the potentials, O(B (N + M)).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -33,8 +34,9 @@ try:
     import triton
 
     from .kernels.triton import sinkhorn as K
-    from .kernels.triton.configs import (COST_BLOCK, COST_WARPS, FP_FUSION, GRAD_BLOCK, GRAD_WARPS, NUM_STAGES,
-                                         PRECISIONS, RESIDENT_MAX, RESIDENT_WARPS, STREAM_BLOCK, STREAM_WARPS)
+    from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COST_BLOCK, COST_WARPS, FP_FUSION, GRAD_BLOCK,
+                                         GRAD_WARPS, NUM_STAGES, PRECISIONS, RESIDENT_MAX, RESIDENT_WARPS,
+                                         STREAM_BLOCK, STREAM_WARPS)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -103,24 +105,61 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 def _outputs(b: int, n: int, m: int, device: torch.device) -> list[torch.Tensor]:
     f64 = torch.float64
     return [_empty((b, n), f64, device), _empty((b, m), f64, device), _empty((b, n), f64, device),
-            _empty((b, m), f64, device), _empty((b,), torch.int32, device), _empty((b,), torch.float32, device)]
+            _empty((b, m), f64, device), _empty((b,), torch.int32, device), _empty((b,), f64, device)]
 
 
-def _finish(outs: list[torch.Tensor]) -> Potentials:
-    f, g, f_prev, g_prev, iters, err = outs
-    return Potentials(f, g, f_prev, g_prev, iters, err.double())
+class _Points(NamedTuple):
+    """Points as the kernels read them (``_points``): x, y and the centre mu ``[B, D]`` float64, with its
+    strides."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mu: torch.Tensor
+    mu_strides: tuple[int, int]
+
+    def swapped(self) -> "_Points":
+        """The same points with the roles of x and y exchanged (the dy pass of the backward)."""
+        return self._replace(x=self.y, y=self.x)
 
 
-def _resident(x, y, cost, alpha, beta, schedule, symmetric, n, m, dim):
+def _points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, cost: str) -> _Points:
+    """"sqeuclidean": the raw x, y (fp32 or float64, any strides) and each pair's centre, which the kernels
+    subtract as they load, zeroing padding rows (``sinkhorn._centred``); "cosine": the normalised points
+    (``prepare_points``) and a zero centre (strides 0)."""
+    if cost == "sqeuclidean":
+        x, y = _readable(x), _readable(y)
+        mu = _centre(x, y, alpha, beta)
+        return _Points(x, y, mu, mu.stride())
+    return _Points(*prepare_points(x.double(), y.double(), alpha, beta, cost), _constants((0.0,), x.device), (0, 0))
+
+
+def _readable(x: torch.Tensor) -> torch.Tensor:
+    """x in a dtype the kernels load: fp32 and float64 as they are (any strides), fp16 / bf16 as fp32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _centre(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` float64: the mean of each pair's valid points, x and y together (one launch)."""
+    (b, n, dim), m = x.shape, y.shape[1]
+    mu = _empty((b, dim), torch.float64, x.device)
+    br, bd = CENTRE_BLOCK
+    K._centre_kernel[(b, triton.cdiv(dim, bd))](
+        x, y, alpha, beta, mu, n, m, dim, *x.stride(), *y.stride(), BLOCK_R=br, BLOCK_D=bd, num_warps=CENTRE_WARPS,
+        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    return mu
+
+
+def _resident(points, cost, alpha, beta, schedule, symmetric, n, m, dim):
     b = alpha.shape[0]
     outs = _outputs(b, n, m, alpha.device)
     from_points = cost is None
     if from_points:
-        X, Y, COST, strides = x, y, x, (*x.stride(), *y.stride(), 0, 0, 0)
+        X, Y, MU, COST = points.x, points.y, points.mu, points.x
+        strides = (*X.stride(), *Y.stride(), *points.mu_strides, 0, 0, 0)
     else:
-        X, Y, COST, strides = cost, cost, cost, (0, 0, 0, 0, 0, 0, *cost.stride())
+        X, Y, MU, COST, strides = cost, cost, cost, cost, (0,) * 8 + cost.stride()
     K._sinkhorn_resident_kernel[(b,)](
-        X, Y, COST, _f64(alpha), _f64(beta), _schedule(schedule, alpha.device), *outs, n, m, dim, *strides,
+        X, Y, MU, COST, alpha, beta, _schedule(schedule, alpha.device), *outs, n, m, dim, *strides,
         *_loop_args(schedule), BLOCK_N=RESIDENT_MAX, BLOCK_M=RESIDENT_MAX, FROM_POINTS=from_points,
         SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None, num_warps=RESIDENT_WARPS, num_stages=NUM_STAGES,
         enable_fp_fusion=FP_FUSION)
@@ -134,24 +173,25 @@ def _streaming(cost_hi, cost_lo, alpha, beta, schedule, symmetric):
     g_prev = f_prev if symmetric else torch.zeros((b, m), dtype=torch.float64, device=device)
     f = _empty((b, n), torch.float64, device)
     g = f if symmetric else _empty((b, m), torch.float64, device)
-    iters, err = _empty((b,), torch.int32, device), _empty((b,), torch.float32, device)
+    iters, err = _empty((b,), torch.int32, device), _empty((b,), torch.float64, device)
     K._sinkhorn_streaming_kernel[(b,)](
-        cost_hi, cost_lo, _f64(alpha), _f64(beta), _schedule(schedule, device), f_prev, g_prev, f, g, iters, err,
+        cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), f_prev, g_prev, f, g, iters, err,
         n, m, *cost_hi.stride(), *_loop_args(schedule),
         BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None,
         num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return [f, g, f_prev, g_prev, iters, err]
 
 
-def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hi, lo)``, fp32 ``[B, N, M]`` each: the cost |x_i - y_j|^2 / 2 of centred float64 points
-    ``x [B, N, D]``, ``y [B, M, D]``, accumulated in float64 and split as hi + lo."""
+def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)``, fp32 ``[B, N, M]`` each: the cost |x_i - y_j|^2 / 2 of the prepared points, accumulated in
+    float64 and split as hi + lo; alpha, beta: the float64 log-weights (-inf marks padding)."""
+    x, y = points.x, points.y
     (b, n, dim), m = x.shape, y.shape[1]
     hi, lo = _empty((b, n, m), torch.float32, x.device), _empty((b, n, m), torch.float32, x.device)
     bn, bm, bk = COST_BLOCK
     K._cost_kernel[(b, triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        x, y, hi, lo, n, m, dim, *x.stride(), *y.stride(), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS,
-        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        x, y, points.mu, alpha, beta, hi, lo, n, m, dim, *x.stride(), *y.stride(), *points.mu_strides, BLOCK_N=bn,
+        BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return hi, lo
 
 
@@ -160,36 +200,40 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     """The Sinkhorn loop on precomputed costs ``cost_matrix [B, N, M]`` (see ``otfast.reference.solve``)."""
     b, n, m = cost_matrix.shape
     _check(alpha, beta, n, m, b)
-    cost = _f64(cost_matrix)
+    cost, alpha, beta = _f64(cost_matrix), _f64(alpha), _f64(beta)
     if max(n, m) <= RESIDENT_MAX:
-        return _finish(_resident(None, None, cost, alpha, beta, schedule, symmetric, n, m, 1))
+        return Potentials(*_resident(None, cost, alpha, beta, schedule, symmetric, n, m, 1))
     hi = cost.float()
-    return _finish(_streaming(hi, (cost - hi.double()).float(), alpha, beta, schedule, symmetric))
+    return Potentials(*_streaming(hi, (cost - hi.double()).float(), alpha, beta, schedule, symmetric))
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                  schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
     """The Sinkhorn loop on the cost ``cost`` between the raw points ``x [B, N, D]``, ``y [B, M, D]``.
 
-    The points are masked and centred or normalised in float64 by ``otfast.reference.prepare_points``
-    (elementwise torch ops). Up to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is
-    written once as two fp32 tiles.
+    The kernels mask and centre the points as they load them ("sqeuclidean": one more launch finds each
+    pair's centre, ``_Points``); "cosine" normalises them first (``otfast.reference.prepare_points``). Up
+    to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once as two fp32 tiles.
     """
     (b, n, dim), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
-    xp, yp = prepare_points(x.double(), y.double(), alpha.double(), beta.double(), cost)
+    alpha, beta = _f64(alpha), _f64(beta)
+    points = _points(x, y, alpha, beta, cost)
     if max(n, m) <= RESIDENT_MAX:
-        return _finish(_resident(xp, yp, None, alpha, beta, schedule, symmetric, n, m, dim))
-    return _finish(_streaming(*cost_matrix(xp, yp), alpha, beta, schedule, symmetric))
+        return Potentials(*_resident(points, None, alpha, beta, schedule, symmetric, n, m, dim))
+    return Potentials(*_streaming(*cost_matrix(points, alpha, beta), alpha, beta, schedule, symmetric))
 
 
-def _grad(x, y, f, g_prev, alpha, beta, u, eps):
+def _grad(points, f, g_prev, alpha, beta, u, eps):
+    """dx ``[B, N, D]`` in the points' dtype (the kernel reads u and writes dx in it, converting nothing for
+    fp32 or float64 embeddings)."""
+    x, y = points.x, points.y
     (b, n, dim), m = x.shape, y.shape[1]
-    out = _empty((b, n, dim), torch.float32, x.device)
+    out = _empty((b, n, dim), x.dtype, x.device)
     bn, bm, bk, bdo = GRAD_BLOCK
     K._grad_kernel[(b, triton.cdiv(n, bn), triton.cdiv(dim, bdo))](
-        x, y, _f64(f), _f64(g_prev), _f64(alpha), _f64(beta), _constants((eps,), x.device),
-        u.float().contiguous(), out, n, m, dim, *x.stride(), *y.stride(),
+        x, y, points.mu, _f64(f), _f64(g_prev), alpha, beta, _constants((eps,), x.device),
+        u.to(x.dtype).contiguous(), out, n, m, dim, *x.stride(), *y.stride(), *points.mu_strides,
         BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS,
         num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return out
@@ -200,13 +244,13 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Envelope gradients with respect to the raw points (see ``otfast.reference.grad_points``), no [B, N, M]
     buffer; in x's dtype."""
-    xp, yp = prepare_points(x.double(), y.double(), alpha.double(), beta.double(), cost)
-    dxp = _grad(xp, yp, pots.f, pots.g_prev, alpha, beta, u, eps)
-    dx = _map_grad(x, xp, dxp, alpha, cost)
+    alpha, beta = _f64(alpha), _f64(beta)
+    points = _points(x, y, alpha, beta, cost)
+    dx = _map_grad(x, points.x, _grad(points, pots.f, pots.g_prev, alpha, beta, u, eps), alpha, cost)
     if v is None:
         return dx, None
-    dyp = _grad(yp, xp, pots.g, pots.f_prev, beta, alpha, v, eps)
-    return dx, _map_grad(y, yp, dyp, beta, cost)
+    dy = _grad(points.swapped(), pots.g, pots.f_prev, beta, alpha, v, eps)
+    return dx, _map_grad(y, points.y, dy, beta, cost)
 
 
 def _map_grad(x: torch.Tensor, xp: torch.Tensor, dxp: torch.Tensor, alpha: torch.Tensor, cost: str) -> torch.Tensor:
@@ -215,4 +259,4 @@ def _map_grad(x: torch.Tensor, xp: torch.Tensor, dxp: torch.Tensor, alpha: torch
     weight u_i is 0 and its plan row is empty), so no launch is spent on it."""
     if cost == "sqeuclidean":
         return dxp.to(x.dtype)
-    return prepare_grad(x.float(), xp.float(), dxp, alpha, cost).to(x.dtype)
+    return prepare_grad(x.to(dxp.dtype), xp, dxp, alpha, cost).to(x.dtype)

@@ -202,3 +202,43 @@ def test_every_kernel_configuration_compiles_for_sm90_without_spills():
                           text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{len(configs())} configurations compiled for sm_90, 0 spilling" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("N,M,solver", [(7, 9, "resident"), (40, 37, "streaming")], ids=lambda v: str(v))
+def test_sqeuclidean_points_are_prepared_inside_the_kernels(N, M, solver, dtype, monkeypatch):
+    """The raw points go to the kernels as they are: one launch finds each pair's centre, the cost kernels
+    subtract it and zero the padding rows as they load. The results match the reference's, which prepares
+    the points in float64 torch (points far from the origin, NaN in padding, outputs poisoned), and a solve is
+    2 Triton launches (centre + resident) or 3 (+ the cost tiles) and no torch op but the streaming kernel's
+    zero initial potentials, a backward 3 (centre + dx + dy) and no torch op (counted without the poisoning,
+    whose fills are launches of their own)."""
+    from benchmarks.launches import launches, trace_interpreted_launches
+
+    from otfast import reference
+    from otfast.schedule import Schedule
+
+    batch = make_points(3, N, M, 8, dtype=dtype, seed=17, junk=float("nan"))
+    x, y, mx, my = _on_device(batch.x + 50.0, batch.y + 50.0, batch.mask_x, batch.mask_y)
+    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
+    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    u, v = torch.rand(3, N, dtype=dtype, device=DEVICE), torch.rand(3, M, dtype=dtype, device=DEVICE)
+    schedule = Schedule(eps=0.5, n_iters=30)
+
+    pots = backend.solve_points(x, y, alpha, beta, schedule)
+    ref = reference.solve_points(x.cpu(), y.cpu(), alpha.cpu(), beta.cpu(), schedule)
+    for got, want, what in ((pots.f, ref.f, "f"), (pots.g, ref.g, "g")):
+        assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6, what=what)
+    grads = backend.grad_points(x, y, alpha, beta, pots, schedule.eps, u, v)
+    want = reference.grad_points(x.cpu(), y.cpu(), alpha.cpu(), beta.cpu(), ref, schedule.eps, u.cpu(), v.cpu())
+    for got, w, what in zip(grads, want, ("dx", "dy")):
+        assert got.dtype == dtype and torch.isfinite(got).all(), what
+        assert_close(got.cpu(), w, rtol=1e-4, atol=1e-6, what=what)
+
+    monkeypatch.delenv("OTFAST_DEBUG_POISON")
+    if DEVICE.type == "cpu":
+        trace_interpreted_launches()
+    count = launches(lambda: backend.solve_points(x, y, alpha, beta, schedule), DEVICE.type)
+    assert (count["triton"], count["torch"]) == ((2, 0) if solver == "resident" else (3, 2)), count
+    count = launches(lambda: backend.grad_points(x, y, alpha, beta, pots, schedule.eps, u, v), DEVICE.type)
+    assert (count["triton"], count["torch"]) == (3, 0), count

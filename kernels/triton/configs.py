@@ -4,11 +4,15 @@ The launchers (``otfast.triton_backend``) choose among these and nothing else, a
 check (``python -m otfast.kernels.triton.resources``) compiles every one of them; both import this module.
 """
 
+from typing import NamedTuple
+
 RESIDENT_MAX = 32  # the resident kernel's square tile; longer pairs stream (64 x 64 spills, see the README)
 RESIDENT_WARPS = 4  # at 8 warps one of the eight variants spills 48 bytes
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
 STREAM_BLOCK = 32
 STREAM_WARPS = 4
+CENTRE_BLOCK = (32, 64)  # BLOCK_R, BLOCK_D
+CENTRE_WARPS = 4
 COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
 COST_WARPS = 4
 GRAD_BLOCK = (64, 32, 16, 64)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
@@ -22,22 +26,43 @@ NUM_STAGES = 1
 FP_FUSION = True
 
 
-def configs() -> list[tuple[str, dict, int]]:
-    """Every (kernel, constexprs, num_warps) a launcher can choose (all with ``NUM_STAGES`` and ``FP_FUSION``)."""
+# The dtypes of the points X, Y the kernels that read points are compiled for: the loss passes fp32 (or
+# float64) embeddings as they are, the cosine cost its float64 normalised points.
+POINT_DTYPES = ("fp32", "fp64")
+
+
+class Config(NamedTuple):
+    """One compiled configuration: kernel name, constexprs, num_warps, and the dtype of the points X, Y
+    (None for a kernel that reads no points)."""
+
+    kernel: str
+    constexprs: dict
+    warps: int
+    points: str | None = None
+
+
+def configs() -> list[Config]:
+    """Every configuration a launcher can choose (all with ``NUM_STAGES`` and ``FP_FUSION``)."""
     out = []
     for from_points in (True, False):
         for symmetric in (False, True):
             for has_tol in (False, True):
-                out.append(("_sinkhorn_resident_kernel", dict(BLOCK_N=RESIDENT_MAX, BLOCK_M=RESIDENT_MAX,
-                            FROM_POINTS=from_points, SYMMETRIC=symmetric, HAS_TOL=has_tol), RESIDENT_WARPS))
+                consts = dict(BLOCK_N=RESIDENT_MAX, BLOCK_M=RESIDENT_MAX, FROM_POINTS=from_points,
+                              SYMMETRIC=symmetric, HAS_TOL=has_tol)
+                for points in POINT_DTYPES if from_points else (None,):
+                    out.append(Config("_sinkhorn_resident_kernel", consts, RESIDENT_WARPS, points))
     for symmetric in (False, True):
         for has_tol in (False, True):
-            out.append(("_sinkhorn_streaming_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
-                        SYMMETRIC=symmetric, HAS_TOL=has_tol), STREAM_WARPS))
+            out.append(Config("_sinkhorn_streaming_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
+                              SYMMETRIC=symmetric, HAS_TOL=has_tol), STREAM_WARPS))
+    br, bd = CENTRE_BLOCK
     bn, bm, bk = COST_BLOCK
-    out.append(("_cost_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk), COST_WARPS))
+    for points in POINT_DTYPES:
+        out.append(Config("_centre_kernel", dict(BLOCK_R=br, BLOCK_D=bd), CENTRE_WARPS, points))
+        out.append(Config("_cost_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk), COST_WARPS, points))
     bn, bm, bk, bdo = GRAD_BLOCK
     for precision in PRECISIONS:
-        out.append(("_grad_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision),
-                    GRAD_WARPS))
+        for points in POINT_DTYPES:
+            out.append(Config("_grad_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo,
+                                                   PRECISION=precision), GRAD_WARPS, points))
     return out

@@ -37,15 +37,18 @@ def _tool(name: str) -> str:
     return path
 
 
-def _signature(fn, constexprs: dict, float64_pointers: frozenset) -> dict:
-    """Triton type strings from the kernels' naming convention: UPPER = pointer (float64 when listed in
-    ``float64_pointers``, int32 for ITERS, else fp32), s*/n_*/N/M/D = i32, other scalars fp32."""
+def _signature(fn, constexprs: dict, float64_pointers: frozenset, points: str | None) -> dict:
+    """Triton type strings from the kernels' naming convention: UPPER = pointer (the points X, Y and the
+    backward's U, OUT in ``points``, float64 when None; float64 when listed in ``float64_pointers``, int32
+    for ITERS, else fp32), s*/n_*/N/M/D = i32, other scalars fp32."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _INTS or name.startswith(("s", "n_")):
             sig[name] = "i32"
+        elif name in ("X", "Y", "U", "OUT"):
+            sig[name] = f"*{points or 'fp64'}"
         elif name[0].isupper():
             sig[name] = "*i32" if name == "ITERS" else "*fp64" if name in float64_pointers else "*fp32"
         else:
@@ -53,24 +56,22 @@ def _signature(fn, constexprs: dict, float64_pointers: frozenset) -> dict:
     return sig
 
 
-def _compile(config: tuple[str, dict, int]):
+def _compile(config):
     import triton
     from triton.backends.compiler import GPUTarget
 
     from otfast.kernels.triton import sinkhorn as K
     from otfast.kernels.triton.configs import FP_FUSION, NUM_STAGES
 
-    name, constexprs, warps = config
-    fn = getattr(K, name)
-    src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, constexprs, K.FLOAT64_POINTERS),
-                                    constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": NUM_STAGES, "enable_fp_fusion": FP_FUSION})
+    fn = getattr(K, config.kernel)
+    sig = _signature(fn, config.constexprs, K.FLOAT64_POINTERS, config.points)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=config.constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={
+        "num_warps": config.warps, "num_stages": NUM_STAGES, "enable_fp_fusion": FP_FUSION})
 
 
-def check(config: tuple[str, dict, int]) -> dict:
-    """Compile one configuration for sm_90 and read its resource usage."""
-    name, constexprs, warps = config
+def check(config) -> dict:
+    """Compile one configuration (``configs.Config``) for sm_90 and read its resource usage."""
     compiled = _compile(config)
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
@@ -85,8 +86,9 @@ def check(config: tuple[str, dict, int]) -> dict:
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas.stdout + ptxas.stderr)
     if not fields or not spills:
-        raise RuntimeError(f"could not read the resource usage of {name}:\n{usage}\n{ptxas.stderr}")
-    return dict(kernel=name, constexprs=constexprs, warps=warps, regs=int(fields["REG"]),
+        raise RuntimeError(f"could not read the resource usage of {config.kernel}:\n{usage}\n{ptxas.stderr}")
+    return dict(kernel=config.kernel, constexprs=config.constexprs, warps=config.warps, points=config.points,
+                regs=int(fields["REG"]),
                 shared=int(fields["SHARED"]), stack=int(fields["STACK"]), spill_stores=int(spills.group(1)),
                 spill_loads=int(spills.group(2)))
 
@@ -99,7 +101,7 @@ SASS_GROUPS = {
 }
 
 
-def sass_loops(config: tuple[str, dict, int]) -> list[dict]:
+def sass_loops(config) -> list[dict]:
     """Static per-thread instruction counts of each loop of one configuration's SASS (``--sass``)."""
     compiled = _compile(config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,13 +123,16 @@ def sass_loops(config: tuple[str, dict, int]) -> list[dict]:
     return out
 
 
-def print_sass(configs: list[tuple[str, dict, int]]) -> None:
+def print_sass(configs: list) -> None:
     for config in configs:
-        name, constexprs, warps = config
-        print(f"{name} {' '.join(f'{k}={v}' for k, v in constexprs.items())} warps={warps}")
+        print(f"{_describe(config.kernel, config.constexprs, config.points)} warps={config.warps}")
         print(f"  {'loop at':>8} {'instr':>6} " + " ".join(f"{g:>7}" for g in SASS_GROUPS))
         for loop in sass_loops(config):
             print(f"  {loop['start']:#8x} {loop['instructions']:>6} " + " ".join(f"{loop[g]:>7}" for g in SASS_GROUPS))
+
+
+def _describe(kernel: str, constexprs: dict, points: str | None) -> str:
+    return " ".join([kernel, *(f"{k}={v}" for k, v in constexprs.items())] + ([f"points={points}"] if points else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,19 +145,20 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = configs()
     if args.sass:
-        print_sass([c for c in todo if c[0] in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel")
-                    and not c[1]["SYMMETRIC"] and not c[1]["HAS_TOL"] and c[1].get("FROM_POINTS", True)])
+        print_sass([c for c in todo if c.kernel in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel")
+                    and not c.constexprs["SYMMETRIC"] and not c.constexprs["HAS_TOL"]
+                    and c.constexprs.get("FROM_POINTS", True) and c.points in (None, "fp32")])
         return 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(check, todo))
-    print(f"{'kernel':28} {'constexprs':72} {'warps':>5} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st/ld':>11}")
+    print(f"{'kernel and constexprs':104} {'warps':>5} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st/ld':>11}")
     bad = 0
     for r in rows:
-        consts = " ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         spilled = r["spill_stores"] or r["spill_loads"]
         bad += bool(spilled)
-        print(f"{r['kernel']:28} {consts:72} {r['warps']:>5} {r['regs']:>4} {r['shared']:>6} {r['stack']:>5} "
-              f"{r['spill_stores']:>5}/{r['spill_loads']:<5}{'  SPILLS' if spilled else ''}")
+        print(f"{_describe(r['kernel'], r['constexprs'], r['points']):104} {r['warps']:>5} {r['regs']:>4} "
+              f"{r['shared']:>6} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5}"
+              f"{'  SPILLS' if spilled else ''}")
     print(f"{len(rows)} configurations compiled for sm_90, {bad} spilling")
     return 1 if bad else 0
 

@@ -54,10 +54,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Passes at a temperature above PRECISE_RATIO times the final one run in float64 (see the module docstring).
 PRECISE_RATIO = tl.constexpr(256.0)
-# Pointer arguments that hold float64 (every other pointer holds fp32, ITERS int32): the launchers pass
-# these, and the sm_90 resource check (``python -m otfast.kernels.triton.resources``) compiles with them.
-FLOAT64_POINTERS = frozenset({"X", "Y", "COST", "ALPHA", "BETA", "SCHED", "F", "G", "F_PREV", "G_PREV", "FT",
-                              "GT"})
+# Pointer arguments that hold float64 (the points X, Y and the backward's U, OUT are fp32 or float64,
+# ``configs.POINT_DTYPES``; every other pointer holds fp32, ITERS int32): the launchers pass these, and the
+# sm_90 resource check (``python -m otfast.kernels.triton.resources``) compiles with them.
+FLOAT64_POINTERS = frozenset({"MU", "COST", "ALPHA", "BETA", "SCHED", "F", "G", "F_PREV", "G_PREV", "FT",
+                              "GT", "ERR"})
 
 
 @triton.jit
@@ -230,7 +231,7 @@ def _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold):
 
     The streaming kernel needs the one update call site (three, with both soft-min sweeps inlined at each,
     spilled 172 B on sm_90). The resident kernel keeps three sites instead, the same steps unrolled: its
-    final loop is compiled for fast passes only (685 SASS instructions per iteration, README), and the
+    final loop is compiled for fast passes only (686 SASS instructions per iteration, README), and the
     one-loop form spilled 4 B under triton 3.7.1."""
     annealing = t <= n_anneal
     e = tl.where(t == 0, eps_init, tl.where(annealing, _anneal_eps(SCHED, t - 1, n_anneal), eps))
@@ -238,17 +239,33 @@ def _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold):
 
 
 @triton.jit
-def _cost_tile_outer(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
+def _centred(P, MU, offs_a, ok_a, offs_b, ok_b, s_a, s_b, smd, FEATURES: tl.constexpr):
+    """A tile of prepared points in float64: rows P[offs] - mu (the pair's centre), 0 where not ok. The
+    feature axis is FEATURES (0 or 1) and indexes MU; padding rows are masked out of the load, so junk
+    (NaN, inf) there is never read."""
+    ok = ok_a[:, None] & ok_b[None, :]
+    p = tl.load(P + offs_a[:, None] * s_a + offs_b[None, :] * s_b, mask=ok, other=0.0).to(tl.float64)
+    if FEATURES == 0:
+        mu = tl.load(MU + offs_a * smd, mask=ok_a, other=0.0)[:, None]
+    else:
+        mu = tl.load(MU + offs_b * smd, mask=ok_b, other=0.0)[None, :]
+    return tl.where(ok, p - mu, 0.0)
+
+
+@triton.jit
+def _cost_tile_outer(Xp, Yp, MUp, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd, sym, syd, smd,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The cost tile as D rank-1 float64 FMA updates, returned as (C_hi, C_lo). The accumulator keeps the
-    plain blocked layout that both reductions of the loop use (a tl.dot result would need layout
-    conversions that cost registers the resident tiles cannot spare)."""
+    """The cost tile of the prepared points (``_centred``; ok_n, ok_m: the valid rows) as D rank-1 float64
+    FMA updates, returned as (C_hi, C_lo). The accumulator keeps the plain blocked layout that both
+    reductions of the loop use (a tl.dot result would need layout conversions that cost registers the
+    resident tiles cannot spare)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float64)
     xx = tl.zeros((BLOCK_N,), dtype=tl.float64)
     yy = tl.zeros((BLOCK_M,), dtype=tl.float64)
     for kk in range(0, D):
-        xk = tl.load(Xp + offs_n * sxn + kk * sxd, mask=in_n, other=0.0)
-        yk = tl.load(Yp + offs_m * sym + kk * syd, mask=in_m, other=0.0)
+        mu = tl.load(MUp + kk * smd)
+        xk = tl.where(ok_n, tl.load(Xp + offs_n * sxn + kk * sxd, mask=ok_n, other=0.0).to(tl.float64) - mu, 0.0)
+        yk = tl.where(ok_m, tl.load(Yp + offs_m * sym + kk * syd, mask=ok_m, other=0.0).to(tl.float64) - mu, 0.0)
         acc += xk[:, None] * yk[None, :]
         xx += xk * xk
         yy += yk * yk
@@ -256,19 +273,18 @@ def _cost_tile_outer(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
 
 
 @triton.jit
-def _cost_tile_dot(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
+def _cost_tile_dot(Xp, Yp, MUp, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd, sym, syd, smd,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C_ij = |x_i|^2/2 + |y_j|^2/2 - <x_i, y_j> for one tile with float64 ``tl.dot`` (DMMA), as (C_hi, C_lo)."""
+    """C_ij = |x_i|^2/2 + |y_j|^2/2 - <x_i, y_j> of the prepared points (``_centred``) for one tile with
+    float64 ``tl.dot`` (DMMA), as (C_hi, C_lo)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float64)
     xx = tl.zeros((BLOCK_N,), dtype=tl.float64)
     yy = tl.zeros((BLOCK_M,), dtype=tl.float64)
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < D
-        xt = tl.load(Xp + offs_n[:, None] * sxn + offs_k[None, :] * sxd, mask=in_n[:, None] & in_k[None, :],
-                     other=0.0)
-        yt = tl.load(Yp + offs_k[:, None] * syd + offs_m[None, :] * sym, mask=in_k[:, None] & in_m[None, :],
-                     other=0.0)
+        xt = _centred(Xp, MUp, offs_n, ok_n, offs_k, in_k, sxn, sxd, smd, 1)
+        yt = _centred(Yp, MUp, offs_k, in_k, offs_m, ok_m, syd, sym, smd, 0)
         acc = tl.dot(xt, yt, acc, out_dtype=tl.float64)
         xx += tl.sum(xt * xt, axis=1)
         yy += tl.sum(yt * yt, axis=0)
@@ -276,14 +292,44 @@ def _cost_tile_dot(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
 
 
 @triton.jit
+def _valid_sum(P, LOGW, n_rows, s_row, s_col, offs_d, in_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(sum of the valid rows of P over columns offs_d in float64, per-lane counts of the valid rows)."""
+    total = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    count = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    for r0 in range(0, n_rows, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        ok = tl.load(LOGW + offs_r, mask=offs_r < n_rows, other=float("-inf")) > float("-inf")
+        p = tl.load(P + offs_r[:, None] * s_row + offs_d[None, :] * s_col, mask=ok[:, None] & in_d[None, :], other=0.0)
+        total += tl.sum(p.to(tl.float64), axis=0)
+        count += ok.to(tl.float64)
+    return total, count
+
+
+@triton.jit
+def _centre_kernel(X, Y, ALPHA, BETA, MU, N, M, D, sxb, sxn, sxd, syb, sym, syd,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """MU[b] = the mean of pair b's valid points, x and y together (float64 [B, D]): the centre the cost
+    kernels subtract, so that the norm expansion of the cost does not cancel. Grid (B, D blocks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_d = offs_d < D
+    tx, cx = _valid_sum(X + pid * sxb, ALPHA + pid * N, N, sxn, sxd, offs_d, in_d, BLOCK_R, BLOCK_D)
+    ty, cy = _valid_sum(Y + pid * syb, BETA + pid * M, M, sym, syd, offs_d, in_d, BLOCK_R, BLOCK_D)
+    total = tx + ty
+    n = tl.sum(cx + cy, axis=0)
+    tl.store(MU + pid * D + offs_d, tl.where(n > 0.0, total / tl.maximum(n, 1.0), 0.0), mask=in_d)
+
+
+@triton.jit
 def _sinkhorn_resident_kernel(
-        X, Y, COST, ALPHA, BETA, SCHED, F, G, F_PREV, G_PREV, ITERS, ERR,
-        N, M, D, sxb, sxn, sxd, syb, sym, syd, scb, scn, scm, n_iters, tol,
+        X, Y, MU, COST, ALPHA, BETA, SCHED, F, G, F_PREV, G_PREV, ITERS, ERR,
+        N, M, D, sxb, sxn, sxd, syb, sym, syd, smb, smd, scb, scn, scm, n_iters, tol,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_POINTS: tl.constexpr, SYMMETRIC: tl.constexpr,
         HAS_TOL: tl.constexpr):
     """One pair per program, both cost tiles in registers, every iteration on chip.
 
-    SCHED: the schedule buffer of ``_anneal_eps`` (the annealing list may live on the device only)."""
+    SCHED: the schedule buffer of ``_anneal_eps`` (the annealing list may live on the device only). ERR is
+    float64."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -298,8 +344,8 @@ def _sinkhorn_resident_kernel(
     w_n = tl.exp2(alpha2)
     w_m = tl.exp2(beta2)
     if FROM_POINTS:
-        C_hi, C_lo = _cost_tile_outer(X + pid * sxb, Y + pid * syb, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym,
-                                      syd, BLOCK_N, BLOCK_M)
+        C_hi, C_lo = _cost_tile_outer(X + pid * sxb, Y + pid * syb, MU + pid * smb, offs_n, offs_m, valid_n, valid_m,
+                                      D, sxn, sxd, sym, syd, smd, BLOCK_N, BLOCK_M)
     else:
         C_hi, C_lo = _split(tl.load(COST + pid * scb + offs_n[:, None] * scn + offs_m[None, :] * scm,
                                     mask=in_n[:, None] & in_m[None, :], other=0.0))
@@ -343,17 +389,19 @@ def _sinkhorn_resident_kernel(
 
 
 @triton.jit
-def _cost_kernel(X, Y, COST_HI, COST_LO, N, M, D, sxb, sxn, sxd, syb, sym, syd,
+def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, sxb, sxn, sxd, syb, sym, syd, smb, smd,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """COST_HI[b] + COST_LO[b] = |x_i - y_j|^2 / 2 tile by tile (float64 accumulation), contiguous
-    [B, N, M] fp32 each. Grid (B, N tiles, M tiles)."""
+    """COST_HI[b] + COST_LO[b] = |x_i - y_j|^2 / 2 of the prepared points (``_centred``) tile by tile
+    (float64 accumulation), contiguous [B, N, M] fp32 each. Grid (B, N tiles, M tiles)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_n = offs_n < N
     in_m = offs_m < M
-    C_hi, C_lo = _cost_tile_dot(X + pid * sxb, Y + pid * syb, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
-                                BLOCK_N, BLOCK_M, BLOCK_K)
+    ok_n = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf")) > float("-inf")
+    ok_m = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf")) > float("-inf")
+    C_hi, C_lo = _cost_tile_dot(X + pid * sxb, Y + pid * syb, MU + pid * smb, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd,
+                                sym, syd, smd, BLOCK_N, BLOCK_M, BLOCK_K)
     offs = pid * N * M + offs_n[:, None] * M + offs_m[None, :]
     tl.store(COST_HI + offs, C_hi, mask=in_n[:, None] & in_m[None, :])
     tl.store(COST_LO + offs, C_lo, mask=in_n[:, None] & in_m[None, :])
@@ -533,21 +581,23 @@ def _sinkhorn_streaming_kernel(
 
 
 @triton.jit
-def _grad_kernel(X, Y, F, G_PREV, ALPHA, BETA, SCHED, U, OUT, N, M, D, sxb, sxn, sxd, syb, sym, syd,
+def _grad_kernel(X, Y, MU, F, G_PREV, ALPHA, BETA, SCHED, U, OUT, N, M, D, sxb, sxn, sxd, syb, sym, syd, smb, smd,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """OUT_i = u_i (x_i - sum_j S_ij y_j) for one row block and one block of output features.
+    """OUT_i = u_i (x_i - sum_j S_ij y_j) for one row block and one block of output features, on the
+    prepared points (``_centred``).
 
     S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps), eps = SCHED[0]: exponents formed relative to f
     (= T(g_prev), so near 0 on the plan's support) as in the fast passes, a running max and sum over the M
     tiles rescale the accumulator (flash-attention's forward), and the row sums divide it at the end. Grid
-    (B, N blocks, D blocks); OUT is contiguous fp32 [B, N, D]."""
+    (B, N blocks, D blocks); U and OUT (contiguous [B, N, D]) are in the points' dtype, fp32 or float64;
+    a padding row gets exactly 0."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_do = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     in_n = offs_n < N
     in_do = offs_do < D
-    Xp, Yp = X + pid * sxb, Y + pid * syb
+    Xp, Yp, MUp = X + pid * sxb, Y + pid * syb, MU + pid * smb
     eps = tl.load(SCHED)
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
     valid_n = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf")) > float("-inf")
@@ -558,10 +608,12 @@ def _grad_kernel(X, Y, F, G_PREV, ALPHA, BETA, SCHED, U, OUT, N, M, D, sxb, sxn,
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         in_m = offs_m < M
-        C_hi, C_lo = _cost_tile_dot(Xp, Yp, offs_n, offs_m, in_n, in_m, D, sxn, sxd, sym, syd,
+        beta = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf"))
+        valid_m = beta > float("-inf")
+        C_hi, C_lo = _cost_tile_dot(Xp, Yp, MUp, offs_n, offs_m, valid_n, valid_m, D, sxn, sxd, sym, syd, smd,
                                     BLOCK_N, BLOCK_M, BLOCK_K)
         qh, ql = _split(tl.load(G_PREV + pid * M + offs_m, mask=in_m, other=0.0))
-        w2 = (tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf")) * LOG2E).to(tl.float32) + ql * k
+        w2 = (beta * LOG2E).to(tl.float32) + ql * k
         z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, 1)
         z = tl.where(valid_n[:, None], z, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
@@ -569,12 +621,10 @@ def _grad_kernel(X, Y, F, G_PREV, ALPHA, BETA, SCHED, U, OUT, N, M, D, sxb, sxn,
         scale = tl.exp2(m_run - m_safe)
         S = tl.exp2(z - m_safe[:, None])
         s_run = s_run * scale + tl.sum(S, axis=1)
-        yt = tl.load(Yp + offs_m[:, None] * sym + offs_do[None, :] * syd, mask=in_m[:, None] & in_do[None, :],
-                     other=0.0).to(tl.float32)
+        yt = _centred(Yp, MUp, offs_m, valid_m, offs_do, in_do, sym, syd, smd, 1).to(tl.float32)
         acc = tl.dot(S, yt, acc * scale[:, None], input_precision=PRECISION)
         m_run = m_new
-    xt = tl.load(Xp + offs_n[:, None] * sxn + offs_do[None, :] * sxd, mask=in_n[:, None] & in_do[None, :],
-                 other=0.0).to(tl.float32)
+    xt = _centred(Xp, MUp, offs_n, valid_n, offs_do, in_do, sxn, sxd, smd, 1).to(tl.float32)
     u = tl.load(U + pid * N + offs_n, mask=in_n, other=0.0)
     sy = acc / tl.where(s_run > 0.0, s_run, 1.0)[:, None]
     tl.store(OUT + pid * N * D + offs_n[:, None] * D + offs_do[None, :], u[:, None] * (xt - sy),

@@ -1,0 +1,157 @@
+"""Device launches per loss call: how many kernels one forward and one backward of ``sinkhorn_loss`` issue.
+
+Usage::
+
+    python -m benchmarks.launches [--device cpu|cuda] [--backend triton] [--shape B,N,M,D ...]
+
+Each launch costs a few microseconds of issue time on a GPU however little it computes, so at the paper's
+batch the launches around the kernels can cost as much as the kernels. The loss runs with the harness's
+settings (sqeuclidean, blur 0.05, scaling 0.5, debiased, ``check_inputs=False``; the last padding tokens of
+x masked), once to warm up and once under ``torch.profiler``:
+
+- on CUDA the count is exact: the profiler's CUDA kernel events;
+- on a CPU it is what would be launched on a GPU: Triton launches (the kernels run under
+  ``TRITON_INTERPRET=1``, which this script sets when no GPU is present) plus one per torch call that
+  computes (top-level ``aten`` ops; views and allocations left out, conversions counted when they copy).
+
+Nothing is written; the table goes to stdout. The default shapes take the resident regime (N, M <= 32)
+and the streaming one (longer pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+import torch
+
+# Views, allocations and other ops that compute nothing on the device.
+NO_LAUNCH = {"aten::" + name for name in (
+    "empty empty_strided empty_like view reshape _reshape_alias _unsafe_view as_strided alias detach detach_ "
+    "unsqueeze squeeze expand t transpose permute select slice narrow unbind split chunk contiguous lift_fresh "
+    "resolve_conj resolve_neg result_type is_nonzero broadcast_tensors size stride to _to_copy item "
+    "_local_scalar_dense").split()}
+TRITON = "triton launch"
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        b, n, m, d = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is B,N,M,D (four integers), got {text!r}") from None
+    return b, n, m, d
+
+
+def trace_interpreted_launches() -> None:
+    """Route every interpreted Triton launch through a profiler range named ``TRITON`` (once per process)."""
+    import triton.runtime.interpreter as interp
+
+    launch = interp.GridExecutor.__call__
+    if getattr(launch, "traced", False):
+        return
+
+    def traced(self, *args, **kwargs):
+        with torch.profiler.record_function(TRITON):
+            return launch(self, *args, **kwargs)
+
+    traced.traced = True
+    interp.GridExecutor.__call__ = traced
+
+
+def launches(fn, device: str) -> collections.Counter:
+    """Run ``fn()`` once under ``torch.profiler`` and count its launches on ``device`` ("cpu": Triton under
+    the interpreter, with ``trace_interpreted_launches``, and torch calls that compute; "cuda": kernels)."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return _count(prof.events(), device)
+
+
+def _count(events, device: str) -> collections.Counter:
+    """Launches among the profiler's ``events``, as ``{"triton": n, "torch": n}``."""
+    counts = collections.Counter()
+    if device == "cuda":
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                # otfast's Triton kernels are named _..._kernel; torch's carry a C++ signature
+                triton = e.name.startswith("_") and e.name.endswith("_kernel") and " " not in e.name
+                counts["triton" if triton else "torch"] += 1
+        return counts
+    for e in events:
+        if e.name == TRITON:
+            counts["triton"] += 1
+        elif e.name.startswith("aten::") and not _inside(e, lambda name: name == TRITON or name.startswith("aten::")):
+            # one torch call, one kernel; a conversion or copy only when it copies
+            counts["torch"] += e.name not in NO_LAUNCH or _copies(e)
+    return counts
+
+
+def _inside(e, test) -> bool:
+    parent = e.cpu_parent
+    while parent is not None:
+        if test(parent.name):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _copies(e) -> bool:
+    return e.name == "aten::copy_" or any(_copies(c) for c in e.cpu_children)
+
+
+def measure(shape: tuple[int, int, int, int], backend: str, device: str) -> dict:
+    """``{"forward": Counter, "backward": Counter}`` of launches for one loss call at ``shape``."""
+    import otfast
+
+    b, n, m, d = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, d, generator=gen).to(device).requires_grad_()
+    y = torch.randn(b, m, d, generator=gen).to(device).requires_grad_()
+    mask_x = torch.ones(b, n, dtype=torch.bool, device=device)
+    mask_x[:, -max(1, n // 8):] = False
+    mask_y = torch.ones(b, m, dtype=torch.bool, device=device)
+
+    def forward():
+        return otfast.sinkhorn_loss(x, y, mask_x, mask_y, blur=0.05, scaling=0.5, backend=backend,
+                                    check_inputs=False)
+
+    forward().backward()
+    out = {"forward": launches(forward, device)}
+    loss = forward()
+    out["backward"] = launches(loss.backward, device)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="triton", help="an otfast backend (default triton)")
+    parser.add_argument("--shape", type=_shape, action="append",
+                        help="B,N,M,D (repeatable; default 8,24,28,64 and 8,40,44,64)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.device == "cpu" and args.backend == "triton":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        trace_interpreted_launches()
+    shapes = args.shape or [(8, 24, 28, 64), (8, 40, 44, 64)]
+    print(f"launches per sinkhorn_loss call, backend {args.backend}, device {args.device} "
+          f"({'profiler CUDA kernels' if args.device == 'cuda' else 'Triton launches + torch calls that compute'})")
+    print(f"{'B,N,M,D':>14} {'forward triton':>14} {'forward torch':>13} {'backward triton':>15} "
+          f"{'backward torch':>14} {'total':>6}")
+    for shape in shapes:
+        c = measure(shape, args.backend, args.device)
+        total = sum(c["forward"].values()) + sum(c["backward"].values())
+        print(f"{','.join(map(str, shape)):>14} {c['forward']['triton']:>14} {c['forward']['torch']:>13} "
+              f"{c['backward']['triton']:>15} {c['backward']['torch']:>14} {total:>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
