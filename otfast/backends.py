@@ -36,7 +36,7 @@ class Backend(Protocol):
 
     Tensors: points ``x [B, N, D]``, ``y [B, M, D]`` (raw: the backend masks, centres or normalises them as
     ``otfast.reference.prepare_points`` does), log-weights ``alpha [B, N]``, ``beta [B, M]`` (-inf on
-    padding), a cost name from ``otfast.reference.COSTS``.
+    padding; the loss passes them in float64), a cost name from ``otfast.reference.COSTS``.
     """
 
     def solve(self, cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,

@@ -37,6 +37,14 @@ def schedule_of(eps: float, diameter: Tensor | None, blur: float, scaling: float
     return Schedule(eps=eps, anneal=anneal, n_iters=n_iters, tol=tol, rho=rho)
 
 
+def weights64(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(a, b, log a, log b)`` in float64 (the logs -inf on padding): every backend reads the log-weights in
+    float64 and the dual value sums in float64, so the weights are converted once here rather than in each
+    of the three problems."""
+    a, b = a.double(), b.double()
+    return a, b, torch.log(a), torch.log(b)
+
+
 def dual_value(w: Tensor, f: Tensor, eps: float, rho: float | None) -> Tensor:
     """``[B]`` sum_i w_i phi(f_i), in float64 (the potentials' precision)."""
     return (w.double() * phi(f.double(), eps, rho)).sum(1)
@@ -53,7 +61,7 @@ def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, diameter: Tenso
     schedule = schedule_of(eps, diameter, blur, scaling, n_iters, tol, rho)
     if not _runs_on_device(mod):
         schedule = schedule.on_host()
-    alpha, beta = torch.log(a), torch.log(b)
+    a, b, alpha, beta = weights64(a, b)
     xy = mod.solve_points(x, y, alpha, beta, schedule, False, cost)
     value = dual_value(a, xy.f, eps, rho) + dual_value(b, xy.g, eps, rho)
     problems = [xy]
@@ -93,10 +101,12 @@ def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tenso
     mod = resolve(backend, x.device)
     damping = Schedule(eps=eps, rho=rho).damping(eps)
     gv = grad_value.unsqueeze(1)
-    alpha, beta = torch.log(a), torch.log(b)
+    _, _, alpha, beta = weights64(a, b)
+    scale = gv * damping
 
     def upstream(w, f):  # dL/df * damping for the potential f of a problem, in the compute dtype
-        return (gv * w * phi_prime(f, eps, rho) * damping).to(x.dtype)
+        u = w * scale
+        return u if rho is None else (u * phi_prime(f, eps, rho)).to(x.dtype)
 
     xy = Potentials(f_xy, g_xy, f_prev_xy, g_prev_xy, None, None)
     dx, dy = mod.grad_points(x, y, alpha, beta, xy, eps, upstream(a, f_xy), upstream(b, g_xy), cost)
@@ -123,9 +133,14 @@ def _setup_context(ctx, inputs, output):
     x, y, a, b, _diameter, _checks, eps, _blur, _scaling, _n_iters, _tol, rho, debias, cost, backend = inputs
     ctx.save_for_backward(x, y, a, b, *output[2:])
     ctx.options = (eps, rho, debias, cost, backend)
+    # The potentials and flags are outputs nothing differentiates: their gradients stay None instead of
+    # nine zero-filled tensors (launches) per backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_value, *_grad_others):
+    if grad_value is None:  # only the potentials were differentiated, which the loss holds fixed
+        return (None,) * 15
     x, y, a, b, *pots = ctx.saved_tensors
     dx, dy, da, db = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *pots, *ctx.options)
     return dx, dy, da, db, None, None, None, None, None, None, None, None, None, None, None
