@@ -3,7 +3,7 @@
 # H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
 # important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
 # against POT / GeomLoss / flash-sinkhorn, the sm_90 resource check, the training-step benchmark, the tiny
-# alignment run with bf16 autocast (retrieval must lift), and last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
+# alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
 # $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
 # OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md. Benchmark providers whose packages
 # are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped and say so, and
@@ -49,6 +49,7 @@ step goals 60 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --bu
 step resources 30 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
 step step 40 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
 step harness 50 "$PY" -m benchmarks.harness_gpu --out "$out"
-step sweep 30 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh"
+step launches 10 "$PY" -m benchmarks.launches --device cuda
+step sweep 20 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh"
 echo "logs and CSV in $out"
 exit $status
