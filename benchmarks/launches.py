@@ -4,12 +4,11 @@ Usage::
 
     python -m benchmarks.launches [--device cpu|cuda] [--backend triton] [--shape B,N,M,D ...]
 
-Each launch costs a few microseconds of issue time on a GPU however little it computes, so at the paper's
-batch the launches around the kernels can cost as much as the kernels. The loss runs with the harness's
+Each launch costs a few microseconds on a GPU however little it computes. The loss runs with the harness's
 settings (sqeuclidean, blur 0.05, scaling 0.5, debiased, ``check_inputs=False``; the last padding tokens of
 x masked), once to warm up and once under ``torch.profiler``:
 
-- on CUDA the count is exact: the profiler's CUDA kernel events;
+- on CUDA: the profiler's CUDA kernel events (``benchmarks/gpu_suite.sh`` runs it; no GPU has yet);
 - on a CPU it is what would be launched on a GPU: Triton launches (the kernels run under
   ``TRITON_INTERPRET=1``, which this script sets when no GPU is present) plus one per torch call that
   computes (top-level ``aten`` ops; views and allocations left out, conversions counted when they copy).
@@ -86,16 +85,17 @@ def _count(events, device: str) -> collections.Counter:
     for e in events:
         if e.name == TRITON:
             counts["triton"] += 1
-        elif e.name.startswith("aten::") and not _inside(e, lambda name: name == TRITON or name.startswith("aten::")):
+        elif e.name.startswith("aten::") and not _nested(e):
             # one torch call, one kernel; a conversion or copy only when it copies
             counts["torch"] += e.name not in NO_LAUNCH or _copies(e)
     return counts
 
 
-def _inside(e, test) -> bool:
+def _nested(e) -> bool:
+    """Whether an event runs inside a Triton launch or another aten op (whose launch counts instead)."""
     parent = e.cpu_parent
     while parent is not None:
-        if test(parent.name):
+        if parent.name == TRITON or parent.name.startswith("aten::"):
             return True
         parent = parent.cpu_parent
     return False

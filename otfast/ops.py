@@ -139,11 +139,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_value, *_grad_others):
-    if grad_value is None:  # only the potentials were differentiated, which the loss holds fixed
-        return (None,) * 15
-    x, y, a, b, *pots = ctx.saved_tensors
-    dx, dy, da, db = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *pots, *ctx.options)
-    return dx, dy, da, db, None, None, None, None, None, None, None, None, None, None, None
+    grads = (None,) * 4  # only the potentials were differentiated, which the loss holds fixed
+    if grad_value is not None:
+        x, y, a, b, *pots = ctx.saved_tensors
+        grads = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *pots, *ctx.options)
+    return (*grads, *(None,) * 11)  # none for the diameter, the checks and the options
 
 
 torch.library.register_autograd("otfast::sinkhorn_loss", _backward, setup_context=_setup_context)

@@ -123,7 +123,7 @@ class _Points(NamedTuple):
 
 
 def _points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, cost: str) -> _Points:
-    """"sqeuclidean": the raw x, y (fp32 or float64, any strides) and each pair's centre, which the kernels
+    """For "sqeuclidean", the raw x, y (fp32 or float64, any strides) and each pair's centre, which the kernels
     subtract as they load, zeroing padding rows (``sinkhorn._centred``); "cosine": the normalised points
     (``prepare_points``) and a zero centre (strides 0)."""
     if cost == "sqeuclidean":

@@ -36,6 +36,9 @@ Kernels and their memory traffic:
   formed on chip from x and y (2 D float64 FMAs per entry, once) or loaded from a precomputed float64
   cost. Reads x, y (or C) once, writes f, g, f_prev, g_prev, the iteration count and the residual:
   O(N D + M D) bytes in, O(N + M) out. Per iteration 2 N M exponentials (N M when symmetric).
+- ``_centre_kernel``: each pair's mean of valid points (float64 [B, D]), which the kernels that read points
+  subtract as they load them (``_centred``; padding rows are never read), so that the norm expansion of
+  the cost does not cancel. Reads x, y once.
 - ``_cost_kernel`` + ``_sinkhorn_streaming_kernel``: any length. The cost is written once as C_hi, C_lo
   (8 N M bytes per pair; recomputing it from x, y every pass would cost 2 D flops per entry per pass),
   then each pass streams it tile by tile with an online log-sum-exp; the float64 potentials live in
@@ -239,6 +242,12 @@ def _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold):
 
 
 @triton.jit
+def _valid(LOGW, offs, in_range):
+    """Which of the rows offs are tokens: log-weight > -inf (padding and rows past the end are not)."""
+    return tl.load(LOGW + offs, mask=in_range, other=float("-inf")) > float("-inf")
+
+
+@triton.jit
 def _centred(P, MU, offs_a, ok_a, offs_b, ok_b, s_a, s_b, smd, FEATURES: tl.constexpr):
     """A tile of prepared points in float64: rows P[offs] - mu (the pair's centre), 0 where not ok. The
     feature axis is FEATURES (0 or 1) and indexes MU; padding rows are masked out of the load, so junk
@@ -298,7 +307,7 @@ def _valid_sum(P, LOGW, n_rows, s_row, s_col, offs_d, in_d, BLOCK_R: tl.constexp
     count = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        ok = tl.load(LOGW + offs_r, mask=offs_r < n_rows, other=float("-inf")) > float("-inf")
+        ok = _valid(LOGW, offs_r, offs_r < n_rows)
         p = tl.load(P + offs_r[:, None] * s_row + offs_d[None, :] * s_col, mask=ok[:, None] & in_d[None, :], other=0.0)
         total += tl.sum(p.to(tl.float64), axis=0)
         count += ok.to(tl.float64)
@@ -398,8 +407,8 @@ def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, sxb, sxn, sxd
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_n = offs_n < N
     in_m = offs_m < M
-    ok_n = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf")) > float("-inf")
-    ok_m = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf")) > float("-inf")
+    ok_n = _valid(ALPHA + pid * N, offs_n, in_n)
+    ok_m = _valid(BETA + pid * M, offs_m, in_m)
     C_hi, C_lo = _cost_tile_dot(X + pid * sxb, Y + pid * syb, MU + pid * smb, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd,
                                 sym, syd, smd, BLOCK_N, BLOCK_M, BLOCK_K)
     offs = pid * N * M + offs_n[:, None] * M + offs_m[None, :]
@@ -424,7 +433,7 @@ def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, POT
         else:
             out = _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, POT_ROW, eps, damping,
                                    BLOCK_R, BLOCK_C)
-        valid = tl.load(LOGW_ROW + offs_r, mask=in_r, other=float("-inf")) > float("-inf")
+        valid = _valid(LOGW_ROW, offs_r, in_r)
         tl.store(OUT + offs_r, tl.where(valid, out, 0.0), mask=in_r)
 
 
@@ -600,7 +609,7 @@ def _grad_kernel(X, Y, MU, F, G_PREV, ALPHA, BETA, SCHED, U, OUT, N, M, D, sxb, 
     Xp, Yp, MUp = X + pid * sxb, Y + pid * syb, MU + pid * smb
     eps = tl.load(SCHED)
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
-    valid_n = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf")) > float("-inf")
+    valid_n = _valid(ALPHA + pid * N, offs_n, in_n)
     ph, _ = _split(tl.load(F + pid * N + offs_n, mask=in_n, other=0.0))
     m_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
