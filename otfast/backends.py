@@ -37,6 +37,12 @@ class Backend(Protocol):
     Tensors: points ``x [B, N, D]``, ``y [B, M, D]`` (raw: the backend masks, centres or normalises them as
     ``otfast.reference.prepare_points`` does), log-weights ``alpha [B, N]``, ``beta [B, M]`` (-inf on
     padding; the loss passes them in float64), a cost name from ``otfast.reference.COSTS``.
+
+    A backend may also solve the loss's problems together (the Triton backend does, in one launch per
+    kernel): ``solve_problems(x, y, alpha, beta, schedule, debias, cost)`` -> ``[OT(x, y)]`` or
+    ``[OT(x, y), OT(x, x), OT(y, y)]``, and ``grad_problems(x, y, alpha, beta, pots, eps, weights, cost)``
+    -> ``[dx]`` or ``[dx, dy]`` (debiased: dx of OT(x, y) - OT(x, x), dy of OT(x, y) - OT(y, y)); without
+    them the loss calls the three functions below once per problem (``otfast.ops``).
     """
 
     def solve(self, cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,

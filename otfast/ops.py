@@ -62,19 +62,45 @@ def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, diameter: Tenso
     if not _runs_on_device(mod):
         schedule = schedule.on_host()
     a, b, alpha, beta = weights64(a, b)
-    xy = mod.solve_points(x, y, alpha, beta, schedule, False, cost)
+    problems = _solve(mod, x, y, alpha, beta, schedule, debias, cost)
+    xy = problems[0]
     value = dual_value(a, xy.f, eps, rho) + dual_value(b, xy.g, eps, rho)
-    problems = [xy]
     if debias:
-        xx = mod.solve_points(x, x, alpha, alpha, schedule, True, cost)
-        yy = mod.solve_points(y, y, beta, beta, schedule, True, cost)
+        xx, yy = problems[1:]
         value = value - dual_value(a, xx.f, eps, rho) - dual_value(b, yy.f, eps, rho)
-        problems += [xx, yy]
         sym = [xx.f, xx.f_prev, yy.f, yy.f_prev]
     else:  # four distinct empty tensors: a custom op's outputs must not alias each other
         sym = [x.new_empty(_EMPTY, dtype=torch.float64) for _ in range(4)]
     flags = torch.stack([unconverged(p.n_iters, p.error, schedule) for p in problems])
     return (value.to(x.dtype), flags, *(t.double().contiguous() for t in xy[:4]), *sym)
+
+
+def _solve(mod, x: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, schedule: Schedule, debias: bool,
+           cost: str) -> list[Potentials]:
+    """``[OT(x, y)]``, and OT(x, x), OT(y, y) when ``debias``: in one call where the backend solves the
+    problems together (``solve_problems``, the Triton backend: one launch), else one ``solve_points`` each."""
+    if hasattr(mod, "solve_problems"):
+        return mod.solve_problems(x, y, alpha, beta, schedule, debias, cost)
+    problems = [mod.solve_points(x, y, alpha, beta, schedule, False, cost)]
+    if debias:
+        problems += [mod.solve_points(x, x, alpha, alpha, schedule, True, cost),
+                     mod.solve_points(y, y, beta, beta, schedule, True, cost)]
+    return problems
+
+
+def _grad(mod, x: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, pots: list[Potentials], eps: float,
+          weights: list[Tensor], cost: str) -> list[Tensor]:
+    """``[dx, dy]`` of the problems ``pots`` (as ``_solve`` returns them) for upstream weights u, v of
+    OT(x, y), then u of OT(x, x) and of OT(y, y) when debiased: in one call where the backend has
+    ``grad_problems``, else one ``grad_points`` per problem."""
+    if hasattr(mod, "grad_problems"):
+        return mod.grad_problems(x, y, alpha, beta, pots, eps, weights, cost)
+    (xy, *sym), (u, v, *u_sym) = pots, weights
+    dx, dy = mod.grad_points(x, y, alpha, beta, xy, eps, u, v, cost)
+    if sym:
+        dx = dx - mod.grad_points(x, x, alpha, alpha, sym[0], eps, u_sym[0], None, cost)[0]
+        dy = dy - mod.grad_points(y, y, beta, beta, sym[1], eps, u_sym[1], None, cost)[0]
+    return [dx, dy]
 
 
 def _runs_on_device(mod) -> bool:
@@ -108,14 +134,15 @@ def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tenso
         u = w * scale
         return u if rho is None else (u * phi_prime(f, eps, rho)).to(x.dtype)
 
-    xy = Potentials(f_xy, g_xy, f_prev_xy, g_prev_xy, None, None)
-    dx, dy = mod.grad_points(x, y, alpha, beta, xy, eps, upstream(a, f_xy), upstream(b, g_xy), cost)
+    pots = [Potentials(f_xy, g_xy, f_prev_xy, g_prev_xy, None, None)]
+    weights = [upstream(a, f_xy), upstream(b, g_xy)]
+    if debias:
+        pots += [Potentials(f_xx, f_xx, f_prev_xx, f_prev_xx, None, None),
+                 Potentials(f_yy, f_yy, f_prev_yy, f_prev_yy, None, None)]
+        weights += [upstream(a, f_xx), upstream(b, f_yy)]
+    dx, dy = _grad(mod, x, y, alpha, beta, pots, eps, weights, cost)
     grad_a, grad_b = phi(f_xy, eps, rho, grad=True), phi(g_xy, eps, rho, grad=True)
     if debias:
-        xx = Potentials(f_xx, f_xx, f_prev_xx, f_prev_xx, None, None)
-        yy = Potentials(f_yy, f_yy, f_prev_yy, f_prev_yy, None, None)
-        dx = dx - mod.grad_points(x, x, alpha, alpha, xx, eps, upstream(a, f_xx), None, cost)[0]
-        dy = dy - mod.grad_points(y, y, beta, beta, yy, eps, upstream(b, f_yy), None, cost)[0]
         grad_a = grad_a - phi(f_xx, eps, rho, grad=True)
         grad_b = grad_b - phi(f_yy, eps, rho, grad=True)
     grad_a = torch.where(a > 0, gv * grad_a.to(a.dtype), torch.zeros_like(a))

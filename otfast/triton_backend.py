@@ -102,24 +102,66 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64).contiguous()
 
 
-def _outputs(b: int, n: int, m: int, device: torch.device) -> list[torch.Tensor]:
-    f64 = torch.float64
-    return [_empty((b, n), f64, device), _empty((b, m), f64, device), _empty((b, n), f64, device),
-            _empty((b, m), f64, device), _empty((b,), torch.int32, device), _empty((b,), f64, device)]
+# The loss's problems (``sinkhorn._problem``): OT(x, y), OT(x, x), OT(y, y); a launch solves ``count`` of
+# them from ``first`` on, one program per pair and problem.
+XY, XX, YY = 0, 1, 2
+
+
+def _rows(p: int, n: int, m: int) -> int:
+    """The number of rows (the length of f) of problem p between N = n and M = m points."""
+    return m if p == YY else n
+
+
+class _Outputs(NamedTuple):
+    """The solvers' outputs for the problems first, ..., first + count - 1 (``sinkhorn._problem``): f and
+    f_prev per problem, g and g_prev (problem XY only; a symmetric problem's are its f, f_prev), iterations
+    and residuals ``[count, B]``."""
+
+    first: int
+    f: list[torch.Tensor]
+    f_prev: list[torch.Tensor]
+    g: torch.Tensor
+    g_prev: torch.Tensor
+    iters: torch.Tensor
+    err: torch.Tensor
+
+    @classmethod
+    def alloc(cls, first: int, count: int, b: int, n: int, m: int, device: torch.device,
+              zeros: bool) -> "_Outputs":
+        """``zeros``: f_prev, g_prev start at 0 (the streaming kernel's current potentials). Every output is
+        its own allocation: the loss's custom op may not return tensors that alias each other."""
+        f64 = torch.float64
+        rows = [_rows(p, n, m) for p in range(first, first + count)]
+        f = [_empty((b, r), f64, device) for r in rows]
+        f_prev = [torch.zeros((b, r), dtype=f64, device=device) if zeros else _empty((b, r), f64, device)
+                  for r in rows + ([m] if first == XY else [])]
+        g, g_prev = (_empty((b, m), f64, device), f_prev.pop()) if first == XY else (f[0], f_prev[0])
+        return cls(first, f, f_prev, g, g_prev, _empty((count, b), torch.int32, device),
+                   _empty((count, b), f64, device))
+
+    def args(self) -> list[torch.Tensor]:
+        """F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR of the solvers (a problem not launched gets a
+        tensor it never writes)."""
+        def by_problem(ts):
+            return [ts[p - self.first] if 0 <= p - self.first < len(ts) else ts[0] for p in (XY, XX, YY)]
+        return [*by_problem(self.f), *by_problem(self.f_prev), self.g, self.g_prev, self.iters, self.err]
+
+    def potentials(self) -> list[Potentials]:
+        out = []
+        for q, (f, f_prev) in enumerate(zip(self.f, self.f_prev)):
+            g, g_prev = (self.g, self.g_prev) if self.first + q == XY else (f, f_prev)
+            out.append(Potentials(f, g, f_prev, g_prev, self.iters[q], self.err[q]))
+        return out
 
 
 class _Points(NamedTuple):
-    """Points as the kernels read them (``_points``): x, y and the centre mu ``[B, D]`` float64, with its
-    strides."""
+    """Points as the kernels read them (``_points``): x, y and the centres mu ``[3, B, D]`` float64 (one per
+    problem, ``_centre``), with their strides."""
 
     x: torch.Tensor
     y: torch.Tensor
     mu: torch.Tensor
-    mu_strides: tuple[int, int]
-
-    def swapped(self) -> "_Points":
-        """The same points with the roles of x and y exchanged (the dy pass of the backward)."""
-        return self._replace(x=self.y, y=self.x)
+    mu_strides: tuple[int, int, int]
 
 
 def _points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, cost: str) -> _Points:
@@ -130,7 +172,8 @@ def _points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.T
         x, y = _readable(x), _readable(y)
         mu = _centre(x, y, alpha, beta)
         return _Points(x, y, mu, mu.stride())
-    return _Points(*prepare_points(x.double(), y.double(), alpha, beta, cost), _constants((0.0,), x.device), (0, 0))
+    xp, yp = prepare_points(x.double(), y.double(), alpha, beta, cost)
+    return _Points(xp, yp, _constants((0.0,), x.device), (0, 0, 0))
 
 
 def _readable(x: torch.Tensor) -> torch.Tensor:
@@ -139,9 +182,10 @@ def _readable(x: torch.Tensor) -> torch.Tensor:
 
 
 def _centre(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``[B, D]`` float64: the mean of each pair's valid points, x and y together (one launch)."""
+    """``[3, B, D]`` float64: the mean of each pair's valid points of each problem (x and y together, x, y;
+    one launch)."""
     (b, n, dim), m = x.shape, y.shape[1]
-    mu = _empty((b, dim), torch.float64, x.device)
+    mu = _empty((3, b, dim), torch.float64, x.device)
     br, bd = CENTRE_BLOCK
     K._centre_kernel[(b, triton.cdiv(dim, bd))](
         x, y, alpha, beta, mu, n, m, dim, *x.stride(), *y.stride(), BLOCK_R=br, BLOCK_D=bd, num_warps=CENTRE_WARPS,
@@ -149,49 +193,51 @@ def _centre(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.T
     return mu
 
 
-def _resident(points, cost, alpha, beta, schedule, symmetric, n, m, dim):
+def _resident(points, cost, alpha, beta, schedule, first, count, n, m, dim):
     b = alpha.shape[0]
-    outs = _outputs(b, n, m, alpha.device)
+    outs = _Outputs.alloc(first, count, b, n, m, alpha.device, zeros=False)
     from_points = cost is None
     if from_points:
         X, Y, MU, COST = points.x, points.y, points.mu, points.x
         strides = (*X.stride(), *Y.stride(), *points.mu_strides, 0, 0, 0)
     else:
-        X, Y, MU, COST, strides = cost, cost, cost, cost, (0,) * 8 + cost.stride()
-    K._sinkhorn_resident_kernel[(b,)](
-        X, Y, MU, COST, alpha, beta, _schedule(schedule, alpha.device), *outs, n, m, dim, *strides,
+        X, Y, MU, COST, strides = cost, cost, cost, cost, (0,) * 9 + cost.stride()
+    K._sinkhorn_resident_kernel[(b, count)](
+        X, Y, MU, COST, alpha, beta, _schedule(schedule, alpha.device), *outs.args(), n, m, dim, first, *strides,
         *_loop_args(schedule), BLOCK_N=RESIDENT_MAX, BLOCK_M=RESIDENT_MAX, FROM_POINTS=from_points,
-        SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None, num_warps=RESIDENT_WARPS, num_stages=NUM_STAGES,
-        enable_fp_fusion=FP_FUSION)
-    return outs
+        SYMMETRIC=None if from_points else first == XX, HAS_TOL=schedule.tol is not None, num_warps=RESIDENT_WARPS,
+        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    return outs.potentials()
 
 
-def _streaming(cost_hi, cost_lo, alpha, beta, schedule, symmetric):
-    b, n, m = cost_hi.shape
-    device = alpha.device
-    f_prev = torch.zeros((b, n), dtype=torch.float64, device=device)
-    g_prev = f_prev if symmetric else torch.zeros((b, m), dtype=torch.float64, device=device)
-    f = _empty((b, n), torch.float64, device)
-    g = f if symmetric else _empty((b, m), torch.float64, device)
-    iters, err = _empty((b,), torch.int32, device), _empty((b,), torch.float64, device)
-    K._sinkhorn_streaming_kernel[(b,)](
-        cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), f_prev, g_prev, f, g, iters, err,
-        n, m, *cost_hi.stride(), *_loop_args(schedule),
-        BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, SYMMETRIC=symmetric, HAS_TOL=schedule.tol is not None,
-        num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
-    return [f, g, f_prev, g_prev, iters, err]
+def _streaming(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m):
+    """The streaming solver on the packed costs of ``cost_matrix`` (problems first, ..., first + count - 1)."""
+    b, device = alpha.shape[0], alpha.device
+    outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
+    K._sinkhorn_streaming_kernel[(b, count)](
+        cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), *outs.args(), n, m, first, *_loop_args(schedule),
+        BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, HAS_TOL=schedule.tol is not None, num_warps=STREAM_WARPS,
+        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    return outs.potentials()
 
 
-def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hi, lo)``, fp32 ``[B, N, M]`` each: the cost |x_i - y_j|^2 / 2 of the prepared points, accumulated in
-    float64 and split as hi + lo; alpha, beta: the float64 log-weights (-inf marks padding)."""
+def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor, first: int = XY,
+                count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)``, fp32 each: the costs |x_i - y_j|^2 / 2 of the prepared points of the problems first, ...,
+    first + count - 1, accumulated in float64 and split as hi + lo, packed one after the other (problem XY:
+    ``[B, N, M]``; XX: ``[B, N, N]``; YY: ``[B, M, M]``), in one launch; alpha, beta: the float64
+    log-weights (-inf marks padding)."""
     x, y = points.x, points.y
     (b, n, dim), m = x.shape, y.shape[1]
-    hi, lo = _empty((b, n, m), torch.float32, x.device), _empty((b, n, m), torch.float32, x.device)
+    shapes = [(_rows(p, n, m), m if p == XY else _rows(p, n, m)) for p in range(first, first + count)]
+    size = b * sum(r * c for r, c in shapes)
+    hi, lo = _empty((size,), torch.float32, x.device), _empty((size,), torch.float32, x.device)
     bn, bm, bk = COST_BLOCK
-    K._cost_kernel[(b, triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        x, y, points.mu, alpha, beta, hi, lo, n, m, dim, *x.stride(), *y.stride(), *points.mu_strides, BLOCK_N=bn,
-        BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    tiles_m = triton.cdiv(max(c for _, c in shapes), bm)
+    K._cost_kernel[(b, count, triton.cdiv(max(r for r, _ in shapes), bn) * tiles_m)](
+        x, y, points.mu, alpha, beta, hi, lo, n, m, dim, first, *x.stride(), *y.stride(), *points.mu_strides,
+        tiles_m, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS, num_stages=NUM_STAGES,
+        enable_fp_fusion=FP_FUSION)
     return hi, lo
 
 
@@ -201,10 +247,11 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     b, n, m = cost_matrix.shape
     _check(alpha, beta, n, m, b)
     cost, alpha, beta = _f64(cost_matrix), _f64(alpha), _f64(beta)
+    first = XX if symmetric else XY
     if max(n, m) <= RESIDENT_MAX:
-        return Potentials(*_resident(None, cost, alpha, beta, schedule, symmetric, n, m, 1))
+        return _resident(None, cost, alpha, beta, schedule, first, 1, n, m, 1)[0]
     hi = cost.float()
-    return Potentials(*_streaming(hi, (cost - hi.double()).float(), alpha, beta, schedule, symmetric))
+    return _streaming(hi, (cost - hi.double()).float(), alpha, beta, schedule, first, 1, n, m)[0]
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
@@ -215,28 +262,46 @@ def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: to
     pair's centre, ``_Points``); "cosine" normalises them first (``otfast.reference.prepare_points``). Up
     to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once as two fp32 tiles.
     """
+    return _solve_points(x, y, alpha, beta, schedule, XX if symmetric else XY, 1, cost)[0]
+
+
+def solve_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
+                   debias: bool, cost: str = "sqeuclidean") -> list[Potentials]:
+    """The loss's problems: ``[OT(x, y)]``, or with ``debias`` ``[OT(x, y), OT(x, x), OT(y, y)]``, as
+    ``solve_points`` solves them, the three in one launch of each kernel (their 3 B programs run side by
+    side, where three launches of B programs would run one after the other)."""
+    return _solve_points(x, y, alpha, beta, schedule, XY, 3 if debias else 1, cost)
+
+
+def _solve_points(x, y, alpha, beta, schedule, first, count, cost):
     (b, n, dim), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)
     if max(n, m) <= RESIDENT_MAX:
-        return Potentials(*_resident(points, None, alpha, beta, schedule, symmetric, n, m, dim))
-    return Potentials(*_streaming(*cost_matrix(points, alpha, beta), alpha, beta, schedule, symmetric))
+        return _resident(points, None, alpha, beta, schedule, first, count, n, m, dim)
+    return _streaming(*cost_matrix(points, alpha, beta, first, count), alpha, beta, schedule, first, count, n, m)
 
 
-def _grad(points, f, g_prev, alpha, beta, u, eps):
-    """dx ``[B, N, D]`` in the points' dtype (the kernel reads u and writes dx in it, converting nothing for
-    fp32 or float64 embeddings)."""
+def _grad(points, pots, alpha, beta, weights, eps, sides):
+    """``[dx, dy][:sides]`` in the points' dtype: one launch of ``_grad_kernel`` over the problems ``pots``
+    (``[OT(x, y)]`` or the debiased loss's three) with upstream weights ``weights`` (u, v of OT(x, y), then
+    u of OT(x, x) and of OT(y, y)). The kernel reads u and writes dx in the points' dtype, converting nothing
+    for fp32 or float64 embeddings."""
     x, y = points.x, points.y
     (b, n, dim), m = x.shape, y.shape[1]
-    out = _empty((b, n, dim), x.dtype, x.device)
+    xy, *sym = pots
+    xx, yy = sym or (xy, xy)
+    u = [w.to(x.dtype).contiguous() for w in weights]
+    u += [u[0]] * (4 - len(u))
+    outs = [_empty((b, r, dim), x.dtype, x.device) for r in (n, m)[:sides]]
     bn, bm, bk, bdo = GRAD_BLOCK
-    K._grad_kernel[(b, triton.cdiv(n, bn), triton.cdiv(dim, bdo))](
-        x, y, points.mu, _f64(f), _f64(g_prev), alpha, beta, _constants((eps,), x.device),
-        u.to(x.dtype).contiguous(), out, n, m, dim, *x.stride(), *y.stride(), *points.mu_strides,
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS,
-        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
-    return out
+    K._grad_kernel[(b, triton.cdiv(max(n, m) if sides == 2 else n, bn), sides * triton.cdiv(dim, bdo))](
+        x, y, points.mu, *(_f64(t) for t in (xy.f, xy.g, xy.f_prev, xy.g_prev, xx.f, xx.f_prev, yy.f, yy.f_prev)),
+        alpha, beta, _constants((eps,), x.device), *u, outs[0], outs[-1], n, m, dim, 2 if sym else 1,
+        *x.stride(), *y.stride(), *points.mu_strides, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo,
+        PRECISION=precision(), num_warps=GRAD_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    return outs
 
 
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
@@ -244,13 +309,22 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Envelope gradients with respect to the raw points (see ``otfast.reference.grad_points``), no [B, N, M]
     buffer; in x's dtype."""
+    grads = grad_problems(x, y, alpha, beta, [pots], eps, [u] if v is None else [u, v], cost)
+    return grads[0], grads[1] if v is not None else None
+
+
+def grad_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                  pots: list[Potentials], eps: float, weights: list[torch.Tensor], cost: str = "sqeuclidean"
+                  ) -> list[torch.Tensor]:
+    """The gradients of the loss's problems ``pots`` (as ``solve_problems`` returns them) with respect to the
+    raw points, in x's dtype, in one launch: ``[dx]`` or ``[dx, dy]`` of OT(x, y) for upstream weights
+    ``weights = [u]`` or ``[u, v]``; debiased (three problems, ``weights = [u, v, u_xx, u_yy]``) dx of
+    OT(x, y) - OT(x, x) and dy of OT(x, y) - OT(y, y)."""
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)
-    dx = _map_grad(x, points.x, _grad(points, pots.f, pots.g_prev, alpha, beta, u, eps), alpha, cost)
-    if v is None:
-        return dx, None
-    dy = _grad(points.swapped(), pots.g, pots.f_prev, beta, alpha, v, eps)
-    return dx, _map_grad(y, points.y, dy, beta, cost)
+    sides = 1 if len(weights) == 1 else 2
+    grads = _grad(points, pots, alpha, beta, weights, eps, sides)
+    return [_map_grad(t, p, d, w, cost) for t, p, d, w in zip((x, y), (points.x, points.y), grads, (alpha, beta))]
 
 
 def _map_grad(x: torch.Tensor, xp: torch.Tensor, dxp: torch.Tensor, alpha: torch.Tensor, cost: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-_INTS = ("N", "M", "D")
+_INTS = ("N", "M", "D", "FIRST", "TERMS")
 
 
 def _tool(name: str) -> str:
@@ -39,15 +39,15 @@ def _tool(name: str) -> str:
 
 def _signature(fn, constexprs: dict, float64_pointers: frozenset, points: str | None) -> dict:
     """Triton type strings from the kernels' naming convention: UPPER = pointer (the points X, Y and the
-    backward's U, OUT in ``points``, float64 when None; float64 when listed in ``float64_pointers``, int32
-    for ITERS, else fp32), s*/n_*/N/M/D = i32, other scalars fp32."""
+    backward's U_*, OUT_* in ``points``, float64 when None; float64 when listed in ``float64_pointers``,
+    int32 for ITERS, else fp32), s*/n_*/N/M/D/FIRST/TERMS = i32, other scalars fp32."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _INTS or name.startswith(("s", "n_")):
             sig[name] = "i32"
-        elif name in ("X", "Y", "U", "OUT"):
+        elif name in ("X", "Y") or name.startswith(("U_", "OUT_")):
             sig[name] = f"*{points or 'fp64'}"
         elif name[0].isupper():
             sig[name] = "*i32" if name == "ITERS" else "*fp64" if name in float64_pointers else "*fp32"
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = configs()
     if args.sass:
         print_sass([c for c in todo if c.kernel in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel")
-                    and not c.constexprs["SYMMETRIC"] and not c.constexprs["HAS_TOL"]
+                    and not c.constexprs["HAS_TOL"]
                     and c.constexprs.get("FROM_POINTS", True) and c.points in (None, "fp32")])
         return 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -32,22 +32,26 @@ max is guarded so an all -inf row gives 0, never NaN.
 
 Kernels and their memory traffic:
 
-- ``_sinkhorn_resident_kernel``: one program per pair, both cost tiles (``RESIDENT_MAX`` = 32 square) in registers,
-  formed on chip from x and y (2 D float64 FMAs per entry, once) or loaded from a precomputed float64
-  cost. Reads x, y (or C) once, writes f, g, f_prev, g_prev, the iteration count and the residual:
-  O(N D + M D) bytes in, O(N + M) out. Per iteration 2 N M exponentials (N M when symmetric).
-- ``_centre_kernel``: each pair's mean of valid points (float64 [B, D]), which the kernels that read points
-  subtract as they load them (``_centred``; padding rows are never read), so that the norm expansion of
-  the cost does not cancel. Reads x, y once.
+- ``_sinkhorn_resident_kernel``: one program per pair and problem, both cost tiles (``RESIDENT_MAX`` = 32
+  square) in registers, formed on chip from x and y (2 D float64 FMAs per entry, once) or loaded from a
+  precomputed float64 cost. Reads x, y (or C) once, writes f, g, f_prev, g_prev, the iteration count and
+  the residual: O(N D + M D) bytes in, O(N + M) out. Per iteration 2 N M exponentials (N M when symmetric).
+- ``_centre_kernel``: each pair's mean of valid points (float64 [3, B, D]: one per problem), which the
+  kernels that read points subtract as they load them (``_centred``; padding rows are never read), so
+  that the norm expansion of the cost does not cancel. Reads x, y once.
 - ``_cost_kernel`` + ``_sinkhorn_streaming_kernel``: any length. The cost is written once as C_hi, C_lo
   (8 N M bytes per pair; recomputing it from x, y every pass would cost 2 D flops per entry per pass),
   then each pass streams it tile by tile with an online log-sum-exp; the float64 potentials live in
   [B, N] / [B, M] buffers (L2 resident).
 - ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps):
-  grid (pair, row block, output feature block); cost tiles are recomputed from x, y (DMMA), S is
+  grid (pair, row block, side x output feature block); cost tiles are recomputed from x, y (DMMA), S is
   accumulated into y with ``tl.dot`` (fp32 ``input_precision`` from the launcher) and a running max, and
-  divided by its row sums at the end. Called once for dx and once (roles swapped) for dy. Reads x, y and
-  the potentials; writes dx: no [B, N, M] buffer.
+  divided by its row sums at the end. One launch writes dx and (roles swapped) dy, each with the
+  debiased loss's second term subtracted. Reads x, y and the potentials; writes dx, dy: no [B, N, M]
+  buffer.
+
+The solvers run the loss's problems OT(x, y), OT(x, x), OT(y, y) (``_problem``) side by side: grid
+(pair, problem), whether a problem is symmetric decided at run time.
 """
 
 import triton
@@ -57,11 +61,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Passes at a temperature above PRECISE_RATIO times the final one run in float64 (see the module docstring).
 PRECISE_RATIO = tl.constexpr(256.0)
-# Pointer arguments that hold float64 (the points X, Y and the backward's U, OUT are fp32 or float64,
+# Pointer arguments that hold float64 (the points X, Y and the backward's U_*, OUT_* are fp32 or float64,
 # ``configs.POINT_DTYPES``; every other pointer holds fp32, ITERS int32): the launchers pass these, and the
 # sm_90 resource check (``python -m otfast.kernels.triton.resources``) compiles with them.
-FLOAT64_POINTERS = frozenset({"MU", "COST", "ALPHA", "BETA", "SCHED", "F", "G", "F_PREV", "G_PREV", "FT",
-                              "GT", "ERR"})
+FLOAT64_POINTERS = frozenset({"MU", "COST", "ALPHA", "BETA", "SCHED", "F0", "F1", "F2", "FP0", "FP1", "FP2", "G",
+                              "G_PREV", "ERR", "F_XY", "G_XY", "FP_XY", "GP_XY", "F_XX", "FP_XX", "F_YY", "FP_YY"})
 
 
 @triton.jit
@@ -170,19 +174,19 @@ def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.conste
 
 
 @triton.jit
-def _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, precise, inv_rho,
-            SYMMETRIC: tl.constexpr):
-    """(T(g), T~(f)) at temperature eps on resident tiles; T~(f) = T(g) when SYMMETRIC."""
+def _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, precise, inv_rho, symmetric):
+    """(T(g), T~(f)) at temperature eps on resident tiles; T~(f) = T(g) when ``symmetric`` (a runtime flag:
+    one launch solves the debiased loss's three problems, ``_problem``)."""
     damping = 1.0 / (1.0 + eps * inv_rho)
     if precise:
         ft = _softmin_precise(C_hi, C_lo, g, beta, eps, damping, valid_n, 1)
-        if SYMMETRIC:
+        if symmetric:
             gt = ft
         else:
             gt = _softmin_precise(C_hi, C_lo, f, alpha, eps, damping, valid_m, 0)
     else:
         ft = _softmin_fast(C_hi, C_lo, f, g, beta2, eps, damping, valid_n, 1)
-        if SYMMETRIC:
+        if symmetric:
             gt = ft
         else:
             gt = _softmin_fast(C_hi, C_lo, g, f, alpha2, eps, damping, valid_m, 0)
@@ -234,7 +238,7 @@ def _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold):
 
     The streaming kernel needs the one update call site (three, with both soft-min sweeps inlined at each,
     spilled 172 B on sm_90). The resident kernel keeps three sites instead, the same steps unrolled: its
-    final loop is compiled for fast passes only (686 SASS instructions per iteration, README), and the
+    final loop is compiled for fast passes only (689 SASS instructions per iteration, README), and the
     one-loop form spilled 4 B under triton 3.7.1."""
     annealing = t <= n_anneal
     e = tl.where(t == 0, eps_init, tl.where(annealing, _anneal_eps(SCHED, t - 1, n_anneal), eps))
@@ -245,6 +249,47 @@ def _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold):
 def _valid(LOGW, offs, in_range):
     """Which of the rows offs are tokens: log-weight > -inf (padding and rows past the end are not)."""
     return tl.load(LOGW + offs, mask=in_range, other=float("-inf")) > float("-inf")
+
+
+@triton.jit
+def _problem(p, N, M):
+    """``(rows from y, columns from y, rows, columns)`` of problem p of the loss: 0 = OT(x, y), 1 = OT(x, x),
+    2 = OT(y, y) (x: N points, y: M). Problems 1 and 2 are symmetric (one potential, f = g). The solvers
+    run problems FIRST + program_id(1): one launch solves the three of the debiased loss, whose programs
+    then run side by side instead of in three launches, one after the other."""
+    return p == 2, p != 1, tl.where(p == 2, M, N), tl.where(p == 1, N, M)
+
+
+@triton.jit
+def _pick(p, A0, A1, A2):
+    """A_p: the argument (a pointer) of problem p."""
+    return tl.where(p == 0, A0, tl.where(p == 1, A1, A2))
+
+
+@triton.jit
+def _pick4(j, A0, A1, A2, A3):
+    """A_j of four (the gradient terms of ``_grad_kernel``)."""
+    return tl.where(j == 3, A3, _pick(j, A0, A1, A2))
+
+
+@triton.jit
+def _operand(from_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd):
+    """``(pointer, row stride, feature stride)`` of pair pid's points x, or y when from_y."""
+    return tl.where(from_y, Y + pid * syb, X + pid * sxb), tl.where(from_y, sym, sxn), tl.where(from_y, syd, sxd)
+
+
+@triton.jit
+def _weights(from_y, ALPHA, BETA, pid, N, M):
+    """Pair pid's log-weights of x (ALPHA, [B, N]), or of y (BETA, [B, M]) when from_y."""
+    return tl.where(from_y, BETA + pid * M, ALPHA + pid * N)
+
+
+@triton.jit
+def _cost_base(p, FIRST, N, M):
+    """Where problem p's cost [B, rows, columns] starts in the buffer that packs those of problems FIRST,
+    FIRST + 1, ..., p (``_cost_kernel``)."""
+    before = tl.where((FIRST == 0) & (p > 0), N * M, 0) + tl.where((FIRST <= 1) & (p > 1), N * N, 0)
+    return tl.num_programs(0).to(tl.int64) * before
 
 
 @triton.jit
@@ -317,35 +362,55 @@ def _valid_sum(P, LOGW, n_rows, s_row, s_col, offs_d, in_d, BLOCK_R: tl.constexp
 @triton.jit
 def _centre_kernel(X, Y, ALPHA, BETA, MU, N, M, D, sxb, sxn, sxd, syb, sym, syd,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """MU[b] = the mean of pair b's valid points, x and y together (float64 [B, D]): the centre the cost
-    kernels subtract, so that the norm expansion of the cost does not cancel. Grid (B, D blocks)."""
+    """MU[p, b] = the mean of the valid points of problem p (``_problem``) of pair b: x and y together, x, y
+    (float64 [3, B, D]): the centre the cost kernels subtract, so that the norm expansion of the cost does
+    not cancel. Grid (B, D blocks)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = offs_d < D
     tx, cx = _valid_sum(X + pid * sxb, ALPHA + pid * N, N, sxn, sxd, offs_d, in_d, BLOCK_R, BLOCK_D)
     ty, cy = _valid_sum(Y + pid * syb, BETA + pid * M, M, sym, syd, offs_d, in_d, BLOCK_R, BLOCK_D)
-    total = tx + ty
-    n = tl.sum(cx + cy, axis=0)
-    tl.store(MU + pid * D + offs_d, tl.where(n > 0.0, total / tl.maximum(n, 1.0), 0.0), mask=in_d)
+    cx, cy = tl.sum(cx, axis=0), tl.sum(cy, axis=0)
+    out = MU + pid * D + offs_d
+    _store_mean(out, tx + ty, cx + cy, in_d)
+    _store_mean(out + tl.num_programs(0) * D, tx, cx, in_d)
+    _store_mean(out + 2 * tl.num_programs(0) * D, ty, cy, in_d)
+
+
+@triton.jit
+def _store_mean(OUT, total, count, mask):
+    tl.store(OUT, tl.where(count > 0.0, total / tl.maximum(count, 1.0), 0.0), mask=mask)
 
 
 @triton.jit
 def _sinkhorn_resident_kernel(
-        X, Y, MU, COST, ALPHA, BETA, SCHED, F, G, F_PREV, G_PREV, ITERS, ERR,
-        N, M, D, sxb, sxn, sxd, syb, sym, syd, smb, smd, scb, scn, scm, n_iters, tol,
+        X, Y, MU, COST, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR,
+        N, M, D, FIRST, sxb, sxn, sxd, syb, sym, syd, smp, smb, smd, scb, scn, scm, n_iters, tol,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_POINTS: tl.constexpr, SYMMETRIC: tl.constexpr,
         HAS_TOL: tl.constexpr):
-    """One pair per program, both cost tiles in registers, every iteration on chip.
+    """One pair and problem per program (grid (B, problems): problem FIRST + program_id(1), ``_problem``),
+    both cost tiles in registers, every iteration on chip.
 
-    SCHED: the schedule buffer of ``_anneal_eps`` (the annealing list may live on the device only). ERR is
-    float64."""
+    SYMMETRIC: None, each program's problem says whether it is symmetric (the points' kernels: one launch
+    mixes both kinds); True or False for the one problem of a precomputed cost, where that decided at run
+    time costs 40 registers and spills (the tiles loaded from memory take another layout).
+
+    Problem p writes f to F_p and f_prev to FP_p ([B, rows] float64); problem 0 also writes g, g_prev to G,
+    G_PREV; ITERS, ERR (float64) are [problems, B]. MU is [3, B, D] (``_centre_kernel``; strides smp, smb,
+    smd). SCHED: the schedule buffer of ``_anneal_eps`` (the annealing list may live on the device only)."""
     pid = tl.program_id(0).to(tl.int64)
+    p = FIRST + tl.program_id(1)
+    rows_y, cols_y, n, m = _problem(p, N, M)
+    if SYMMETRIC is None:
+        symmetric = p > 0
+    else:
+        symmetric = SYMMETRIC
     offs_n = tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    in_n = offs_n < N
-    in_m = offs_m < M
-    alpha = tl.load(ALPHA + pid * N + offs_n, mask=in_n, other=float("-inf"))
-    beta = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf"))
+    in_n = offs_n < n
+    in_m = offs_m < m
+    alpha = tl.load(_weights(rows_y, ALPHA, BETA, pid, N, M) + offs_n, mask=in_n, other=float("-inf"))
+    beta = tl.load(_weights(cols_y, ALPHA, BETA, pid, N, M) + offs_m, mask=in_m, other=float("-inf"))
     alpha2 = (alpha * LOG2E).to(tl.float32)
     beta2 = (beta * LOG2E).to(tl.float32)
     valid_n = alpha > float("-inf")
@@ -353,8 +418,10 @@ def _sinkhorn_resident_kernel(
     w_n = tl.exp2(alpha2)
     w_m = tl.exp2(beta2)
     if FROM_POINTS:
-        C_hi, C_lo = _cost_tile_outer(X + pid * sxb, Y + pid * syb, MU + pid * smb, offs_n, offs_m, valid_n, valid_m,
-                                      D, sxn, sxd, sym, syd, smd, BLOCK_N, BLOCK_M)
+        Rp, srn, srd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
+        Cp, scn_, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
+        C_hi, C_lo = _cost_tile_outer(Rp, Cp, MU + p * smp + pid * smb, offs_n, offs_m, valid_n, valid_m, D,
+                                      srn, srd, scn_, scd, smd, BLOCK_N, BLOCK_M)
     else:
         C_hi, C_lo = _split(tl.load(COST + pid * scb + offs_n[:, None] * scn + offs_m[None, :] * scm,
                                     mask=in_n[:, None] & in_m[None, :], other=0.0))
@@ -364,11 +431,11 @@ def _sinkhorn_resident_kernel(
     f = tl.zeros((BLOCK_N,), dtype=tl.float64)
     g = tl.zeros((BLOCK_M,), dtype=tl.float64)
     f, g = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps_init,
-                   eps_init > threshold, inv_rho, SYMMETRIC)
+                   eps_init > threshold, inv_rho, symmetric)
     for t in range(n_anneal):
         e = _anneal_eps(SCHED, t, n_anneal)
         ft, gt = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, e, e > threshold,
-                         inv_rho, SYMMETRIC)
+                         inv_rho, symmetric)
         f = (f + ft) * 0.5
         g = (g + gt) * 0.5
 
@@ -376,7 +443,7 @@ def _sinkhorn_resident_kernel(
     go = n_iters > 0
     while go:  # the final temperature: fast passes
         ft, gt = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False, inv_rho,
-                         SYMMETRIC)
+                         symmetric)
         active = go
         if HAS_TOL:
             err = _residual(f, ft, w_n, eps) + _residual(g, gt, w_m, eps)
@@ -387,31 +454,39 @@ def _sinkhorn_resident_kernel(
         go = active & (it < n_iters)
 
     f_new, g_new = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False, inv_rho,
-                           SYMMETRIC)
+                           symmetric)
     err = _residual(f, f_new, w_n, eps) + _residual(g, g_new, w_m, eps)
-    tl.store(F + pid * N + offs_n, f_new, mask=in_n)
-    tl.store(F_PREV + pid * N + offs_n, f, mask=in_n)
-    tl.store(G + pid * M + offs_m, g_new, mask=in_m)
-    tl.store(G_PREV + pid * M + offs_m, g, mask=in_m)
-    tl.store(ITERS + pid, n_anneal + it)
-    tl.store(ERR + pid, err)
+    tl.store(_pick(p, F0, F1, F2) + pid * n + offs_n, f_new, mask=in_n)
+    tl.store(_pick(p, FP0, FP1, FP2) + pid * n + offs_n, f, mask=in_n)
+    if not symmetric:  # a symmetric problem's g is its f
+        tl.store(G + pid * m + offs_m, g_new, mask=in_m)
+        tl.store(G_PREV + pid * m + offs_m, g, mask=in_m)
+    out = tl.program_id(1) * tl.num_programs(0) + pid
+    tl.store(ITERS + out, n_anneal + it)
+    tl.store(ERR + out, err)
 
 
 @triton.jit
-def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, sxb, sxn, sxd, syb, sym, syd, smb, smd,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """COST_HI[b] + COST_LO[b] = |x_i - y_j|^2 / 2 of the prepared points (``_centred``) tile by tile
-    (float64 accumulation), contiguous [B, N, M] fp32 each. Grid (B, N tiles, M tiles)."""
+def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, FIRST, sxb, sxn, sxd, syb, sym, syd, smp, smb,
+                 smd, n_tiles_m, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """COST_HI + COST_LO = |x_i - y_j|^2 / 2 of the prepared points (``_centred``) of problem FIRST +
+    program_id(1) (``_problem``) tile by tile (float64 accumulation): fp32 each, problem p's contiguous
+    [B, rows, columns] at ``_cost_base``. Grid (B, problems, row tiles x n_tiles_m column tiles of the
+    longest problem; tiles past a shorter problem's end store nothing)."""
     pid = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_n = offs_n < N
-    in_m = offs_m < M
-    ok_n = _valid(ALPHA + pid * N, offs_n, in_n)
-    ok_m = _valid(BETA + pid * M, offs_m, in_m)
-    C_hi, C_lo = _cost_tile_dot(X + pid * sxb, Y + pid * syb, MU + pid * smb, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd,
-                                sym, syd, smd, BLOCK_N, BLOCK_M, BLOCK_K)
-    offs = pid * N * M + offs_n[:, None] * M + offs_m[None, :]
+    p = FIRST + tl.program_id(1)
+    rows_y, cols_y, n, m = _problem(p, N, M)
+    offs_n = (tl.program_id(2) // n_tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (tl.program_id(2) % n_tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_n = offs_n < n
+    in_m = offs_m < m
+    ok_n = _valid(_weights(rows_y, ALPHA, BETA, pid, N, M), offs_n, in_n)
+    ok_m = _valid(_weights(cols_y, ALPHA, BETA, pid, N, M), offs_m, in_m)
+    Rp, srn, srd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
+    Cp, scn, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
+    C_hi, C_lo = _cost_tile_dot(Rp, Cp, MU + p * smp + pid * smb, offs_n, offs_m, ok_n, ok_m, D, srn, srd, scn, scd,
+                                smd, BLOCK_N, BLOCK_M, BLOCK_K)
+    offs = _cost_base(p, FIRST, N, M) + pid * n * m + offs_n[:, None] * m + offs_m[None, :]
     tl.store(COST_HI + offs, C_hi, mask=in_n[:, None] & in_m[None, :])
     tl.store(COST_LO + offs, C_lo, mask=in_n[:, None] & in_m[None, :])
 
@@ -495,13 +570,14 @@ def _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_C
 
 
 @triton.jit
-def _stream_update(CH, CL, scn, scm, N, M, ALPHA, BETA, F, G, FT, GT, eps, precise, inv_rho,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """FT = T(G), GT = T~(F) (GT unused when SYMMETRIC) at temperature eps, streaming the cost."""
+def _stream_update(CH, CL, N, M, ALPHA, BETA, F, G, FT, GT, eps, precise, inv_rho, symmetric,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """FT = T(G), GT = T~(F) (GT aliases FT when symmetric) at temperature eps, streaming the contiguous
+    [N, M] cost."""
     damping = 1.0 / (1.0 + eps * inv_rho)
-    _stream_softmin(CH, CL, scn, scm, N, M, BETA, G, F, ALPHA, FT, eps, damping, precise, BLOCK_N, BLOCK_M)
-    if not SYMMETRIC:
-        _stream_softmin(CH, CL, scm, scn, M, N, ALPHA, F, G, BETA, GT, eps, damping, precise, BLOCK_M, BLOCK_N)
+    _stream_softmin(CH, CL, M, 1, N, M, BETA, G, F, ALPHA, FT, eps, damping, precise, BLOCK_N, BLOCK_M)
+    if not symmetric:
+        _stream_softmin(CH, CL, 1, M, M, N, ALPHA, F, G, BETA, GT, eps, damping, precise, BLOCK_M, BLOCK_N)
     # The program's warps wrote FT / GT through global memory, and the next step reads them across rows
     # other warps wrote: a block-wide barrier orders the two (global stores are visible to the block after it).
     tl.debug_barrier()
@@ -534,37 +610,37 @@ def _stream_combine(P, PT, n, w_old, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _stream_error(F, FT, G, GT, ALPHA, BETA, N, M, eps,
-                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Residual of the rows plus the columns (twice the rows when SYMMETRIC)."""
-    if SYMMETRIC:
-        err = 2.0 * _stream_residual(F, FT, ALPHA, N, eps, BLOCK_N)
-    else:
-        err = _stream_residual(F, FT, ALPHA, N, eps, BLOCK_N) + _stream_residual(G, GT, BETA, M, eps, BLOCK_M)
-    return err
+def _stream_error(F, FT, G, GT, ALPHA, BETA, N, M, eps, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Residual of the rows plus the columns (twice the rows, exactly, for a symmetric problem, whose G, GT,
+    BETA alias F, FT, ALPHA)."""
+    return _stream_residual(F, FT, ALPHA, N, eps, BLOCK_N) + _stream_residual(G, GT, BETA, M, eps, BLOCK_M)
 
 
 @triton.jit
-def _stream_step(F, FT, G, GT, N, M, w_old, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                 SYMMETRIC: tl.constexpr):
+def _stream_step(F, FT, G, GT, N, M, w_old, symmetric, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     _stream_combine(F, FT, N, w_old, BLOCK_N)
-    if not SYMMETRIC:
+    if not symmetric:
         _stream_combine(G, GT, M, w_old, BLOCK_M)
 
 
 @triton.jit
 def _sinkhorn_streaming_kernel(
-        COST_HI, COST_LO, ALPHA, BETA, SCHED, F, G, FT, GT, ITERS, ERR,
-        N, M, scb, scn, scm, n_iters, tol,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_TOL: tl.constexpr):
-    """One pair per program, any length: the cost streams tile by tile, potentials live in global memory.
+        COST_HI, COST_LO, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR,
+        N, M, FIRST, n_iters, tol, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_TOL: tl.constexpr):
+    """One pair and problem per program (grid and outputs as the resident kernel's), any length: the cost
+    (packed as ``_cost_kernel`` writes it) streams tile by tile, the potentials live in global memory.
 
-    F, G hold the current potentials (zero on entry; G aliases F when SYMMETRIC) and end as f_prev,
-    g_prev; FT, GT are scratch and end as the final f, g. SCHED as in the resident kernel."""
+    FP_p, G_PREV hold the current potentials (zero on entry) and end as f_prev, g_prev; F_p, G are the
+    updates' scratch and end as the final f, g. SCHED as in the resident kernel."""
     pid = tl.program_id(0).to(tl.int64)
-    CH, CL = COST_HI + pid * scb, COST_LO + pid * scb
-    A, Bw = ALPHA + pid * N, BETA + pid * M
-    Fp, Gp, FTp, GTp = F + pid * N, G + pid * M, FT + pid * N, GT + pid * M
+    p = FIRST + tl.program_id(1)
+    rows_y, cols_y, n, m = _problem(p, N, M)
+    symmetric = p > 0
+    base = _cost_base(p, FIRST, N, M) + pid * n * m
+    CH, CL = COST_HI + base, COST_LO + base
+    A, Bw = _weights(rows_y, ALPHA, BETA, pid, N, M), _weights(cols_y, ALPHA, BETA, pid, N, M)
+    Fp, FTp = _pick(p, FP0, FP1, FP2) + pid * n, _pick(p, F0, F1, F2) + pid * n
+    Gp, GTp = tl.where(symmetric, Fp, G_PREV + pid * m), tl.where(symmetric, FTp, G + pid * m)
     eps, inv_rho, n_anneal, eps_init = _schedule(SCHED)
     threshold = eps * PRECISE_RATIO
 
@@ -573,68 +649,87 @@ def _sinkhorn_streaming_kernel(
     go = n_iters >= 0
     while go:  # the schedule, one step per trip (``_schedule_step``)
         e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
-        _stream_update(CH, CL, scn, scm, N, M, A, Bw, Fp, Gp, FTp, GTp, e, precise, inv_rho,
-                       BLOCK_N, BLOCK_M, SYMMETRIC)
+        _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, e, precise, inv_rho, symmetric, BLOCK_N, BLOCK_M)
         active = annealing | (it < n_iters)
         if HAS_TOL:
-            active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, N, M, eps, BLOCK_N, BLOCK_M,
-                                                          SYMMETRIC) > tol))
+            active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M) > tol))
         if active:
-            _stream_step(Fp, FTp, Gp, GTp, N, M, w_old, BLOCK_N, BLOCK_M, SYMMETRIC)
+            _stream_step(Fp, FTp, Gp, GTp, n, m, w_old, symmetric, BLOCK_N, BLOCK_M)
         it += (active & ~annealing).to(tl.int32)
         t += 1
         go = active
 
-    tl.store(ITERS + pid, n_anneal + it)
-    tl.store(ERR + pid, _stream_error(Fp, FTp, Gp, GTp, A, Bw, N, M, eps, BLOCK_N, BLOCK_M, SYMMETRIC))
+    out = tl.program_id(1) * tl.num_programs(0) + pid
+    tl.store(ITERS + out, n_anneal + it)
+    tl.store(ERR + out, _stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M))
 
 
 @triton.jit
-def _grad_kernel(X, Y, MU, F, G_PREV, ALPHA, BETA, SCHED, U, OUT, N, M, D, sxb, sxn, sxd, syb, sym, syd, smb, smd,
+def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, ALPHA, BETA, SCHED, U_X, U_Y, U_XX,
+                 U_YY, OUT_X, OUT_Y, N, M, D, TERMS, sxb, sxn, sxd, syb, sym, syd, smp, smb, smd,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """OUT_i = u_i (x_i - sum_j S_ij y_j) for one row block and one block of output features, on the
-    prepared points (``_centred``).
+    """The loss's gradient with respect to the prepared points (``_centred``), one row block and one block of
+    output features per program: side 0 writes OUT_X_i = u_i (x_i - sum_j S_ij y_j) of OT(x, y), minus,
+    when TERMS = 2, the same term of OT(x, x) (weights U_XX); side 1 writes OUT_Y alike with the roles of x
+    and y exchanged (U_Y, and U_YY of OT(y, y)). The debiased loss's four gradient terms take one launch.
 
-    S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps), eps = SCHED[0]: exponents formed relative to f
-    (= T(g_prev), so near 0 on the plan's support) as in the fast passes, a running max and sum over the M
-    tiles rescale the accumulator (flash-attention's forward), and the row sums divide it at the end. Grid
-    (B, N blocks, D blocks); U and OUT (contiguous [B, N, D]) are in the points' dtype, fp32 or float64;
-    a padding row gets exactly 0."""
+    S_ij = softmax_j(beta_j + (q_j - C_ij) / eps) for the term's problem, q its column potential before the
+    final step (G_PREV), eps = SCHED[0]: exponents formed relative to the row potential f (= T(q), so near 0
+    on the plan's support) as in the fast passes, a running max and sum over the column tiles rescale the
+    accumulator (flash-attention's forward), and each term's row sums divide it at its end. Grid
+    (B, row blocks, sides x D blocks); U_*, OUT_* (contiguous [B, rows, D]) are in the points' dtype, fp32 or
+    float64; a padding row gets exactly 0."""
     pid = tl.program_id(0).to(tl.int64)
+    n_do = tl.cdiv(D, BLOCK_DO)
+    side = tl.program_id(2) // n_do
+    rows_y = side == 1
+    n = tl.where(rows_y, M, N)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_do = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    in_n = offs_n < N
+    offs_do = (tl.program_id(2) % n_do) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    in_n = offs_n < n
     in_do = offs_do < D
-    Xp, Yp, MUp = X + pid * sxb, Y + pid * syb, MU + pid * smb
+    Rp, srn, srd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
+    valid_n = _valid(_weights(rows_y, ALPHA, BETA, pid, N, M), offs_n, in_n)
     eps = tl.load(SCHED)
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
-    valid_n = _valid(ALPHA + pid * N, offs_n, in_n)
-    ph, _ = _split(tl.load(F + pid * N + offs_n, mask=in_n, other=0.0))
-    m_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        in_m = offs_m < M
-        beta = tl.load(BETA + pid * M + offs_m, mask=in_m, other=float("-inf"))
-        valid_m = beta > float("-inf")
-        C_hi, C_lo = _cost_tile_dot(Xp, Yp, MUp, offs_n, offs_m, valid_n, valid_m, D, sxn, sxd, sym, syd, smd,
-                                    BLOCK_N, BLOCK_M, BLOCK_K)
-        qh, ql = _split(tl.load(G_PREV + pid * M + offs_m, mask=in_m, other=0.0))
-        w2 = (beta * LOG2E).to(tl.float32) + ql * k
-        z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, 1)
-        z = tl.where(valid_n[:, None], z, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale = tl.exp2(m_run - m_safe)
-        S = tl.exp2(z - m_safe[:, None])
-        s_run = s_run * scale + tl.sum(S, axis=1)
-        yt = _centred(Yp, MUp, offs_m, valid_m, offs_do, in_do, sym, syd, smd, 1).to(tl.float32)
-        acc = tl.dot(S, yt, acc * scale[:, None], input_precision=PRECISION)
-        m_run = m_new
-    xt = _centred(Xp, MUp, offs_n, valid_n, offs_do, in_do, sxn, sxd, smd, 1).to(tl.float32)
-    u = tl.load(U + pid * N + offs_n, mask=in_n, other=0.0)
-    sy = acc / tl.where(s_run > 0.0, s_run, 1.0)[:, None]
-    tl.store(OUT + pid * N * D + offs_n[:, None] * D + offs_do[None, :], u[:, None] * (xt - sy),
-             mask=in_n[:, None] & in_do[None, :])
+    for t in range(TERMS):
+        term = side + 2 * t  # 0, 1: dx, dy of OT(x, y); 2: dx of OT(x, x); 3: dy of OT(y, y)
+        cols_y = (side + t) % 2 == 0
+        m = tl.where(cols_y, M, N)
+        MUp = MU + tl.where(t == 0, 0, 1 + side) * smp + pid * smb
+        Cp, scn, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
+        Wc = _weights(cols_y, ALPHA, BETA, pid, N, M)
+        Q = _pick4(term, GP_XY, FP_XY, FP_XX, FP_YY) + pid * m
+        ph, _ = _split(tl.load(_pick4(term, F_XY, G_XY, F_XX, F_YY) + pid * n + offs_n, mask=in_n, other=0.0))
+        m_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
+        for m0 in range(0, m, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            in_m = offs_m < m
+            beta = tl.load(Wc + offs_m, mask=in_m, other=float("-inf"))
+            valid_m = beta > float("-inf")
+            C_hi, C_lo = _cost_tile_dot(Rp, Cp, MUp, offs_n, offs_m, valid_n, valid_m, D, srn, srd, scn, scd, smd,
+                                        BLOCK_N, BLOCK_M, BLOCK_K)
+            qh, ql = _split(tl.load(Q + offs_m, mask=in_m, other=0.0))
+            w2 = (beta * LOG2E).to(tl.float32) + ql * k
+            z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, 1)
+            z = tl.where(valid_n[:, None], z, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(z, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            scale = tl.exp2(m_run - m_safe)
+            S = tl.exp2(z - m_safe[:, None])
+            s_run = s_run * scale + tl.sum(S, axis=1)
+            yt = _centred(Cp, MUp, offs_m, valid_m, offs_do, in_do, scn, scd, smd, 1).to(tl.float32)
+            acc = tl.dot(S, yt, acc * scale[:, None], input_precision=PRECISION)
+            m_run = m_new
+        xt = _centred(Rp, MUp, offs_n, valid_n, offs_do, in_do, srn, srd, smd, 1).to(tl.float32)
+        u = tl.load(_pick4(term, U_X, U_Y, U_XX, U_YY) + pid * n + offs_n, mask=in_n, other=0.0)
+        sy = acc / tl.where(s_run > 0.0, s_run, 1.0)[:, None]
+        out = tl.where(t == 0, 1.0, -1.0) * u[:, None] * (xt - sy)
+        OUTp = tl.where(rows_y, OUT_Y, OUT_X) + pid * n * D + offs_n[:, None] * D + offs_do[None, :]
+        if t > 0:  # subtract from term 0's output, through memory (a second tile in registers would spill)
+            tl.debug_barrier()  # other threads of the program stored it: order those stores before this load
+            out += tl.load(OUTp, mask=in_n[:, None] & in_do[None, :], other=0.0)
+        tl.store(OUTp, out, mask=in_n[:, None] & in_do[None, :])
