@@ -8,6 +8,7 @@ Shapes stay small (D = 8) because the interpreter runs each kernel op in numpy.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -99,6 +100,32 @@ def test_huge_cost_over_eps_stays_finite(N, M):
     got = otfast.sinkhorn(cost.to(DEVICE), eps=1e-4, n_iters=20, backend="triton")
     assert torch.isfinite(got.value).all()
     assert_close(got.value.cpu(), want.value, rtol=1e-6, atol=0, what="value")
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
+                            "ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("N,M", [(9, 6), (40, 37)], ids=["resident", "streaming"])
+def test_clouds_far_apart_stay_finite(N, M):
+    """x 1e4 from the origin and y 1e4 on the other side (C / eps ~ 3e9, every cost nearly the same): the
+    fast passes' exponents relative to the zero initial potentials are ~1e10, whose fp32 max is off by
+    hundreds of binary orders; the potentials and gradients still match the reference's (they were NaN
+    before the second sweep took its own max there, ``sinkhorn._far``)."""
+    from otfast import reference
+    from otfast.schedule import Schedule
+
+    batch = make_points(2, N, M, 8, seed=23, ragged=False)
+    x, y = batch.x + 1e4, batch.y - 1e4
+    alpha = torch.full((2, N), -math.log(N), dtype=torch.float64)
+    beta = torch.full((2, M), -math.log(M), dtype=torch.float64)
+    schedule = Schedule(eps=0.5, n_iters=12)
+    pots = backend.solve_points(*_on_device(x, y, alpha, beta), schedule)
+    want = reference.solve_points(x, y, alpha, beta, schedule)
+    for field in ("f", "g", "f_prev", "g_prev"):  # potentials ~8e8: within 2e-4 eps
+        assert_close(getattr(pots, field).cpu(), getattr(want, field), rtol=0, atol=1e-4, what=field)
+    u, v = alpha.exp(), beta.exp()
+    grads = backend.grad_points(*_on_device(x, y, alpha, beta), pots, schedule.eps, *_on_device(u, v))
+    for got, w, what in zip(grads, reference.grad_points(x, y, alpha, beta, want, schedule.eps, u, v), ("dx", "dy")):
+        assert_close(got.cpu(), w, rtol=1e-6, atol=1e-6, what=what)
 
 
 def test_single_token_pairs_have_exact_gradients():

@@ -61,6 +61,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Passes at a temperature above PRECISE_RATIO times the final one run in float64 (see the module docstring).
 PRECISE_RATIO = tl.constexpr(256.0)
+# Exponents whose max reaches FAR (|m| 2^-23 = 8 binary orders of rounding) get a second max (``_far``).
+FAR = tl.constexpr(2.0**26)
 # Pointer arguments that hold float64 (the points X, Y and the backward's U_*, OUT_* are fp32 or float64,
 # ``configs.POINT_DTYPES``; every other pointer holds fp32, ITERS int32): the launchers pass these, and the
 # sm_90 resource check (``python -m otfast.kernels.triton.resources``) compiles with them.
@@ -122,34 +124,55 @@ def _softmin_fast(C_hi, C_lo, p, q, logw2_q, eps, damping, valid, AXIS: tl.const
     """T(q) over AXIS on resident tiles (float64 in and out), in two sweeps over the tiles.
 
     The first sweep forms the exponents relative to the current p and takes their max m; the second forms
-    them again relative to p' = p - eps ln2 m, where the largest exponent is about 0 (``_shifted``), and
-    sums exp2. Far from convergence (a fixed small eps from the start) m is in the thousands, and
+    them again relative to p' = p - eps ln2 m, where the largest exponent c is about 0 (``_shifted``),
+    and sums exp2. Far from convergence (a fixed small eps from the start) m is in the thousands, and
     exponents of that size would each carry a rounding of 1e-4, noise that the iterations accumulate
     (measured: 0.04 eps in f + g after 300 updates at D = 16, scale 10, eps 0.0025; 5e-5 eps with the
-    second sweep). Recomputing rather than storing the exponents keeps no second tile-sized temporary live."""
+    second sweep). Where some |m| reaches ``FAR`` (C / eps ~ 1e8 and more, far from the potentials),
+    m's own fp32 rounding can move c by hundreds of binary orders, and exp2 overflowed (NaN potentials):
+    then c is the max of the second sweep's exponents (``_far``; ``tests/test_triton_interpreter.py`` has
+    the case). The one test per pass is a uniform branch; taking the max always added 113 instructions
+    (16%) to the resident iteration."""
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
     ph, _ = _split(p)
     qh, ql = _split(q)
     w2 = logw2_q + ql * k
     m = tl.max(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS), axis=AXIS)
     ph, c = _shifted(ph, m, eps)
+    z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS)
+    if _far(m):
+        c = _finite(tl.max(z, axis=AXIS))
     if AXIS == 1:
-        s = tl.sum(tl.exp2(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS) - c[:, None]), axis=1)
+        s = tl.sum(tl.exp2(z - c[:, None]), axis=1)
     else:
-        s = tl.sum(tl.exp2(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS) - c[None, :]), axis=0)
+        s = tl.sum(tl.exp2(z - c[None, :]), axis=0)
     out = damping * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s).to(tl.float64)))
     return tl.where(valid, out, 0.0)
+
+
+@triton.jit
+def _finite(m):
+    """A running max with -inf (every entry masked) read as 0, so that exponents minus it stay -inf, not NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
 def _shifted(ph, m, eps):
     """``(ph2, c)``: the fp32 reference ph2 = fp32(ph - eps ln2 m) for exponents whose max was m relative to
     ph, and c = (ph2 - (ph - eps ln2 m)) log2(e) / eps, the max relative to ph2 (about 0 unless the
-    potentials are too large for fp32 to resolve eps, when c keeps exp2 from overflowing)."""
-    m = tl.where(m == float("-inf"), 0.0, m)
-    target = ph.to(tl.float64) - (eps * LN2) * m.to(tl.float64)
+    potentials are too large for fp32 to resolve eps, when c keeps exp2 from overflowing), exact to within
+    m's own rounding (``_far``)."""
+    target = ph.to(tl.float64) - (eps * LN2) * _finite(m).to(tl.float64)
     ph2 = target.to(tl.float32)
     return ph2, ((ph2.to(tl.float64) - target) * ((1.0 / eps) * LOG2E)).to(tl.float32)
+
+
+@triton.jit
+def _far(m):
+    """Whether some max m of fp32 exponents is so large (``FAR``) that its rounding, |m| 2^-23 at most, can
+    put the max relative to the shifted reference outside what ``_shifted``'s c accounts for by more than
+    exp2's range allows: the second sweep then takes its own max."""
+    return tl.max(tl.abs(_finite(m)), axis=0) >= FAR
 
 
 @triton.jit
@@ -164,7 +187,7 @@ def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.conste
     else:
         z = h[:, None] - C * inv_eps
     m = tl.max(z, axis=AXIS)
-    m = tl.where(m == float("-inf"), 0.0, m)
+    m = _finite(m)
     if AXIS == 1:
         e = tl.exp2(((z - m[:, None]) * LOG2E).to(tl.float32))
     else:
@@ -529,18 +552,20 @@ def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, PO
         C_lo = tl.load(CL + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
         z = h[None, :] - (C_hi.to(tl.float64) + C_lo.to(tl.float64)) * inv_eps
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = _finite(m_new)
         e = tl.exp2(((z - m_safe[:, None]) * LOG2E).to(tl.float32))
         s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(e.to(tl.float64), axis=1)
         m_run = m_new
-    return -damping * eps * (tl.where(m_run == float("-inf"), 0.0, m_run) + tl.log(s_run))
+    return -damping * eps * (_finite(m_run) + tl.log(s_run))
 
 
 @triton.jit
 def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, POT_ROW, eps, damping,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """d (p' - eps ln2 LSE2) for one row block in two sweeps over the column tiles: the max of the fp32
-    exponents relative to the current p, then their sum relative to the shifted reference (``_shifted``)."""
+    exponents relative to the current p, then their sum relative to the shifted reference (``_shifted``)
+    with a running max (always: the test of ``_far`` and a second call site spilled 76 bytes under triton
+    3.7.1)."""
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
     ph, _ = _split(tl.load(POT_ROW + offs_r, mask=in_r, other=0.0))
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
@@ -548,13 +573,17 @@ def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_C
         offs_c = c0 + tl.arange(0, BLOCK_C)
         z = _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
         m = tl.maximum(m, tl.max(z, axis=1))
-    ph, c = _shifted(ph, m, eps)
+    ph, _ = _shifted(ph, m, eps)
+    c = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for c0 in range(0, n_cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         z = _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
-        s += tl.sum(tl.exp2(z - c[:, None]), axis=1).to(tl.float64)
-    return damping * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s)))
+        c_new = tl.maximum(c, tl.max(z, axis=1))
+        s = s * tl.exp2(c - _finite(c_new)).to(tl.float64) + tl.sum(tl.exp2(z - _finite(c_new)[:, None]),
+                                                                       axis=1).to(tl.float64)
+        c = c_new
+    return damping * (ph.to(tl.float64) - (eps * LN2) * (_finite(c).to(tl.float64) + tl.log2(s)))
 
 
 @triton.jit
@@ -717,7 +746,7 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
             z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, 1)
             z = tl.where(valid_n[:, None], z, float("-inf"))
             m_new = tl.maximum(m_run, tl.max(z, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            m_safe = _finite(m_new)
             scale = tl.exp2(m_run - m_safe)
             S = tl.exp2(z - m_safe[:, None])
             s_run = s_run * scale + tl.sum(S, axis=1)
