@@ -9,7 +9,9 @@ behind one entry:
   extra device memory: the potentials, O(B (N + M)).
 - streaming (longer): the cost is written once as two fp32 tiles (8 B N M bytes), then streamed.
 
-The backward is one tiled kernel for every length, launched for dx and again (roles swapped) for dy.
+The backward is one tiled kernel for every length, one launch for dx and (roles swapped) dy, the debiased
+loss's two symmetric terms included. ``solve_problems`` and ``grad_problems`` take the loss's problems
+together, one launch per kernel.
 The potentials are float64; the N M work is fp32 (``kernels/triton/sinkhorn.py`` says where and why float64
 is used). ``OTFAST_TRITON_PRECISION`` (default "ieee") sets the ``tl.dot`` precision of S @ y in the
 backward; "tf32x3" runs it on tensor cores at near-fp32 accuracy (plain tf32, ~1e-3 relative, is not
@@ -128,8 +130,9 @@ class _Outputs(NamedTuple):
     @classmethod
     def alloc(cls, first: int, count: int, b: int, n: int, m: int, device: torch.device,
               zeros: bool) -> "_Outputs":
-        """``zeros``: f_prev, g_prev start at 0 (the streaming kernel's current potentials). Every output is
-        its own allocation: the loss's custom op may not return tensors that alias each other."""
+        """``zeros``: f_prev, g_prev start at 0 (the streaming kernel's current potentials). Each problem's
+        outputs are allocations of their own (a symmetric problem's g is its f): the loss's custom op may
+        not return tensors that alias each other."""
         f64 = torch.float64
         rows = [_rows(p, n, m) for p in range(first, first + count)]
         f = [_empty((b, r), f64, device) for r in rows]
@@ -233,10 +236,10 @@ def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor, first:
     size = b * sum(r * c for r, c in shapes)
     hi, lo = _empty((size,), torch.float32, x.device), _empty((size,), torch.float32, x.device)
     bn, bm, bk = COST_BLOCK
-    tiles_m = triton.cdiv(max(c for _, c in shapes), bm)
-    K._cost_kernel[(b, count, triton.cdiv(max(r for r, _ in shapes), bn) * tiles_m)](
+    tiles_n = triton.cdiv(max(r for r, _ in shapes), bn)
+    K._cost_kernel[(b, count * tiles_n, triton.cdiv(max(c for _, c in shapes), bm))](
         x, y, points.mu, alpha, beta, hi, lo, n, m, dim, first, *x.stride(), *y.stride(), *points.mu_strides,
-        tiles_m, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS, num_stages=NUM_STAGES,
+        tiles_n, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS, num_stages=NUM_STAGES,
         enable_fp_fusion=FP_FUSION)
     return hi, lo
 
@@ -261,6 +264,7 @@ def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: to
     The kernels mask and centre the points as they load them ("sqeuclidean": one more launch finds each
     pair's centre, ``_Points``); "cosine" normalises them first (``otfast.reference.prepare_points``). Up
     to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once as two fp32 tiles.
+    ``symmetric`` solves OT(x, x) and reads neither y nor beta (the ``Backend`` contract: y is x).
     """
     return _solve_points(x, y, alpha, beta, schedule, XX if symmetric else XY, 1, cost)[0]
 
@@ -320,6 +324,9 @@ def grad_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: t
     raw points, in x's dtype, in one launch: ``[dx]`` or ``[dx, dy]`` of OT(x, y) for upstream weights
     ``weights = [u]`` or ``[u, v]``; debiased (three problems, ``weights = [u, v, u_xx, u_yy]``) dx of
     OT(x, y) - OT(x, x) and dy of OT(x, y) - OT(y, y)."""
+    if (len(pots), len(weights)) not in ((1, 1), (1, 2), (3, 4)):
+        raise ValueError(f"grad_problems takes 1 or 3 problems with 1, 2 or 4 upstream weights (u, v, u_xx, u_yy), "
+                         f"got {len(pots)} problems and {len(weights)} weights")
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)
     sides = 1 if len(weights) == 1 else 2

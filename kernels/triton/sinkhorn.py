@@ -311,8 +311,8 @@ def _weights(from_y, ALPHA, BETA, pid, N, M):
 def _cost_base(p, FIRST, N, M):
     """Where problem p's cost [B, rows, columns] starts in the buffer that packs those of problems FIRST,
     FIRST + 1, ..., p (``_cost_kernel``)."""
-    before = tl.where((FIRST == 0) & (p > 0), N * M, 0) + tl.where((FIRST <= 1) & (p > 1), N * N, 0)
-    return tl.num_programs(0).to(tl.int64) * before
+    b = tl.num_programs(0).to(tl.int64)  # in int64 before any product: B N M can pass 2^31
+    return tl.where((FIRST == 0) & (p > 0), b * N * M, 0) + tl.where((FIRST <= 1) & (p > 1), b * N * N, 0)
 
 
 @triton.jit
@@ -491,24 +491,26 @@ def _sinkhorn_resident_kernel(
 
 @triton.jit
 def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, FIRST, sxb, sxn, sxd, syb, sym, syd, smp, smb,
-                 smd, n_tiles_m, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                 smd, n_tiles_n, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """COST_HI + COST_LO = |x_i - y_j|^2 / 2 of the prepared points (``_centred``) of problem FIRST +
-    program_id(1) (``_problem``) tile by tile (float64 accumulation): fp32 each, problem p's contiguous
-    [B, rows, columns] at ``_cost_base``. Grid (B, problems, row tiles x n_tiles_m column tiles of the
-    longest problem; tiles past a shorter problem's end store nothing)."""
+    program_id(1) // n_tiles_n (``_problem``) tile by tile (float64 accumulation): fp32 each, problem p's
+    contiguous [B, rows, columns] at ``_cost_base``. Grid (B, problems x n_tiles_n row tiles, column
+    tiles), both counts those of the longest problem (a grid's second and third axes stop at 65535); a
+    tile past a shorter problem's end computes and stores nothing."""
     pid = tl.program_id(0).to(tl.int64)
-    p = FIRST + tl.program_id(1)
+    p = FIRST + tl.program_id(1) // n_tiles_n
     rows_y, cols_y, n, m = _problem(p, N, M)
-    offs_n = (tl.program_id(2) // n_tiles_m) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = (tl.program_id(2) % n_tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(1) % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_n = offs_n < n
     in_m = offs_m < m
     ok_n = _valid(_weights(rows_y, ALPHA, BETA, pid, N, M), offs_n, in_n)
     ok_m = _valid(_weights(cols_y, ALPHA, BETA, pid, N, M), offs_m, in_m)
     Rp, srn, srd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
     Cp, scn, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
-    C_hi, C_lo = _cost_tile_dot(Rp, Cp, MU + p * smp + pid * smb, offs_n, offs_m, ok_n, ok_m, D, srn, srd, scn, scd,
-                                smd, BLOCK_N, BLOCK_M, BLOCK_K)
+    live = ((tl.program_id(1) % n_tiles_n) * BLOCK_N < n) & (tl.program_id(2) * BLOCK_M < m)
+    C_hi, C_lo = _cost_tile_dot(Rp, Cp, MU + p * smp + pid * smb, offs_n, offs_m, ok_n, ok_m, tl.where(live, D, 0), srn,
+                                srd, scn, scd, smd, BLOCK_N, BLOCK_M, BLOCK_K)
     offs = _cost_base(p, FIRST, N, M) + pid * n * m + offs_n[:, None] * m + offs_m[None, :]
     tl.store(COST_HI + offs, C_hi, mask=in_n[:, None] & in_m[None, :])
     tl.store(COST_LO + offs, C_lo, mask=in_n[:, None] & in_m[None, :])
@@ -720,6 +722,7 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
     in_do = offs_do < D
     Rp, srn, srd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
     valid_n = _valid(_weights(rows_y, ALPHA, BETA, pid, N, M), offs_n, in_n)
+    live = tl.program_id(1) * BLOCK_N < n  # the row blocks span the longer side: a block past n does nothing
     eps = tl.load(SCHED)
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
     for t in range(TERMS):
@@ -734,7 +737,7 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
         m_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         s_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-        for m0 in range(0, m, BLOCK_M):
+        for m0 in range(0, tl.where(live, m, 0), BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             in_m = offs_m < m
             beta = tl.load(Wc + offs_m, mask=in_m, other=float("-inf"))
