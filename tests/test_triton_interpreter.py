@@ -104,7 +104,7 @@ def test_huge_cost_over_eps_stays_finite(N, M):
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
                             "ignore:overflow encountered in exp2:RuntimeWarning")
-@pytest.mark.parametrize("N,M", [(9, 6), (40, 37)], ids=["resident", "streaming"])
+@pytest.mark.parametrize("N,M", [(9, 6), (33, 20)], ids=["resident", "streaming"])
 def test_clouds_far_apart_stay_finite(N, M):
     """x 1e4 from the origin and y 1e4 on the other side (C / eps ~ 3e9, every cost nearly the same): the
     fast passes' exponents relative to the zero initial potentials are ~1e10, whose fp32 max is off by
@@ -272,7 +272,7 @@ def test_sqeuclidean_points_are_prepared_inside_the_kernels(N, M, solver, dtype,
     assert (count["triton"], count["torch"]) == (2, 0), count
 
 
-@pytest.mark.parametrize("N,M,solver", [(9, 6, "resident"), (36, 21, "streaming")], ids=lambda v: str(v))
+@pytest.mark.parametrize("N,M,solver", [(9, 6, "resident"), (33, 17, "streaming")], ids=lambda v: str(v))
 def test_the_debiased_loss_takes_one_launch_per_kernel(N, M, solver, monkeypatch):
     """``solve_problems`` solves OT(x, y), OT(x, x) and OT(y, y) in one launch of each kernel, and
     ``grad_problems`` writes dx of OT(x, y) - OT(x, x) and dy of OT(x, y) - OT(y, y) in one more: each
@@ -292,7 +292,7 @@ def test_the_debiased_loss_takes_one_launch_per_kernel(N, M, solver, monkeypatch
     beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
     gen = torch.Generator().manual_seed(5)
     weights = [torch.rand(2, n, dtype=torch.float64, generator=gen).to(DEVICE) for n in (N, M, N, M)]
-    schedule = Schedule(eps=0.5, n_iters=12)
+    schedule = Schedule(eps=0.5, n_iters=8)
 
     pots = backend.solve_problems(x, y, alpha, beta, schedule, debias=True)
     grads = backend.grad_problems(x, y, alpha, beta, pots, schedule.eps, weights)
