@@ -109,9 +109,9 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 XY, XX, YY = 0, 1, 2
 
 
-def _rows(p: int, n: int, m: int) -> int:
-    """The number of rows (the length of f) of problem p between N = n and M = m points."""
-    return m if p == YY else n
+def _shape(p: int, n: int, m: int) -> tuple[int, int]:
+    """``(rows, columns)`` of problem p between N = n and M = m points (``sinkhorn._problem``)."""
+    return m if p == YY else n, n if p == XX else m
 
 
 class _Outputs(NamedTuple):
@@ -134,7 +134,7 @@ class _Outputs(NamedTuple):
         outputs are allocations of their own (a symmetric problem's g is its f): the loss's custom op may
         not return tensors that alias each other."""
         f64 = torch.float64
-        rows = [_rows(p, n, m) for p in range(first, first + count)]
+        rows = [_shape(p, n, m)[0] for p in range(first, first + count)]
         f = [_empty((b, r), f64, device) for r in rows]
         f_prev = [torch.zeros((b, r), dtype=f64, device=device) if zeros else _empty((b, r), f64, device)
                   for r in rows + ([m] if first == XY else [])]
@@ -232,7 +232,7 @@ def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor, first:
     log-weights (-inf marks padding)."""
     x, y = points.x, points.y
     (b, n, dim), m = x.shape, y.shape[1]
-    shapes = [(_rows(p, n, m), m if p == XY else _rows(p, n, m)) for p in range(first, first + count)]
+    shapes = [_shape(p, n, m) for p in range(first, first + count)]
     size = b * sum(r * c for r, c in shapes)
     hi, lo = _empty((size,), torch.float32, x.device), _empty((size,), torch.float32, x.device)
     bn, bm, bk = COST_BLOCK
@@ -287,13 +287,14 @@ def _solve_points(x, y, alpha, beta, schedule, first, count, cost):
     return _streaming(*cost_matrix(points, alpha, beta, first, count), alpha, beta, schedule, first, count, n, m)
 
 
-def _grad(points, pots, alpha, beta, weights, eps, sides):
-    """``[dx, dy][:sides]`` in the points' dtype: one launch of ``_grad_kernel`` over the problems ``pots``
-    (``[OT(x, y)]`` or the debiased loss's three) with upstream weights ``weights`` (u, v of OT(x, y), then
-    u of OT(x, x) and of OT(y, y)). The kernel reads u and writes dx in the points' dtype, converting nothing
-    for fp32 or float64 embeddings."""
+def _grad(points, pots, alpha, beta, weights, eps):
+    """``[dx]`` (weights ``[u]``) or ``[dx, dy]`` in the points' dtype: one launch of ``_grad_kernel`` over
+    the problems ``pots`` (``[OT(x, y)]`` or the debiased loss's three) with upstream weights ``weights``
+    (u, v of OT(x, y), then u of OT(x, x) and of OT(y, y)). The kernel reads u and writes dx in the points'
+    dtype, converting nothing for fp32 or float64 embeddings."""
     x, y = points.x, points.y
     (b, n, dim), m = x.shape, y.shape[1]
+    sides = 1 if len(weights) == 1 else 2
     xy, *sym = pots
     xx, yy = sym or (xy, xy)
     u = [w.to(x.dtype).contiguous() for w in weights]
@@ -329,8 +330,7 @@ def grad_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: t
                          f"got {len(pots)} problems and {len(weights)} weights")
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)
-    sides = 1 if len(weights) == 1 else 2
-    grads = _grad(points, pots, alpha, beta, weights, eps, sides)
+    grads = _grad(points, pots, alpha, beta, weights, eps)
     return [_map_grad(t, p, d, w, cost) for t, p, d, w in zip((x, y), (points.x, points.y), grads, (alpha, beta))]
 
 

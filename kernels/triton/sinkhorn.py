@@ -261,8 +261,8 @@ def _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold):
 
     The streaming kernel needs the one update call site (three, with both soft-min sweeps inlined at each,
     spilled 172 B on sm_90). The resident kernel keeps three sites instead, the same steps unrolled: its
-    final loop is compiled for fast passes only (689 SASS instructions per iteration, README), and the
-    one-loop form spilled 4 B under triton 3.7.1."""
+    final loop is compiled for fast passes only (715 SASS instructions per iteration on its common path,
+    README), and the one-loop form spilled 4 B under triton 3.7.1."""
     annealing = t <= n_anneal
     e = tl.where(t == 0, eps_init, tl.where(annealing, _anneal_eps(SCHED, t - 1, n_anneal), eps))
     return e, annealing & (e > threshold), annealing, tl.where(t == 0, 0.0, 0.5)
@@ -500,15 +500,16 @@ def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, FIRST, sxb, s
     pid = tl.program_id(0).to(tl.int64)
     p = FIRST + tl.program_id(1) // n_tiles_n
     rows_y, cols_y, n, m = _problem(p, N, M)
-    offs_n = (tl.program_id(1) % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0, col0 = (tl.program_id(1) % n_tiles_n) * BLOCK_N, tl.program_id(2) * BLOCK_M
+    offs_n = row0 + tl.arange(0, BLOCK_N)
+    offs_m = col0 + tl.arange(0, BLOCK_M)
     in_n = offs_n < n
     in_m = offs_m < m
     ok_n = _valid(_weights(rows_y, ALPHA, BETA, pid, N, M), offs_n, in_n)
     ok_m = _valid(_weights(cols_y, ALPHA, BETA, pid, N, M), offs_m, in_m)
     Rp, srn, srd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
     Cp, scn, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
-    live = ((tl.program_id(1) % n_tiles_n) * BLOCK_N < n) & (tl.program_id(2) * BLOCK_M < m)
+    live = (row0 < n) & (col0 < m)
     C_hi, C_lo = _cost_tile_dot(Rp, Cp, MU + p * smp + pid * smb, offs_n, offs_m, ok_n, ok_m, tl.where(live, D, 0), srn,
                                 srd, scn, scd, smd, BLOCK_N, BLOCK_M, BLOCK_K)
     offs = _cost_base(p, FIRST, N, M) + pid * n * m + offs_n[:, None] * m + offs_m[None, :]
@@ -761,7 +762,7 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
         sy = acc / tl.where(s_run > 0.0, s_run, 1.0)[:, None]
         out = tl.where(t == 0, 1.0, -1.0) * u[:, None] * (xt - sy)
         OUTp = tl.where(rows_y, OUT_Y, OUT_X) + pid * n * D + offs_n[:, None] * D + offs_do[None, :]
-        if t > 0:  # subtract from term 0's output, through memory (a second tile in registers would spill)
+        if t > 0:  # subtract from term 0's output through memory (a second tile in registers spilled at 64 rows)
             tl.debug_barrier()  # other threads of the program stored it: order those stores before this load
             out += tl.load(OUTp, mask=in_n[:, None] & in_do[None, :], other=0.0)
         tl.store(OUTp, out, mask=in_n[:, None] & in_do[None, :])
