@@ -37,8 +37,8 @@ try:
 
     from .kernels.triton import sinkhorn as K
     from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COST_BLOCK, COST_WARPS, FP_FUSION, GRAD_BLOCK,
-                                         GRAD_WARPS, NUM_STAGES, PRECISIONS, RESIDENT_MAX, RESIDENT_WARPS,
-                                         STREAM_BLOCK, STREAM_WARPS)
+                                         GRAD_PROGRAMS_PER_SM, GRAD_WARPS, NUM_STAGES, PRECISIONS, RESIDENT_MAX,
+                                         RESIDENT_WARPS, STREAM_BLOCK, STREAM_WARPS)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -291,7 +291,8 @@ def _grad(points, pots, alpha, beta, weights, eps):
     """``[dx]`` (weights ``[u]``) or ``[dx, dy]`` in the points' dtype: one launch of ``_grad_kernel`` over
     the problems ``pots`` (``[OT(x, y)]`` or the debiased loss's three) with upstream weights ``weights``
     (u, v of OT(x, y), then u of OT(x, x) and of OT(y, y)). The kernel reads u and writes dx in the points'
-    dtype, converting nothing for fp32 or float64 embeddings."""
+    dtype, converting nothing for fp32 or float64 embeddings; the debiased loss's second terms accumulate in
+    a scratch of dx's and dy's shapes."""
     x, y = points.x, points.y
     (b, n, dim), m = x.shape, y.shape[1]
     sides = 1 if len(weights) == 1 else 2
@@ -300,13 +301,38 @@ def _grad(points, pots, alpha, beta, weights, eps):
     u = [w.to(x.dtype).contiguous() for w in weights]
     u += [u[0]] * (4 - len(u))
     outs = [_empty((b, r, dim), x.dtype, x.device) for r in (n, m)[:sides]]
+    scratch = [_empty(o.shape, o.dtype, o.device) for o in outs] if sym else outs
     bn, bm, bk, bdo = GRAD_BLOCK
-    K._grad_kernel[(b, triton.cdiv(max(n, m) if sides == 2 else n, bn), sides * triton.cdiv(dim, bdo))](
+    row_blocks = triton.cdiv(max(n, m) if sides == 2 else n, bn)
+    groups, per_group = feature_groups(b * row_blocks * sides, dim, _sm_count(x.device))
+    K._grad_kernel[(b, row_blocks, sides * groups)](
         x, y, points.mu, *(_f64(t) for t in (xy.f, xy.g, xy.f_prev, xy.g_prev, xx.f, xx.f_prev, yy.f, yy.f_prev)),
-        alpha, beta, _constants((eps,), x.device), *u, outs[0], outs[-1], n, m, dim, 2 if sym else 1,
-        *x.stride(), *y.stride(), *points.mu_strides, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DO=bdo,
-        PRECISION=precision(), num_warps=GRAD_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        alpha, beta, _constants((eps,), x.device), *u, outs[0], outs[-1], scratch[0], scratch[-1], n, m, dim,
+        2 if sym else 1, groups, per_group, *x.stride(), *y.stride(), *points.mu_strides, BLOCK_N=bn, BLOCK_M=bm,
+        BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS, num_stages=NUM_STAGES,
+        enable_fp_fusion=FP_FUSION)
     return outs
+
+
+def feature_groups(programs: int, dim: int, sms: int) -> tuple[int, int]:
+    """``(groups, features per group)``: how the backward splits the D output features among programs, on a
+    GPU of ``sms`` SMs (0: the interpreter).
+
+    Each group forms every cost tile of its row block again (2 D float64 flops per entry), so one group
+    (all of D per program) does the least work; more groups only fill a GPU that ``programs`` (pairs x row
+    blocks x sides) leave partly idle: as many as bring the grid to ``GRAD_PROGRAMS_PER_SM`` programs per
+    SM, each a whole number of ``GRAD_BLOCK``'s BLOCK_DO-wide slices."""
+    bdo = GRAD_BLOCK[3]
+    slices = triton.cdiv(dim, bdo)
+    groups = max(1, min(slices, triton.cdiv(GRAD_PROGRAMS_PER_SM * sms, max(programs, 1))))
+    per_group = triton.cdiv(slices, groups) * bdo
+    return triton.cdiv(dim, per_group), per_group
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    """The device's SM count, 0 for a CPU (the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,

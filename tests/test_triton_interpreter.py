@@ -322,3 +322,61 @@ def test_the_debiased_loss_takes_one_launch_per_kernel(N, M, solver, monkeypatch
     assert (count["triton"], count["torch"]) == ((2, 0) if solver == "resident" else (3, 4)), count
     count = launches(lambda: backend.grad_problems(x, y, alpha, beta, pots, schedule.eps, weights), DEVICE.type)
     assert (count["triton"], count["torch"]) == (2, 0), count
+
+
+@pytest.mark.parametrize("N,M,sms", [(9, 6, 0), (37, 20, 0), (9, 6, 1000)],
+                         ids=["one-block", "two-row-blocks", "three-groups"])
+def test_backward_covers_every_feature_slice_and_group(N, M, sms, monkeypatch):
+    """The backward forms each cost tile once per row block and multiplies its plan tile into every
+    32-wide slice of y, accumulating in the output's own rows (the debiased loss's second terms in a
+    scratch). D = 70: two full slices and a ragged one; N = 37 gives two row blocks and two column tiles
+    (the accumulator is rescaled between them); a GPU of 1000 SMs (``_sm_count``) splits the features into
+    three groups, one slice each. dx of OT(x, y) - OT(x, x) and dy of OT(x, y) - OT(y, y), and the plain
+    dx, dy of OT(x, y), match the reference's from the same potentials; outputs and scratch are poisoned."""
+    from otfast import reference
+    from otfast.reference import Potentials
+    from otfast.schedule import Schedule
+
+    monkeypatch.setattr(backend, "_sm_count", lambda device: sms)
+    batch = make_points(2, N, M, 70, seed=29, junk=float("nan"))
+    x, y, mx, my = batch.x.float(), batch.y.float(), batch.mask_x, batch.mask_y
+    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
+    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    gen = torch.Generator().manual_seed(7)
+    u, v, u_xx, u_yy = (torch.rand(2, n, dtype=torch.float64, generator=gen) for n in (N, M, N, M))
+    schedule = Schedule(eps=0.3, n_iters=20)
+    xd, yd = x.double(), y.double()
+    pots = [reference.solve_points(xd, yd, alpha, beta, schedule), reference.solve_points(xd, xd, alpha, alpha,
+                                                                                            schedule, True),
+            reference.solve_points(yd, yd, beta, beta, schedule, True)]
+    dx, dy = reference.grad_points(xd, yd, alpha, beta, pots[0], schedule.eps, u, v)
+    want = [dx - reference.grad_points(xd, xd, alpha, alpha, pots[1], schedule.eps, u_xx, None)[0],
+            dy - reference.grad_points(yd, yd, beta, beta, pots[2], schedule.eps, u_yy, None)[0]]
+
+    on = _on_device
+    got = backend.grad_problems(*on(x, y, alpha, beta), [Potentials(*on(*p)) for p in pots], schedule.eps,
+                                on(u, v, u_xx, u_yy))
+    for g, w, what in zip(got, want, ("dx - dx of OT(x, x)", "dy - dy of OT(y, y)")):
+        assert_close(g.cpu(), w, rtol=1e-4, atol=1e-6, what=what)
+    got = backend.grad_problems(*on(x, y, alpha, beta), [Potentials(*on(*pots[0]))], schedule.eps, on(u, v))
+    for g, w, what in zip(got, (dx, dy), ("dx", "dy")):
+        assert_close(g.cpu(), w, rtol=1e-4, atol=1e-6, what=what)
+
+
+def test_backward_splits_features_only_to_fill_the_gpu():
+    """``feature_groups``: one group (all of D per program, each cost tile formed once) unless the grid has
+    fewer than ``GRAD_PROGRAMS_PER_SM`` programs per SM; the groups are whole slices and cover D exactly."""
+    from otfast.kernels.triton.configs import GRAD_BLOCK, GRAD_PROGRAMS_PER_SM
+
+    slice_ = GRAD_BLOCK[3]
+    assert backend.feature_groups(96, 768, 0) == (1, 768)
+    for programs, dim, sms in [(96, 768, 132), (4, 768, 132), (3072, 768, 132), (8, 70, 1000), (2, 16, 132),
+                               (1, 1, 132)]:
+        groups, per = backend.feature_groups(programs, dim, sms)
+        assert per % slice_ == 0 and (groups - 1) * per < dim <= groups * per, (programs, dim, sms, groups, per)
+        target, slices = GRAD_PROGRAMS_PER_SM * sms, -(-dim // slice_)
+        if programs >= target:
+            assert groups == 1, (programs, dim, sms, groups)
+        else:  # within a factor 2 of the target (whole slices), never more groups than slices
+            assert 2 * programs * groups > min(target, programs * slices) and groups <= slices, (programs, dim, sms,
+                                                                                                 groups)

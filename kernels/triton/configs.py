@@ -15,8 +15,11 @@ CENTRE_BLOCK = (32, 64)  # BLOCK_R, BLOCK_D
 CENTRE_WARPS = 4
 COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
 COST_WARPS = 4
-GRAD_BLOCK = (32, 32, 16, 64)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO (64 rows spilled under triton 3.6, 3.7)
+GRAD_BLOCK = (32, 32, 16, 32)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
 GRAD_WARPS = 8
+# The backward splits the output features among programs only while pairs x row blocks x sides leave fewer
+# programs than this many per SM (``triton_backend.feature_groups``): each split forms the cost tiles again.
+GRAD_PROGRAMS_PER_SM = 2
 # No software pipelining: prefetched tiles would stay live in registers and spill; the kernels are
 # exp-bound, not load-latency bound.
 NUM_STAGES = 1

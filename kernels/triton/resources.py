@@ -97,7 +97,8 @@ def check(config) -> dict:
 SASS_GROUPS = {
     "exp2": ("MUFU.EX2",), "log2": ("MUFU.LG2",), "barrier": ("BAR",), "lds": ("LDS",), "sts": ("STS",),
     "shuffle": ("SHFL",), "fp32": ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP"),
-    "fp64": ("DADD", "DFMA", "DMUL", "DSETP"), "convert": ("F2F",),
+    "fp64": ("DADD", "DFMA", "DMUL", "DSETP"), "convert": ("F2F",), "mma": ("DMMA", "HMMA", "HGMMA"),
+    "ldg": ("LDG",), "stg": ("STG",),
 }
 
 
@@ -145,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = configs()
     if args.sass:
-        print_sass([c for c in todo if c.kernel in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel")
-                    and not c.constexprs["HAS_TOL"]
-                    and c.constexprs.get("FROM_POINTS", True) and c.points in (None, "fp32")])
+        print_sass([c for c in todo if c.kernel in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel",
+                                                    "_grad_kernel")
+                    and not c.constexprs.get("HAS_TOL") and c.constexprs.get("FROM_POINTS", True)
+                    and c.points in (None, "fp32")])
         return 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(check, todo))

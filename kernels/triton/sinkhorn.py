@@ -44,11 +44,13 @@ Kernels and their memory traffic:
   then each pass streams it tile by tile with an online log-sum-exp; the float64 potentials live in
   [B, N] / [B, M] buffers (L2 resident).
 - ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps):
-  grid (pair, row block, side x output feature block); cost tiles are recomputed from x, y (DMMA), S is
-  accumulated into y with ``tl.dot`` (fp32 ``input_precision`` from the launcher) and a running max, and
-  divided by its row sums at the end. One launch writes dx and (roles swapped) dy, each with the
-  debiased loss's second term subtracted. Reads x, y and the potentials; writes dx, dy: no [B, N, M]
-  buffer.
+  one pass per (pair, row block, side, feature group; one group, all of D, unless the grid would leave
+  the GPU idle): each cost tile is recomputed from x, y once (DMMA over all of D), its S multiplies every
+  32-wide slice of y with ``tl.dot`` (fp32 ``input_precision`` from the launcher) into an accumulator in
+  the program's own output rows, rescaled by a running max, and divided by its row sums at the end. One
+  launch writes dx and (roles swapped) dy, each with the debiased loss's second term subtracted (its
+  accumulator: a scratch of the outputs' shape). Reads x, y and the potentials; writes dx, dy: no
+  [B, N, M] buffer.
 
 The solvers run the loss's problems OT(x, y), OT(x, x), OT(y, y) (``_problem``) side by side: grid
 (pair, problem), whether a problem is symmetric decided at run time.
@@ -698,32 +700,38 @@ def _sinkhorn_streaming_kernel(
 
 @triton.jit
 def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, ALPHA, BETA, SCHED, U_X, U_Y, U_XX,
-                 U_YY, OUT_X, OUT_Y, N, M, D, TERMS, sxb, sxn, sxd, syb, sym, syd, smp, smb, smd,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """The loss's gradient with respect to the prepared points (``_centred``), one row block and one block of
-    output features per program: side 0 writes OUT_X_i = u_i (x_i - sum_j S_ij y_j) of OT(x, y), minus,
-    when TERMS = 2, the same term of OT(x, x) (weights U_XX); side 1 writes OUT_Y alike with the roles of x
-    and y exchanged (U_Y, and U_YY of OT(y, y)). The debiased loss's four gradient terms take one launch.
+                 U_YY, OUT_X, OUT_Y, OUT_ACC_X, OUT_ACC_Y, N, M, D, TERMS, n_groups, n_per_group, sxb, sxn, sxd, syb,
+                 sym, syd, smp, smb, smd, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
+    """The loss's gradient with respect to the prepared points (``_centred``), one row block and one group of
+    n_per_group output features (all of D when n_groups = 1) per program: side 0 writes OUT_X_i = u_i (x_i -
+    sum_j S_ij y_j) of OT(x, y), minus, when TERMS = 2, the same term of OT(x, x) (weights U_XX); side 1
+    writes OUT_Y alike with the roles of x and y exchanged (U_Y, and U_YY of OT(y, y)). The debiased loss's
+    four gradient terms take one launch.
 
     S_ij = softmax_j(beta_j + (q_j - C_ij) / eps) for the term's problem, q its column potential before the
     final step (G_PREV), eps = SCHED[0]: exponents formed relative to the row potential f (= T(q), so near 0
     on the plan's support) as in the fast passes, a running max and sum over the column tiles rescale the
-    accumulator (flash-attention's forward), and each term's row sums divide it at its end. Grid
-    (B, row blocks, sides x D blocks); U_*, OUT_* (contiguous [B, rows, D]) are in the points' dtype, fp32 or
+    accumulator (flash-attention's forward), and each term's row sums divide it at its end.
+
+    One pass per (pair, row block, feature group): each cost tile is formed once (float64 DMMA over all of
+    D) and its S multiplies every BLOCK_DO-wide slice of the group's y (``_accumulate``). The accumulator of
+    the group's features does not fit in registers, so it lives in the program's own rows of global memory
+    (L1/L2): term 0 in OUT, term 1 in OUT_ACC (a scratch of OUT's shape, the debiased loss only). Grid (B,
+    row blocks, sides x n_groups); U_*, OUT_* (contiguous [B, rows, D]) are in the points' dtype, fp32 or
     float64; a padding row gets exactly 0."""
     pid = tl.program_id(0).to(tl.int64)
-    n_do = tl.cdiv(D, BLOCK_DO)
-    side = tl.program_id(2) // n_do
+    side = tl.program_id(2) // n_groups
+    d_lo = (tl.program_id(2) % n_groups) * n_per_group
+    d_hi = tl.minimum(d_lo + n_per_group, D)
     rows_y = side == 1
     n = tl.where(rows_y, M, N)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_do = (tl.program_id(2) % n_do) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     in_n = offs_n < n
-    in_do = offs_do < D
     Rp, srn, srd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
     valid_n = _valid(_weights(rows_y, ALPHA, BETA, pid, N, M), offs_n, in_n)
     live = tl.program_id(1) * BLOCK_N < n  # the row blocks span the longer side: a block past n does nothing
+    OUTp = tl.where(rows_y, OUT_Y, OUT_X) + pid * n * D
     eps = tl.load(SCHED)
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
     for t in range(TERMS):
@@ -734,10 +742,10 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
         Cp, scn, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
         Wc = _weights(cols_y, ALPHA, BETA, pid, N, M)
         Q = _pick4(term, GP_XY, FP_XY, FP_XX, FP_YY) + pid * m
+        ACC = tl.where(t == 0, OUTp, tl.where(rows_y, OUT_ACC_Y, OUT_ACC_X) + pid * n * D)
         ph, _ = _split(tl.load(_pick4(term, F_XY, G_XY, F_XX, F_YY) + pid * n + offs_n, mask=in_n, other=0.0))
         m_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         s_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
         for m0 in range(0, tl.where(live, m, 0), BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             in_m = offs_m < m
@@ -754,15 +762,37 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
             scale = tl.exp2(m_run - m_safe)
             S = tl.exp2(z - m_safe[:, None])
             s_run = s_run * scale + tl.sum(S, axis=1)
-            yt = _centred(Cp, MUp, offs_m, valid_m, offs_do, in_do, scn, scd, smd, 1).to(tl.float32)
-            acc = tl.dot(S, yt, acc * scale[:, None], input_precision=PRECISION)
+            _accumulate(ACC, S, scale, m0 > 0, Cp, MUp, offs_n, in_n, offs_m, valid_m, d_lo, d_hi, D, scn, scd, smd,
+                        BLOCK_DO, PRECISION)
             m_run = m_new
-        xt = _centred(Rp, MUp, offs_n, valid_n, offs_do, in_do, srn, srd, smd, 1).to(tl.float32)
         u = tl.load(_pick4(term, U_X, U_Y, U_XX, U_YY) + pid * n + offs_n, mask=in_n, other=0.0)
-        sy = acc / tl.where(s_run > 0.0, s_run, 1.0)[:, None]
-        out = tl.where(t == 0, 1.0, -1.0) * u[:, None] * (xt - sy)
-        OUTp = tl.where(rows_y, OUT_Y, OUT_X) + pid * n * D + offs_n[:, None] * D + offs_do[None, :]
-        if t > 0:  # subtract from term 0's output through memory (a second tile in registers spilled at 64 rows)
-            tl.debug_barrier()  # other threads of the program stored it: order those stores before this load
-            out += tl.load(OUTp, mask=in_n[:, None] & in_do[None, :], other=0.0)
-        tl.store(OUTp, out, mask=in_n[:, None] & in_do[None, :])
+        s = tl.where(s_run > 0.0, s_run, 1.0)
+        for d0 in range(d_lo, d_hi, BLOCK_DO):
+            offs_do = d0 + tl.arange(0, BLOCK_DO)
+            in_do = offs_do < d_hi
+            ok = in_n[:, None] & in_do[None, :]
+            at = offs_n[:, None] * D + offs_do[None, :]
+            xt = _centred(Rp, MUp, offs_n, valid_n, offs_do, in_do, srn, srd, smd, 1).to(tl.float32)
+            out = tl.where(t == 0, 1.0, -1.0) * u[:, None] * (xt - tl.load(ACC + at, mask=ok, other=0.0) / s[:, None])
+            if t > 0:  # term 1 is subtracted from term 0's output
+                out += tl.load(OUTp + at, mask=ok, other=0.0)
+            tl.store(OUTp + at, out, mask=ok)
+        # the next term's first tile overwrites what other threads of the program read here
+        tl.debug_barrier()
+
+
+@triton.jit
+def _accumulate(ACC, S, scale, keep, Cp, MUp, offs_n, in_n, offs_m, valid_m, d_lo, d_hi, D, scn, scd, smd,
+                BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
+    """ACC <- ACC scale + S @ y (keep: whether ACC holds earlier tiles' sums; else it starts here) over the
+    features d_lo..d_hi of the rows offs_n of ACC (contiguous [rows, D]), BLOCK_DO at a time."""
+    for d0 in range(d_lo, d_hi, BLOCK_DO):
+        offs_do = d0 + tl.arange(0, BLOCK_DO)
+        in_do = offs_do < d_hi
+        ok = in_n[:, None] & in_do[None, :]
+        at = ACC + offs_n[:, None] * D + offs_do[None, :]
+        prev = tl.load(at, mask=ok & keep, other=0.0).to(tl.float32) * scale[:, None]
+        yt = _centred(Cp, MUp, offs_m, valid_m, offs_do, in_do, scn, scd, smd, 1).to(tl.float32)
+        tl.store(at, tl.dot(S, yt, prev, input_precision=PRECISION), mask=ok)
+    # the next tile's slices are read by threads other than those that stored them (the dot's layout)
+    tl.debug_barrier()
