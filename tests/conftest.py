@@ -27,6 +27,55 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_language_once_per_launch() -> None:
+    """Make the Triton interpreter patch each language module once per launch instead of once per call.
+
+    The interpreter (triton 3.6-3.9) swaps the builtins of the ``triton.language`` modules a function can
+    see (``tl``, ``tl.core``) for interpreted ones when a kernel launches (``_patch_lang``, undone when it
+    ends), and again at every ``@triton.jit`` helper the kernel calls. The repeats change nothing once the
+    modules a helper sees are swapped, but cost about 2 ms each in ``inspect.getmembers``: 40% of a
+    streaming solve's time. Inside a launch, a helper whose modules are all swapped now gets an empty
+    patch scope; any other is patched as before. Where the interpreter's internals are not as expected,
+    nothing is changed."""
+    import inspect
+
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+        original, empty = interpreter._patch_lang, interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    if getattr(original, "once_per_launch", False):
+        return
+    swapped: list = []  # the modules swapped in the running launch (empty between launches)
+
+    def langs(fn):
+        return [v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)]
+
+    def patch_lang(fn):
+        seen = langs(fn)
+        if swapped and all(any(v is s for s in swapped) for v in seen):
+            return empty()
+        scope = original(fn)
+        if not swapped:  # a launch: its scope is restored when the launch ends
+            restore = scope.restore
+
+            def restore_and_end():
+                swapped.clear()
+                restore()
+
+            scope.restore = restore_and_end
+        swapped.extend(seen)
+        return scope
+
+    patch_lang.once_per_launch = True
+    interpreter._patch_lang = patch_lang
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_language_once_per_launch()
+
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
