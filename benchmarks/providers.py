@@ -15,7 +15,8 @@ Settings (``SETTINGS``):
 Providers (``providers()``), each named ``name[backend]``:
 
 - ``otfast[<backend>]`` for every backend ``otfast.backends()`` reports available (triton only on CUDA
-  tensors: the interpreter is a correctness tool, not a timing).
+  tensors: the interpreter is a correctness tool, not a timing), and ``otfast[triton-split]``: the
+  triton backend with ``OTFAST_TRITON_SPLIT=persistent`` (long pairs on idle SMs split among programs).
 - ``pot-solve_batch[torch]``: ``ot.solve_batch`` on POT's torch backend, ``method="log_sinkhorn"``,
   ``reg_type="kl"`` (so its value is OT_eps = <P, C> + eps KL(P || a x b)), ``grad="envelope"``.
 - ``pot-sinkhorn_log[loop]``: ``ot.bregman.sinkhorn_log`` pair by pair, autograd through its loop.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -217,6 +219,20 @@ def _otfast(backend: str) -> Values:
     return values
 
 
+def _otfast_split(x, y, setting):
+    """``otfast[triton]`` with ``OTFAST_TRITON_SPLIT=persistent`` (README, Triton backend): the rows of long
+    pairs split among programs where pairs x problems leave SMs idle, the whole schedule in one launch."""
+    before = os.environ.get("OTFAST_TRITON_SPLIT")
+    os.environ["OTFAST_TRITON_SPLIT"] = "persistent"
+    try:
+        return _otfast("triton")(x, y, setting)
+    finally:
+        if before is None:
+            del os.environ["OTFAST_TRITON_SPLIT"]
+        else:
+            os.environ["OTFAST_TRITON_SPLIT"] = before
+
+
 # ---------------------------------------------------------------- POT
 
 def _pot_cost(x: torch.Tensor, y: torch.Tensor, setting: Setting) -> torch.Tensor:
@@ -377,6 +393,9 @@ def providers() -> list[Provider]:
         memory = _dense(6) if backend == "torch" else _streaming
         out.append(Provider("otfast", backend, _otfast(backend), devices,
                             None if info.available else info.detail, memory))
+        if backend == "triton":
+            out.append(Provider("otfast", "triton-split", _otfast_split, devices,
+                                None if info.available else info.detail, memory))
     pot = _import_reason("ot")
     out.append(Provider("pot-solve_batch", "torch", _pot_solve_batch, ("cpu", "cuda"), pot, _dense(8)))
     out.append(Provider("pot-sinkhorn_log", "loop", _pot_sinkhorn_log_loop, ("cpu", "cuda"), pot,

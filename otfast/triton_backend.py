@@ -38,7 +38,7 @@ try:
     from .kernels.triton import sinkhorn as K
     from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COST_BLOCK, COST_WARPS, FP_FUSION, GRAD_BLOCK,
                                          GRAD_PROGRAMS_PER_SM, GRAD_WARPS, NUM_STAGES, PRECISIONS, RESIDENT_MAX,
-                                         RESIDENT_WARPS, STREAM_BLOCK, STREAM_WARPS)
+                                         RESIDENT_WARPS, SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_WARPS)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -214,14 +214,63 @@ def _resident(points, cost, alpha, beta, schedule, first, count, n, m, dim):
 
 
 def _streaming(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m):
-    """The streaming solver on the packed costs of ``cost_matrix`` (problems first, ..., first + count - 1)."""
+    """The streaming solver on the packed costs of ``cost_matrix`` (problems first, ..., first + count - 1):
+    one program per pair and problem, or ``split_count`` of them (``_split``)."""
     b, device = alpha.shape[0], alpha.device
+    n_split = split_count(b, count, n, m, device)
+    if n_split > 1:
+        return _split(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m, n_split,
+                      split_mode() == "persistent")
     outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
     K._sinkhorn_streaming_kernel[(b, count)](
         cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), *outs.args(), n, m, first, *_loop_args(schedule),
         BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, HAS_TOL=schedule.tol is not None, num_warps=STREAM_WARPS,
         num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return outs.potentials()
+
+
+def split_mode() -> str:
+    """``OTFAST_TRITON_SPLIT``: "off" (default: one program per streamed pair and problem), "persistent" (rows
+    split among programs that sync on the device, one launch; not yet run on a GPU) or "phases" (the same
+    split, one launch per half step and a host read of the stop flags per step: the interpreter's way)."""
+    value = os.environ.get("OTFAST_TRITON_SPLIT", "off")
+    if value not in SPLIT_MODES:
+        raise ValueError(f"OTFAST_TRITON_SPLIT must be one of {', '.join(SPLIT_MODES)}, got {value!r}")
+    return value
+
+
+def split_count(b: int, count: int, n: int, m: int, device: torch.device) -> int:
+    """Programs per streamed pair and problem: 1 unless ``split_mode`` is on and the b x count pairs and
+    problems leave SMs idle; then as many as fill the SMs (one program each at most, so that a persistent
+    grid fits on the GPU at once and its programs can wait for each other), each with at least
+    ``SPLIT_MIN_ROWS`` rows of the longer side."""
+    if split_mode() == "off":
+        return 1
+    return max(1, min(_sm_count(device) // (b * count), triton.cdiv(max(n, m), SPLIT_MIN_ROWS)))
+
+
+def _split(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m, n_split, persistent):
+    """The streaming solver with each pair and problem's rows and columns split among n_split programs
+    (``_sinkhorn_split_kernel``): the whole schedule in one launch when ``persistent``; else two launches
+    per step, until the kernels have flagged every pair and problem done."""
+    b, device = alpha.shape[0], alpha.device
+    outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
+    sync = torch.zeros((count, b), dtype=torch.int32, device=device)
+    args = (cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), *outs.args(),
+            _empty((count, b, 2, n_split), torch.float64, device), sync, n, m, first, *_loop_args(schedule), n_split)
+    kw = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, HAS_TOL=schedule.tol is not None, PERSISTENT=persistent,
+              num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+    launch = K._sinkhorn_split_kernel[(b, count, n_split)]
+    if persistent:
+        launch(*args, 0, **kw)
+        return outs.potentials()
+    phase = 0
+    while True:
+        launch(*args, phase, **kw)
+        launch(*args, phase + 1, **kw)
+        phase += 2
+        if bool(sync.all()):
+            return outs.potentials()
 
 
 def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor, first: int = XY,

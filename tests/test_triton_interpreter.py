@@ -380,3 +380,107 @@ def test_backward_splits_features_only_to_fill_the_gpu():
         else:  # within a factor 2 of the target (whole slices), never more groups than slices
             assert 2 * programs * groups > min(target, programs * slices) and groups <= slices, (programs, dim, sms,
                                                                                                  groups)
+
+
+def _assert_same_solves(got, want):
+    """Bitwise potentials and iteration counts under the interpreter (the same row blocks and column tiles
+    in the same order), within 1e-6 on a GPU (other kernels, other contraction); residuals within 1e-6 (the
+    split sums its programs' fp32 partial sums in float64)."""
+    for g, w in zip(got, want, strict=True):
+        for field in ("f", "g", "f_prev", "g_prev"):
+            a, b = getattr(g, field), getattr(w, field)
+            assert torch.equal(a, b) if DEVICE.type == "cpu" else torch.allclose(a, b, rtol=1e-6, atol=1e-6), field
+        assert torch.equal(g.n_iters, w.n_iters), (g.n_iters, w.n_iters)
+        assert_close(g.error.cpu(), w.error.cpu(), rtol=1e-6, atol=0, what="residual")
+
+
+@pytest.mark.parametrize("setting", ["anneal-unbalanced-debias", "tol"])
+def test_split_rows_solve_as_one_program_does(setting, monkeypatch):
+    """``OTFAST_TRITON_SPLIT=phases`` on 18 SMs: each of the 2 pairs x 3 problems splits its 37 rows and 33
+    columns among 3 programs (32 rows, 5 and none; ``SPLIT_MIN_ROWS`` lowered to 16), which decide each
+    step's residual together. Potentials, f_prev, g_prev and iteration counts are those of the streaming
+    kernel (one program per pair and problem) bit for bit: annealing with float64 passes, unbalanced,
+    debiased; and with a tolerance, where the pairs stop after different numbers of updates."""
+    from otfast.schedule import Schedule
+
+    batch = make_points(2, 37, 33, 8, seed=31, junk=float("nan"))
+    x, y, mx, my = _on_device(batch.x, batch.y, batch.mask_x, batch.mask_y)
+    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
+    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    if setting == "tol":
+        schedule, debias = Schedule(eps=2.0, n_iters=300, tol=1e-2), False
+    else:
+        schedule, debias = Schedule(eps=0.01, anneal=(4.0, 0.25), n_iters=3, rho=2.0), True
+    want = backend.solve_problems(x, y, alpha, beta, schedule, debias=debias)
+    if setting == "tol":
+        assert want[0].n_iters[0] != want[0].n_iters[1], want[0].n_iters
+    monkeypatch.setenv("OTFAST_TRITON_SPLIT", "phases")
+    monkeypatch.setattr(backend, "_sm_count", lambda device: 18)
+    monkeypatch.setattr(backend, "SPLIT_MIN_ROWS", 16)
+    assert backend.split_count(2, 3 if debias else 1, 37, 33, DEVICE) == 3
+    _assert_same_solves(backend.solve_problems(x, y, alpha, beta, schedule, debias=debias), want)
+
+
+def test_persistent_split_kernel_runs_the_whole_schedule_in_one_launch():
+    """The persistent form (every step in one launch, the programs meeting at ``_grid_sync``) with one
+    program per pair and problem, which the interpreter can run (more would wait for each other forever
+    there, its programs running one after the other): the streaming kernel's results (9 x 6 points, the
+    debiased loss's three problems, annealed), in one launch."""
+    from benchmarks.launches import launches, trace_interpreted_launches
+
+    from otfast.schedule import Schedule
+
+    batch = make_points(2, 9, 6, 8, seed=37, junk=float("nan"))
+    x, y, mx, my = _on_device(batch.x, batch.y, batch.mask_x, batch.mask_y)
+    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
+    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    schedule = Schedule(eps=0.3, anneal=(2.0, 0.5), n_iters=5)
+    hi, lo = backend.cost_matrix(backend._points(x, y, alpha, beta, "sqeuclidean"), alpha, beta, backend.XY, 3)
+    want = backend._streaming(hi, lo, alpha, beta, schedule, backend.XY, 3, 9, 6)
+    if DEVICE.type == "cpu":
+        trace_interpreted_launches()
+    got = []
+    count = launches(lambda: got.append(backend._split(hi, lo, alpha, beta, schedule, backend.XY, 3, 9, 6, 1, True)),
+                     DEVICE.type)
+    assert count["triton"] == 1, count
+    _assert_same_solves(got[0], want)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="several programs waiting for each other need a GPU")
+@pytest.mark.parametrize("N,M,tol", [(300, 257, None), (2048, 2048, 1e-4)], ids=["300x257-annealed", "2048-tol"])
+def test_persistent_split_matches_one_program_per_problem_on_cuda(N, M, tol, monkeypatch):
+    """On a GPU, the persistent split with as many programs per pair and problem as fill the idle SMs
+    (``_grid_sync`` with several programs) solves the debiased loss's three problems as the streaming
+    kernel does."""
+    from otfast.schedule import Schedule
+
+    batch = make_points(1, N, M, 16, seed=41, junk=float("nan"))
+    x, y, mx, my = _on_device(batch.x.float(), batch.y.float(), batch.mask_x, batch.mask_y)
+    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
+    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    schedule = Schedule(eps=0.01, anneal=(4.0, 1.0, 0.25, 0.0625, 0.015625), n_iters=50, tol=tol)
+    want = backend.solve_problems(x, y, alpha, beta, schedule, debias=True)
+    monkeypatch.setenv("OTFAST_TRITON_SPLIT", "persistent")
+    assert backend.split_count(1, 3, N, M, DEVICE) > 1
+    _assert_same_solves(backend.solve_problems(x, y, alpha, beta, schedule, debias=True), want)
+
+
+def test_split_count_fills_idle_sms_only_when_asked(monkeypatch):
+    """``split_count``: 1 by default and wherever pairs x problems fill the SMs; otherwise as many programs
+    per pair and problem as fill them, never more than the SMs (a persistent grid must fit at once) and
+    never fewer than ``SPLIT_MIN_ROWS`` rows each. A bad ``OTFAST_TRITON_SPLIT`` is an error naming it."""
+    from otfast.kernels.triton.configs import SPLIT_MIN_ROWS
+
+    monkeypatch.setattr(backend, "_sm_count", lambda device: 132)
+    assert backend.split_count(1, 3, 2048, 2048, DEVICE) == 1
+    monkeypatch.setenv("OTFAST_TRITON_SPLIT", "persistent")
+    for b, count, n, m in [(1, 3, 2048, 2048), (1, 1, 16384, 300), (24, 3, 48, 48), (64, 3, 512, 512),
+                           (2, 3, 512, 4096), (1, 3, 40, 40)]:
+        k = backend.split_count(b, count, n, m, DEVICE)
+        assert 1 <= k and b * count * k <= max(132, b * count), (b, count, n, m, k)
+        assert k == 1 or -(-max(n, m) // k) >= SPLIT_MIN_ROWS, (b, count, n, m, k)
+        assert k == min(132 // (b * count), -(-max(n, m) // SPLIT_MIN_ROWS)) or k == 1, (b, count, n, m, k)
+    assert backend.split_count(1, 3, 2048, 2048, DEVICE) == 2048 // SPLIT_MIN_ROWS
+    monkeypatch.setenv("OTFAST_TRITON_SPLIT", "on")
+    with pytest.raises(ValueError, match="OTFAST_TRITON_SPLIT"):
+        backend.split_count(1, 3, 2048, 2048, DEVICE)

@@ -11,6 +11,10 @@ RESIDENT_WARPS = 4  # at 8 warps one of the eight variants spills 48 bytes
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
 STREAM_BLOCK = 32
 STREAM_WARPS = 4
+# A streamed pair and problem splits its rows among programs (``_sinkhorn_split_kernel``) only where pairs x
+# problems leave SMs idle, each program keeping at least this many rows (``triton_backend.split_count``).
+SPLIT_MIN_ROWS = 64
+SPLIT_MODES = ("off", "persistent", "phases")  # OTFAST_TRITON_SPLIT (``triton_backend.split_mode``)
 CENTRE_BLOCK = (32, 64)  # BLOCK_R, BLOCK_D
 CENTRE_WARPS = 4
 COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
@@ -57,6 +61,9 @@ def configs() -> list[Config]:
     for has_tol in (False, True):
         out.append(Config("_sinkhorn_streaming_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
                                                              HAS_TOL=has_tol), STREAM_WARPS))
+        for persistent in (False, True):
+            out.append(Config("_sinkhorn_split_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
+                                                             HAS_TOL=has_tol, PERSISTENT=persistent), STREAM_WARPS))
     br, bd = CENTRE_BLOCK
     bn, bm, bk = COST_BLOCK
     for points in POINT_DTYPES:

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-_INTS = ("N", "M", "D", "FIRST", "TERMS")
+_INTS = ("N", "M", "D", "FIRST", "TERMS", "phase")
 
 
 def _tool(name: str) -> str:
@@ -40,7 +40,7 @@ def _tool(name: str) -> str:
 def _signature(fn, constexprs: dict, float64_pointers: frozenset, points: str | None) -> dict:
     """Triton type strings from the kernels' naming convention: UPPER = pointer (the points X, Y and the
     backward's U_*, OUT_* in ``points``, float64 when None; float64 when listed in ``float64_pointers``,
-    int32 for ITERS, else fp32), s*/n_*/N/M/D/FIRST/TERMS = i32, other scalars fp32."""
+    int32 for ITERS and SYNC, else fp32), s*/n_*/N/M/D/FIRST/TERMS/phase = i32, other scalars fp32."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -50,7 +50,7 @@ def _signature(fn, constexprs: dict, float64_pointers: frozenset, points: str | 
         elif name in ("X", "Y") or name.startswith(("U_", "OUT_")):
             sig[name] = f"*{points or 'fp64'}"
         elif name[0].isupper():
-            sig[name] = "*i32" if name == "ITERS" else "*fp64" if name in float64_pointers else "*fp32"
+            sig[name] = "*i32" if name in ("ITERS", "SYNC") else "*fp64" if name in float64_pointers else "*fp32"
         else:
             sig[name] = "fp32"
     return sig
@@ -140,16 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--sass", action="store_true",
-                        help="per-loop SASS instruction counts of the solvers (fixed eps, no tol) instead")
+                        help="per-loop SASS instruction counts of the solvers (fixed eps, no tol) and the backward "
+                             "instead")
     args = parser.parse_args(argv)
     from otfast.kernels.triton.configs import configs
 
     todo = configs()
     if args.sass:
         print_sass([c for c in todo if c.kernel in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel",
-                                                    "_grad_kernel")
+                                                    "_sinkhorn_split_kernel", "_grad_kernel")
                     and not c.constexprs.get("HAS_TOL") and c.constexprs.get("FROM_POINTS", True)
-                    and c.points in (None, "fp32")])
+                    and c.constexprs.get("PERSISTENT", True) and c.points in (None, "fp32")])
         return 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(check, todo))

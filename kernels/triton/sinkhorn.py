@@ -66,10 +66,10 @@ PRECISE_RATIO = tl.constexpr(256.0)
 # Exponents whose max reaches FAR (|m| 2^-23 = 8 binary orders of rounding) get a second max (``_far``).
 FAR = tl.constexpr(2.0**26)
 # Pointer arguments that hold float64 (the points X, Y and the backward's U_*, OUT_* are fp32 or float64,
-# ``configs.POINT_DTYPES``; every other pointer holds fp32, ITERS int32): the launchers pass these, and the
-# sm_90 resource check (``python -m otfast.kernels.triton.resources``) compiles with them.
-FLOAT64_POINTERS = frozenset({"MU", "COST", "ALPHA", "BETA", "SCHED", "F0", "F1", "F2", "FP0", "FP1", "FP2", "G",
-                              "G_PREV", "ERR", "F_XY", "G_XY", "FP_XY", "GP_XY", "F_XX", "FP_XX", "F_YY", "FP_YY"})
+# ``configs.POINT_DTYPES``; every other pointer holds fp32, ITERS and SYNC int32): the launchers pass these, and
+# the sm_90 resource check (``python -m otfast.kernels.triton.resources``) compiles with them.
+FLOAT64_POINTERS = frozenset({"MU", "COST", "ALPHA", "BETA", "SCHED", "PARTS", "F0", "F1", "F2", "FP0", "FP1", "FP2",
+                              "G", "G_PREV", "ERR", "F_XY", "G_XY", "FP_XY", "GP_XY", "F_XX", "FP_XX", "F_YY", "FP_YY"})
 
 
 @triton.jit
@@ -658,6 +658,20 @@ def _stream_step(F, FT, G, GT, N, M, w_old, symmetric, BLOCK_N: tl.constexpr, BL
 
 
 @triton.jit
+def _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, pid, p, N, M, FIRST):
+    """``(n, m, symmetric, CH, CL, A, Bw, Fp, FTp, Gp, GTp)``: pair pid's problem p as the streaming solvers
+    read it: its lengths, its packed cost (``_cost_base``), its log-weights of the rows and the columns, its
+    current potentials Fp, Gp and the updates' FTp, GTp (a symmetric problem's G aliases its F)."""
+    rows_y, cols_y, n, m = _problem(p, N, M)
+    symmetric = p > 0
+    base = _cost_base(p, FIRST, N, M) + pid * n * m
+    A, Bw = _weights(rows_y, ALPHA, BETA, pid, N, M), _weights(cols_y, ALPHA, BETA, pid, N, M)
+    Fp, FTp = _pick(p, FP0, FP1, FP2) + pid * n, _pick(p, F0, F1, F2) + pid * n
+    Gp, GTp = tl.where(symmetric, Fp, G_PREV + pid * m), tl.where(symmetric, FTp, G + pid * m)
+    return n, m, symmetric, COST_HI + base, COST_LO + base, A, Bw, Fp, FTp, Gp, GTp
+
+
+@triton.jit
 def _sinkhorn_streaming_kernel(
         COST_HI, COST_LO, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR,
         N, M, FIRST, n_iters, tol, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_TOL: tl.constexpr):
@@ -668,13 +682,8 @@ def _sinkhorn_streaming_kernel(
     updates' scratch and end as the final f, g. SCHED as in the resident kernel."""
     pid = tl.program_id(0).to(tl.int64)
     p = FIRST + tl.program_id(1)
-    rows_y, cols_y, n, m = _problem(p, N, M)
-    symmetric = p > 0
-    base = _cost_base(p, FIRST, N, M) + pid * n * m
-    CH, CL = COST_HI + base, COST_LO + base
-    A, Bw = _weights(rows_y, ALPHA, BETA, pid, N, M), _weights(cols_y, ALPHA, BETA, pid, N, M)
-    Fp, FTp = _pick(p, FP0, FP1, FP2) + pid * n, _pick(p, F0, F1, F2) + pid * n
-    Gp, GTp = tl.where(symmetric, Fp, G_PREV + pid * m), tl.where(symmetric, FTp, G + pid * m)
+    n, m, symmetric, CH, CL, A, Bw, Fp, FTp, Gp, GTp = _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1,
+                                                                 FP2, G, G_PREV, pid, p, N, M, FIRST)
     eps, inv_rho, n_anneal, eps_init = _schedule(SCHED)
     threshold = eps * PRECISE_RATIO
 
@@ -696,6 +705,138 @@ def _sinkhorn_streaming_kernel(
     out = tl.program_id(1) * tl.num_programs(0) + pid
     tl.store(ITERS + out, n_anneal + it)
     tl.store(ERR + out, _stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M))
+
+
+@triton.jit
+def _chunk(length, parts, part, BLOCK: tl.constexpr):
+    """``(begin, end)`` of part ``part`` of ``parts`` of 0..length, each a whole number of BLOCKs (the last
+    ones may be short or empty)."""
+    size = tl.cdiv(tl.cdiv(length, parts), BLOCK) * BLOCK
+    begin = tl.minimum(part * size, length)
+    return begin, tl.minimum(begin + size, length)
+
+
+@triton.jit
+def _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, PART, e, precise, inv_rho, eps, symmetric,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One program's share of a step: FT = T(G) on the rows r0..r1, GT = T~(F) on the columns c0..c1 (not
+    for a symmetric problem, whose GT aliases FT), and PART = their residual terms' sum (``_stream_error``
+    restricted to those rows and columns)."""
+    damping = 1.0 / (1.0 + e * inv_rho)
+    _stream_softmin(CH + r0 * m, CL + r0 * m, m, 1, r1 - r0, m, Bw, Gp, Fp + r0, A + r0, FTp + r0, e, damping,
+                    precise, BLOCK_N, BLOCK_M)
+    if not symmetric:
+        _stream_softmin(CH + c0, CL + c0, 1, m, c1 - c0, n, A, Fp, Gp + c0, Bw + c0, GTp + c0, e, damping, precise,
+                        BLOCK_M, BLOCK_N)
+    tl.debug_barrier()  # the residual reads FT, GT across the rows other warps wrote (see _stream_update)
+    tl.store(PART, _stream_error(Fp + r0, FTp + r0, Gp + c0, GTp + c0, A + r0, Bw + c0, r1 - r0, c1 - c0, eps,
+                                 BLOCK_N, BLOCK_M))
+
+
+@triton.jit
+def _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, PARTS, n_split, t, n_anneal, w_old, n_iters, tol, symmetric,
+                HAS_TOL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(active, err, it)`` of step t (``_schedule_step``), which every program of the problem decides alike:
+    err = the step's residual, its programs' PARTS summed in a fixed order (the same bits in every program
+    and run); it = the final-temperature updates kept before it (every earlier step was kept). When active,
+    the program's rows and columns take the update (``_stream_combine``)."""
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    for s0 in range(0, n_split, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(PARTS + offs, mask=offs < n_split, other=0.0)
+    err = tl.sum(acc, axis=0)
+    annealing = t <= n_anneal
+    it = tl.maximum(t - n_anneal - 1, 0)
+    active = annealing | (it < n_iters)
+    if HAS_TOL:
+        active = active & (annealing | (err > tol))
+    if active:
+        _stream_combine(Fp + r0, FTp + r0, r1 - r0, w_old, BLOCK_N)
+        if not symmetric:
+            _stream_combine(Gp + c0, GTp + c0, c1 - c0, w_old, BLOCK_M)
+    return active, err, it
+
+
+@triton.jit
+def _grid_sync(SYNC, n_split, k):
+    """Every one of the n_split programs of a pair and problem has called this k times before any returns
+    from its k-th call: a counter in global memory, release on arrival, acquire while waiting (the stores
+    each program made before are then visible to all). Only for a grid whose programs all fit on the GPU at
+    once (``triton_backend``'s split launcher sizes it so)."""
+    tl.debug_barrier()
+    tl.atomic_add(SYNC, 1, sem="release")
+    while tl.atomic_add(SYNC, 0, sem="acquire") < k * n_split:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _sinkhorn_split_kernel(
+        COST_HI, COST_LO, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR, PARTS, SYNC,
+        N, M, FIRST, n_iters, tol, n_split, phase, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+        HAS_TOL: tl.constexpr, PERSISTENT: tl.constexpr):
+    """The streaming solver (same buffers, packed cost and outputs) with each pair and problem's rows and
+    columns split among n_split programs: grid (B, problems, n_split). Program r updates the rows and
+    columns of its ``_chunk`` in each step; the step's residual is the sum of the programs' PARTS (float64
+    [problems, B, 2, n_split], by step parity), and each program decides alike whether to keep it.
+
+    PERSISTENT: the whole schedule in one launch, two ``_grid_sync`` per step (SYNC: int32 [problems, B]
+    counters, zero on entry), for grids that fit on the GPU at once. Otherwise the launch runs phase
+    ``phase`` only: 2 t the update of step t, 2 t + 1 its decision, and the host launches phases until
+    every SYNC flag (then: 1 = done) is set; that is the interpreter's way (its programs run one after
+    the other, so a program waiting for another would wait forever)."""
+    pid = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1)
+    p = FIRST + q
+    r = tl.program_id(2)
+    n, m, symmetric, CH, CL, A, Bw, Fp, FTp, Gp, GTp = _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1,
+                                                                 FP2, G, G_PREV, pid, p, N, M, FIRST)
+    r0, r1 = _chunk(n, n_split, r, BLOCK_N)
+    c0, c1 = _chunk(m, n_split, r, BLOCK_M)
+    # a symmetric problem's columns are its rows: its residual's column part must read this program's rows
+    c0, c1 = tl.where(symmetric, r0, c0), tl.where(symmetric, r1, c1)
+    eps, inv_rho, n_anneal, eps_init = _schedule(SCHED)
+    threshold = eps * PRECISE_RATIO
+    out = q * tl.num_programs(0) + pid
+    PARTS = PARTS + out * 2 * n_split
+    SYNC = SYNC + out
+
+    if PERSISTENT:
+        t = n_iters * 0
+        k = n_iters * 0
+        it = n_iters * 0
+        err = eps * 0.0
+        go = n_iters >= 0
+        while go:
+            e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
+            slot = PARTS + (t % 2) * n_split
+            _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot + r, e, precise, inv_rho, eps,
+                          symmetric, BLOCK_N, BLOCK_M)
+            _grid_sync(SYNC, n_split, k + 1)
+            active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
+                                          n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
+            _grid_sync(SYNC, n_split, k + 2)
+            k += 2
+            t += 1
+            go = active
+        if r == 0:
+            tl.store(ITERS + out, n_anneal + it)
+            tl.store(ERR + out, err)
+    else:
+        t = phase // 2
+        if tl.load(SYNC) == 0:
+            e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
+            slot = PARTS + (t % 2) * n_split
+            if phase % 2 == 0:
+                _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot + r, e, precise, inv_rho,
+                              eps, symmetric, BLOCK_N, BLOCK_M)
+            else:
+                active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
+                                              n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
+                if (~active) & (r == 0):
+                    tl.store(ITERS + out, n_anneal + it)
+                    tl.store(ERR + out, err)
+                    tl.store(SYNC, 1)
 
 
 @triton.jit
