@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one call that fits a 15-minute lease (the steps' limits add up to 360 s on an
 # H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
 # important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
-# against POT / GeomLoss / flash-sinkhorn (otfast[triton-split] beside otfast[triton]), the sm_90 resource check, the training-step benchmark, the tiny
+# against POT / GeomLoss / flash-sinkhorn (then otfast[triton-split], the opt-in row split, on its own), the sm_90 resource check, the training-step benchmark, the tiny
 # alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
 # $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
 # OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md. Benchmark providers whose packages
@@ -42,14 +42,19 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.
   echo "   $name took $((SECONDS - start)) s"
   tail -n 4 "$out/$name.log"
 }
-step env 10 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
+step env 15 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
 step accuracy 60 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
 step tests 70 "$PY" -m pytest -q -x tests/test_triton_interpreter.py tests/test_compile.py tests/test_accuracy.py -k "triton or cuda"
-step goals 75 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --budget 3 --repeats 10 --note "gpu_suite.sh"
+step goals 60 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --budget 3 --repeats 10 --note "gpu_suite.sh" \
+  --skip triton-split
+# the opt-in row split (a persistent kernel not yet run on a GPU) on its own, so that a hang costs only this step
+step goals-split 15 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --budget 2 --repeats 5 \
+  --note "gpu_suite.sh" --only triton-split
 step resources 25 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
 step step 40 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
 step harness 50 "$PY" -m benchmarks.harness_gpu --out "$out"
 step launches 10 "$PY" -m benchmarks.launches --device cuda
-step sweep 20 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh"
+step sweep 15 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh" \
+  --skip triton-split
 echo "logs and CSV in $out"
 exit $status

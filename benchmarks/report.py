@@ -378,6 +378,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds per provider and point (default 5 with --quick, else 20)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls at most (default 5 quick, else 20)")
     ap.add_argument("--only", default=None, help="run only providers whose label contains this text")
+    ap.add_argument("--skip", default=None, help="leave out providers whose label contains this text")
     ap.add_argument("--note", default="", help="free text stored with the rows and shown in RESULTS.md")
     add_docs_arguments(ap)
     ap.add_argument("--render", type=Path, nargs="+", default=None,
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)
     command = "python -m benchmarks.report " + shlex.join(sys.argv[1:] if argv is None else argv)
     base = base_columns(args.device, command.strip(), args.note)
-    plist = [p for p in providers() if args.only is None or args.only in p.label]
+    plist = selected_providers(args.only, args.skip)
     csv_path = out / "results.csv"
     estimates, refs = Estimates(enabled=not (args.quick or args.goals)), {}
     points = sweep_points(args.quick, args.goals)
@@ -414,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         res.append_rows(csv_path, rows)
     render_after_run(csv_path, args.device, out, results_md, readme)
     return 0
+
+
+def selected_providers(only: str | None, skip: str | None) -> list:
+    """The providers whose label contains ``only`` (all when None) and not ``skip``."""
+    return [p for p in providers() if (only is None or only in p.label) and (skip is None or skip not in p.label)]
 
 
 def render_after_run(csv_path: Path, device: str, out: Path, results_md: Path | None, readme: Path | None) -> None:

@@ -100,6 +100,14 @@ def _check(alpha: torch.Tensor, beta: torch.Tensor, n: int, m: int, b: int) -> N
                          f"{b} x {n} x {m} problem")
 
 
+def _check_streamable(shapes: list[tuple[int, int]]) -> None:
+    """The streaming kernels index one problem's cost within a pair in int32: rows x columns < 2^31."""
+    for rows, cols in shapes:
+        if max(rows, cols) > RESIDENT_MAX and rows * cols >= 2**31:
+            raise ValueError(f"a {rows} x {cols} problem has {rows * cols} >= 2^31 cost entries per pair, more than "
+                             "the Triton kernels index; split the pair or use the torch backend")
+
+
 def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64).contiguous()
 
@@ -218,9 +226,9 @@ def _streaming(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m):
     one program per pair and problem, or ``split_count`` of them (``_split``)."""
     b, device = alpha.shape[0], alpha.device
     n_split = split_count(b, count, n, m, device)
-    if n_split > 1:
+    if n_split > 1:  # persistent programs would wait forever for ones the interpreter runs after them
         return _split(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m, n_split,
-                      split_mode() == "persistent")
+                      split_mode() == "persistent" and os.environ.get("TRITON_INTERPRET") != "1")
     outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
     K._sinkhorn_streaming_kernel[(b, count)](
         cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), *outs.args(), n, m, first, *_loop_args(schedule),
@@ -231,8 +239,9 @@ def _streaming(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m):
 
 def split_mode() -> str:
     """``OTFAST_TRITON_SPLIT``: "off" (default: one program per streamed pair and problem), "persistent" (rows
-    split among programs that sync on the device, one launch; not yet run on a GPU) or "phases" (the same
-    split, one launch per half step and a host read of the stop flags per step: the interpreter's way)."""
+    split among programs that sync on the device, one launch; not yet run on a GPU; under the interpreter it
+    runs as "phases") or "phases" (the same split, one launch per half step and a host read of the stop
+    flags per step, which a CUDA graph cannot capture: the interpreter's way)."""
     value = os.environ.get("OTFAST_TRITON_SPLIT", "off")
     if value not in SPLIT_MODES:
         raise ValueError(f"OTFAST_TRITON_SPLIT must be one of {', '.join(SPLIT_MODES)}, got {value!r}")
@@ -242,11 +251,14 @@ def split_mode() -> str:
 def split_count(b: int, count: int, n: int, m: int, device: torch.device) -> int:
     """Programs per streamed pair and problem: 1 unless ``split_mode`` is on and the b x count pairs and
     problems leave SMs idle; then as many as fill the SMs (one program each at most, so that a persistent
-    grid fits on the GPU at once and its programs can wait for each other), each with at least
-    ``SPLIT_MIN_ROWS`` rows of the longer side."""
+    grid fits on the GPU at once and its programs can wait for each other; the launch is cooperative, so
+    a GPU that cannot hold it refuses it) and no more than give the longer side ``SPLIT_MIN_ROWS`` rows per
+    program. Rows and columns are dealt out in whole blocks (``_chunk``), so the last programs of a
+    problem may get fewer, and those of a shorter problem (OT(x, x) beside a long y) none: they only
+    meet the others at the barriers."""
     if split_mode() == "off":
         return 1
-    return max(1, min(_sm_count(device) // (b * count), triton.cdiv(max(n, m), SPLIT_MIN_ROWS)))
+    return max(1, min(_sm_count(device) // max(b * count, 1), max(n, m) // SPLIT_MIN_ROWS))
 
 
 def _split(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m, n_split, persistent):
@@ -259,7 +271,8 @@ def _split(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m, n_split,
     args = (cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), *outs.args(),
             _empty((count, b, 2, n_split), torch.float64, device), sync, n, m, first, *_loop_args(schedule), n_split)
     kw = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, HAS_TOL=schedule.tol is not None, PERSISTENT=persistent,
-              num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+              num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION,
+              launch_cooperative_grid=persistent)
     launch = K._sinkhorn_split_kernel[(b, count, n_split)]
     if persistent:
         launch(*args, 0, **kw)
@@ -298,6 +311,7 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     """The Sinkhorn loop on precomputed costs ``cost_matrix [B, N, M]`` (see ``otfast.reference.solve``)."""
     b, n, m = cost_matrix.shape
     _check(alpha, beta, n, m, b)
+    _check_streamable([(n, m)])
     cost, alpha, beta = _f64(cost_matrix), _f64(alpha), _f64(beta)
     first = XX if symmetric else XY
     if max(n, m) <= RESIDENT_MAX:
@@ -329,6 +343,7 @@ def solve_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: 
 def _solve_points(x, y, alpha, beta, schedule, first, count, cost):
     (b, n, dim), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
+    _check_streamable([_shape(p, n, m) for p in range(first, first + count)])
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)
     if max(n, m) <= RESIDENT_MAX:
@@ -372,7 +387,7 @@ def feature_groups(programs: int, dim: int, sms: int) -> tuple[int, int]:
     blocks x sides) leave partly idle: as many as bring the grid to ``GRAD_PROGRAMS_PER_SM`` programs per
     SM, each a whole number of ``GRAD_BLOCK``'s BLOCK_DO-wide slices."""
     bdo = GRAD_BLOCK[3]
-    slices = triton.cdiv(dim, bdo)
+    slices = max(triton.cdiv(dim, bdo), 1)
     groups = max(1, min(slices, triton.cdiv(GRAD_PROGRAMS_PER_SM * sms, max(programs, 1))))
     per_group = triton.cdiv(slices, groups) * bdo
     return triton.cdiv(dim, per_group), per_group

@@ -207,6 +207,19 @@ def test_every_cpu_provider_agrees_with_the_reference(setting):
         assert {"pot-solve_batch", "pot-sinkhorn_log"} <= set(ran)
 
 
+def test_only_and_skip_select_providers_by_label():
+    """``--only`` keeps the providers whose label contains the text, ``--skip`` leaves them out: the GPU suite
+    times the opt-in row split (``otfast[triton-split]``) in a step of its own that way."""
+    from benchmarks.report import selected_providers
+
+    labels = [p.label for p in providers()]
+    assert "otfast[triton-split]" in labels and "otfast[triton]" in labels
+    assert [p.label for p in selected_providers("triton-split", None)] == ["otfast[triton-split]"]
+    assert [p.label for p in selected_providers(None, "triton-split")] == [x for x in labels
+                                                                          if x != "otfast[triton-split]"]
+    assert [p.label for p in selected_providers(None, None)] == labels
+
+
 def test_documents_change_only_with_update_docs(tmp_path):
     """Without --update-docs the results go to an untracked folder and no document is named; with it, the
     tracked results folder, RESULTS.md and the README are the targets."""

@@ -397,7 +397,7 @@ def _assert_same_solves(got, want):
 @pytest.mark.parametrize("setting", ["anneal-unbalanced-debias", "tol"])
 def test_split_rows_solve_as_one_program_does(setting, monkeypatch):
     """``OTFAST_TRITON_SPLIT=phases`` on 18 SMs: each of the 2 pairs x 3 problems splits its 37 rows and 33
-    columns among 3 programs (32 rows, 5 and none; ``SPLIT_MIN_ROWS`` lowered to 16), which decide each
+    columns among 3 programs (32 rows, 5 and none; ``SPLIT_MIN_ROWS`` lowered to 12), which decide each
     step's residual together. Potentials, f_prev, g_prev and iteration counts are those of the streaming
     kernel (one program per pair and problem) bit for bit: annealing with float64 passes, unbalanced,
     debiased; and with a tolerance, where the pairs stop after different numbers of updates."""
@@ -416,9 +416,22 @@ def test_split_rows_solve_as_one_program_does(setting, monkeypatch):
         assert want[0].n_iters[0] != want[0].n_iters[1], want[0].n_iters
     monkeypatch.setenv("OTFAST_TRITON_SPLIT", "phases")
     monkeypatch.setattr(backend, "_sm_count", lambda device: 18)
-    monkeypatch.setattr(backend, "SPLIT_MIN_ROWS", 16)
-    assert backend.split_count(2, 3 if debias else 1, 37, 33, DEVICE) == 3
+    monkeypatch.setattr(backend, "SPLIT_MIN_ROWS", 12)
+    splits = _spy_on_split(monkeypatch)
     _assert_same_solves(backend.solve_problems(x, y, alpha, beta, schedule, debias=debias), want)
+    assert splits == [3], splits
+
+
+def _spy_on_split(monkeypatch) -> list[int]:
+    """The programs per pair and problem of every ``_split`` solve from here on."""
+    calls, split = [], backend._split
+
+    def spy(*args):
+        calls.append(args[9])
+        return split(*args)
+
+    monkeypatch.setattr(backend, "_split", spy)
+    return calls
 
 
 def test_persistent_split_kernel_runs_the_whole_schedule_in_one_launch():
@@ -461,26 +474,43 @@ def test_persistent_split_matches_one_program_per_problem_on_cuda(N, M, tol, mon
     schedule = Schedule(eps=0.01, anneal=(4.0, 1.0, 0.25, 0.0625, 0.015625), n_iters=50, tol=tol)
     want = backend.solve_problems(x, y, alpha, beta, schedule, debias=True)
     monkeypatch.setenv("OTFAST_TRITON_SPLIT", "persistent")
-    assert backend.split_count(1, 3, N, M, DEVICE) > 1
+    splits = _spy_on_split(monkeypatch)
     _assert_same_solves(backend.solve_problems(x, y, alpha, beta, schedule, debias=True), want)
+    assert len(splits) == 1 and splits[0] > 1, splits
 
 
 def test_split_count_fills_idle_sms_only_when_asked(monkeypatch):
     """``split_count``: 1 by default and wherever pairs x problems fill the SMs; otherwise as many programs
-    per pair and problem as fill them, never more than the SMs (a persistent grid must fit at once) and
-    never fewer than ``SPLIT_MIN_ROWS`` rows each. A bad ``OTFAST_TRITON_SPLIT`` is an error naming it."""
+    per pair and problem as fill them, never more than the SMs (a persistent grid must fit at once), and
+    no more than give the longer side ``SPLIT_MIN_ROWS`` rows each. A bad ``OTFAST_TRITON_SPLIT`` is an
+    error naming it."""
     from otfast.kernels.triton.configs import SPLIT_MIN_ROWS
 
     monkeypatch.setattr(backend, "_sm_count", lambda device: 132)
     assert backend.split_count(1, 3, 2048, 2048, DEVICE) == 1
     monkeypatch.setenv("OTFAST_TRITON_SPLIT", "persistent")
     for b, count, n, m in [(1, 3, 2048, 2048), (1, 1, 16384, 300), (24, 3, 48, 48), (64, 3, 512, 512),
-                           (2, 3, 512, 4096), (1, 3, 40, 40)]:
+                           (2, 3, 512, 4096), (1, 3, 40, 40), (1, 3, 65, 65), (1, 3, 200, 40)]:
         k = backend.split_count(b, count, n, m, DEVICE)
         assert 1 <= k and b * count * k <= max(132, b * count), (b, count, n, m, k)
-        assert k == 1 or -(-max(n, m) // k) >= SPLIT_MIN_ROWS, (b, count, n, m, k)
-        assert k == min(132 // (b * count), -(-max(n, m) // SPLIT_MIN_ROWS)) or k == 1, (b, count, n, m, k)
+        assert k == 1 or max(n, m) // k >= SPLIT_MIN_ROWS, (b, count, n, m, k)
+        assert k == max(1, min(132 // (b * count), max(n, m) // SPLIT_MIN_ROWS)), (b, count, n, m, k)
     assert backend.split_count(1, 3, 2048, 2048, DEVICE) == 2048 // SPLIT_MIN_ROWS
     monkeypatch.setenv("OTFAST_TRITON_SPLIT", "on")
     with pytest.raises(ValueError, match="OTFAST_TRITON_SPLIT"):
         backend.split_count(1, 3, 2048, 2048, DEVICE)
+
+
+def test_problems_the_kernels_cannot_index_are_refused():
+    """One problem of 2^31 or more cost entries per pair (46341 x 46341: OT(x, y), or OT(x, x) of the
+    debiased loss beside a short y) is a clear error before any launch or allocation, not a wrong index."""
+    from otfast.schedule import Schedule
+
+    n = 46341
+    x, y = torch.zeros(1, n, 1, device=DEVICE), torch.zeros(1, 10, 1, device=DEVICE)
+    a, b = torch.zeros(1, n, dtype=torch.float64, device=DEVICE), torch.zeros(1, 10, dtype=torch.float64,
+                                                                                device=DEVICE)
+    with pytest.raises(ValueError, match=r"46341 x 46341 problem .* >= 2\^31"):
+        backend.solve_problems(x, y, a, b, Schedule(eps=0.1), debias=True)
+    with pytest.raises(ValueError, match=r"2\^31"):
+        backend.solve_points(x, x, a, a, Schedule(eps=0.1))

@@ -49,8 +49,12 @@ Kernels and their memory traffic:
   32-wide slice of y with ``tl.dot`` (fp32 ``input_precision`` from the launcher) into an accumulator in
   the program's own output rows, rescaled by a running max, and divided by its row sums at the end. One
   launch writes dx and (roles swapped) dy, each with the debiased loss's second term subtracted (its
-  accumulator: a scratch of the outputs' shape). Reads x, y and the potentials; writes dx, dy: no
-  [B, N, M] buffer.
+  accumulator: a scratch of the outputs' shape). Reads x, y and the potentials; reads and writes each
+  program's rows of dx, dy (and the scratch) once per column tile: no [B, N, M] buffer.
+- ``_sinkhorn_split_kernel`` (opt-in, ``OTFAST_TRITON_SPLIT``): the streaming solver with each pair and
+  problem's rows and columns shared among several programs, for long pairs that leave SMs idle: grid
+  (pair, problem, split); each step's residual is the sum of the programs' shares, decided alike by all;
+  persistent (one launch, ``_grid_sync`` twice per step) or one launch per half step.
 
 The solvers run the loss's problems OT(x, y), OT(x, x), OT(y, y) (``_problem``) side by side: grid
 (pair, problem), whether a problem is symmetric decided at run time.
