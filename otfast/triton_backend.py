@@ -355,8 +355,7 @@ def _grad(points, pots, alpha, beta, weights, eps):
     """``[dx]`` (weights ``[u]``) or ``[dx, dy]`` in the points' dtype: one launch of ``_grad_kernel`` over
     the problems ``pots`` (``[OT(x, y)]`` or the debiased loss's three) with upstream weights ``weights``
     (u, v of OT(x, y), then u of OT(x, x) and of OT(y, y)). The kernel reads u and writes dx in the points'
-    dtype, converting nothing for fp32 or float64 embeddings; the debiased loss's second terms accumulate in
-    a scratch of dx's and dy's shapes."""
+    dtype, converting nothing for fp32 or float64 embeddings."""
     x, y = points.x, points.y
     (b, n, dim), m = x.shape, y.shape[1]
     sides = 1 if len(weights) == 1 else 2
@@ -365,13 +364,12 @@ def _grad(points, pots, alpha, beta, weights, eps):
     u = [w.to(x.dtype).contiguous() for w in weights]
     u += [u[0]] * (4 - len(u))
     outs = [_empty((b, r, dim), x.dtype, x.device) for r in (n, m)[:sides]]
-    scratch = [_empty(o.shape, o.dtype, o.device) for o in outs] if sym else outs
     bn, bm, bk, bdo = GRAD_BLOCK
     row_blocks = triton.cdiv(max(n, m) if sides == 2 else n, bn)
     groups, per_group = feature_groups(b * row_blocks * sides, dim, _sm_count(x.device))
     K._grad_kernel[(b, row_blocks, sides * groups)](
         x, y, points.mu, *(_f64(t) for t in (xy.f, xy.g, xy.f_prev, xy.g_prev, xx.f, xx.f_prev, yy.f, yy.f_prev)),
-        alpha, beta, _constants((eps,), x.device), *u, outs[0], outs[-1], scratch[0], scratch[-1], n, m, dim,
+        alpha, beta, _constants((eps,), x.device), *u, outs[0], outs[-1], n, m, dim,
         2 if sym else 1, groups, per_group, *x.stride(), *y.stride(), *points.mu_strides, BLOCK_N=bn, BLOCK_M=bm,
         BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS, num_stages=NUM_STAGES,
         enable_fp_fusion=FP_FUSION)

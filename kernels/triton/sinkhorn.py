@@ -48,9 +48,9 @@ Kernels and their memory traffic:
   the GPU idle): each cost tile is recomputed from x, y once (DMMA over all of D), its S multiplies every
   32-wide slice of y with ``tl.dot`` (fp32 ``input_precision`` from the launcher) into an accumulator in
   the program's own output rows, rescaled by a running max, and divided by its row sums at the end. One
-  launch writes dx and (roles swapped) dy, each with the debiased loss's second term subtracted (its
-  accumulator: a scratch of the outputs' shape). Reads x, y and the potentials; reads and writes each
-  program's rows of dx, dy (and the scratch) once per column tile: no [B, N, M] buffer.
+  launch writes dx and (roles swapped) dy, each with the debiased loss's second term subtracted (in two
+  passes: it adds to term 0's finished rows, which cannot be rescaled). Reads x, y and the potentials;
+  reads and writes each program's rows of dx, dy once per column tile: no [B, N, M] buffer, no scratch.
 - ``_sinkhorn_split_kernel`` (opt-in, ``OTFAST_TRITON_SPLIT``): the streaming solver with each pair and
   problem's rows and columns shared among several programs, for long pairs that leave SMs idle: grid
   (pair, problem, split); each step's residual is the sum of the programs' shares, decided alike by all;
@@ -845,9 +845,9 @@ def _sinkhorn_split_kernel(
 
 @triton.jit
 def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, ALPHA, BETA, SCHED, U_X, U_Y, U_XX,
-                 U_YY, OUT_X, OUT_Y, OUT_ACC_X, OUT_ACC_Y, N, M, D, TERMS, n_groups, n_per_group, sxb, sxn, sxd, syb,
-                 sym, syd, smp, smb, smd, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
+                 U_YY, OUT_X, OUT_Y, N, M, D, TERMS, n_groups, n_per_group, sxb, sxn, sxd, syb, sym, syd, smp, smb,
+                 smd, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """The loss's gradient with respect to the prepared points (``_centred``), one row block and one group of
     n_per_group output features (all of D when n_groups = 1) per program: side 0 writes OUT_X_i = u_i (x_i -
     sum_j S_ij y_j) of OT(x, y), minus, when TERMS = 2, the same term of OT(x, x) (weights U_XX); side 1
@@ -856,15 +856,16 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
 
     S_ij = softmax_j(beta_j + (q_j - C_ij) / eps) for the term's problem, q its column potential before the
     final step (G_PREV), eps = SCHED[0]: exponents formed relative to the row potential f (= T(q), so near 0
-    on the plan's support) as in the fast passes, a running max and sum over the column tiles rescale the
-    accumulator (flash-attention's forward), and each term's row sums divide it at its end.
+    on the plan's support) as in the fast passes (``_plan_exponents``), normalised by each row's own sum.
 
-    One pass per (pair, row block, feature group): each cost tile is formed once (float64 DMMA over all of
-    D) and its S multiplies every BLOCK_DO-wide slice of the group's y (``_accumulate``). The accumulator of
-    the group's features does not fit in registers, so it lives in the program's own rows of global memory
-    (L1/L2): term 0 in OUT, term 1 in OUT_ACC (a scratch of OUT's shape, the debiased loss only). Grid (B,
-    row blocks, sides x n_groups); U_*, OUT_* (contiguous [B, rows, D]) are in the points' dtype, fp32 or
-    float64; a padding row gets exactly 0."""
+    Each cost tile is formed over all of D (float64 DMMA) and its S multiplies every BLOCK_DO-wide slice of
+    the group's y (``_accumulate``). The accumulator of the group's features does not fit in registers, so
+    it is the program's own rows of OUT in global memory (L1/L2). Term 0 takes one pass over the column
+    tiles, a running max and sum rescaling the accumulator (flash-attention's forward), and divides by the
+    row sums at its end. Term 1 is added to term 0's finished output, which therefore cannot be rescaled:
+    a first pass finds its rows' max and sum, a second adds (u / sum) S @ y (one more cost tile per tile,
+    no scratch). Grid (B, row blocks, sides x n_groups); U_*, OUT_* (contiguous [B, rows, D]) are in the
+    points' dtype, fp32 or float64; a padding row gets exactly 0."""
     pid = tl.program_id(0).to(tl.int64)
     side = tl.program_id(2) // n_groups
     d_lo = (tl.program_id(2) % n_groups) * n_per_group
@@ -879,6 +880,7 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
     OUTp = tl.where(rows_y, OUT_Y, OUT_X) + pid * n * D
     eps = tl.load(SCHED)
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
+    ones = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
     for t in range(TERMS):
         term = side + 2 * t  # 0, 1: dx, dy of OT(x, y); 2: dx of OT(x, x); 3: dy of OT(y, y)
         cols_y = (side + t) % 2 == 0
@@ -887,43 +889,57 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
         Cp, scn, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
         Wc = _weights(cols_y, ALPHA, BETA, pid, N, M)
         Q = _pick4(term, GP_XY, FP_XY, FP_XX, FP_YY) + pid * m
-        ACC = tl.where(t == 0, OUTp, tl.where(rows_y, OUT_ACC_Y, OUT_ACC_X) + pid * n * D)
         ph, _ = _split(tl.load(_pick4(term, F_XY, G_XY, F_XX, F_YY) + pid * n + offs_n, mask=in_n, other=0.0))
         m_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         s_run = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for m0 in range(0, tl.where(live, m, 0), BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            in_m = offs_m < m
-            beta = tl.load(Wc + offs_m, mask=in_m, other=float("-inf"))
-            valid_m = beta > float("-inf")
-            C_hi, C_lo = _cost_tile_dot(Rp, Cp, MUp, offs_n, offs_m, valid_n, valid_m, D, srn, srd, scn, scd, smd,
-                                        BLOCK_N, BLOCK_M, BLOCK_K)
-            qh, ql = _split(tl.load(Q + offs_m, mask=in_m, other=0.0))
-            w2 = (beta * LOG2E).to(tl.float32) + ql * k
-            z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, 1)
-            z = tl.where(valid_n[:, None], z, float("-inf"))
+            z, offs_m, valid_m = _plan_exponents(Rp, Cp, MUp, Wc, Q, ph, k, offs_n, valid_n, m0, m, D, srn, srd, scn,
+                                                 scd, smd, BLOCK_N, BLOCK_M, BLOCK_K)
             m_new = tl.maximum(m_run, tl.max(z, axis=1))
             m_safe = _finite(m_new)
             scale = tl.exp2(m_run - m_safe)
             S = tl.exp2(z - m_safe[:, None])
             s_run = s_run * scale + tl.sum(S, axis=1)
-            _accumulate(ACC, S, scale, m0 > 0, Cp, MUp, offs_n, in_n, offs_m, valid_m, d_lo, d_hi, D, scn, scd, smd,
-                        BLOCK_DO, PRECISION)
+            if t == 0:
+                _accumulate(OUTp, S, scale, m0 > 0, Cp, MUp, offs_n, in_n, offs_m, valid_m, d_lo, d_hi, D, scn, scd,
+                            smd, BLOCK_DO, PRECISION)
             m_run = m_new
         u = tl.load(_pick4(term, U_X, U_Y, U_XX, U_YY) + pid * n + offs_n, mask=in_n, other=0.0)
         s = tl.where(s_run > 0.0, s_run, 1.0)
-        for d0 in range(d_lo, d_hi, BLOCK_DO):
+        for d0 in range(d_lo, d_hi, BLOCK_DO):  # term 0: OUT = u (x - OUT / s); term 1: OUT -= u x
             offs_do = d0 + tl.arange(0, BLOCK_DO)
             in_do = offs_do < d_hi
             ok = in_n[:, None] & in_do[None, :]
-            at = offs_n[:, None] * D + offs_do[None, :]
+            at = OUTp + offs_n[:, None] * D + offs_do[None, :]
             xt = _centred(Rp, MUp, offs_n, valid_n, offs_do, in_do, srn, srd, smd, 1).to(tl.float32)
-            out = tl.where(t == 0, 1.0, -1.0) * u[:, None] * (xt - tl.load(ACC + at, mask=ok, other=0.0) / s[:, None])
-            if t > 0:  # term 1 is subtracted from term 0's output
-                out += tl.load(OUTp + at, mask=ok, other=0.0)
-            tl.store(OUTp + at, out, mask=ok)
-        # the next term's first tile overwrites what other threads of the program read here
-        tl.debug_barrier()
+            acc = tl.load(at, mask=ok, other=0.0)
+            tl.store(at, tl.where(t == 0, u[:, None] * (xt - acc / s[:, None]), acc - u[:, None] * xt), mask=ok)
+        tl.debug_barrier()  # what follows reads and writes what other threads of the program wrote here
+        if t > 0:  # term 1's second pass: OUT += (u / s) S @ y
+            m_fin = _finite(m_run)
+            w = (u / s).to(tl.float32)
+            for m0 in range(0, tl.where(live, m, 0), BLOCK_M):
+                z, offs_m, valid_m = _plan_exponents(Rp, Cp, MUp, Wc, Q, ph, k, offs_n, valid_n, m0, m, D, srn, srd,
+                                                     scn, scd, smd, BLOCK_N, BLOCK_M, BLOCK_K)
+                _accumulate(OUTp, tl.exp2(z - m_fin[:, None]) * w[:, None], ones, True, Cp, MUp, offs_n, in_n, offs_m,
+                            valid_m, d_lo, d_hi, D, scn, scd, smd, BLOCK_DO, PRECISION)
+
+
+@triton.jit
+def _plan_exponents(Rp, Cp, MUp, Wc, Q, ph, k, offs_n, valid_n, m0, m, D, srn, srd, scn, scd, smd,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(z, offs_m, valid_m)``: the backward's base-2 plan exponents of the column tile at m0 (``_fast_exponents``
+    relative to the row potential ph, the cost tile formed from the points; -inf on padding rows and
+    columns), its column offsets and which of them are tokens."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    in_m = offs_m < m
+    beta = tl.load(Wc + offs_m, mask=in_m, other=float("-inf"))
+    valid_m = beta > float("-inf")
+    C_hi, C_lo = _cost_tile_dot(Rp, Cp, MUp, offs_n, offs_m, valid_n, valid_m, D, srn, srd, scn, scd, smd, BLOCK_N,
+                                BLOCK_M, BLOCK_K)
+    qh, ql = _split(tl.load(Q + offs_m, mask=in_m, other=0.0))
+    z = _fast_exponents(C_hi, C_lo, ph, qh, (beta * LOG2E).to(tl.float32) + ql * k, k, 1)
+    return tl.where(valid_n[:, None], z, float("-inf")), offs_m, valid_m
 
 
 @triton.jit
