@@ -2,8 +2,10 @@
 # Everything that needs a GPU, in one call that fits a 15-minute lease (the steps' limits add up to 360 s on an
 # H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
 # important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
-# against POT / GeomLoss / flash-sinkhorn (then otfast[triton-split], the opt-in row split, on its own), the sm_90 resource check, the training-step benchmark, the tiny
-# alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
+# against POT / GeomLoss / flash-sinkhorn, the opt-in row split on its own (its CUDA test, then
+# otfast[triton-split] at the goal points), the sm_90 resource check, the training-step benchmark, the tiny
+# alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep
+# within its time budget. Each step has its own timeout (seconds, below) and logs to
 # $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
 # OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md. Benchmark providers whose packages
 # are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped and say so, and

@@ -34,6 +34,11 @@ def _on_device(*tensors):
     return [None if t is None else t.to(DEVICE) for t in tensors]
 
 
+def _uniform_log_weights(mask: torch.Tensor) -> torch.Tensor:
+    """float64 log-weights of the uniform measure on each row's valid tokens, -inf on padding."""
+    return torch.where(mask.bool(), -torch.log(mask.sum(1, keepdim=True).double()), -torch.inf)
+
+
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every tensor the launchers allocate starts as NaN (floats) or -2^31 (int32)."""
@@ -248,8 +253,7 @@ def test_sqeuclidean_points_are_prepared_inside_the_kernels(N, M, solver, dtype,
 
     batch = make_points(2, N, M, 8, dtype=dtype, seed=17, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x + 1e4, batch.y + 1e4, batch.mask_x, batch.mask_y)
-    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
-    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
     u, v = torch.rand(2, N, dtype=dtype, device=DEVICE), torch.rand(2, M, dtype=dtype, device=DEVICE)
     schedule = Schedule(eps=0.5, n_iters=10)
 
@@ -288,8 +292,7 @@ def test_the_debiased_loss_takes_one_launch_per_kernel(N, M, solver, monkeypatch
 
     batch = make_points(2, N, M, 8, seed=23, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x + 1e4, batch.y + 1e4, batch.mask_x, batch.mask_y)
-    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
-    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
     gen = torch.Generator().manual_seed(5)
     weights = [torch.rand(2, n, dtype=torch.float64, generator=gen).to(DEVICE) for n in (N, M, N, M)]
     schedule = Schedule(eps=0.5, n_iters=8)
@@ -341,8 +344,7 @@ def test_backward_covers_every_feature_slice_and_group(N, M, sms, monkeypatch):
     monkeypatch.setattr(backend, "_sm_count", lambda device: sms)
     batch = make_points(2, N, M, 70, seed=29, junk=float("nan"))
     x, y, mx, my = batch.x.float(), batch.y.float(), batch.mask_x, batch.mask_y
-    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
-    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
     gen = torch.Generator().manual_seed(7)
     u, v, u_xx, u_yy = (torch.rand(2, n, dtype=torch.float64, generator=gen) for n in (N, M, N, M))
     schedule = Schedule(eps=20.0, n_iters=20)  # plans spread over many columns, OT(x, x)'s too
@@ -408,8 +410,7 @@ def test_split_rows_solve_as_one_program_does(setting, monkeypatch):
 
     batch = make_points(2, 37, 33, 8, seed=31, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x, batch.y, batch.mask_x, batch.mask_y)
-    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
-    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
     if setting == "tol":
         schedule, debias = Schedule(eps=2.0, n_iters=300, tol=1e-2), False
     else:
@@ -448,8 +449,7 @@ def test_persistent_split_kernel_runs_the_whole_schedule_in_one_launch():
 
     batch = make_points(2, 9, 6, 8, seed=37, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x, batch.y, batch.mask_x, batch.mask_y)
-    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
-    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
     schedule = Schedule(eps=0.3, anneal=(2.0, 0.5), n_iters=5)
     hi, lo = backend.cost_matrix(backend._points(x, y, alpha, beta, "sqeuclidean"), alpha, beta, backend.XY, 3)
     want = backend._streaming(hi, lo, alpha, beta, schedule, backend.XY, 3, 9, 6)
@@ -472,8 +472,7 @@ def test_persistent_split_matches_one_program_per_problem_on_cuda(N, M, tol, mon
 
     batch = make_points(1, N, M, 16, seed=41, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x.float(), batch.y.float(), batch.mask_x, batch.mask_y)
-    alpha = torch.where(mx.bool(), -torch.log(mx.sum(1, keepdim=True).double()), -torch.inf)
-    beta = torch.where(my.bool(), -torch.log(my.sum(1, keepdim=True).double()), -torch.inf)
+    alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
     schedule = Schedule(eps=0.01, anneal=(4.0, 1.0, 0.25, 0.0625, 0.015625), n_iters=50, tol=tol)
     want = backend.solve_problems(x, y, alpha, beta, schedule, debias=True)
     monkeypatch.setenv("OTFAST_TRITON_SPLIT", "persistent")

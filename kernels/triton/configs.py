@@ -11,8 +11,9 @@ RESIDENT_WARPS = 4  # at 8 warps one of the eight variants spills 48 bytes
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
 STREAM_BLOCK = 32
 STREAM_WARPS = 4
-# A streamed pair and problem splits its rows among programs (``_sinkhorn_split_kernel``) only where pairs x
-# problems leave SMs idle, each program keeping at least this many rows (``triton_backend.split_count``).
+# With OTFAST_TRITON_SPLIT on, a streamed pair and problem splits its rows among programs
+# (``_sinkhorn_split_kernel``) only where pairs x problems leave SMs idle, and into no more programs than
+# give the longer side this many rows each (``triton_backend.split_count``).
 SPLIT_MIN_ROWS = 64
 SPLIT_MODES = ("off", "persistent", "phases")  # OTFAST_TRITON_SPLIT (``triton_backend.split_mode``)
 CENTRE_BLOCK = (32, 64)  # BLOCK_R, BLOCK_D

@@ -5,10 +5,11 @@ Each configuration from ``otfast.kernels.triton.configs.configs()`` is compiled 
 shared memory and stack frame from the cubin, and ``ptxas -v`` on the PTX reads the spill stores and loads.
 Prints one table row per configuration and exits 1 if any configuration spills.
 
-``--sass`` prints instead, for the solvers' configurations, the static instruction counts of every loop of
-the compiled SASS (``cuobjdump -sass``; a loop is the range of a backward branch): exponentials
-(MUFU.EX2), logarithms, barriers, shared-memory loads and stores, warp shuffles, fp32 and fp64 arithmetic
-and fp32/fp64 conversions, per thread and per trip of the loop. The iteration loop of the resident kernel
+``--sass`` prints instead, for the solvers' and the backward's configurations (fp32 points, no tol), the
+static instruction counts of every loop of the compiled SASS (``cuobjdump -sass``; a loop is the range of
+a backward branch): exponentials (MUFU.EX2), logarithms, barriers, shared-memory loads and stores, warp
+shuffles, fp32 and fp64 arithmetic, fp32/fp64 conversions, tensor-core instructions (DMMA, HMMA, HGMMA) and
+global loads and stores, per thread and per trip of the loop. The iteration loop of the resident kernel
 is the one with 2 N M / threads exponentials (16 at 32 x 32 and 4 warps); the counts show what one
 Sinkhorn iteration costs beside its exponentials, without a GPU.
 

@@ -608,14 +608,17 @@ def _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_C
 
 
 @triton.jit
-def _stream_update(CH, CL, N, M, ALPHA, BETA, F, G, FT, GT, eps, precise, inv_rho, symmetric,
+def _stream_update(CH, CL, N, M, ALPHA, BETA, F, G, FT, GT, r0, r1, c0, c1, eps, precise, inv_rho, symmetric,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """FT = T(G), GT = T~(F) (GT aliases FT when symmetric) at temperature eps, streaming the contiguous
-    [N, M] cost."""
+    """FT = T(G) on the rows r0..r1, GT = T~(F) on the columns c0..c1 (not for a symmetric problem, whose GT
+    aliases FT) at temperature eps, streaming the contiguous [N, M] cost (the streaming kernel: every row
+    and column; the split kernel: a program's share)."""
     damping = 1.0 / (1.0 + eps * inv_rho)
-    _stream_softmin(CH, CL, M, 1, N, M, BETA, G, F, ALPHA, FT, eps, damping, precise, BLOCK_N, BLOCK_M)
+    _stream_softmin(CH + r0 * M, CL + r0 * M, M, 1, r1 - r0, M, BETA, G, F + r0, ALPHA + r0, FT + r0, eps, damping,
+                    precise, BLOCK_N, BLOCK_M)
     if not symmetric:
-        _stream_softmin(CH, CL, 1, M, M, N, ALPHA, F, G, BETA, GT, eps, damping, precise, BLOCK_M, BLOCK_N)
+        _stream_softmin(CH + c0, CL + c0, 1, M, c1 - c0, N, ALPHA, F, G + c0, BETA + c0, GT + c0, eps, damping,
+                        precise, BLOCK_M, BLOCK_N)
     # The program's warps wrote FT / GT through global memory, and the next step reads them across rows
     # other warps wrote: a block-wide barrier orders the two (global stores are visible to the block after it).
     tl.debug_barrier()
@@ -696,7 +699,8 @@ def _sinkhorn_streaming_kernel(
     go = n_iters >= 0
     while go:  # the schedule, one step per trip (``_schedule_step``)
         e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
-        _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, e, precise, inv_rho, symmetric, BLOCK_N, BLOCK_M)
+        _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, 0, n, 0, m, e, precise, inv_rho, symmetric, BLOCK_N,
+                       BLOCK_M)
         active = annealing | (it < n_iters)
         if HAS_TOL:
             active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M) > tol))
@@ -723,16 +727,10 @@ def _chunk(length, parts, part, BLOCK: tl.constexpr):
 @triton.jit
 def _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, PART, e, precise, inv_rho, eps, symmetric,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One program's share of a step: FT = T(G) on the rows r0..r1, GT = T~(F) on the columns c0..c1 (not
-    for a symmetric problem, whose GT aliases FT), and PART = their residual terms' sum (``_stream_error``
-    restricted to those rows and columns)."""
-    damping = 1.0 / (1.0 + e * inv_rho)
-    _stream_softmin(CH + r0 * m, CL + r0 * m, m, 1, r1 - r0, m, Bw, Gp, Fp + r0, A + r0, FTp + r0, e, damping,
-                    precise, BLOCK_N, BLOCK_M)
-    if not symmetric:
-        _stream_softmin(CH + c0, CL + c0, 1, m, c1 - c0, n, A, Fp, Gp + c0, Bw + c0, GTp + c0, e, damping, precise,
-                        BLOCK_M, BLOCK_N)
-    tl.debug_barrier()  # the residual reads FT, GT across the rows other warps wrote (see _stream_update)
+    """One program's share of a step: ``_stream_update`` on its rows r0..r1 and columns c0..c1, and PART =
+    their residual terms' sum (``_stream_error`` restricted to those rows and columns)."""
+    _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, e, precise, inv_rho, symmetric, BLOCK_N,
+                   BLOCK_M)
     tl.store(PART, _stream_error(Fp + r0, FTp + r0, Gp + c0, GTp + c0, A + r0, Bw + c0, r1 - r0, c1 - c0, eps,
                                  BLOCK_N, BLOCK_M))
 
@@ -743,7 +741,7 @@ def _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, PARTS, n_split, t, n_anneal, w
     """``(active, err, it)`` of step t (``_schedule_step``), which every program of the problem decides alike:
     err = the step's residual, its programs' PARTS summed in a fixed order (the same bits in every program
     and run); it = the final-temperature updates kept before it (every earlier step was kept). When active,
-    the program's rows and columns take the update (``_stream_combine``)."""
+    the program's rows and columns take the update (``_stream_step``)."""
     acc = tl.zeros((BLOCK_N,), dtype=tl.float64)
     for s0 in range(0, n_split, BLOCK_N):
         offs = s0 + tl.arange(0, BLOCK_N)
@@ -755,9 +753,7 @@ def _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, PARTS, n_split, t, n_anneal, w
     if HAS_TOL:
         active = active & (annealing | (err > tol))
     if active:
-        _stream_combine(Fp + r0, FTp + r0, r1 - r0, w_old, BLOCK_N)
-        if not symmetric:
-            _stream_combine(Gp + c0, GTp + c0, c1 - c0, w_old, BLOCK_M)
+        _stream_step(Fp + r0, FTp + r0, Gp + c0, GTp + c0, r1 - r0, c1 - c0, w_old, symmetric, BLOCK_N, BLOCK_M)
     return active, err, it
 
 
