@@ -8,6 +8,7 @@ Shapes stay small (D = 8) because the interpreter runs each kernel op in numpy.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -234,6 +235,109 @@ def test_every_kernel_configuration_compiles_for_sm90_without_spills():
                           text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{len(configs())} configurations compiled for sm_90, 0 spilling" in proc.stdout
+
+
+_ITERATION_LOOP = """
+import json, tempfile
+from otfast.kernels.triton import resources
+from otfast.kernels.triton.configs import configs
+config = next(c for c in configs() if c.kernel == "_sinkhorn_resident_kernel" and c.points == "fp32"
+              and not c.constexprs["HAS_TOL"])
+with tempfile.TemporaryDirectory() as tmp:
+    kernels = resources.common_path_kernels(tmp)
+    print(json.dumps([resources.sass_loops(config), resources.sass_loops(config, kernels)]))
+"""
+
+
+def test_a_fast_pass_forms_its_exponents_once_on_the_common_path():
+    """The SASS of the resident kernel's iteration loop (``resources --sass``), whole and on the common path
+    (``--common-path``: the second sweep that only passes far from their reference take, removed). The
+    common path keeps all 2 N M / 128 = 16 exponentials and forms each exponent once: within 24 fp32
+    instructions and 40 in all per exponential (366 and 568 under triton 3.9; 502 and 715 when every pass
+    swept the tile twice)."""
+    proc = subprocess.run([sys.executable, "-c", _ITERATION_LOOP], cwd=ROOT, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, common = (min((loop for loop in loops if loop["exp2"] == 16), key=lambda loop: loop["instructions"])
+                     for loops in json.loads(proc.stdout))
+    assert common["instructions"] < whole["instructions"]
+    assert common["fp32"] <= 24 * 16 and common["instructions"] <= 40 * 16, common
+
+
+def test_common_path_source_refuses_kernels_without_the_branch():
+    from otfast.kernels.triton import resources
+
+    with pytest.raises(ValueError, match="_near"):
+        resources.common_path_source("def kernel(c):\n    return c\n")
+
+
+def _far_start(N: int, M: int):
+    """``(x, y, alpha, beta, schedule)``: 30 updates at eps 0.0025 from zero potentials, points at scale 10 (D =
+    16), whose first fast passes have exponents in the thousands relative to their reference."""
+    from otfast.schedule import Schedule
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, N, 16, generator=gen) * 10, torch.randn(2, M, 16, generator=gen) * 10
+    alpha = torch.full((2, N), -math.log(N), dtype=torch.float64)
+    beta = torch.full((2, M), -math.log(M), dtype=torch.float64)
+    return x, y, alpha, beta, Schedule(eps=0.0025, n_iters=30)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="patches a constant that compiled kernels bake in")
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("N,M", [(20, 17), (40, 37)], ids=["resident", "streaming"])
+def test_fast_passes_sweep_again_only_far_from_their_reference(N, M, monkeypatch):
+    """A fast pass sums its exponents in one sweep relative to the previous update when every row's max lies
+    within ``NEAR`` binary orders of it, and sweeps again relative to the max otherwise (``sinkhorn._near``).
+    From zero potentials at eps 0.0025 and scale 10 the first passes' maxima are in the thousands: one sweep
+    everywhere (NEAR = inf) leaves 2e-2 eps in f; two sweeps everywhere (NEAR = 0, the kernels before) and
+    the shipped rule both stay within 1e-5 eps of the float64 oracle, and differ, so the one-sweep path ran."""
+    from otfast import reference
+    from otfast.kernels.triton import sinkhorn
+
+    x, y, alpha, beta, schedule = _far_start(N, M)
+    want = reference.solve_points(x.double(), y.double(), alpha, beta, schedule)
+
+    def error(near):
+        monkeypatch.setattr(sinkhorn, "NEAR", triton.language.constexpr(near))
+        got = backend.solve_points(x, y, alpha, beta, schedule)
+        return got.f, max(float((got.f - want.f).abs().max()), float((got.g - want.g).abs().max())) / schedule.eps
+
+    shipped, shipped_err = error(sinkhorn.NEAR.value)
+    twice, twice_err = error(0.0)
+    _, once_err = error(math.inf)
+    assert shipped_err < 1e-5 and twice_err < 1e-5, (shipped_err, twice_err)
+    assert once_err > 1e-3, once_err
+    assert not torch.equal(shipped, twice)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="counts the decisions of interpreted kernels")
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("N,M", [(20, 17), (40, 37)], ids=["resident", "streaming"])
+def test_the_sweep_replay_predicts_the_kernels_decisions(N, M, monkeypatch):
+    """``benchmarks.sweeps`` replays the loop in float64 to say how many fast passes take one sweep (no GPU
+    counter can): here it predicts every decision of the interpreted kernels (``_near``, one per pass and
+    pair when resident, per row block when streaming), some of either kind."""
+    from benchmarks.sweeps import Decisions
+    from otfast import reference
+    from otfast.kernels.triton import sinkhorn
+
+    decided = []
+    near = sinkhorn._near
+
+    def counted(m, valid):
+        out = near(m, valid)
+        decided.append(bool(out))
+        return out
+
+    monkeypatch.setattr(sinkhorn, "_near", counted)
+    x, y, alpha, beta, schedule = _far_start(N, M)
+    backend.solve_points(x, y, alpha, beta, schedule)
+    replay = Decisions(schedule.eps, resident=max(N, M) <= 32)
+    with replay.record():
+        reference.solve_points(x, y, alpha, beta, schedule)
+    assert (replay.one_sweep, replay.total) == (sum(decided), len(decided))
+    assert 0 < replay.one_sweep < replay.total
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -11,14 +11,17 @@ a backward branch): exponentials (MUFU.EX2), logarithms, barriers, shared-memory
 shuffles, fp32 and fp64 arithmetic, fp32/fp64 conversions, tensor-core instructions (DMMA, HMMA, HGMMA) and
 global loads and stores, per thread and per trip of the loop. The iteration loop of the resident kernel
 is the one with 2 N M / threads exponentials (16 at 32 x 32 and 4 warps); the counts show what one
-Sinkhorn iteration costs beside its exponentials, without a GPU.
+Sinkhorn iteration costs beside its exponentials, without a GPU. A loop's count holds every branch in it;
+``--common-path`` counts the fast passes' common path: it compiles a copy of the kernels in which the
+branch that sweeps again (``if not _near(...)``, taken only far from the reference) does one fp32 add.
 
-    python -m otfast.kernels.triton.resources [--jobs 2] [--sass]
+    python -m otfast.kernels.triton.resources [--jobs 2] [--sass [--common-path]]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import subprocess
@@ -57,13 +60,15 @@ def _signature(fn, constexprs: dict, float64_pointers: frozenset, points: str | 
     return sig
 
 
-def _compile(config):
+def _compile(config, kernels=None):
+    """Compile one configuration for sm_90 from ``kernels`` (a module; default ``otfast.kernels.triton.sinkhorn``)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from otfast.kernels.triton import sinkhorn as K
+    from otfast.kernels.triton import sinkhorn
     from otfast.kernels.triton.configs import FP_FUSION, NUM_STAGES
 
+    K = kernels or sinkhorn
     fn = getattr(K, config.kernel)
     sig = _signature(fn, config.constexprs, K.FLOAT64_POINTERS, config.points)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=config.constexprs)
@@ -103,9 +108,43 @@ SASS_GROUPS = {
 }
 
 
-def sass_loops(config) -> list[dict]:
-    """Static per-thread instruction counts of each loop of one configuration's SASS (``--sass``)."""
-    compiled = _compile(config)
+def common_path_source(source: str) -> str:
+    """The kernels' source with the body of every ``if not _near(...)`` (the second sweep) replaced by
+    ``c = c + 1.0``: the test, and the reduction it reads, stay in the compiled code (``--common-path``)."""
+    out, skip, found = [], None, 0
+    for line in source.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if skip is not None and (not line.strip() or indent > skip):
+            continue
+        skip = None
+        out.append(line)
+        if line.lstrip().startswith("if not _near("):
+            out.append(" " * (indent + 4) + "c = c + 1.0")
+            out.append("")
+            skip, found = indent, found + 1
+    if not found:
+        raise ValueError("no `if not _near(...)` branch in the kernels' source")
+    return "\n".join(out) + "\n"
+
+
+def common_path_kernels(tmp: str):
+    """A module compiled from ``common_path_source`` of the kernels (written under ``tmp``: triton reads its
+    kernels' source from their file)."""
+    from otfast.kernels.triton import sinkhorn
+
+    path = os.path.join(tmp, "otfast_common_path_kernels.py")
+    with open(sinkhorn.__file__) as src, open(path, "w") as dst:
+        dst.write(common_path_source(src.read()))
+    spec = importlib.util.spec_from_file_location("otfast_common_path_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sass_loops(config, kernels=None) -> list[dict]:
+    """Static per-thread instruction counts of each loop of one configuration's SASS (``--sass``), compiled
+    from ``kernels`` (see ``_compile``)."""
+    compiled = _compile(config, kernels)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as fh:
@@ -125,12 +164,18 @@ def sass_loops(config) -> list[dict]:
     return out
 
 
-def print_sass(configs: list) -> None:
-    for config in configs:
-        print(f"{_describe(config.kernel, config.constexprs, config.points)} warps={config.warps}")
-        print(f"  {'loop at':>8} {'instr':>6} " + " ".join(f"{g:>7}" for g in SASS_GROUPS))
-        for loop in sass_loops(config):
-            print(f"  {loop['start']:#8x} {loop['instructions']:>6} " + " ".join(f"{loop[g]:>7}" for g in SASS_GROUPS))
+def print_sass(configs: list, common_path: bool = False) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels = common_path_kernels(tmp) if common_path else None
+        for config in configs:
+            _print_loops(config, sass_loops(config, kernels))
+
+
+def _print_loops(config, loops: list[dict]) -> None:
+    print(f"{_describe(config.kernel, config.constexprs, config.points)} warps={config.warps}")
+    print(f"  {'loop at':>8} {'instr':>6} " + " ".join(f"{g:>7}" for g in SASS_GROUPS))
+    for loop in loops:
+        print(f"  {loop['start']:#8x} {loop['instructions']:>6} " + " ".join(f"{loop[g]:>7}" for g in SASS_GROUPS))
 
 
 def _describe(kernel: str, constexprs: dict, points: str | None) -> str:
@@ -143,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sass", action="store_true",
                         help="per-loop SASS instruction counts of the solvers (fixed eps, no tol) and the backward "
                              "instead")
+    parser.add_argument("--common-path", action="store_true",
+                        help="with --sass: without the second sweep of the fast passes (``common_path_source``)")
     args = parser.parse_args(argv)
     from otfast.kernels.triton.configs import configs
 
@@ -151,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print_sass([c for c in todo if c.kernel in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel",
                                                     "_sinkhorn_split_kernel", "_grad_kernel")
                     and not c.constexprs.get("HAS_TOL") and c.constexprs.get("FROM_POINTS", True)
-                    and c.constexprs.get("PERSISTENT", True) and c.points in (None, "fp32")])
+                    and c.constexprs.get("PERSISTENT", True) and c.points in (None, "fp32")], args.common_path)
         return 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(check, todo))

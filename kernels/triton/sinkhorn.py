@@ -18,7 +18,11 @@ the yardstick: ``python -m benchmarks.accuracy``):
   of p, q; near the plan's support s - qh_j is exact (Sterbenz), so the exponent -u k (k = log2(e) / eps)
   carries only its own rounding. The low parts ql = q - qh go into the column weights, those of p cancel:
   T(q)_i = d (ph_i - eps ln2 LSE2_j(beta2_j + ql_j k - u_ij k)). About 12 fp32 operations and one exp2
-  per entry.
+  per entry. The reference p is the row's previous update (undamped, ``_reference``), so the exponents'
+  max is near 0 close to convergence and within tens of binary orders in the annealing steps: the pass
+  sums them in one sweep; only where some row's max is ``NEAR`` or further from p (far from convergence,
+  where exponents in the thousands would each carry a rounding of 1e-4) does it sweep again relative to
+  the max (``_near``).
 - Precise passes (larger temperatures: the first steps of the annealing): exponents, maxima and sums in
   float64, the exponentials in fp32. An fp32 log-sum-exp at temperature eps leaves an absolute error of
   about eps 2^-24 in the potentials, which the following steps carry down to the final eps (measured with
@@ -67,6 +71,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Passes at a temperature above PRECISE_RATIO times the final one run in float64 (see the module docstring).
 PRECISE_RATIO = tl.constexpr(256.0)
+# A fast pass sums its exponents relative to the row's previous update in one sweep when every max lies within
+# NEAR binary orders of it; otherwise it sweeps again relative to a reference shifted onto the max (``_near``).
+NEAR = tl.constexpr(32.0)
 # Exponents whose max reaches FAR (|m| 2^-23 = 8 binary orders of rounding) get a second max (``_far``).
 FAR = tl.constexpr(2.0**26)
 # Pointer arguments that hold float64 (the points X, Y and the backward's U_*, OUT_* are fp32 or float64,
@@ -127,27 +134,31 @@ def _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS: tl.constexpr):
 
 @triton.jit
 def _softmin_fast(C_hi, C_lo, p, q, logw2_q, eps, damping, valid, AXIS: tl.constexpr):
-    """T(q) over AXIS on resident tiles (float64 in and out), in two sweeps over the tiles.
+    """T(q) over AXIS on resident tiles (float64 in and out), relative to the reference p (the previous
+    update of the same potential, undamped: ``_reference``).
 
-    The first sweep forms the exponents relative to the current p and takes their max m; the second forms
-    them again relative to p' = p - eps ln2 m, where the largest exponent c is about 0 (``_shifted``),
-    and sums exp2. Far from convergence (a fixed small eps from the start) m is in the thousands, and
-    exponents of that size would each carry a rounding of 1e-4, noise that the iterations accumulate
-    (measured: 0.04 eps in f + g after 300 updates at D = 16, scale 10, eps 0.0025; 5e-5 eps with the
-    second sweep). Where some |m| reaches ``FAR`` (C / eps ~ 1e8 and more, far from the potentials),
-    m's own fp32 rounding can move c by hundreds of binary orders, and exp2 overflowed (NaN potentials):
-    then c is the max of the second sweep's exponents (``_far``; ``tests/test_triton_interpreter.py`` has
-    the case). The one test per pass is a uniform branch; taking the max always added 113 instructions
-    (16%) to the resident iteration."""
+    The exponents are formed relative to p and their max m taken. Where every |m| is below ``NEAR``
+    (``_near``: near convergence, and in most annealing steps) they are summed as they are. Otherwise (far
+    from convergence, as a fixed small eps from zero potentials, where m is in the thousands and exponents
+    of that size would each carry a rounding of 1e-4, noise the iterations accumulate: measured 0.04 eps in
+    f + g after 300 updates at D = 16, scale 10, eps 0.0025, 5e-5 eps with this second sweep) they are
+    formed again relative to p' = p - eps ln2 m, where the largest exponent c is about 0 (``_shifted``).
+    Where some |m| reaches ``FAR`` (C / eps ~ 1e8 and more, far from the potentials), m's own fp32 rounding
+    can move c by hundreds of binary orders, and exp2 overflowed (NaN potentials): then c is the max of the
+    second sweep's exponents (``_far``; ``tests/test_triton_interpreter.py`` has the case). Each test is a
+    uniform branch."""
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
     ph, _ = _split(p)
     qh, ql = _split(q)
     w2 = logw2_q + ql * k
-    m = tl.max(_fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS), axis=AXIS)
-    ph, c = _shifted(ph, m, eps)
     z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS)
-    if _far(m):
-        c = _finite(tl.max(z, axis=AXIS))
+    c = _finite(tl.max(z, axis=AXIS))
+    if not _near(c, valid):
+        m = c
+        ph, c = _shifted(ph, m, eps)
+        z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS)
+        if _far(m):
+            c = _finite(tl.max(z, axis=AXIS))
     if AXIS == 1:
         s = tl.sum(tl.exp2(z - c[:, None]), axis=1)
     else:
@@ -171,6 +182,24 @@ def _shifted(ph, m, eps):
     target = ph.to(tl.float64) - (eps * LN2) * _finite(m).to(tl.float64)
     ph2 = target.to(tl.float32)
     return ph2, ((ph2.to(tl.float64) - target) * ((1.0 / eps) * LOG2E)).to(tl.float32)
+
+
+@triton.jit
+def _near(m, valid):
+    """Whether every max m of fp32 exponents relative to a reference is within ``NEAR`` binary orders of it, so
+    that the exponents that count (within 2^-24 of the max) carry a rounding of at most (NEAR + 24 +
+    log2(1 / w_min)) 2^-24, about twice that of exponents relative to a reference on the max (``_shifted``),
+    and one sweep suffices. Only the valid rows count (padding and the tile's lanes past the pair have
+    exponents of any size, and outputs nobody reads)."""
+    return tl.max(tl.where(valid, tl.abs(m), 0.0), axis=0) < NEAR
+
+
+@triton.jit
+def _reference(prev, eps, inv_rho):
+    """The reference of a fast pass: the previous update of the same potential divided by the dampening d
+    (``_update``, ``_stream_update``), since the exponents relative to the undamped soft-min have their max
+    near 0 at every fixed point, balanced or not."""
+    return prev * (1.0 + eps * inv_rho)
 
 
 @triton.jit
@@ -203,9 +232,11 @@ def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.conste
 
 
 @triton.jit
-def _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, precise, inv_rho, symmetric):
+def _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, precise, inv_rho,
+            symmetric):
     """(T(g), T~(f)) at temperature eps on resident tiles; T~(f) = T(g) when ``symmetric`` (a runtime flag:
-    one launch solves the debiased loss's three problems, ``_problem``)."""
+    one launch solves the debiased loss's three problems, ``_problem``). ft, gt: the previous update (the
+    fast passes' ``_reference``; the current f, g at the first)."""
     damping = 1.0 / (1.0 + eps * inv_rho)
     if precise:
         ft = _softmin_precise(C_hi, C_lo, g, beta, eps, damping, valid_n, 1)
@@ -214,11 +245,11 @@ def _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps,
         else:
             gt = _softmin_precise(C_hi, C_lo, f, alpha, eps, damping, valid_m, 0)
     else:
-        ft = _softmin_fast(C_hi, C_lo, f, g, beta2, eps, damping, valid_n, 1)
+        ft = _softmin_fast(C_hi, C_lo, _reference(ft, eps, inv_rho), g, beta2, eps, damping, valid_n, 1)
         if symmetric:
             gt = ft
         else:
-            gt = _softmin_fast(C_hi, C_lo, g, f, alpha2, eps, damping, valid_m, 0)
+            gt = _softmin_fast(C_hi, C_lo, _reference(gt, eps, inv_rho), f, alpha2, eps, damping, valid_m, 0)
     return ft, gt
 
 
@@ -459,11 +490,12 @@ def _sinkhorn_resident_kernel(
 
     f = tl.zeros((BLOCK_N,), dtype=tl.float64)
     g = tl.zeros((BLOCK_M,), dtype=tl.float64)
-    f, g = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps_init,
+    f, g = _update(C_hi, C_lo, f, g, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps_init,
                    eps_init > threshold, inv_rho, symmetric)
+    ft, gt = f, g
     for t in range(n_anneal):
         e = _anneal_eps(SCHED, t, n_anneal)
-        ft, gt = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, e, e > threshold,
+        ft, gt = _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid_m, e, e > threshold,
                          inv_rho, symmetric)
         f = (f + ft) * 0.5
         g = (g + gt) * 0.5
@@ -471,7 +503,7 @@ def _sinkhorn_resident_kernel(
     it = n_iters * 0
     go = n_iters > 0
     while go:  # the final temperature: fast passes
-        ft, gt = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False, inv_rho,
+        ft, gt = _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False, inv_rho,
                          symmetric)
         active = go
         if HAS_TOL:
@@ -482,8 +514,8 @@ def _sinkhorn_resident_kernel(
         it += active.to(tl.int32)
         go = active & (it < n_iters)
 
-    f_new, g_new = _update(C_hi, C_lo, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False, inv_rho,
-                           symmetric)
+    f_new, g_new = _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False,
+                           inv_rho, symmetric)
     err = _residual(f, f_new, w_n, eps) + _residual(g, g_new, w_m, eps)
     tl.store(_pick(p, F0, F1, F2) + pid * n + offs_n, f_new, mask=in_n)
     tl.store(_pick(p, FP0, FP1, FP2) + pid * n + offs_n, f, mask=in_n)
@@ -524,23 +556,25 @@ def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, FIRST, sxb, s
 
 
 @triton.jit
-def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, POT_ROW, LOGW_ROW, OUT, eps, damping,
+def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, REF, LOGW_ROW, OUT, eps, inv_rho,
                     precise, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """OUT_i = T(q)_i = -d eps LSE_j(logw_j + (q_j - C_ij) / eps) for every row i, over column tiles: precise
-    passes online in float64, fast ones in two sweeps relative to the current p = POT_ROW, then to the
-    shifted reference (as ``_softmin_fast``).
+    passes online in float64, fast ones relative to the ``_reference`` of REF, the rows' previous update (as
+    ``_softmin_fast``). OUT may be REF: each row reads its reference before it writes.
 
     The column pass of the loop is this same routine on the transposed cost (strides swapped)."""
+    damping = 1.0 / (1.0 + eps * inv_rho)
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < n_rows
+        valid = _valid(LOGW_ROW, offs_r, in_r)
         if precise:
             out = _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, eps, damping,
                                       BLOCK_R, BLOCK_C)
         else:
-            out = _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, POT_ROW, eps, damping,
-                                   BLOCK_R, BLOCK_C)
-        valid = _valid(LOGW_ROW, offs_r, in_r)
+            ref = _reference(tl.load(REF + offs_r, mask=in_r, other=0.0), eps, inv_rho)
+            out = _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, ref, eps,
+                                   damping, BLOCK_R, BLOCK_C)
         tl.store(OUT + offs_r, tl.where(valid, out, 0.0), mask=in_r)
 
 
@@ -569,20 +603,26 @@ def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, PO
 
 
 @triton.jit
-def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, POT_ROW, eps, damping,
+def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, ref, eps, damping,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """d (p' - eps ln2 LSE2) for one row block in two sweeps over the column tiles: the max of the fp32
-    exponents relative to the current p, then their sum relative to the shifted reference (``_shifted``)
-    with a running max (always: the test of ``_far`` and a second call site spilled 76 bytes under triton
-    3.7.1)."""
+    """d (p - eps ln2 LSE2) for one row block, p the fp32 rounding of the reference ``ref``: one sweep over the
+    column tiles sums the exponents relative to p with a running max c (``_stream_lse2``); where some valid
+    row's |c| reaches ``NEAR`` (``_near``), a second sweep sums them relative to the reference shifted onto
+    c (``_shifted``; its running max also covers ``_far``'s case)."""
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
-    ph, _ = _split(tl.load(POT_ROW + offs_r, mask=in_r, other=0.0))
-    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-    for c0 in range(0, n_cols, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        z = _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
-        m = tl.maximum(m, tl.max(z, axis=1))
-    ph, _ = _shifted(ph, m, eps)
+    ph, _ = _split(ref)
+    c, s = _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R, BLOCK_C)
+    if not _near(c, valid):
+        ph, _ = _shifted(ph, c, eps)
+        c, s = _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R, BLOCK_C)
+    return damping * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s)))
+
+
+@triton.jit
+def _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """``(c, s)``: LSE2 over the column tiles of the fast exponents relative to ph = c + log2(s), online (c the
+    running max, 0 for a row with every entry masked; s float64)."""
     c = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for c0 in range(0, n_cols, BLOCK_C):
@@ -592,7 +632,7 @@ def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_C
         s = s * tl.exp2(c - _finite(c_new)).to(tl.float64) + tl.sum(tl.exp2(z - _finite(c_new)[:, None]),
                                                                        axis=1).to(tl.float64)
         c = c_new
-    return damping * (ph.to(tl.float64) - (eps * LN2) * (_finite(c).to(tl.float64) + tl.log2(s)))
+    return _finite(c), s
 
 
 @triton.jit
@@ -608,16 +648,17 @@ def _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_C
 
 
 @triton.jit
-def _stream_update(CH, CL, N, M, ALPHA, BETA, F, G, FT, GT, r0, r1, c0, c1, eps, precise, inv_rho, symmetric,
+def _stream_update(CH, CL, N, M, ALPHA, BETA, F, G, FT, GT, r0, r1, c0, c1, eps, precise, inv_rho, symmetric, first,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """FT = T(G) on the rows r0..r1, GT = T~(F) on the columns c0..c1 (not for a symmetric problem, whose GT
     aliases FT) at temperature eps, streaming the contiguous [N, M] cost (the streaming kernel: every row
-    and column; the split kernel: a program's share)."""
-    damping = 1.0 / (1.0 + eps * inv_rho)
-    _stream_softmin(CH + r0 * M, CL + r0 * M, M, 1, r1 - r0, M, BETA, G, F + r0, ALPHA + r0, FT + r0, eps, damping,
+    and column; the split kernel: a program's share). The fast passes' references are FT, GT, the previous
+    update, except at the ``first`` (F, G then: FT, GT hold nothing yet)."""
+    RF, RG = tl.where(first, F, FT), tl.where(first, G, GT)
+    _stream_softmin(CH + r0 * M, CL + r0 * M, M, 1, r1 - r0, M, BETA, G, RF + r0, ALPHA + r0, FT + r0, eps, inv_rho,
                     precise, BLOCK_N, BLOCK_M)
     if not symmetric:
-        _stream_softmin(CH + c0, CL + c0, 1, M, c1 - c0, N, ALPHA, F, G + c0, BETA + c0, GT + c0, eps, damping,
+        _stream_softmin(CH + c0, CL + c0, 1, M, c1 - c0, N, ALPHA, F, RG + c0, BETA + c0, GT + c0, eps, inv_rho,
                         precise, BLOCK_M, BLOCK_N)
     # The program's warps wrote FT / GT through global memory, and the next step reads them across rows
     # other warps wrote: a block-wide barrier orders the two (global stores are visible to the block after it).
@@ -699,8 +740,8 @@ def _sinkhorn_streaming_kernel(
     go = n_iters >= 0
     while go:  # the schedule, one step per trip (``_schedule_step``)
         e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
-        _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, 0, n, 0, m, e, precise, inv_rho, symmetric, BLOCK_N,
-                       BLOCK_M)
+        _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, 0, n, 0, m, e, precise, inv_rho, symmetric, t == 0,
+                       BLOCK_N, BLOCK_M)
         active = annealing | (it < n_iters)
         if HAS_TOL:
             active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M) > tol))
@@ -726,11 +767,11 @@ def _chunk(length, parts, part, BLOCK: tl.constexpr):
 
 @triton.jit
 def _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, PART, e, precise, inv_rho, eps, symmetric,
-                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                  first, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One program's share of a step: ``_stream_update`` on its rows r0..r1 and columns c0..c1, and PART =
     their residual terms' sum (``_stream_error`` restricted to those rows and columns)."""
-    _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, e, precise, inv_rho, symmetric, BLOCK_N,
-                   BLOCK_M)
+    _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, e, precise, inv_rho, symmetric, first,
+                   BLOCK_N, BLOCK_M)
     tl.store(PART, _stream_error(Fp + r0, FTp + r0, Gp + c0, GTp + c0, A + r0, Bw + c0, r1 - r0, c1 - c0, eps,
                                  BLOCK_N, BLOCK_M))
 
@@ -811,7 +852,7 @@ def _sinkhorn_split_kernel(
             e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
             slot = PARTS + (t % 2) * n_split
             _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot + r, e, precise, inv_rho, eps,
-                          symmetric, BLOCK_N, BLOCK_M)
+                          symmetric, t == 0, BLOCK_N, BLOCK_M)
             _grid_sync(SYNC, n_split, k + 1)
             active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
                                           n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
@@ -829,7 +870,7 @@ def _sinkhorn_split_kernel(
             slot = PARTS + (t % 2) * n_split
             if phase % 2 == 0:
                 _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot + r, e, precise, inv_rho,
-                              eps, symmetric, BLOCK_N, BLOCK_M)
+                              eps, symmetric, t == 0, BLOCK_N, BLOCK_M)
             else:
                 active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
                                               n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
