@@ -33,48 +33,61 @@ POINTS = (("fixed", 64, 64, 64, 768), ("paper", 24, 48, 48, 768), ("fixed", 64, 
 
 
 class Decisions:
-    """Counts of the fast passes' decisions (one per pair and pass on resident tiles, one per row block when
-    streaming: ``resident`` when max(N, M) <= ``RESIDENT_MAX``), filled by ``record``; eps the final
-    temperature."""
+    """The fast passes' decisions (one per pair and pass on resident tiles, one per row block when streaming:
+    ``resident`` when max(N, M) <= ``RESIDENT_MAX``), filled by ``record``; eps the final temperature.
+
+    ``sequences[(k, b)]``: whether each decision of pair b in the k-th solve of the block took one sweep, in
+    the kernels' order (passes in turn, row pass before column pass, row blocks in order). No ``tol``: the
+    torch backend's loop updates every pair until all have stopped, the kernels stop each on its own."""
 
     def __init__(self, eps: float, resident: bool) -> None:
         from otfast.kernels.triton.sinkhorn import NEAR, PRECISE_RATIO
 
         self.near, self.threshold, self.resident = NEAR.value, eps * PRECISE_RATIO.value, resident
-        self.one_sweep = 0
-        self.total = 0
+        self.sequences: dict[tuple[int, int], list[bool]] = {}
+        self._solves = 0
+
+    @property
+    def one_sweep(self) -> int:
+        return sum(sum(seq) for seq in self.sequences.values())
+
+    @property
+    def total(self) -> int:
+        return sum(len(seq) for seq in self.sequences.values())
 
     @contextmanager
     def record(self):
-        """Within this block every torch-backend solve counts its fast passes' decisions."""
+        """Within this block every torch-backend solve records its fast passes' decisions."""
         solve, softmin = reference.solve, reference.softmin
         previous = {}
 
         def solve_fresh(*args, **kwargs):
             previous.clear()  # each solve starts from its own zero potentials
+            self._solves += 1
             return solve(*args, **kwargs)
 
         def softmin_counted(C, h, eps, damping, mask):
             out = softmin(C, h, eps, damping, mask)
-            site = (C.data_ptr(), C.stride())  # the row pass reads C, the column pass its transpose
-            ref = previous.get(site, torch.zeros_like(out)) / damping
-            previous[site] = out
+            site = id(C)  # the row pass reads C, the column pass its transpose: two objects alive in the solve
+            prev, prev_damping = previous.get(site, (torch.zeros_like(out), 1.0))
+            ref = prev / prev_damping  # the previous update, undamped at its own temperature
+            previous[site] = out, damping
             if eps <= self.threshold:
-                self._count(C, h, eps, mask, ref)
+                self._record(C, h, eps, mask, ref)
             return out
 
         with mock.patch.object(reference, "solve", solve_fresh), \
                 mock.patch.object(reference, "softmin", softmin_counted):
             yield self
 
-    def _count(self, C, h, eps, mask, ref):
+    def _record(self, C, h, eps, mask, ref):
         m = ((h.unsqueeze(1) + (ref.unsqueeze(2) - C) / eps).amax(2) / math.log(2)).abs()
         m = torch.where(mask, m, torch.zeros_like(m))
         rows = C.shape[1]
         block = rows if self.resident else STREAM_BLOCK
         worst = torch.nn.functional.pad(m, (0, -rows % block)).unflatten(1, (-1, block)).amax(2)
-        self.one_sweep += int((worst < self.near).sum())
-        self.total += worst.numel()
+        for b, blocks in enumerate((worst < self.near).tolist()):
+            self.sequences.setdefault((self._solves - 1, b), []).extend(blocks)
 
 
 def measure(setting: str, B: int, N: int, M: int, D: int) -> Decisions:

@@ -253,7 +253,7 @@ def test_a_fast_pass_forms_its_exponents_once_on_the_common_path():
     """The SASS of the resident kernel's iteration loop (``resources --sass``), whole and on the common path
     (``--common-path``: the second sweep that only passes far from their reference take, removed). The
     common path keeps all 2 N M / 128 = 16 exponentials and forms each exponent once: within 24 fp32
-    instructions and 40 in all per exponential (366 and 568 under triton 3.9; 502 and 715 when every pass
+    instructions and 40 in all per exponential (366 and 572 under triton 3.9; 502 and 715 when every pass
     swept the tile twice)."""
     proc = subprocess.run([sys.executable, "-c", _ITERATION_LOOP], cwd=ROOT, capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
@@ -311,33 +311,50 @@ def test_fast_passes_sweep_again_only_far_from_their_reference(N, M, monkeypatch
     assert not torch.equal(shipped, twice)
 
 
-@pytest.mark.skipif(DEVICE.type == "cuda", reason="counts the decisions of interpreted kernels")
+REPLAYED = [("far start", 20, 17), ("far start", 40, 37), ("unbalanced debiased", 20, 17),
+            ("unbalanced debiased", 40, 37)]
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="records the decisions of interpreted kernels")
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
-@pytest.mark.parametrize("N,M", [(20, 17), (40, 37)], ids=["resident", "streaming"])
-def test_the_sweep_replay_predicts_the_kernels_decisions(N, M, monkeypatch):
-    """``benchmarks.sweeps`` replays the loop in float64 to say how many fast passes take one sweep (no GPU
-    counter can): here it predicts every decision of the interpreted kernels (``_near``, one per pass and
-    pair when resident, per row block when streaming), some of either kind."""
+@pytest.mark.parametrize("case,N,M", REPLAYED, ids=[f"{c.replace(' ', '-')}-{n}x{m}" for c, n, m in REPLAYED])
+def test_the_sweep_replay_predicts_the_kernels_decisions(case, N, M, monkeypatch):
+    """``benchmarks.sweeps`` replays the loop in float64 to say which fast passes take one sweep (no GPU counter
+    can): it predicts every decision of the interpreted kernels (``_near``: per pass and pair when resident,
+    per row block when streaming), in order, pair by pair and problem by problem: from a far start (some
+    decisions of either kind), and for the unbalanced debiased loss (each reference undamped at its own
+    temperature along the annealing, precise passes before the fast ones, the symmetric problems' single
+    potential)."""
     from benchmarks.sweeps import Decisions
     from otfast import reference
     from otfast.kernels.triton import sinkhorn
+    from otfast.kernels.triton.configs import RESIDENT_MAX
 
-    decided = []
+    decided = {}
     near = sinkhorn._near
 
-    def counted(m, valid):
+    def recorded(m, valid):
         out = near(m, valid)
-        decided.append(bool(out))
+        program = (int(triton.language.program_id(1)), int(triton.language.program_id(0)))
+        decided.setdefault(program, []).append(bool(out))
         return out
 
-    monkeypatch.setattr(sinkhorn, "_near", counted)
-    x, y, alpha, beta, schedule = _far_start(N, M)
-    backend.solve_points(x, y, alpha, beta, schedule)
-    replay = Decisions(schedule.eps, resident=max(N, M) <= 32)
-    with replay.record():
-        reference.solve_points(x, y, alpha, beta, schedule)
-    assert (replay.one_sweep, replay.total) == (sum(decided), len(decided))
-    assert 0 < replay.one_sweep < replay.total
+    monkeypatch.setattr(sinkhorn, "_near", recorded)
+    if case == "far start":
+        x, y, alpha, beta, schedule = _far_start(N, M)
+        backend.solve_points(x, y, alpha, beta, schedule)
+        replay = Decisions(schedule.eps, resident=max(N, M) <= RESIDENT_MAX)
+        with replay.record():
+            reference.solve_points(x, y, alpha, beta, schedule)
+    else:
+        batch = make_points(2, N, M, 8, seed=3, ragged=False)
+        kw = dict(blur=0.1, scaling=0.5, reach=1.0, debias=True)
+        otfast.sinkhorn_loss(batch.x, batch.y, backend="triton", **kw)
+        replay = Decisions(0.1**2, resident=max(N, M) <= RESIDENT_MAX)
+        with replay.record():
+            otfast.sinkhorn_loss(batch.x, batch.y, backend="torch", **kw)
+    assert replay.sequences == decided
+    assert 0 < replay.one_sweep and (replay.one_sweep < replay.total or case != "far start")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--common-path", action="store_true",
                         help="with --sass: without the second sweep of the fast passes (``common_path_source``)")
     args = parser.parse_args(argv)
+    if args.common_path and not args.sass:
+        parser.error("--common-path counts SASS instructions: it needs --sass")
     from otfast.kernels.triton.configs import configs
 
     todo = configs()

@@ -12,17 +12,17 @@ the yardstick: ``python -m benchmarks.accuracy``):
 - The cost is formed from float64 prepared points with float64 accumulation (FMAs, or DMMA ``tl.dot``) and
   kept as two fp32 tiles, C = C_hi + C_lo: an fp32 dot product over D = 768 is off by several units in the
   last place, which at that C / eps is a percent-level change of the plan.
-- Fast passes (every temperature up to ``PRECISE_RATIO`` times the final one): with p the potential being
-  updated and q the one summed over, u_ij = C_ij - p_i - q_j is formed without rounding large numbers:
-  (s, e) = TwoSum(C_hi_ij, -ph_i), u_ij = (s - qh_j) + (e + C_lo_ij), where ph, qh are the fp32 roundings
-  of p, q; near the plan's support s - qh_j is exact (Sterbenz), so the exponent -u k (k = log2(e) / eps)
-  carries only its own rounding. The low parts ql = q - qh go into the column weights, those of p cancel:
-  T(q)_i = d (ph_i - eps ln2 LSE2_j(beta2_j + ql_j k - u_ij k)). About 12 fp32 operations and one exp2
-  per entry. The reference p is the row's previous update (undamped, ``_reference``), so the exponents'
-  max is near 0 close to convergence and within tens of binary orders in the annealing steps: the pass
-  sums them in one sweep; only where some row's max is ``NEAR`` or further from p (far from convergence,
-  where exponents in the thousands would each carry a rounding of 1e-4) does it sweep again relative to
-  the max (``_near``).
+- Fast passes (every temperature up to ``PRECISE_RATIO`` times the final one): with p the reference of the
+  potential being updated (see below) and q the one summed over, u_ij = C_ij - p_i - q_j is formed without
+  rounding large numbers: (s, e) = TwoSum(C_hi_ij, -ph_i), u_ij = (s - qh_j) + (e + C_lo_ij), where ph, qh
+  are the fp32 roundings of p, q; near the plan's support s - qh_j is exact (Sterbenz), so the exponent -u k
+  (k = log2(e) / eps) carries only its own rounding. The low parts ql = q - qh go into the column weights,
+  those of p cancel: T(q)_i = d (ph_i - eps ln2 LSE2_j(beta2_j + ql_j k - u_ij k)). About 12 fp32 operations
+  and one exp2 per entry. The reference p is the row's previous update (undamped at its own temperature,
+  ``_reference``), so the exponents' max is near 0 close to convergence and within tens of binary orders in
+  the annealing steps: the pass sums them in one sweep; only where some row's max is ``NEAR`` or further
+  from p (far from convergence, where exponents in the thousands would each carry a rounding of 1e-4) does
+  it sweep again relative to the max (``_near``).
 - Precise passes (larger temperatures: the first steps of the annealing): exponents, maxima and sums in
   float64, the exponentials in fp32. An fp32 log-sum-exp at temperature eps leaves an absolute error of
   about eps 2^-24 in the potentials, which the following steps carry down to the final eps (measured with
@@ -187,7 +187,7 @@ def _shifted(ph, m, eps):
 @triton.jit
 def _near(m, valid):
     """Whether every max m of fp32 exponents relative to a reference is within ``NEAR`` binary orders of it, so
-    that the exponents that count (within 2^-24 of the max) carry a rounding of at most (NEAR + 24 +
+    that the exponents that count (within 24 binary orders of the max) carry a rounding of at most (NEAR + 24 +
     log2(1 / w_min)) 2^-24, about twice that of exponents relative to a reference on the max (``_shifted``),
     and one sweep suffices. Only the valid rows count (padding and the tile's lanes past the pair have
     exponents of any size, and outputs nobody reads)."""
@@ -195,11 +195,12 @@ def _near(m, valid):
 
 
 @triton.jit
-def _reference(prev, eps, inv_rho):
-    """The reference of a fast pass: the previous update of the same potential divided by the dampening d
-    (``_update``, ``_stream_update``), since the exponents relative to the undamped soft-min have their max
-    near 0 at every fixed point, balanced or not."""
-    return prev * (1.0 + eps * inv_rho)
+def _reference(prev, eps_prev, inv_rho):
+    """The reference of a fast pass: the previous update of the same potential divided by its dampening d at
+    its temperature eps_prev (``_update``, ``_stream_update``): the exponents relative to the undamped
+    soft-min have their max near 0 at every fixed point, balanced or not, and an annealing step moves it by
+    the change of temperature only."""
+    return prev * (1.0 + eps_prev * inv_rho)
 
 
 @triton.jit
@@ -233,10 +234,10 @@ def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.conste
 
 @triton.jit
 def _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, precise, inv_rho,
-            symmetric):
+            symmetric, eps_prev):
     """(T(g), T~(f)) at temperature eps on resident tiles; T~(f) = T(g) when ``symmetric`` (a runtime flag:
-    one launch solves the debiased loss's three problems, ``_problem``). ft, gt: the previous update (the
-    fast passes' ``_reference``; the current f, g at the first)."""
+    one launch solves the debiased loss's three problems, ``_problem``). ft, gt: the previous update, at
+    temperature eps_prev (the fast passes' ``_reference``; the current f, g at the first)."""
     damping = 1.0 / (1.0 + eps * inv_rho)
     if precise:
         ft = _softmin_precise(C_hi, C_lo, g, beta, eps, damping, valid_n, 1)
@@ -245,11 +246,11 @@ def _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid
         else:
             gt = _softmin_precise(C_hi, C_lo, f, alpha, eps, damping, valid_m, 0)
     else:
-        ft = _softmin_fast(C_hi, C_lo, _reference(ft, eps, inv_rho), g, beta2, eps, damping, valid_n, 1)
+        ft = _softmin_fast(C_hi, C_lo, _reference(ft, eps_prev, inv_rho), g, beta2, eps, damping, valid_n, 1)
         if symmetric:
             gt = ft
         else:
-            gt = _softmin_fast(C_hi, C_lo, _reference(gt, eps, inv_rho), f, alpha2, eps, damping, valid_m, 0)
+            gt = _softmin_fast(C_hi, C_lo, _reference(gt, eps_prev, inv_rho), f, alpha2, eps, damping, valid_m, 0)
     return ft, gt
 
 
@@ -289,20 +290,28 @@ def _anneal_eps(SCHED, t, n_anneal):
 
 @triton.jit
 def _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold):
-    """``(eps_t, precise, annealing, w_old)`` of trip t of the streaming kernel's one loop over
+    """``(eps_t, precise, annealing, w_old, eps_prev)`` of trip t of the streaming kernel's one loop over
     ``otfast.schedule``'s steps: t = 0 initialises at eps_init (the update replaces the zero potentials:
     w_old = 0), t = 1..n_anneal anneal, later trips iterate at the final eps (each kept update averages:
     w_old = 1/2). The loop stops after the first update it does not keep (n_iters reached, or the residual at
     or below tol): that is the final step, and the potentials it started from are f_prev, g_prev. Passes
-    above ``threshold`` run in float64.
+    above ``threshold`` run in float64. eps_prev is the temperature of trip t - 1 (eps_init at t = 0), whose
+    update is the fast passes' ``_reference``.
 
     The streaming kernel needs the one update call site (three, with both soft-min sweeps inlined at each,
     spilled 172 B on sm_90). The resident kernel keeps three sites instead, the same steps unrolled: its
-    final loop is compiled for fast passes only (715 SASS instructions per iteration on its common path,
+    final loop is compiled for fast passes only (572 SASS instructions per iteration on its common path,
     README), and the one-loop form spilled 4 B under triton 3.7.1."""
     annealing = t <= n_anneal
-    e = tl.where(t == 0, eps_init, tl.where(annealing, _anneal_eps(SCHED, t - 1, n_anneal), eps))
-    return e, annealing & (e > threshold), annealing, tl.where(t == 0, 0.0, 0.5)
+    e = _step_eps(SCHED, t, n_anneal, eps_init, eps)
+    e_prev = _step_eps(SCHED, tl.maximum(t - 1, 0), n_anneal, eps_init, eps)
+    return e, annealing & (e > threshold), annealing, tl.where(t == 0, 0.0, 0.5), e_prev
+
+
+@triton.jit
+def _step_eps(SCHED, t, n_anneal, eps_init, eps):
+    """The temperature of trip t (``_schedule_step``)."""
+    return tl.where(t == 0, eps_init, tl.where(t <= n_anneal, _anneal_eps(SCHED, t - 1, n_anneal), eps))
 
 
 @triton.jit
@@ -491,20 +500,23 @@ def _sinkhorn_resident_kernel(
     f = tl.zeros((BLOCK_N,), dtype=tl.float64)
     g = tl.zeros((BLOCK_M,), dtype=tl.float64)
     f, g = _update(C_hi, C_lo, f, g, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps_init,
-                   eps_init > threshold, inv_rho, symmetric)
+                   eps_init > threshold, inv_rho, symmetric, eps_init)
     ft, gt = f, g
+    e_prev = eps_init
     for t in range(n_anneal):
         e = _anneal_eps(SCHED, t, n_anneal)
         ft, gt = _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid_m, e, e > threshold,
-                         inv_rho, symmetric)
+                         inv_rho, symmetric, e_prev)
         f = (f + ft) * 0.5
         g = (g + gt) * 0.5
+        e_prev = e
 
     it = n_iters * 0
     go = n_iters > 0
     while go:  # the final temperature: fast passes
         ft, gt = _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False, inv_rho,
-                         symmetric)
+                         symmetric, e_prev)
+        e_prev = eps
         active = go
         if HAS_TOL:
             err = _residual(f, ft, w_n, eps) + _residual(g, gt, w_m, eps)
@@ -515,7 +527,7 @@ def _sinkhorn_resident_kernel(
         go = active & (it < n_iters)
 
     f_new, g_new = _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid_m, eps, False,
-                           inv_rho, symmetric)
+                           inv_rho, symmetric, e_prev)
     err = _residual(f, f_new, w_n, eps) + _residual(g, g_new, w_m, eps)
     tl.store(_pick(p, F0, F1, F2) + pid * n + offs_n, f_new, mask=in_n)
     tl.store(_pick(p, FP0, FP1, FP2) + pid * n + offs_n, f, mask=in_n)
@@ -557,10 +569,11 @@ def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, FIRST, sxb, s
 
 @triton.jit
 def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, REF, LOGW_ROW, OUT, eps, inv_rho,
-                    precise, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                    precise, eps_ref, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """OUT_i = T(q)_i = -d eps LSE_j(logw_j + (q_j - C_ij) / eps) for every row i, over column tiles: precise
-    passes online in float64, fast ones relative to the ``_reference`` of REF, the rows' previous update (as
-    ``_softmin_fast``). OUT may be REF: each row reads its reference before it writes.
+    passes online in float64, fast ones relative to the ``_reference`` of REF, the rows' previous update at
+    temperature eps_ref (as ``_softmin_fast``). OUT may be REF: each row reads its reference before it
+    writes.
 
     The column pass of the loop is this same routine on the transposed cost (strides swapped)."""
     damping = 1.0 / (1.0 + eps * inv_rho)
@@ -572,7 +585,7 @@ def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, REF
             out = _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, eps, damping,
                                       BLOCK_R, BLOCK_C)
         else:
-            ref = _reference(tl.load(REF + offs_r, mask=in_r, other=0.0), eps, inv_rho)
+            ref = _reference(tl.load(REF + offs_r, mask=in_r, other=0.0), eps_ref, inv_rho)
             out = _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, ref, eps,
                                    damping, BLOCK_R, BLOCK_C)
         tl.store(OUT + offs_r, tl.where(valid, out, 0.0), mask=in_r)
@@ -649,17 +662,17 @@ def _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_C
 
 @triton.jit
 def _stream_update(CH, CL, N, M, ALPHA, BETA, F, G, FT, GT, r0, r1, c0, c1, eps, precise, inv_rho, symmetric, first,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                   eps_prev, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """FT = T(G) on the rows r0..r1, GT = T~(F) on the columns c0..c1 (not for a symmetric problem, whose GT
     aliases FT) at temperature eps, streaming the contiguous [N, M] cost (the streaming kernel: every row
     and column; the split kernel: a program's share). The fast passes' references are FT, GT, the previous
-    update, except at the ``first`` (F, G then: FT, GT hold nothing yet)."""
+    update (at temperature eps_prev), except at the ``first`` (F, G then: FT, GT hold nothing yet)."""
     RF, RG = tl.where(first, F, FT), tl.where(first, G, GT)
     _stream_softmin(CH + r0 * M, CL + r0 * M, M, 1, r1 - r0, M, BETA, G, RF + r0, ALPHA + r0, FT + r0, eps, inv_rho,
-                    precise, BLOCK_N, BLOCK_M)
+                    precise, eps_prev, BLOCK_N, BLOCK_M)
     if not symmetric:
         _stream_softmin(CH + c0, CL + c0, 1, M, c1 - c0, N, ALPHA, F, RG + c0, BETA + c0, GT + c0, eps, inv_rho,
-                        precise, BLOCK_M, BLOCK_N)
+                        precise, eps_prev, BLOCK_M, BLOCK_N)
     # The program's warps wrote FT / GT through global memory, and the next step reads them across rows
     # other warps wrote: a block-wide barrier orders the two (global stores are visible to the block after it).
     tl.debug_barrier()
@@ -739,9 +752,9 @@ def _sinkhorn_streaming_kernel(
     it = n_iters * 0
     go = n_iters >= 0
     while go:  # the schedule, one step per trip (``_schedule_step``)
-        e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
+        e, precise, annealing, w_old, e_prev = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
         _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, 0, n, 0, m, e, precise, inv_rho, symmetric, t == 0,
-                       BLOCK_N, BLOCK_M)
+                       e_prev, BLOCK_N, BLOCK_M)
         active = annealing | (it < n_iters)
         if HAS_TOL:
             active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M) > tol))
@@ -767,11 +780,11 @@ def _chunk(length, parts, part, BLOCK: tl.constexpr):
 
 @triton.jit
 def _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, PART, e, precise, inv_rho, eps, symmetric,
-                  first, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                  first, e_prev, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One program's share of a step: ``_stream_update`` on its rows r0..r1 and columns c0..c1, and PART =
     their residual terms' sum (``_stream_error`` restricted to those rows and columns)."""
     _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, e, precise, inv_rho, symmetric, first,
-                   BLOCK_N, BLOCK_M)
+                   e_prev, BLOCK_N, BLOCK_M)
     tl.store(PART, _stream_error(Fp + r0, FTp + r0, Gp + c0, GTp + c0, A + r0, Bw + c0, r1 - r0, c1 - c0, eps,
                                  BLOCK_N, BLOCK_M))
 
@@ -849,10 +862,10 @@ def _sinkhorn_split_kernel(
         err = eps * 0.0
         go = n_iters >= 0
         while go:
-            e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
+            e, precise, annealing, w_old, e_prev = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
             slot = PARTS + (t % 2) * n_split
             _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot + r, e, precise, inv_rho, eps,
-                          symmetric, t == 0, BLOCK_N, BLOCK_M)
+                          symmetric, t == 0, e_prev, BLOCK_N, BLOCK_M)
             _grid_sync(SYNC, n_split, k + 1)
             active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
                                           n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
@@ -866,11 +879,11 @@ def _sinkhorn_split_kernel(
     else:
         t = phase // 2
         if tl.load(SYNC) == 0:
-            e, precise, annealing, w_old = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
+            e, precise, annealing, w_old, e_prev = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
             slot = PARTS + (t % 2) * n_split
             if phase % 2 == 0:
                 _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot + r, e, precise, inv_rho,
-                              eps, symmetric, t == 0, BLOCK_N, BLOCK_M)
+                              eps, symmetric, t == 0, e_prev, BLOCK_N, BLOCK_M)
             else:
                 active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
                                               n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
