@@ -44,6 +44,7 @@ import math
 import os
 from dataclasses import dataclass
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -222,15 +223,8 @@ def _otfast(backend: str) -> Values:
 def _otfast_split(x, y, setting):
     """``otfast[triton]`` with ``OTFAST_TRITON_SPLIT=persistent`` (README, Triton backend): the rows of long
     pairs split among programs where pairs x problems leave SMs idle, the whole schedule in one launch."""
-    before = os.environ.get("OTFAST_TRITON_SPLIT")
-    os.environ["OTFAST_TRITON_SPLIT"] = "persistent"
-    try:
+    with mock.patch.dict(os.environ, OTFAST_TRITON_SPLIT="persistent"):
         return _otfast("triton")(x, y, setting)
-    finally:
-        if before is None:
-            del os.environ["OTFAST_TRITON_SPLIT"]
-        else:
-            os.environ["OTFAST_TRITON_SPLIT"] = before
 
 
 # ---------------------------------------------------------------- POT

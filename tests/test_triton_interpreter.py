@@ -278,8 +278,7 @@ def _far_start(N: int, M: int):
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, N, 16, generator=gen) * 10, torch.randn(2, M, 16, generator=gen) * 10
-    alpha = torch.full((2, N), -math.log(N), dtype=torch.float64)
-    beta = torch.full((2, M), -math.log(M), dtype=torch.float64)
+    alpha, beta = _uniform_log_weights(torch.ones(2, N)), _uniform_log_weights(torch.ones(2, M))
     return x, y, alpha, beta, Schedule(eps=0.0025, n_iters=30)
 
 

@@ -198,8 +198,7 @@ def _near(m, valid):
 def _reference(prev, eps_prev, inv_rho):
     """The reference of a fast pass: the previous update of the same potential divided by its dampening d at
     its temperature eps_prev (``_update``, ``_stream_update``): the exponents relative to the undamped
-    soft-min have their max near 0 at every fixed point, balanced or not, and an annealing step moves it by
-    the change of temperature only."""
+    soft-min have their max near 0 at every fixed point, balanced or not."""
     return prev * (1.0 + eps_prev * inv_rho)
 
 
