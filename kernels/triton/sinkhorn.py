@@ -45,7 +45,8 @@ Kernels and their memory traffic:
   that the norm expansion of the cost does not cancel. Reads x, y once.
 - ``_cost_kernel`` + ``_sinkhorn_streaming_kernel``: any length. The cost is written once as C_hi, C_lo
   (8 N M bytes per pair; recomputing it from x, y every pass would cost 2 D flops per entry per pass),
-  then each pass streams it tile by tile with an online log-sum-exp; the float64 potentials live in
+  then each pass streams it tile by tile (a fast pass accumulates per lane and reduces once per row block, a
+  precise one or a second sweep keeps an online log-sum-exp); the float64 potentials live in
   [B, N] / [B, M] buffers (L2 resident).
 - ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps):
   one pass per (pair, row block, side, feature group; one group, all of D, unless the grid would leave
@@ -73,6 +74,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 PRECISE_RATIO = tl.constexpr(256.0)
 # A fast pass sums its exponents relative to the row's previous update in one sweep when every max lies within
 # NEAR binary orders of it; otherwise it sweeps again relative to a reference shifted onto the max (``_near``).
+# A streamed pass sums 2^z without an offset (``_stream_sum2``): NEAR + log2(columns) must stay below 128.
 NEAR = tl.constexpr(32.0)
 # Exponents whose max reaches FAR (|m| 2^-23 = 8 binary orders of rounding) get a second max (``_far``).
 FAR = tl.constexpr(2.0**26)
@@ -618,14 +620,16 @@ def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, PO
 def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, ref, eps, damping,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """d (p - eps ln2 LSE2) for one row block, p the fp32 rounding of the reference ``ref``: one sweep over the
-    column tiles sums the exponents relative to p with a running max c (``_stream_lse2``); where some valid
-    row's |c| reaches ``NEAR`` (``_near``), a second sweep sums them relative to the reference shifted onto
-    c (``_shifted``; its running max also covers ``_far``'s case)."""
+    column tiles sums the exponentials of the exponents relative to p itself and takes their max m
+    (``_stream_sum2``); where some valid row's |m| reaches ``NEAR`` (``_near``; that sum may then have
+    overflowed or lost every term), a second sweep sums them online relative to the reference shifted onto m
+    (``_stream_lse2``, ``_shifted``; its running max also covers ``_far``'s case)."""
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
     ph, _ = _split(ref)
-    c, s = _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R, BLOCK_C)
-    if not _near(c, valid):
-        ph, _ = _shifted(ph, c, eps)
+    m, s = _stream_sum2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R, BLOCK_C)
+    c = tl.zeros_like(m)
+    if not _near(m, valid):
+        ph, _ = _shifted(ph, m, eps)
         c, s = _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R, BLOCK_C)
     return damping * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s)))
 
@@ -645,6 +649,24 @@ def _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, 
                                                                        axis=1).to(tl.float64)
         c = c_new
     return _finite(c), s
+
+
+@triton.jit
+def _stream_sum2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """``(m, s)``: the max over the column tiles of the fast exponents relative to ph, and the sum of their
+    exponentials as they are (no offset: what counts for a row whose |m| is below ``NEAR``, where s lies
+    between 2^-NEAR and columns x 2^NEAR). Each lane keeps its own max and fp32 sum across the tiles (at N =
+    M = 2048, 64 terms each), and the row block reduces them once, after its last tile: no barrier or
+    shuffle per tile."""
+    mx = tl.full((BLOCK_R, BLOCK_C), float("-inf"), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        z = _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
+        mx = tl.maximum(mx, z)
+        acc += tl.exp2(z)
+    return _finite(tl.max(mx, axis=1)), tl.sum(acc, axis=1).to(tl.float64)
 
 
 @triton.jit
