@@ -15,8 +15,10 @@ Settings (``SETTINGS``):
 Providers (``providers()``), each named ``name[backend]``:
 
 - ``otfast[<backend>]`` for every backend ``otfast.backends()`` reports available (triton only on CUDA
-  tensors: the interpreter is a correctness tool, not a timing), and ``otfast[triton-split]``: the
-  triton backend with ``OTFAST_TRITON_SPLIT=persistent`` (long pairs on idle SMs split among programs).
+  tensors: the interpreter is a correctness tool, not a timing), ``otfast[triton-split]``: the
+  triton backend with ``OTFAST_TRITON_SPLIT=persistent`` (long pairs on idle SMs split among programs), and
+  ``otfast[triton-exact]``: the triton backend with every streamed exponent formed from the cost
+  (``STREAM_DRIFT`` 0: what the absorbed cost buys, side by side).
 - ``pot-solve_batch[torch]``: ``ot.solve_batch`` on POT's torch backend, ``method="log_sinkhorn"``,
   ``reg_type="kl"`` (so its value is OT_eps = <P, C> + eps KL(P || a x b)), ``grad="envelope"``.
 - ``pot-sinkhorn_log[loop]``: ``ot.bregman.sinkhorn_log`` pair by pair, autograd through its loop.
@@ -227,6 +229,15 @@ def _otfast_split(x, y, setting):
         return _otfast("triton")(x, y, setting)
 
 
+def _otfast_exact(x, y, setting):
+    """``otfast[triton]`` without the absorbed cost (README, Triton backend): every fast pass of the streaming
+    kernel forms its exponents from the cost tiles."""
+    from otfast import triton_backend
+
+    with mock.patch.object(triton_backend, "STREAM_DRIFT", 0.0):
+        return _otfast("triton")(x, y, setting)
+
+
 # ---------------------------------------------------------------- POT
 
 def _pot_cost(x: torch.Tensor, y: torch.Tensor, setting: Setting) -> torch.Tensor:
@@ -388,8 +399,8 @@ def providers() -> list[Provider]:
         out.append(Provider("otfast", backend, _otfast(backend), devices,
                             None if info.available else info.detail, memory))
         if backend == "triton":
-            out.append(Provider("otfast", "triton-split", _otfast_split, devices,
-                                None if info.available else info.detail, memory))
+            for label, fn in (("triton-split", _otfast_split), ("triton-exact", _otfast_exact)):
+                out.append(Provider("otfast", label, fn, devices, None if info.available else info.detail, memory))
     pot = _import_reason("ot")
     out.append(Provider("pot-solve_batch", "torch", _pot_solve_batch, ("cpu", "cuda"), pot, _dense(8)))
     out.append(Provider("pot-sinkhorn_log", "loop", _pot_sinkhorn_log_loop, ("cpu", "cuda"), pot,

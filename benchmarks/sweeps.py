@@ -1,4 +1,5 @@
-"""How many of the Triton kernels' fast passes sum their exponents in one sweep, at the goal points.
+"""How many of the Triton kernels' fast passes sum their exponents in one sweep, and how many of the streaming
+kernel's read the absorbed cost, at the goal points.
 
 Usage::
 
@@ -11,6 +12,10 @@ No GPU counter says which path ran, so this replays the loss (the torch backend,
 ``benchmarks.providers.make_inputs``) and takes each soft-min's exponents relative to the reference the
 kernels use: a float64 prediction of the kernels' fp32 decision, exact but for maxima within rounding of
 ``NEAR`` (``tests/test_triton_interpreter.py`` checks it against the interpreted kernels' own decisions).
+The same replay follows the streaming kernel's anchors: a fast pass reads the absorbed cost when a pass
+stored it before and every reference and summed potential lies within ``STREAM_DRIFT`` binary orders of the
+anchors that pass left (``sinkhorn._stream_anchored``), else, at the previous step's temperature (not in an
+annealing step), it stores them anew.
 Nothing is written; the table goes to stdout.
 """
 
@@ -26,7 +31,7 @@ import torch
 import otfast
 from benchmarks.providers import SETTINGS, make_inputs
 from otfast import reference
-from otfast.kernels.triton.configs import RESIDENT_MAX, STREAM_BLOCK
+from otfast.kernels.triton.configs import RESIDENT_MAX, STREAM_BLOCK, STREAM_DRIFT
 
 POINTS = (("fixed", 64, 64, 64, 768), ("paper", 24, 48, 48, 768), ("fixed", 64, 128, 128, 768),
           ("fixed", 4, 512, 512, 768), ("paper", 1, 2048, 2048, 768))
@@ -37,7 +42,8 @@ class Decisions:
     ``resident`` when max(N, M) <= ``RESIDENT_MAX``), filled by ``record``; eps the final temperature.
 
     ``sequences[(k, b)]``: whether each decision of pair b in the k-th solve of the block took one sweep, in
-    the kernels' order (passes in turn, row pass before column pass, row blocks in order). No ``tol``: the
+    the kernels' order (passes in turn, row pass before column pass, row blocks in order). ``absorbed[(k,
+    b)]`` (streaming only): whether each fast pass of that pair read the absorbed cost. No ``tol``: the
     torch backend's loop updates every pair until all have stopped, the kernels stop each on its own."""
 
     def __init__(self, eps: float, resident: bool) -> None:
@@ -45,6 +51,7 @@ class Decisions:
 
         self.near, self.threshold, self.resident = NEAR.value, eps * PRECISE_RATIO.value, resident
         self.sequences: dict[tuple[int, int], list[bool]] = {}
+        self.absorbed: dict[tuple[int, int], list[bool]] = {}
         self._solves = 0
 
     @property
@@ -55,30 +62,61 @@ class Decisions:
     def total(self) -> int:
         return sum(len(seq) for seq in self.sequences.values())
 
+    @property
+    def absorbed_passes(self) -> int:
+        return sum(sum(seq) for seq in self.absorbed.values())
+
+    @property
+    def fast_passes(self) -> int:
+        return sum(len(seq) for seq in self.absorbed.values())
+
     @contextmanager
     def record(self):
         """Within this block every torch-backend solve records its fast passes' decisions."""
         solve, softmin = reference.solve, reference.softmin
-        previous = {}
+        previous, anchors = {}, {}
 
-        def solve_fresh(*args, **kwargs):
+        def solve_fresh(cost_matrix, alpha, beta, *args, **kwargs):
             previous.clear()  # each solve starts from its own zero potentials
+            anchors.clear()
+            anchors["weights"] = alpha.double(), beta.double()
             self._solves += 1
-            return solve(*args, **kwargs)
+            return solve(cost_matrix, alpha, beta, *args, **kwargs)
 
         def softmin_counted(C, h, eps, damping, mask):
             out = softmin(C, h, eps, damping, mask)
             site = id(C)  # the row pass reads C, the column pass its transpose: two objects alive in the solve
-            prev, prev_damping = previous.get(site, (torch.zeros_like(out), 1.0))
+            prev, prev_damping, prev_eps = previous.get(site, (torch.zeros_like(out), 1.0, eps))
             ref = prev / prev_damping  # the previous update, undamped at its own temperature
-            previous[site] = out, damping
+            previous[site] = out, damping, eps
             if eps <= self.threshold:
                 self._record(C, h, eps, mask, ref)
+                if not self.resident:
+                    self._anchor(anchors, site, h, eps, mask, ref, store=eps == prev_eps)
             return out
 
         with mock.patch.object(reference, "solve", solve_fresh), \
                 mock.patch.object(reference, "softmin", softmin_counted):
             yield self
+
+    def _anchor(self, anchors, site, h, eps, mask, ref, store):
+        """The streaming kernel's choice for this pass (``_stream_softmin``): read the absorbed cost, or (``store``:
+        at the previous step's temperature) store it anchored on the rounded reference (its rows) and summed
+        potential (its columns)."""
+        row = anchors.setdefault("row site", site) == site  # the row pass runs first; the column pass reads C^T
+        alpha, beta = anchors["weights"]
+        w_cols = beta if row else alpha
+        q = torch.where(w_cols > -math.inf, (h - w_cols) * eps, torch.zeros_like(h))
+        keys = ("rows", "columns") if row else ("columns", "rows")
+        a, b = (anchors.setdefault(key, torch.full_like(v, math.nan)) for key, v in zip(keys, (ref, q)))
+        gap = torch.maximum(torch.where(mask, (ref - a).abs(), 0.0).amax(1),
+                            torch.where(w_cols > -math.inf, (q - b).abs(), 0.0).amax(1))
+        absorbed = anchors.get("anchored", False) & (gap / eps / math.log(2) < STREAM_DRIFT)
+        if store:
+            a[~absorbed], b[~absorbed] = ref[~absorbed].float().double(), q[~absorbed].float().double()
+            anchors["anchored"] = True
+        for k, value in enumerate(absorbed.tolist()):
+            self.absorbed.setdefault((self._solves - 1, k), []).append(value)
 
     def _record(self, C, h, eps, mask, ref):
         m = ((h.unsqueeze(1) + (ref.unsqueeze(2) - C) / eps).amax(2) / math.log(2)).abs()
@@ -115,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--point", type=_point, action="append", help="SETTING,B,N,M,D (default: the goal points)")
     args = parser.parse_args(argv)
-    print(f"{'point':30} {'fast decisions':>14} {'one sweep':>10}")
+    print(f"{'point':30} {'fast decisions':>14} {'one sweep':>10} {'fast passes':>11} {'absorbed':>9}")
     for point in args.point or POINTS:
         d = measure(*point)
-        print(f"{','.join(map(str, point)):30} {d.total:>14} {d.one_sweep / max(d.total, 1):>10.1%}", flush=True)
+        absorbed = f"{d.absorbed_passes / d.fast_passes:.1%}" if d.fast_passes else "-"
+        print(f"{','.join(map(str, point)):30} {d.total:>14} {d.one_sweep / max(d.total, 1):>10.1%} "
+              f"{d.fast_passes or '-':>11} {absorbed:>9}", flush=True)
     return 0
 
 

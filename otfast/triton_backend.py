@@ -7,7 +7,8 @@ behind one entry:
 
 - resident (max(N, M) <= ``RESIDENT_MAX`` = 32): one program per pair holds both cost tiles in registers;
   extra device memory: the potentials, O(B (N + M)).
-- streaming (longer): the cost is written once as two fp32 tiles (8 B N M bytes), then streamed.
+- streaming (longer): the cost is written once as two fp32 tiles (8 B N M bytes), then streamed; iterations
+  at a fixed temperature read the absorbed cost, a third fp32 tile (4 B N M bytes) their passes store.
 
 The backward is one tiled kernel for every length, one launch for dx and (roles swapped) dy, the debiased
 loss's two symmetric terms included. ``solve_problems`` and ``grad_problems`` take the loss's problems
@@ -38,7 +39,8 @@ try:
     from .kernels.triton import sinkhorn as K
     from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COST_BLOCK, COST_WARPS, FP_FUSION, GRAD_BLOCK,
                                          GRAD_PROGRAMS_PER_SM, GRAD_WARPS, NUM_STAGES, PRECISIONS, RESIDENT_MAX,
-                                         RESIDENT_WARPS, SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_WARPS)
+                                         RESIDENT_WARPS, SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_DRIFT,
+                                         STREAM_WARPS)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -230,10 +232,12 @@ def _streaming(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m):
         return _split(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m, n_split,
                       split_mode() == "persistent" and os.environ.get("TRITON_INTERPRET") != "1")
     outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
+    absorbed = _empty(cost_hi.shape, torch.float32, device)
+    anchors = _empty((count, b, 3, max(n, m)), torch.float32, device)
     K._sinkhorn_streaming_kernel[(b, count)](
-        cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), *outs.args(), n, m, first, *_loop_args(schedule),
-        BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, HAS_TOL=schedule.tol is not None, num_warps=STREAM_WARPS,
-        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        cost_hi, cost_lo, absorbed, anchors, alpha, beta, _schedule(schedule, device), *outs.args(), n, m, first,
+        *_loop_args(schedule), STREAM_DRIFT, BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
+        HAS_TOL=schedule.tol is not None, num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return outs.potentials()
 
 

@@ -209,15 +209,32 @@ def test_every_cpu_provider_agrees_with_the_reference(setting):
 
 def test_only_and_skip_select_providers_by_label():
     """``--only`` keeps the providers whose label contains the text, ``--skip`` leaves them out: the GPU suite
-    times the opt-in row split (``otfast[triton-split]``) in a step of its own that way."""
+    times the opt-in row split (``otfast[triton-split]``) and the streaming kernel without its absorbed cost
+    (``otfast[triton-exact]``) in a step of their own that way (``triton-``), and the others without them."""
     from benchmarks.report import selected_providers
 
     labels = [p.label for p in providers()]
-    assert "otfast[triton-split]" in labels and "otfast[triton]" in labels
+    variants = ["otfast[triton-split]", "otfast[triton-exact]"]
+    assert set(variants) <= set(labels) and "otfast[triton]" in labels
     assert [p.label for p in selected_providers("triton-split", None)] == ["otfast[triton-split]"]
-    assert [p.label for p in selected_providers(None, "triton-split")] == [x for x in labels
-                                                                          if x != "otfast[triton-split]"]
+    assert [p.label for p in selected_providers("triton-", None)] == variants
+    assert [p.label for p in selected_providers(None, "triton-")] == [x for x in labels if x not in variants]
     assert [p.label for p in selected_providers(None, None)] == labels
+
+
+def test_the_exact_provider_turns_the_absorbed_cost_off(monkeypatch):
+    """``otfast[triton-exact]`` runs ``otfast[triton]`` with the launcher's ``STREAM_DRIFT`` at 0 (no fast pass
+    reads the absorbed cost: ``tests/test_triton_interpreter.py`` checks what that does), and leaves it as it
+    was."""
+    from benchmarks import providers as module
+    from otfast import triton_backend
+
+    seen = []
+    monkeypatch.setattr(module, "_otfast", lambda backend: lambda x, y, s: seen.append((backend,
+                                                                                        triton_backend.STREAM_DRIFT)))
+    shipped = triton_backend.STREAM_DRIFT
+    module._otfast_exact(None, None, None)
+    assert seen == [("triton", 0.0)] and shipped > 0 and triton_backend.STREAM_DRIFT == shipped
 
 
 def test_documents_change_only_with_update_docs(tmp_path):

@@ -11,6 +11,9 @@ RESIDENT_WARPS = 4  # at 8 warps one of the eight variants spills 48 bytes
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
 STREAM_BLOCK = 32
 STREAM_WARPS = 4
+# The streaming kernel's fast passes read the absorbed cost while every potential stays within this many binary
+# orders (at the pass's temperature) of the anchors it was formed on, else form it again (``_stream_softmin``).
+STREAM_DRIFT = 16.0
 # With OTFAST_TRITON_SPLIT on, a streamed pair and problem splits its rows among programs
 # (``_sinkhorn_split_kernel``) only where pairs x problems leave SMs idle, and into no more programs than
 # give the longer side this many rows each (``triton_backend.split_count``).

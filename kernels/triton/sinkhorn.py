@@ -22,7 +22,11 @@ the yardstick: ``python -m benchmarks.accuracy``):
   ``_reference``), so the exponents' max is near 0 close to convergence and within tens of binary orders in
   the annealing steps: the pass sums them in one sweep; only where some row's max is ``NEAR`` or further
   from p (far from convergence, where exponents in the thousands would each carry a rounding of 1e-4) does
-  it sweep again relative to the max (``_near``).
+  it sweep again relative to the max (``_near``). The streaming kernel keeps u itself as an fp32 tile, the
+  absorbed cost K_ij = C_ij - a_i - b_j on anchors a, b (the fp32 roundings of p and q where it was formed),
+  and while p and q stay within ``STREAM_DRIFT`` binary orders of the anchors its exponent is
+  (beta2_j + (q_j - b_j) k) + (p_i - a_i) k - K_ij k: two fp32 operations per entry, each term at most
+  tens of binary orders where the exponent counts, so a rounding of the same order as u's.
 - Precise passes (larger temperatures: the first steps of the annealing): exponents, maxima and sums in
   float64, the exponentials in fp32. An fp32 log-sum-exp at temperature eps leaves an absolute error of
   about eps 2^-24 in the potentials, which the following steps carry down to the final eps (measured with
@@ -47,7 +51,9 @@ Kernels and their memory traffic:
   (8 N M bytes per pair; recomputing it from x, y every pass would cost 2 D flops per entry per pass),
   then each pass streams it tile by tile (a fast pass accumulates per lane and reduces once per row block, a
   precise one or a second sweep keeps an online log-sum-exp); the float64 potentials live in
-  [B, N] / [B, M] buffers (L2 resident).
+  [B, N] / [B, M] buffers (L2 resident). Fast passes read the absorbed cost C - a_i - b_j instead (fp32, 4 N M
+  bytes more, formed by the pass before whose potentials drifted from the anchors a, b: two fp32 operations
+  per exponent instead of ten, and half the bytes; ``_stream_softmin``).
 - ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps):
   one pass per (pair, row block, side, feature group; one group, all of D, unless the grid would leave
   the GPU idle): each cost tile is recomputed from x, y once (DMMA over all of D), its S multiplies every
@@ -123,15 +129,25 @@ def _two_diff(a, b):
 def _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS: tl.constexpr):
     """z = w2_q - (C - ph - qh) k on a tile, for the pass that reduces over AXIS (1: p on the rows, q on the
     columns; 0: the transpose). See the module docstring: u is exact near the support."""
+    u = _differences(C_hi, C_lo, ph, qh, AXIS)
+    if AXIS == 1:
+        z = w2[None, :] - u * k
+    else:
+        z = w2[:, None] - u * k
+    return z
+
+
+@triton.jit
+def _differences(C_hi, C_lo, ph, qh, AXIS: tl.constexpr):
+    """u = C - ph - qh on a tile (p on the rows when AXIS is 1, on the columns when 0), exact near the support
+    (``_fast_exponents``)."""
     if AXIS == 1:
         s, e = _two_diff(C_hi, ph[:, None])
         u = (s - qh[None, :]) + (e + C_lo)
-        z = w2[None, :] - u * k
     else:
         s, e = _two_diff(C_hi, ph[None, :])
         u = (s - qh[:, None]) + (e + C_lo)
-        z = w2[:, None] - u * k
-    return z
+    return u
 
 
 @triton.jit
@@ -569,15 +585,33 @@ def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, FIRST, sxb, s
 
 
 @triton.jit
-def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, REF, LOGW_ROW, OUT, eps, inv_rho,
-                    precise, eps_ref, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stream_softmin(CH, CL, CK, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, REF, LOGW_ROW, OUT, A_ROW, A_COL, WQ,
+                    eps, inv_rho, precise, eps_ref, anchored, drift, ABSORB: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     """OUT_i = T(q)_i = -d eps LSE_j(logw_j + (q_j - C_ij) / eps) for every row i, over column tiles: precise
     passes online in float64, fast ones relative to the ``_reference`` of REF, the rows' previous update at
     temperature eps_ref (as ``_softmin_fast``). OUT may be REF: each row reads its reference before it
     writes.
 
+    ABSORB (the streaming kernel; not the split kernel, whose programs would need a grid barrier between a
+    pass that stores and one that reads): a fast pass reads the absorbed cost CK = C - a_i - b_j (fp32, the
+    anchors a = A_ROW of the rows, b = A_COL of the columns, fp32) where the last pass left it (``anchored``)
+    and neither the references nor q have drifted ``drift`` binary orders or more from the anchors
+    (``_stream_anchored``): its exponent is then wq_j + wp_i - CK_ij k, two fp32 operations instead of the
+    cost's ten (``_stream_sum2_absorbed``; wq_j, the column's part, computed once per pass into WQ).
+    Otherwise the pass forms its exponents from the cost (C_hi, C_lo) as before, and where the temperature
+    is that of the previous step (eps_ref: not an annealing step, whose next pass is at a temperature 4 times
+    smaller, where the potentials have drifted tens of binary orders) stores them as the new CK, anchored on
+    the rounded reference (the rows) and q (the columns).
+
     The column pass of the loop is this same routine on the transposed cost (strides swapped)."""
     damping = 1.0 / (1.0 + eps * inv_rho)
+    absorbed = anchored & ~precise
+    if ABSORB:
+        if not precise:
+            absorbed = absorbed & _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, n_rows, n_cols,
+                                                   eps, eps_ref, inv_rho, drift, BLOCK_C)
+            _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, eps == eps_ref, BLOCK_C)
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < n_rows
@@ -587,9 +621,50 @@ def _stream_softmin(CH, CL, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, REF
                                       BLOCK_R, BLOCK_C)
         else:
             ref = _reference(tl.load(REF + offs_r, mask=in_r, other=0.0), eps_ref, inv_rho)
-            out = _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, ref, eps,
-                                   damping, BLOCK_R, BLOCK_C)
+            out = _stream_lse_fast(CH, CL, CK, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, A_ROW,
+                                   WQ, ref, eps, damping, absorbed, eps == eps_ref, ABSORB, BLOCK_R, BLOCK_C)
         tl.store(OUT + offs_r, tl.where(valid, out, 0.0), mask=in_r)
+
+
+@triton.jit
+def _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, n_rows, n_cols, eps, eps_ref, inv_rho, drift,
+                     BLOCK: tl.constexpr):
+    """Whether every valid row's reference (``_reference`` of REF) and every valid column's q (POT_COL) lies
+    within ``drift`` binary orders at temperature eps of its anchor (A_ROW, A_COL): then the absorbed
+    exponents carry a rounding of at most about (3 drift + NEAR + 24 + log2(1 / w_min)) 2^-24."""
+    gap = tl.zeros((BLOCK,), dtype=tl.float64)
+    for o in range(0, n_rows, BLOCK):
+        offs = o + tl.arange(0, BLOCK)
+        inb = offs < n_rows
+        ref = _reference(tl.load(REF + offs, mask=inb, other=0.0), eps_ref, inv_rho)
+        a = tl.load(A_ROW + offs, mask=inb, other=0.0).to(tl.float64)
+        gap = tl.maximum(gap, tl.where(_valid(LOGW_ROW, offs, inb), tl.abs(ref - a), 0.0))
+    for o in range(0, n_cols, BLOCK):
+        offs = o + tl.arange(0, BLOCK)
+        inb = offs < n_cols
+        b = tl.load(A_COL + offs, mask=inb, other=0.0).to(tl.float64)
+        q = tl.load(POT_COL + offs, mask=inb, other=0.0)
+        gap = tl.maximum(gap, tl.where(_valid(LOGW_COL, offs, inb), tl.abs(q - b), 0.0))
+    return tl.max(gap, axis=0) * ((1.0 / eps) * LOG2E) < drift
+
+
+@triton.jit
+def _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, store, BLOCK: tl.constexpr):
+    """Before an absorbed pass, each column's part of the exponent, WQ_j = log2(w_j) + (q_j - b_j) k (fp32; -inf
+    for padding); before a pass that stores the absorbed cost, the columns' new anchors A_COL_j = fp32(q_j)."""
+    k = (1.0 / eps) * LOG2E
+    for o in range(0, n_cols, BLOCK):
+        offs = o + tl.arange(0, BLOCK)
+        inb = offs < n_cols
+        q = tl.load(POT_COL + offs, mask=inb, other=0.0)
+        if absorbed:
+            b = tl.load(A_COL + offs, mask=inb, other=0.0).to(tl.float64)
+            lw = tl.load(LOGW_COL + offs, mask=inb, other=float("-inf"))
+            tl.store(WQ + offs, (lw * LOG2E + (q - b) * k).to(tl.float32), mask=inb)
+        elif store:
+            tl.store(A_COL + offs, q.to(tl.float32), mask=inb)
+    # the row blocks read these across the vector: order the stores before them (see _stream_update)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -617,21 +692,42 @@ def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, PO
 
 
 @triton.jit
-def _stream_lse_fast(CH, CL, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, ref, eps, damping,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stream_lse_fast(CH, CL, CK, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, A_ROW, WQ, ref, eps,
+                     damping, absorbed, store, ABSORB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """d (p - eps ln2 LSE2) for one row block, p the fp32 rounding of the reference ``ref``: one sweep over the
     column tiles sums the exponentials of the exponents relative to p itself and takes their max m
-    (``_stream_sum2``); where some valid row's |m| reaches ``NEAR`` (``_near``; that sum may then have
-    overflowed or lost every term), a second sweep sums them online relative to the reference shifted onto m
+    (``_stream_sum2``; with ABSORB and ``store`` it stores the absorbed cost and the rows' anchors as it goes,
+    or, when ``absorbed``, reads that cost instead, relative to the anchor plus the fp32 drift:
+    ``_stream_softmin``);
+    where some valid row's |m| reaches ``NEAR`` (``_near``; that sum may then have overflowed or lost every
+    term), a second sweep sums them online from the cost relative to the reference shifted onto m
     (``_stream_lse2``, ``_shifted``; its running max also covers ``_far``'s case)."""
     k = ((1.0 / eps) * LOG2E).to(tl.float32)
     ph, _ = _split(ref)
-    m, s = _stream_sum2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R, BLOCK_C)
+    base = ph.to(tl.float64)
+    if ABSORB:
+        if absorbed:
+            # the exponents are relative to a + wp / k, which the fp32 wp represents exactly (not to ref)
+            a = tl.load(A_ROW + offs_r, mask=in_r, other=0.0).to(tl.float64)
+            wp = ((ref - a) * ((1.0 / eps) * LOG2E)).to(tl.float32)
+            m, s = _stream_sum2_absorbed(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, wp, k, BLOCK_R, BLOCK_C)
+            base = a + wp.to(tl.float64) * (eps * LN2)
+        elif store:
+            tl.store(A_ROW + offs_r, ph, mask=in_r)
+            m, s = _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, True,
+                                BLOCK_R, BLOCK_C)
+        else:
+            m, s = _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, False,
+                                BLOCK_R, BLOCK_C)
+    else:
+        m, s = _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, False, BLOCK_R,
+                            BLOCK_C)
     c = tl.zeros_like(m)
     if not _near(m, valid):
         ph, _ = _shifted(ph, m, eps)
         c, s = _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R, BLOCK_C)
-    return damping * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s)))
+        base = ph.to(tl.float64)
+    return damping * (base - (eps * LN2) * (c.to(tl.float64) + tl.log2(s)))
 
 
 @triton.jit
@@ -652,18 +748,42 @@ def _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, 
 
 
 @triton.jit
-def _stream_sum2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+def _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, STORE: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``(m, s)``: the max over the column tiles of the fast exponents relative to ph, and the sum of their
     exponentials as they are (no offset: what counts for a row whose |m| is below ``NEAR``, where s lies
     between 2^-NEAR and columns x 2^NEAR). Each lane keeps its own max and fp32 sum across the tiles (at N =
     M = 2048, 64 terms each), and the row block reduces them once, after its last tile: no barrier or
-    shuffle per tile."""
+    shuffle per tile. STORE: each tile's C - ph - qh (``_fast_exponents``' u) is also stored in CK, the absorbed
+    cost anchored on ph and qh."""
     mx = tl.full((BLOCK_R, BLOCK_C), float("-inf"), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        z = _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
+        u, w2 = _stream_differences(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
+        if STORE:
+            tl.store(CK + offs_r[:, None] * s_row + offs_c[None, :] * s_col, u,
+                     mask=in_r[:, None] & (offs_c < n_cols)[None, :])
+        z = w2[None, :] - u * k
+        mx = tl.maximum(mx, z)
+        acc += tl.exp2(z)
+    return _finite(tl.max(mx, axis=1)), tl.sum(acc, axis=1).to(tl.float64)
+
+
+@triton.jit
+def _stream_sum2_absorbed(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, wp, k, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """``_stream_sum2`` on the absorbed cost: the exponent relative to the reference is (wq_j + wp_i) - CK_ij k,
+    with wp_i = (reference_i - a_i) k and wq_j = log2(w_j) + (q_j - b_j) k (``_stream_columns``)."""
+    mx = tl.full((BLOCK_R, BLOCK_C), float("-inf"), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        in_c = offs_c < n_cols
+        wq = tl.load(WQ + offs_c, mask=in_c, other=float("-inf"))
+        K = tl.load(CK + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=in_r[:, None] & in_c[None, :],
+                    other=0.0)
+        z = (wq[None, :] + wp[:, None]) - K * k
         mx = tl.maximum(mx, z)
         acc += tl.exp2(z)
     return _finite(tl.max(mx, axis=1)), tl.sum(acc, axis=1).to(tl.float64)
@@ -672,28 +792,44 @@ def _stream_sum2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, 
 @triton.jit
 def _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k):
     """The fast exponents (``_fast_exponents``) of one [rows, columns] tile of the streamed cost."""
+    u, w2 = _stream_differences(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
+    return w2[None, :] - u * k
+
+
+@triton.jit
+def _stream_differences(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k):
+    """``(u, w2)`` of one [rows, columns] tile of the streamed cost: u = C - ph - qh (``_differences``) and the
+    columns' weights w2 (``_fast_exponents``)."""
     in_c = offs_c < n_cols
     tile = in_r[:, None] & in_c[None, :]
     qh, ql = _split(tl.load(POT_COL + offs_c, mask=in_c, other=0.0))
     w2 = (tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf")) * LOG2E).to(tl.float32) + ql * k
     C_hi = tl.load(CH + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
     C_lo = tl.load(CL + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
-    return _fast_exponents(C_hi, C_lo, ph, qh, w2, k, 1)
+    return _differences(C_hi, C_lo, ph, qh, 1), w2
 
 
 @triton.jit
-def _stream_update(CH, CL, N, M, ALPHA, BETA, F, G, FT, GT, r0, r1, c0, c1, eps, precise, inv_rho, symmetric, first,
-                   eps_prev, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _stream_update(CH, CL, CK, N, M, ALPHA, BETA, F, G, FT, GT, AR, AC, WQ, r0, r1, c0, c1, eps, precise, inv_rho,
+                   symmetric, first, eps_prev, anchored, drift, ABSORB: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
     """FT = T(G) on the rows r0..r1, GT = T~(F) on the columns c0..c1 (not for a symmetric problem, whose GT
     aliases FT) at temperature eps, streaming the contiguous [N, M] cost (the streaming kernel: every row
     and column; the split kernel: a program's share). The fast passes' references are FT, GT, the previous
-    update (at temperature eps_prev), except at the ``first`` (F, G then: FT, GT hold nothing yet)."""
+    update (at temperature eps_prev), except at the ``first`` (F, G then: FT, GT hold nothing yet).
+
+    ABSORB: the fast passes read or store the absorbed cost CK (``_stream_softmin``), anchored on AR (the
+    rows) and AC (the columns); WQ is a pass's scratch. ``anchored``: whether a fast pass stored them before
+    (one at the previous step's temperature)."""
     RF, RG = tl.where(first, F, FT), tl.where(first, G, GT)
-    _stream_softmin(CH + r0 * M, CL + r0 * M, M, 1, r1 - r0, M, BETA, G, RF + r0, ALPHA + r0, FT + r0, eps, inv_rho,
-                    precise, eps_prev, BLOCK_N, BLOCK_M)
+    _stream_softmin(CH + r0 * M, CL + r0 * M, CK + r0 * M, M, 1, r1 - r0, M, BETA, G, RF + r0, ALPHA + r0, FT + r0,
+                    AR + r0, AC, WQ, eps, inv_rho, precise, eps_prev, anchored, drift, ABSORB, BLOCK_N, BLOCK_M)
     if not symmetric:
-        _stream_softmin(CH + c0, CL + c0, 1, M, c1 - c0, N, ALPHA, F, RG + c0, BETA + c0, GT + c0, eps, inv_rho,
-                        precise, eps_prev, BLOCK_M, BLOCK_N)
+        if ABSORB:  # the column pass reads the anchors and CK the row pass may have stored, and reuses WQ
+            tl.debug_barrier()
+        _stream_softmin(CH + c0, CL + c0, CK + c0, 1, M, c1 - c0, N, ALPHA, F, RG + c0, BETA + c0, GT + c0, AC + c0,
+                        AR, WQ, eps, inv_rho, precise, eps_prev, anchored | (~precise & (eps == eps_prev)), drift,
+                        ABSORB, BLOCK_M, BLOCK_N)
     # The program's warps wrote FT / GT through global memory, and the next step reads them across rows
     # other warps wrote: a block-wide barrier orders the two (global stores are visible to the block after it).
     tl.debug_barrier()
@@ -746,7 +882,7 @@ def _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1, FP2, G, G_PRE
     current potentials Fp, Gp and the updates' FTp, GTp (a symmetric problem's G aliases its F)."""
     rows_y, cols_y, n, m = _problem(p, N, M)
     symmetric = p > 0
-    base = _cost_base(p, FIRST, N, M) + pid * n * m
+    base = _cost_offset(p, FIRST, N, M, pid)
     A, Bw = _weights(rows_y, ALPHA, BETA, pid, N, M), _weights(cols_y, ALPHA, BETA, pid, N, M)
     Fp, FTp = _pick(p, FP0, FP1, FP2) + pid * n, _pick(p, F0, F1, F2) + pid * n
     Gp, GTp = tl.where(symmetric, Fp, G_PREV + pid * m), tl.where(symmetric, FTp, G + pid * m)
@@ -754,28 +890,44 @@ def _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1, FP2, G, G_PRE
 
 
 @triton.jit
+def _cost_offset(p, FIRST, N, M, pid):
+    """Where pair pid's problem p starts in the packed costs (``_cost_base``)."""
+    _, _, n, m = _problem(p, N, M)
+    return _cost_base(p, FIRST, N, M) + pid * n * m
+
+
+@triton.jit
 def _sinkhorn_streaming_kernel(
-        COST_HI, COST_LO, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR,
-        N, M, FIRST, n_iters, tol, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_TOL: tl.constexpr):
+        COST_HI, COST_LO, COST_ABS, ANCHORS, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR,
+        N, M, FIRST, n_iters, tol, drift, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_TOL: tl.constexpr):
     """One pair and problem per program (grid and outputs as the resident kernel's), any length: the cost
     (packed as ``_cost_kernel`` writes it) streams tile by tile, the potentials live in global memory.
 
     FP_p, G_PREV hold the current potentials (zero on entry) and end as f_prev, g_prev; F_p, G are the
-    updates' scratch and end as the final f, g. SCHED as in the resident kernel."""
+    updates' scratch and end as the final f, g. SCHED as in the resident kernel. COST_ABS (fp32, packed as
+    the cost) holds the absorbed cost the fast passes read while their potentials stay within ``drift``
+    binary orders of its anchors (``_stream_softmin``); ANCHORS (fp32 [problems, B, 3, max(N, M)]) the
+    anchors of the rows and of the columns and a pass's column weights. Both are scratch, written before
+    they are read."""
     pid = tl.program_id(0).to(tl.int64)
     p = FIRST + tl.program_id(1)
     n, m, symmetric, CH, CL, A, Bw, Fp, FTp, Gp, GTp = _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1,
                                                                  FP2, G, G_PREV, pid, p, N, M, FIRST)
+    CK = COST_ABS + _cost_offset(p, FIRST, N, M, pid)
+    length = tl.maximum(N, M)
+    AR = ANCHORS + (tl.program_id(1) * tl.num_programs(0) + pid) * 3 * length
     eps, inv_rho, n_anneal, eps_init = _schedule(SCHED)
     threshold = eps * PRECISE_RATIO
 
     t = n_iters * 0
     it = n_iters * 0
     go = n_iters >= 0
+    anchored = n_iters < 0
     while go:  # the schedule, one step per trip (``_schedule_step``)
         e, precise, annealing, w_old, e_prev = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
-        _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, 0, n, 0, m, e, precise, inv_rho, symmetric, t == 0,
-                       e_prev, BLOCK_N, BLOCK_M)
+        _stream_update(CH, CL, CK, n, m, A, Bw, Fp, Gp, FTp, GTp, AR, AR + length, AR + 2 * length, 0, n, 0, m, e,
+                       precise, inv_rho, symmetric, t == 0, e_prev, anchored, drift, True, BLOCK_N, BLOCK_M)
+        anchored = anchored | (~precise & (e == e_prev))
         active = annealing | (it < n_iters)
         if HAS_TOL:
             active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M) > tol))
@@ -804,8 +956,8 @@ def _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, PART, e
                   first, e_prev, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One program's share of a step: ``_stream_update`` on its rows r0..r1 and columns c0..c1, and PART =
     their residual terms' sum (``_stream_error`` restricted to those rows and columns)."""
-    _stream_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, e, precise, inv_rho, symmetric, first,
-                   e_prev, BLOCK_N, BLOCK_M)
+    _stream_update(CH, CL, CH, n, m, A, Bw, Fp, Gp, FTp, GTp, CH, CH, CH, r0, r1, c0, c1, e, precise, inv_rho,
+                   symmetric, first, e_prev, False, 0.0, False, BLOCK_N, BLOCK_M)
     tl.store(PART, _stream_error(Fp + r0, FTp + r0, Gp + c0, GTp + c0, A + r0, Bw + c0, r1 - r0, c1 - c0, eps,
                                  BLOCK_N, BLOCK_M))
 
