@@ -55,9 +55,9 @@ step goals 60 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --bu
 # the opt-in row split (a persistent kernel not yet run on a GPU) on its own, so that a hang costs only this
 # step: its CUDA test (programs that wait for each other), then its goal points, with the streaming kernel's
 # without its absorbed cost (otfast[triton-exact]) beside them
-step split 30 bash -c "\"$PY\" -m pytest -q tests/test_triton_interpreter.py -k persistent_split_matches \
-  && \"$PY\" -m benchmarks.report --goals --device cuda --out \"$out\" --budget 2 --repeats 5 \
-  --note gpu_suite.sh --only triton-"
+step split 30 bash -c "\"$PY\" -m pytest -q tests/test_triton_interpreter.py -k persistent_split_matches; \
+  rc=\$?; \"$PY\" -m benchmarks.report --goals --device cuda --out \"$out\" --budget 2 --repeats 5 \
+  --note gpu_suite.sh --only triton- && exit \$rc"
 step resources 25 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
 step step 40 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
 step harness 40 "$PY" -m benchmarks.harness_gpu --out "$out"

@@ -18,7 +18,8 @@ Providers (``providers()``), each named ``name[backend]``:
   tensors: the interpreter is a correctness tool, not a timing), ``otfast[triton-split]``: the
   triton backend with ``OTFAST_TRITON_SPLIT=persistent`` (long pairs on idle SMs split among programs), and
   ``otfast[triton-exact]``: the triton backend with every streamed exponent formed from the cost
-  (``STREAM_DRIFT`` 0: what the absorbed cost buys, side by side).
+  (``STREAM_DRIFT`` 0: no pass reads the absorbed cost, though steady passes still store it and the kernel
+  keeps its registers, so the difference to ``otfast[triton]`` is what reading it buys, side by side).
 - ``pot-solve_batch[torch]``: ``ot.solve_batch`` on POT's torch backend, ``method="log_sinkhorn"``,
   ``reg_type="kl"`` (so its value is OT_eps = <P, C> + eps KL(P || a x b)), ``grad="envelope"``.
 - ``pot-sinkhorn_log[loop]``: ``ot.bregman.sinkhorn_log`` pair by pair, autograd through its loop.

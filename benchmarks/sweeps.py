@@ -15,7 +15,7 @@ kernels use: a float64 prediction of the kernels' fp32 decision, exact but for m
 The same replay follows the streaming kernel's anchors: a fast pass reads the absorbed cost when a pass
 stored it before and every reference and summed potential lies within ``STREAM_DRIFT`` binary orders of the
 anchors that pass left (``sinkhorn._stream_anchored``), else, at the previous step's temperature (not in an
-annealing step), it stores them anew.
+annealing step after the first), it stores them anew.
 Nothing is written; the table goes to stdout.
 """
 

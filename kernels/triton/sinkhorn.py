@@ -600,9 +600,10 @@ def _stream_softmin(CH, CL, CK, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL,
     (``_stream_anchored``): its exponent is then wq_j + wp_i - CK_ij k, two fp32 operations instead of the
     cost's ten (``_stream_sum2_absorbed``; wq_j, the column's part, computed once per pass into WQ).
     Otherwise the pass forms its exponents from the cost (C_hi, C_lo) as before, and where the temperature
-    is that of the previous step (eps_ref: not an annealing step, whose next pass is at a temperature 4 times
-    smaller, where the potentials have drifted tens of binary orders) stores them as the new CK, anchored on
-    the rounded reference (the rows) and q (the columns).
+    is that of the previous step (eps_ref: not an annealing step after the first, whose next pass is at a
+    temperature scaling^2 times smaller, where the potentials have drifted tens of binary orders) stores them
+    as the new CK, anchored on the rounded reference (the rows) and q (the columns). An annealing pass reads
+    CK only if it is within the drift bound, which at the goal points none is (``benchmarks.sweeps``).
 
     The column pass of the loop is this same routine on the transposed cost (strides swapped)."""
     damping = 1.0 / (1.0 + eps * inv_rho)
@@ -611,6 +612,9 @@ def _stream_softmin(CH, CL, CK, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL,
         if not precise:
             absorbed = absorbed & _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, n_rows, n_cols,
                                                    eps, eps_ref, inv_rho, drift, BLOCK_C)
+            # every warp has read the anchors it decided on before any overwrites them (a warp that read a
+            # new anchor could decide otherwise than the others)
+            tl.debug_barrier()
             _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, eps == eps_ref, BLOCK_C)
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -907,8 +911,8 @@ def _sinkhorn_streaming_kernel(
     updates' scratch and end as the final f, g. SCHED as in the resident kernel. COST_ABS (fp32, packed as
     the cost) holds the absorbed cost the fast passes read while their potentials stay within ``drift``
     binary orders of its anchors (``_stream_softmin``); ANCHORS (fp32 [problems, B, 3, max(N, M)]) the
-    anchors of the rows and of the columns and a pass's column weights. Both are scratch, written before
-    they are read."""
+    anchors of the rows and of the columns and a pass's column weights. Both are scratch: the first fast
+    pass's drift check reads anchors nothing wrote yet, and discards its answer (``anchored`` is False)."""
     pid = tl.program_id(0).to(tl.int64)
     p = FIRST + tl.program_id(1)
     n, m, symmetric, CH, CL, A, Bw, Fp, FTp, Gp, GTp = _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1,
