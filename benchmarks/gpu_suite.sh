@@ -3,8 +3,8 @@
 # H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
 # important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
 # against POT / GeomLoss / flash-sinkhorn, the opt-in row split on its own (its CUDA test, then
-# otfast[triton-split] at the goal points, beside otfast[triton-exact]: the streaming kernel without its
-# absorbed cost), the sm_90 resource check, the training-step benchmark, the tiny
+# otfast[triton-split] at the goal points, beside otfast[triton-exact]: the streaming kernel on the packed cost
+# without its absorbed cost), the sm_90 resource check, the training-step benchmark, the tiny
 # alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep
 # within its time budget. Each step has its own timeout (seconds, below) and logs to
 # $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
@@ -48,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.
 step env 15 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
 step accuracy 60 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
 # the CUDA tests; not the compile-only ones (spills, SASS counts): the resources step compiles every configuration
-step tests 70 "$PY" -m pytest -q -x tests/test_triton_interpreter.py tests/test_compile.py tests/test_accuracy.py \
+step tests 75 "$PY" -m pytest -q -x tests/test_triton_interpreter.py tests/test_compile.py tests/test_accuracy.py \
   -k "(triton or cuda) and not persistent_split_matches and not sm90 and not common_path"
 step goals 60 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --budget 3 --repeats 10 --note "gpu_suite.sh" \
   --skip triton-
@@ -58,9 +58,9 @@ step goals 60 "$PY" -m benchmarks.report --goals --device cuda --out "$out" --bu
 step split 30 bash -c "\"$PY\" -m pytest -q tests/test_triton_interpreter.py -k persistent_split_matches; \
   rc=\$?; \"$PY\" -m benchmarks.report --goals --device cuda --out \"$out\" --budget 2 --repeats 5 \
   --note gpu_suite.sh --only triton- && exit \$rc"
-step resources 25 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
-step step 40 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
-step harness 40 "$PY" -m benchmarks.harness_gpu --out "$out"
+step resources 35 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
+step step 30 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
+step harness 35 "$PY" -m benchmarks.harness_gpu --out "$out"
 step launches 10 "$PY" -m benchmarks.launches --device cuda
 step sweep 10 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh" \
   --skip triton-

@@ -17,9 +17,9 @@ Providers (``providers()``), each named ``name[backend]``:
 - ``otfast[<backend>]`` for every backend ``otfast.backends()`` reports available (triton only on CUDA
   tensors: the interpreter is a correctness tool, not a timing), ``otfast[triton-split]``: the
   triton backend with ``OTFAST_TRITON_SPLIT=persistent`` (long pairs on idle SMs split among programs), and
-  ``otfast[triton-exact]``: the triton backend with every streamed exponent formed from the cost
-  (``STREAM_DRIFT`` 0: no pass reads the absorbed cost, though steady passes still store it and the kernel
-  keeps its registers, so the difference to ``otfast[triton]`` is what reading it buys, side by side).
+  ``otfast[triton-exact]``: the triton backend with every streamed exponent formed from the packed cost
+  (``OTFAST_TRITON_STREAM=cost``: no absorbed cost stored or read, so the difference to ``otfast[triton]``
+  is what the absorbed cost buys, side by side).
 - ``pot-solve_batch[torch]``: ``ot.solve_batch`` on POT's torch backend, ``method="log_sinkhorn"``,
   ``reg_type="kl"`` (so its value is OT_eps = <P, C> + eps KL(P || a x b)), ``grad="envelope"``.
 - ``pot-sinkhorn_log[loop]``: ``ot.bregman.sinkhorn_log`` pair by pair, autograd through its loop.
@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import otfast
+from otfast.kernels.triton.configs import RESIDENT_MAX
 from otfast.schedule import bounding_diameter, epsilon_schedule
 
 Values = Callable[[torch.Tensor, torch.Tensor, "Setting"], torch.Tensor]
@@ -215,6 +216,15 @@ def _streaming(B, N, M, D, s, elt, bwd) -> float:
     return 6 * B * (N + M) * D * elt + 8 * B * (N + M) * 4
 
 
+def _buffered(per_entry: int) -> Callable[..., float]:
+    """Memory of the triton backend: ``_streaming`` and, beyond the resident tiles, its fp32 cost buffers
+    (``per_entry`` bytes per cost entry: 12 with the absorbed cost, as "auto" takes them where they fit)."""
+    def estimate(B, N, M, D, s, elt, bwd):
+        streamed = max(N, M) > RESIDENT_MAX
+        return _streaming(B, N, M, D, s, elt, bwd) + (per_entry * _pairs(B, N, M, s) if streamed else 0)
+    return estimate
+
+
 # ---------------------------------------------------------------- otfast
 
 def _otfast(backend: str) -> Values:
@@ -232,10 +242,8 @@ def _otfast_split(x, y, setting):
 
 def _otfast_exact(x, y, setting):
     """``otfast[triton]`` without the absorbed cost (README, Triton backend): every fast pass of the streaming
-    kernel forms its exponents from the cost tiles."""
-    from otfast import triton_backend
-
-    with mock.patch.object(triton_backend, "STREAM_DRIFT", 0.0):
+    kernel forms its exponents from the packed cost tiles."""
+    with mock.patch.dict(os.environ, OTFAST_TRITON_STREAM="cost"):
         return _otfast("triton")(x, y, setting)
 
 
@@ -396,12 +404,13 @@ def providers() -> list[Provider]:
     out = []
     for backend, info in otfast.backends().items():
         devices = {"torch": ("cpu", "cuda"), "cpu": ("cpu",), "triton": ("cuda",)}[backend]
-        memory = _dense(6) if backend == "torch" else _streaming
+        memory = {"torch": _dense(6), "triton": _buffered(12)}.get(backend, _streaming)
         out.append(Provider("otfast", backend, _otfast(backend), devices,
                             None if info.available else info.detail, memory))
         if backend == "triton":
-            for label, fn in (("triton-split", _otfast_split), ("triton-exact", _otfast_exact)):
-                out.append(Provider("otfast", label, fn, devices, None if info.available else info.detail, memory))
+            for label, fn, size in (("triton-split", _otfast_split, 12), ("triton-exact", _otfast_exact, 8)):
+                out.append(Provider("otfast", label, fn, devices, None if info.available else info.detail,
+                                    _buffered(size)))
     pot = _import_reason("ot")
     out.append(Provider("pot-solve_batch", "torch", _pot_solve_batch, ("cpu", "cuda"), pot, _dense(8)))
     out.append(Provider("pot-sinkhorn_log", "loop", _pot_sinkhorn_log_loop, ("cpu", "cuda"), pot,

@@ -8,7 +8,9 @@ behind one entry:
 - resident (max(N, M) <= ``RESIDENT_MAX`` = 32): one program per pair holds both cost tiles in registers;
   extra device memory: the potentials, O(B (N + M)).
 - streaming (longer): the cost is written once as two fp32 tiles (8 B N M bytes), then streamed; iterations
-  at a fixed temperature read the absorbed cost, a third fp32 tile (4 B N M bytes) their passes store.
+  at a fixed temperature read the absorbed cost, a third fp32 tile (4 B N M bytes) their passes store. Where
+  those buffers would not fit (``stream_source``: an eighth of the device's memory by default) every pass
+  forms each tile again from the points, in O(B (N + M)) extra memory.
 
 The backward is one tiled kernel for every length, one launch for dx and (roles swapped) dy, the debiased
 loss's two symmetric terms included. ``solve_problems`` and ``grad_problems`` take the loss's problems
@@ -39,8 +41,9 @@ try:
     from .kernels.triton import sinkhorn as K
     from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COST_BLOCK, COST_WARPS, FP_FUSION, GRAD_BLOCK,
                                          GRAD_PROGRAMS_PER_SM, GRAD_WARPS, NUM_STAGES, PRECISIONS, RESIDENT_MAX,
-                                         RESIDENT_WARPS, SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_DRIFT,
-                                         STREAM_WARPS)
+                                         RESIDENT_WARPS, SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_BLOCK_K,
+                                         STREAM_DRIFT, STREAM_MEMORY_SHARE, STREAM_SOURCES, STREAM_WARPS,
+                                         split_warps)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -102,12 +105,39 @@ def _check(alpha: torch.Tensor, beta: torch.Tensor, n: int, m: int, b: int) -> N
                          f"{b} x {n} x {m} problem")
 
 
-def _check_streamable(shapes: list[tuple[int, int]]) -> None:
-    """The streaming kernels index one problem's cost within a pair in int32: rows x columns < 2^31."""
-    for rows, cols in shapes:
-        if max(rows, cols) > RESIDENT_MAX and rows * cols >= 2**31:
-            raise ValueError(f"a {rows} x {cols} problem has {rows * cols} >= 2^31 cost entries per pair, more than "
-                             "the Triton kernels index; split the pair or use the torch backend")
+def stream_source(b: int, shapes: list[tuple[int, int]], device: torch.device, from_points: bool = True) -> str:
+    """Where the streaming solvers read the cost of b pairs of problems of ``shapes`` (rows, columns) from:
+    ``OTFAST_TRITON_STREAM`` = "absorbed" (the packed cost, 8 bytes per entry, and the absorbed cost its fast
+    passes store, 4 more), "cost" (the packed cost alone), "points" (each tile formed again from the points in
+    every pass: no [B, N, M] buffer) or "auto" (default): the first of those whose buffers fit in
+    ``STREAM_MEMORY_SHARE`` of the device's memory and whose problems the packed cost can index (rows x
+    columns < 2^31 per pair, in int32), else "points". A precomputed cost (``from_points`` False) is read
+    packed whatever is asked ("points" reads as "cost"); a packed cost the kernels cannot index is an error."""
+    value = os.environ.get("OTFAST_TRITON_STREAM", "auto")
+    if value not in ("auto", *STREAM_SOURCES):
+        raise ValueError(f"OTFAST_TRITON_STREAM must be one of auto, {', '.join(STREAM_SOURCES)}, got {value!r}")
+    entries = b * sum(rows * cols for rows, cols in shapes)
+    indexable = all(rows * cols < 2**31 for rows, cols in shapes)
+    if value == "auto":
+        budget = STREAM_MEMORY_SHARE * _device_memory(device)
+        value = next((name for name, size in (("absorbed", 12), ("cost", 8))
+                      if indexable and size * entries <= budget), "points")
+    if value == "points" and not from_points:
+        value = "cost"
+    if value != "points" and not indexable:
+        rows, cols = next((r, c) for r, c in shapes if r * c >= 2**31)
+        raise ValueError(f"a {rows} x {cols} problem has {rows * cols} >= 2^31 cost entries per pair, more than "
+                         "the Triton kernels index in a packed cost; solve it from the points (OTFAST_TRITON_STREAM="
+                         "points or auto), split the pair, or use the torch backend")
+    return value
+
+
+@functools.lru_cache(maxsize=16)
+def _device_memory(device: torch.device) -> int:
+    """Bytes of memory on the device: the GPU's, or the host's for a CPU (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -223,21 +253,57 @@ def _resident(points, cost, alpha, beta, schedule, first, count, n, m, dim):
     return outs.potentials()
 
 
-def _streaming(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m):
-    """The streaming solver on the packed costs of ``cost_matrix`` (problems first, ..., first + count - 1):
-    one program per pair and problem, or ``split_count`` of them (``_split``)."""
+class _Stream(NamedTuple):
+    """Where the streaming solvers read a cost from (``stream_source``; ``sinkhorn._stream_source``): their
+    arguments X, Y, MU, COST_HI, COST_LO, D and the points' and centres' strides, and the constexprs ABSORB
+    and FROM_POINTS. What a source does not read is a one-element placeholder of the type the resource check
+    compiles for (``_unused``)."""
+
+    tensors: tuple
+    dim: int
+    strides: tuple
+    absorb: bool
+    from_points: bool
+
+    @classmethod
+    def packed(cls, cost_hi: torch.Tensor, cost_lo: torch.Tensor, absorb: bool) -> "_Stream":
+        """The packed costs of ``cost_matrix``; ``absorb``: its fast passes store and read the absorbed cost."""
+        f64 = _unused(torch.float64, cost_hi.device)
+        return cls((f64, f64, f64, cost_hi, cost_lo), 0, (0,) * 9, absorb, False)
+
+    @classmethod
+    def points(cls, points: _Points) -> "_Stream":
+        """Every tile formed again from the prepared points in every pass: no [B, N, M] buffer."""
+        x, y, f32 = points.x, points.y, _unused(torch.float32, points.x.device)
+        return cls((x, y, points.mu, f32, f32), x.shape[2], (*x.stride(), *y.stride(), *points.mu_strides), False,
+                   True)
+
+
+@functools.lru_cache(maxsize=16)
+def _unused(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element placeholder for a pointer argument the kernel does not read."""
+    return torch.zeros((1,), dtype=dtype, device=device)
+
+
+def _streaming(stream, alpha, beta, schedule, first, count, n, m):
+    """The streaming solver on ``stream`` (``_Stream``; problems first, ..., first + count - 1): one program per
+    pair and problem, or ``split_count`` of them (``_split``)."""
     b, device = alpha.shape[0], alpha.device
     n_split = split_count(b, count, n, m, device)
     if n_split > 1:  # persistent programs would wait forever for ones the interpreter runs after them
-        return _split(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m, n_split,
+        return _split(stream, alpha, beta, schedule, first, count, n, m, n_split,
                       split_mode() == "persistent" and os.environ.get("TRITON_INTERPRET") != "1")
     outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
-    absorbed = _empty(cost_hi.shape, torch.float32, device)
-    anchors = _empty((count, b, 3, max(n, m)), torch.float32, device)
+    if stream.absorb:
+        absorbed = _empty(stream.tensors[3].shape, torch.float32, device)
+        anchors = _empty((count, b, 3, max(n, m)), torch.float32, device)
+    else:
+        absorbed = anchors = _unused(torch.float32, device)
     K._sinkhorn_streaming_kernel[(b, count)](
-        cost_hi, cost_lo, absorbed, anchors, alpha, beta, _schedule(schedule, device), *outs.args(), n, m, first,
-        *_loop_args(schedule), STREAM_DRIFT, BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
-        HAS_TOL=schedule.tol is not None, num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        *stream.tensors, absorbed, anchors, alpha, beta, _schedule(schedule, device), *outs.args(), n, m, stream.dim,
+        first, *stream.strides, *_loop_args(schedule), STREAM_DRIFT, BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
+        BLOCK_K=STREAM_BLOCK_K, HAS_TOL=schedule.tol is not None, ABSORB=stream.absorb,
+        FROM_POINTS=stream.from_points, num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
     return outs.potentials()
 
 
@@ -265,17 +331,20 @@ def split_count(b: int, count: int, n: int, m: int, device: torch.device) -> int
     return max(1, min(_sm_count(device) // max(b * count, 1), max(n, m) // SPLIT_MIN_ROWS))
 
 
-def _split(cost_hi, cost_lo, alpha, beta, schedule, first, count, n, m, n_split, persistent):
+def _split(stream, alpha, beta, schedule, first, count, n, m, n_split, persistent):
     """The streaming solver with each pair and problem's rows and columns split among n_split programs
-    (``_sinkhorn_split_kernel``): the whole schedule in one launch when ``persistent``; else two launches
-    per step, until the kernels have flagged every pair and problem done."""
+    (``_sinkhorn_split_kernel``; ``stream`` as ``_streaming`` takes it, whose absorbed cost it does not use):
+    the whole schedule in one launch when ``persistent``; else two launches per step, until the kernels have
+    flagged every pair and problem done."""
     b, device = alpha.shape[0], alpha.device
     outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
     sync = torch.zeros((count, b), dtype=torch.int32, device=device)
-    args = (cost_hi, cost_lo, alpha, beta, _schedule(schedule, device), *outs.args(),
-            _empty((count, b, 2, n_split), torch.float64, device), sync, n, m, first, *_loop_args(schedule), n_split)
-    kw = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, HAS_TOL=schedule.tol is not None, PERSISTENT=persistent,
-              num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION,
+    args = (*stream.tensors, alpha, beta, _schedule(schedule, device), *outs.args(),
+            _empty((count, b, 2, n_split), torch.float64, device), sync, n, m, stream.dim, first, *stream.strides,
+            *_loop_args(schedule), n_split)
+    kw = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, BLOCK_K=STREAM_BLOCK_K, HAS_TOL=schedule.tol is not None,
+              PERSISTENT=persistent, FROM_POINTS=stream.from_points,
+              num_warps=split_warps(persistent, stream.from_points), num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION,
               launch_cooperative_grid=persistent)
     launch = K._sinkhorn_split_kernel[(b, count, n_split)]
     if persistent:
@@ -315,13 +384,14 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     """The Sinkhorn loop on precomputed costs ``cost_matrix [B, N, M]`` (see ``otfast.reference.solve``)."""
     b, n, m = cost_matrix.shape
     _check(alpha, beta, n, m, b)
-    _check_streamable([(n, m)])
-    cost, alpha, beta = _f64(cost_matrix), _f64(alpha), _f64(beta)
     first = XX if symmetric else XY
     if max(n, m) <= RESIDENT_MAX:
-        return _resident(None, cost, alpha, beta, schedule, first, 1, n, m, 1)[0]
+        return _resident(None, _f64(cost_matrix), _f64(alpha), _f64(beta), schedule, first, 1, n, m, 1)[0]
+    source = stream_source(b, [(n, m)], cost_matrix.device, from_points=False)
+    cost, alpha, beta = _f64(cost_matrix), _f64(alpha), _f64(beta)
     hi = cost.float()
-    return _streaming(hi, (cost - hi.double()).float(), alpha, beta, schedule, first, 1, n, m)[0]
+    stream = _Stream.packed(hi, (cost - hi.double()).float(), source == "absorbed")
+    return _streaming(stream, alpha, beta, schedule, first, 1, n, m)[0]
 
 
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
@@ -330,7 +400,8 @@ def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: to
 
     The kernels mask and centre the points as they load them ("sqeuclidean": one more launch finds each
     pair's centre, ``_Points``); "cosine" normalises them first (``otfast.reference.prepare_points``). Up
-    to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once as two fp32 tiles.
+    to ``RESIDENT_MAX`` tokens the cost never leaves the chip; beyond, it is written once as two fp32 tiles,
+    or formed again from the points in every pass where ``stream_source`` says so.
     ``symmetric`` solves OT(x, x) and reads neither y nor beta (the ``Backend`` contract: y is x).
     """
     return _solve_points(x, y, alpha, beta, schedule, XX if symmetric else XY, 1, cost)[0]
@@ -347,12 +418,17 @@ def solve_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: 
 def _solve_points(x, y, alpha, beta, schedule, first, count, cost):
     (b, n, dim), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
-    _check_streamable([_shape(p, n, m) for p in range(first, first + count)])
+    streamed = max(n, m) > RESIDENT_MAX
+    source = stream_source(b, [_shape(p, n, m) for p in range(first, first + count)], x.device) if streamed else None
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)
-    if max(n, m) <= RESIDENT_MAX:
+    if not streamed:
         return _resident(points, None, alpha, beta, schedule, first, count, n, m, dim)
-    return _streaming(*cost_matrix(points, alpha, beta, first, count), alpha, beta, schedule, first, count, n, m)
+    if source == "points":
+        stream = _Stream.points(points)
+    else:
+        stream = _Stream.packed(*cost_matrix(points, alpha, beta, first, count), source == "absorbed")
+    return _streaming(stream, alpha, beta, schedule, first, count, n, m)
 
 
 def _grad(points, pots, alpha, beta, weights, eps):

@@ -5,6 +5,7 @@ nothing here measures speed."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -223,18 +224,19 @@ def test_only_and_skip_select_providers_by_label():
 
 
 def test_the_exact_provider_turns_the_absorbed_cost_off(monkeypatch):
-    """``otfast[triton-exact]`` runs ``otfast[triton]`` with the launcher's ``STREAM_DRIFT`` at 0 (no fast pass
-    reads the absorbed cost: ``tests/test_triton_interpreter.py`` checks what that does), and leaves it as it
-    was."""
+    """``otfast[triton-exact]`` runs ``otfast[triton]`` with ``OTFAST_TRITON_STREAM=cost`` (the packed cost
+    without the absorbed one: ``tests/test_triton_interpreter.py`` checks what that does), and leaves the
+    environment as it was."""
     from benchmarks import providers as module
     from otfast import triton_backend
 
     seen = []
-    monkeypatch.setattr(module, "_otfast", lambda backend: lambda x, y, s: seen.append((backend,
-                                                                                        triton_backend.STREAM_DRIFT)))
-    shipped = triton_backend.STREAM_DRIFT
+    monkeypatch.setattr(module, "_otfast", lambda backend: lambda x, y, s: seen.append((
+        backend, triton_backend.stream_source(1, [(64, 64)], torch.device("cpu")))))
+    monkeypatch.delenv("OTFAST_TRITON_STREAM", raising=False)
     module._otfast_exact(None, None, None)
-    assert seen == [("triton", 0.0)] and shipped > 0 and triton_backend.STREAM_DRIFT == shipped
+    assert seen == [("triton", "cost")] and "OTFAST_TRITON_STREAM" not in os.environ
+    assert triton_backend.stream_source(1, [(64, 64)], torch.device("cpu")) == "absorbed"
 
 
 def test_documents_change_only_with_update_docs(tmp_path):

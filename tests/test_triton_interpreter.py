@@ -564,17 +564,19 @@ def _assert_same_solves(got, want):
         assert_close(g.error.cpu(), w.error.cpu(), rtol=1e-6, atol=0, what="residual")
 
 
-@pytest.mark.parametrize("setting", ["anneal-unbalanced-debias", "tol"])
-def test_split_rows_solve_as_one_program_does(setting, monkeypatch):
+@pytest.mark.parametrize("setting,source", [("anneal-unbalanced-debias", "cost"), ("tol", "cost"),
+                                            ("anneal-unbalanced-debias", "points")])
+def test_split_rows_solve_as_one_program_does(setting, source, monkeypatch):
     """``OTFAST_TRITON_SPLIT=phases`` on 18 SMs: each of the 2 pairs x 3 problems splits its 37 rows and 33
     columns among 3 programs (32 rows, 5 and none; ``SPLIT_MIN_ROWS`` lowered to 12), which decide each
     step's residual together. Potentials, f_prev, g_prev and iteration counts are those of the streaming
     kernel (one program per pair and problem) bit for bit: annealing with float64 passes, unbalanced,
-    debiased; and with a tolerance, where the pairs stop after different numbers of updates. (The split
-    kernel forms every exponent from the cost: the streaming kernel does too with ``STREAM_DRIFT`` 0.)"""
+    debiased; and with a tolerance, where the pairs stop after different numbers of updates; on the packed
+    cost and with every tile formed from the points (``OTFAST_TRITON_STREAM``; the split kernel never reads an
+    absorbed cost, so "cost" is the packed source to compare with)."""
     from otfast.schedule import Schedule
 
-    monkeypatch.setattr(backend, "STREAM_DRIFT", 0.0)
+    monkeypatch.setenv("OTFAST_TRITON_STREAM", source)
     batch = make_points(2, 37, 33, 8, seed=31, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x, batch.y, batch.mask_x, batch.mask_y)
     alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
@@ -590,16 +592,85 @@ def test_split_rows_solve_as_one_program_does(setting, monkeypatch):
     monkeypatch.setattr(backend, "SPLIT_MIN_ROWS", 12)
     splits = _spy_on_split(monkeypatch)
     _assert_same_solves(backend.solve_problems(x, y, alpha, beta, schedule, debias=debias), want)
-    assert splits == [3], splits
+    assert splits == [(3, source == "points")], splits
 
 
-def _spy_on_split(monkeypatch) -> list[int]:
-    """The programs per pair and problem of every ``_split`` solve from here on."""
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor any torch op makes while it is active, in bytes: the launchers' buffers, and
+    everything else torch computes on the way (the interpreter's copies of the arguments too)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
+def test_streaming_from_the_points_needs_no_cost_buffer(cost, monkeypatch):
+    """``OTFAST_TRITON_STREAM=points``: the streaming kernel forms every cost tile from the points in every
+    pass (fp32 raw points for sqeuclidean, the float64 normalised ones for cosine; NaN in the padding). No
+    torch op makes a tensor larger than the points in float64 (B N D x 8 bytes; the packed cost makes B N M x
+    4 and more), and the three problems of the debiased loss, annealed and unbalanced, solve as
+    on the packed cost: the same iteration counts, potentials within 1e-12 (the cost kernel's larger tiles
+    can round a cost entry's last bit differently under the interpreter), 1e-6 on a GPU."""
+    from otfast.schedule import Schedule
+
+    batch = make_points(2, 40, 36, 8, seed=47, junk=float("nan"))
+    x, y, mx, my = _on_device(batch.x.float(), batch.y.float(), batch.mask_x, batch.mask_y)
+    alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
+    schedule = Schedule(eps=0.01, anneal=(4.0, 0.25), n_iters=2, rho=2.0)
+    solved = {}
+    for source in ("cost", "points"):
+        monkeypatch.setenv("OTFAST_TRITON_STREAM", source)
+        with _Allocations() as seen:
+            solved[source] = backend.solve_problems(x, y, alpha, beta, schedule, debias=True, cost=cost)
+        solved[source + " largest"] = seen.largest
+    assert solved["cost largest"] >= 2 * 40 * 36 * 4
+    assert solved["points largest"] <= 2 * 40 * 8 * 8, solved["points largest"]
+    tol = 1e-12 if DEVICE.type == "cpu" else 1e-6
+    for got, want in zip(solved["points"], solved["cost"], strict=True):
+        for field in ("f", "g", "f_prev", "g_prev"):
+            assert_close(getattr(got, field).cpu(), getattr(want, field).cpu(), rtol=tol, atol=tol, what=field)
+        assert torch.equal(got.n_iters, want.n_iters), (got.n_iters, want.n_iters)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="measures the GPU's peak memory")
+def test_streaming_from_the_points_keeps_the_peak_memory_of_the_potentials():
+    """On a GPU, the debiased loss forward and backward of a pooled problem of 2048 words (D = 16, 5 updates)
+    streamed from the points allocates no more than O(B (N + M) D) beyond its inputs: under a tenth of what
+    the packed cost alone takes (3 x 2048^2 x 8 bytes = 96 MiB), which source "cost" allocates."""
+    batch = make_points(1, 2048, 2048, 16, seed=53, ragged=False)
+    x, y = (t.float().to(DEVICE).requires_grad_() for t in (batch.x, batch.y))
+    kw = dict(eps=0.05, scaling=None, n_iters=5, backend="triton")
+    peaks = {}
+    for source in ("points", "cost"):
+        os.environ["OTFAST_TRITON_STREAM"] = source
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            torch.autograd.grad(otfast.sinkhorn_loss(x, y, **kw).sum(), (x, y))
+            torch.cuda.synchronize()
+            peaks[source] = torch.cuda.max_memory_allocated() - base
+        finally:
+            del os.environ["OTFAST_TRITON_STREAM"]
+    assert peaks["cost"] >= 3 * 2048**2 * 8, peaks
+    assert peaks["points"] < 3 * 2048**2 * 8 / 10, peaks
+
+
+def _spy_on_split(monkeypatch) -> list[tuple[int, bool]]:
+    """The programs per pair and problem of every ``_split`` solve from here on, and whether it formed its cost
+    from the points."""
     calls, split = [], backend._split
 
-    def spy(*args):
-        calls.append(args[9])
-        return split(*args)
+    def spy(stream, *args):
+        calls.append((args[7], stream.from_points))
+        return split(stream, *args)
 
     monkeypatch.setattr(backend, "_split", spy)
     return calls
@@ -614,17 +685,17 @@ def test_persistent_split_kernel_runs_the_whole_schedule_in_one_launch(monkeypat
 
     from otfast.schedule import Schedule
 
-    monkeypatch.setattr(backend, "STREAM_DRIFT", 0.0)  # see test_split_rows_solve_as_one_program_does
     batch = make_points(2, 9, 6, 8, seed=37, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x, batch.y, batch.mask_x, batch.mask_y)
     alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
     schedule = Schedule(eps=0.3, anneal=(2.0, 0.5), n_iters=5)
     hi, lo = backend.cost_matrix(backend._points(x, y, alpha, beta, "sqeuclidean"), alpha, beta, backend.XY, 3)
-    want = backend._streaming(hi, lo, alpha, beta, schedule, backend.XY, 3, 9, 6)
+    stream = backend._Stream.packed(hi, lo, absorb=False)  # as the split kernel reads it
+    want = backend._streaming(stream, alpha, beta, schedule, backend.XY, 3, 9, 6)
     if DEVICE.type == "cpu":
         trace_interpreted_launches()
     got = []
-    count = launches(lambda: got.append(backend._split(hi, lo, alpha, beta, schedule, backend.XY, 3, 9, 6, 1, True)),
+    count = launches(lambda: got.append(backend._split(stream, alpha, beta, schedule, backend.XY, 3, 9, 6, 1, True)),
                      DEVICE.type)
     assert count["triton"] == 1, count
     _assert_same_solves(got[0], want)
@@ -638,7 +709,7 @@ def test_persistent_split_matches_one_program_per_problem_on_cuda(N, M, tol, mon
     kernel does."""
     from otfast.schedule import Schedule
 
-    monkeypatch.setattr(backend, "STREAM_DRIFT", 0.0)  # see test_split_rows_solve_as_one_program_does
+    monkeypatch.setenv("OTFAST_TRITON_STREAM", "cost")  # see test_split_rows_solve_as_one_program_does
     batch = make_points(1, N, M, 16, seed=41, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x.float(), batch.y.float(), batch.mask_x, batch.mask_y)
     alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
@@ -647,7 +718,7 @@ def test_persistent_split_matches_one_program_per_problem_on_cuda(N, M, tol, mon
     monkeypatch.setenv("OTFAST_TRITON_SPLIT", "persistent")
     splits = _spy_on_split(monkeypatch)
     _assert_same_solves(backend.solve_problems(x, y, alpha, beta, schedule, debias=True), want)
-    assert len(splits) == 1 and splits[0] > 1, splits
+    assert len(splits) == 1 and splits[0][0] > 1, splits
 
 
 CELLS = [("cosine", 0.05, False, 1.0), ("sqeuclidean", 0.0025, True, 1.0)]
@@ -661,8 +732,8 @@ def test_the_absorbed_cost_keeps_the_accuracy_matrix_bounds(cost, eps, debias, s
     """Streamed pairs (40 x 36 points, D = 16, ragged masks) at a fixed temperature, 15 updates from zero
     potentials, where most fast passes read the absorbed cost (recorded): the loss and its gradients in fp32
     stay within the accuracy matrix's bounds of the float64 torch backend (value 2e-6, gradient 1e-4,
-    relative to the largest entry). (The exact path, ``STREAM_DRIFT`` 0, is the split kernel's: the split
-    tests compare the two bit for bit.)"""
+    relative to the largest entry). (The exact path, source "cost", is the split kernel's: the split tests
+    compare the two bit for bit.)"""
     from otfast.kernels.triton import sinkhorn
 
     batch = make_points(2, 40, 36, 16, seed=43)
@@ -708,16 +779,46 @@ def test_split_count_fills_idle_sms_only_when_asked(monkeypatch):
         backend.split_count(1, 3, 2048, 2048, DEVICE)
 
 
-def test_problems_the_kernels_cannot_index_are_refused():
+def test_problems_a_packed_cost_cannot_index_are_refused_or_solved_from_the_points(monkeypatch):
     """One problem of 2^31 or more cost entries per pair (46341 x 46341: OT(x, y), or OT(x, x) of the
-    debiased loss beside a short y) is a clear error before any launch or allocation, not a wrong index."""
+    debiased loss beside a short y) in a packed cost is a clear error before any launch or allocation, not a
+    wrong index: asked for explicitly, or for a precomputed cost. By default (``stream_source`` "auto") the
+    streaming solvers form such a problem's tiles from the points instead, which index no [N, M] buffer."""
     from otfast.schedule import Schedule
 
     n = 46341
     x, y = torch.zeros(1, n, 1, device=DEVICE), torch.zeros(1, 10, 1, device=DEVICE)
     a, b = torch.zeros(1, n, dtype=torch.float64, device=DEVICE), torch.zeros(1, 10, dtype=torch.float64,
                                                                                 device=DEVICE)
+    assert backend.stream_source(1, [(n, 10), (n, n), (10, 10)], DEVICE) == "points"
     with pytest.raises(ValueError, match=r"46341 x 46341 problem .* >= 2\^31"):
-        backend.solve_problems(x, y, a, b, Schedule(eps=0.1), debias=True)
-    with pytest.raises(ValueError, match=r"2\^31"):
-        backend.solve_points(x, x, a, a, Schedule(eps=0.1))
+        backend.stream_source(1, [(n, n)], DEVICE, from_points=False)
+    for source in ("absorbed", "cost"):
+        monkeypatch.setenv("OTFAST_TRITON_STREAM", source)
+        with pytest.raises(ValueError, match=r"46341 x 46341 problem .* >= 2\^31"):
+            backend.solve_problems(x, y, a, b, Schedule(eps=0.1), debias=True)
+        with pytest.raises(ValueError, match=r"2\^31"):
+            backend.solve_points(x, x, a, a, Schedule(eps=0.1))
+
+
+def test_the_stream_source_fits_the_buffers_in_the_device_memory_share(monkeypatch):
+    """``stream_source``: "auto" takes the packed and absorbed cost (12 bytes per entry) while it fits in
+    ``STREAM_MEMORY_SHARE`` of the device's memory, then the packed cost alone (8), then the points (none);
+    an explicit ``OTFAST_TRITON_STREAM`` is obeyed; a precomputed cost reads "points" as "cost"; a bad value
+    is an error naming the variable."""
+    from otfast.kernels.triton.configs import STREAM_MEMORY_SHARE
+
+    shapes = [(100, 80), (100, 100), (80, 80)]  # 24,400 entries per pair: 2 pairs, 48,800
+    for memory, want in [(12 * 48_800 / STREAM_MEMORY_SHARE, "absorbed"),
+                         (12 * 48_800 / STREAM_MEMORY_SHARE - 1, "cost"),
+                         (8 * 48_800 / STREAM_MEMORY_SHARE, "cost"),
+                         (8 * 48_800 / STREAM_MEMORY_SHARE - 1, "points")]:
+        monkeypatch.setattr(backend, "_device_memory", lambda device, memory=memory: memory)
+        assert backend.stream_source(2, shapes, DEVICE) == want, memory
+        assert backend.stream_source(2, shapes, DEVICE, from_points=False) == want.replace("points", "cost")
+    for source in ("absorbed", "cost", "points"):
+        monkeypatch.setenv("OTFAST_TRITON_STREAM", source)
+        assert backend.stream_source(2, shapes, DEVICE) == source
+    monkeypatch.setenv("OTFAST_TRITON_STREAM", "buffer")
+    with pytest.raises(ValueError, match="OTFAST_TRITON_STREAM must be one of auto, absorbed, cost, points"):
+        backend.stream_source(2, shapes, DEVICE)

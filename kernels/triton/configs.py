@@ -14,6 +14,17 @@ STREAM_WARPS = 4
 # The streaming kernel's fast passes read the absorbed cost while every potential stays within this many binary
 # orders (at the pass's temperature) of the anchors it was formed on, else form it again (``_stream_softmin``).
 STREAM_DRIFT = 16.0
+# Where the streaming solvers read their cost from (OTFAST_TRITON_STREAM, ``triton_backend.stream_source``): the
+# packed cost and the absorbed cost its fast passes store (12 B N M bytes), the packed cost alone (8), or each tile
+# formed again from the points in every pass (no [B, N, M] buffer; 2 D float64 flops per entry and pass). "auto"
+# takes the first whose buffers fit in STREAM_MEMORY_SHARE of the device's memory, and "points" beyond that (or
+# where a pair's problem has 2^31 or more entries, which the packed cost cannot index).
+STREAM_SOURCES = ("absorbed", "cost", "points")
+STREAM_MEMORY_SHARE = 0.125
+# The persistent split kernel forming its tiles from the points spilled 52-60 bytes at 4 warps under triton 3.6
+# and 3.7; at 8 it does not (one program per SM either way: the split grid never exceeds the SM count). In phases
+# it keeps 4: at 8, triton 3.8 and 3.9 spilled 172-188 bytes there.
+SPLIT_POINTS_WARPS = 8
 # With OTFAST_TRITON_SPLIT on, a streamed pair and problem splits its rows among programs
 # (``_sinkhorn_split_kernel``) only where pairs x problems leave SMs idle, and into no more programs than
 # give the longer side this many rows each (``triton_backend.split_count``).
@@ -22,6 +33,8 @@ SPLIT_MODES = ("off", "persistent", "phases")  # OTFAST_TRITON_SPLIT (``triton_b
 CENTRE_BLOCK = (32, 64)  # BLOCK_R, BLOCK_D
 CENTRE_WARPS = 4
 COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
+# The streaming solvers form a tile from the points (STREAM_SOURCES "points") in the cost kernel's BLOCK_K steps.
+STREAM_BLOCK_K = COST_BLOCK[2]
 COST_WARPS = 4
 GRAD_BLOCK = (32, 32, 16, 32)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
 GRAD_WARPS = 8
@@ -52,6 +65,11 @@ class Config(NamedTuple):
     points: str | None = None
 
 
+def split_warps(persistent: bool, from_points: bool) -> int:
+    """num_warps of the split kernel (``SPLIT_POINTS_WARPS``)."""
+    return SPLIT_POINTS_WARPS if persistent and from_points else STREAM_WARPS
+
+
 def configs() -> list[Config]:
     """Every configuration a launcher can choose (all with ``NUM_STAGES`` and ``FP_FUSION``)."""
     out = []
@@ -62,12 +80,18 @@ def configs() -> list[Config]:
                               SYMMETRIC=symmetric, HAS_TOL=has_tol)
                 for points in POINT_DTYPES if from_points else (None,):
                     out.append(Config("_sinkhorn_resident_kernel", consts, RESIDENT_WARPS, points))
+    stream = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, BLOCK_K=STREAM_BLOCK_K)
     for has_tol in (False, True):
-        out.append(Config("_sinkhorn_streaming_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
-                                                             HAS_TOL=has_tol), STREAM_WARPS))
+        for source in STREAM_SOURCES:
+            from_points = source == "points"
+            consts = dict(stream, HAS_TOL=has_tol, ABSORB=source == "absorbed", FROM_POINTS=from_points)
+            for points in POINT_DTYPES if from_points else (None,):
+                out.append(Config("_sinkhorn_streaming_kernel", consts, STREAM_WARPS, points))
         for persistent in (False, True):
-            out.append(Config("_sinkhorn_split_kernel", dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
-                                                             HAS_TOL=has_tol, PERSISTENT=persistent), STREAM_WARPS))
+            for from_points in (False, True):
+                consts = dict(stream, HAS_TOL=has_tol, PERSISTENT=persistent, FROM_POINTS=from_points)
+                for points in POINT_DTYPES if from_points else (None,):
+                    out.append(Config("_sinkhorn_split_kernel", consts, split_warps(persistent, from_points), points))
     br, bd = CENTRE_BLOCK
     bn, bm, bk = COST_BLOCK
     for points in POINT_DTYPES:

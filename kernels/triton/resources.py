@@ -182,6 +182,20 @@ def _describe(kernel: str, constexprs: dict, points: str | None) -> str:
     return " ".join([kernel, *(f"{k}={v}" for k, v in constexprs.items())] + ([f"points={points}"] if points else []))
 
 
+def _counted(config) -> bool:
+    """Whether ``--sass`` counts a configuration: the solvers and the backward for fp32 points and no tol; the
+    resident kernel reading the points, the streaming kernel from each of its sources, the split kernel
+    persistent on the packed cost."""
+    consts = config.constexprs
+    if consts.get("HAS_TOL") or config.points not in (None, "fp32"):
+        return False
+    if config.kernel == "_sinkhorn_resident_kernel":
+        return consts["FROM_POINTS"]
+    if config.kernel == "_sinkhorn_split_kernel":
+        return consts["PERSISTENT"] and not consts["FROM_POINTS"]
+    return config.kernel in ("_sinkhorn_streaming_kernel", "_grad_kernel")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
@@ -197,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = configs()
     if args.sass:
-        print_sass([c for c in todo if c.kernel in ("_sinkhorn_resident_kernel", "_sinkhorn_streaming_kernel",
-                                                    "_sinkhorn_split_kernel", "_grad_kernel")
-                    and not c.constexprs.get("HAS_TOL") and c.constexprs.get("FROM_POINTS", True)
-                    and c.constexprs.get("PERSISTENT", True) and c.points in (None, "fp32")], args.common_path)
+        print_sass([c for c in todo if _counted(c)], args.common_path)
         return 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(check, todo))

@@ -47,13 +47,15 @@ Kernels and their memory traffic:
 - ``_centre_kernel``: each pair's mean of valid points (float64 [3, B, D]: one per problem), which the
   kernels that read points subtract as they load them (``_centred``; padding rows are never read), so
   that the norm expansion of the cost does not cancel. Reads x, y once.
-- ``_cost_kernel`` + ``_sinkhorn_streaming_kernel``: any length. The cost is written once as C_hi, C_lo
-  (8 N M bytes per pair; recomputing it from x, y every pass would cost 2 D flops per entry per pass),
-  then each pass streams it tile by tile (a fast pass accumulates per lane and reduces once per row block, a
-  precise one or a second sweep keeps an online log-sum-exp); the float64 potentials live in
+- ``_cost_kernel`` + ``_sinkhorn_streaming_kernel``: any length. The cost is written once as C_hi, C_lo (8 N M
+  bytes per pair), then each pass streams it tile by tile (a fast pass accumulates per lane and reduces once
+  per row block, a precise one or a second sweep keeps an online log-sum-exp); the float64 potentials live in
   [B, N] / [B, M] buffers (L2 resident). Fast passes read the absorbed cost C - a_i - b_j instead (fp32, 4 N M
   bytes more, formed by the pass before whose potentials drifted from the anchors a, b: two fp32 operations
-  per exponent instead of ten, and half the bytes; ``_stream_softmin``).
+  per exponent instead of ten, and half the bytes; ``_stream_softmin``). Where those buffers do not fit (the
+  launcher's choice), the streaming solvers (FROM_POINTS, the split kernel's too) form every tile of every
+  pass from x, y as ``_cost_kernel`` does (the same float64 arithmetic on smaller tiles): 2 D float64 flops
+  per entry and pass instead of 8 bytes read, and no [B, N, M] buffer (``_stream_tile``).
 - ``_grad_kernel``: out_i = u_i (x_i - sum_j S_ij y_j), S_ij = softmax_j(beta_j + (g_prev_j - C_ij) / eps):
   one pass per (pair, row block, side, feature group; one group, all of D, unless the grid would leave
   the GPU idle): each cost tile is recomputed from x, y once (DMMA over all of D), its S multiplies every
@@ -585,9 +587,10 @@ def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, FIRST, sxb, s
 
 
 @triton.jit
-def _stream_softmin(CH, CL, CK, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL, REF, LOGW_ROW, OUT, A_ROW, A_COL, WQ,
-                    eps, inv_rho, precise, eps_ref, anchored, drift, ABSORB: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+def _stream_softmin(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, n_rows, n_cols, LOGW_COL, POT_COL, REF,
+                    LOGW_ROW, OUT, A_ROW, A_COL, WQ, eps, inv_rho, precise, eps_ref, anchored, drift,
+                    ABSORB: tl.constexpr, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """OUT_i = T(q)_i = -d eps LSE_j(logw_j + (q_j - C_ij) / eps) for every row i, over column tiles: precise
     passes online in float64, fast ones relative to the ``_reference`` of REF, the rows' previous update at
     temperature eps_ref (as ``_softmin_fast``). OUT may be REF: each row reads its reference before it
@@ -621,12 +624,13 @@ def _stream_softmin(CH, CL, CK, s_row, s_col, n_rows, n_cols, LOGW_COL, POT_COL,
         in_r = offs_r < n_rows
         valid = _valid(LOGW_ROW, offs_r, in_r)
         if precise:
-            out = _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, eps, damping,
-                                      BLOCK_R, BLOCK_C)
+            out = _stream_lse_precise(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols,
+                                      LOGW_COL, POT_COL, eps, damping, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
         else:
             ref = _reference(tl.load(REF + offs_r, mask=in_r, other=0.0), eps_ref, inv_rho)
-            out = _stream_lse_fast(CH, CL, CK, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, A_ROW,
-                                   WQ, ref, eps, damping, absorbed, eps == eps_ref, ABSORB, BLOCK_R, BLOCK_C)
+            out = _stream_lse_fast(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols,
+                                   LOGW_COL, POT_COL, A_ROW, WQ, ref, eps, damping, absorbed, eps == eps_ref, ABSORB,
+                                   FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
         tl.store(OUT + offs_r, tl.where(valid, out, 0.0), mask=in_r)
 
 
@@ -672,8 +676,9 @@ def _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, store, 
 
 
 @triton.jit
-def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, eps, damping,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stream_lse_precise(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL,
+                        eps, damping, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     """-d eps LSE over the columns for one row block, online: exponents, max and sum in float64."""
     inv_eps = 1.0 / eps
     m_run = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float64)
@@ -681,11 +686,10 @@ def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, PO
     for c0 in range(0, n_cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         in_c = offs_c < n_cols
-        tile = in_r[:, None] & in_c[None, :]
-        h = tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf")) + tl.load(POT_COL + offs_c, mask=in_c,
-                                                                                other=0.0) * inv_eps
-        C_hi = tl.load(CH + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
-        C_lo = tl.load(CL + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
+        lw = tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf"))
+        h = lw + tl.load(POT_COL + offs_c, mask=in_c, other=0.0) * inv_eps
+        C_hi, C_lo = _stream_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, in_c,
+                                  lw > float("-inf"), FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
         z = h[None, :] - (C_hi.to(tl.float64) + C_lo.to(tl.float64)) * inv_eps
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
         m_safe = _finite(m_new)
@@ -696,8 +700,9 @@ def _stream_lse_precise(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, PO
 
 
 @triton.jit
-def _stream_lse_fast(CH, CL, CK, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, A_ROW, WQ, ref, eps,
-                     damping, absorbed, store, ABSORB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stream_lse_fast(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL,
+                     A_ROW, WQ, ref, eps, damping, absorbed, store, ABSORB: tl.constexpr, FROM_POINTS: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """d (p - eps ln2 LSE2) for one row block, p the fp32 rounding of the reference ``ref``: one sweep over the
     column tiles sums the exponentials of the exponents relative to p itself and takes their max m
     (``_stream_sum2``; with ABSORB and ``store`` it stores the absorbed cost and the rows' anchors as it goes,
@@ -718,32 +723,34 @@ def _stream_lse_fast(CH, CL, CK, s_row, s_col, offs_r, in_r, valid, n_cols, LOGW
             base = a + wp.to(tl.float64) * (eps * LN2)
         elif store:
             tl.store(A_ROW + offs_r, ph, mask=in_r)
-            m, s = _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, True,
-                                BLOCK_R, BLOCK_C)
+            m, s = _stream_sum2(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols,
+                                LOGW_COL, POT_COL, ph, k, True, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
         else:
-            m, s = _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, False,
-                                BLOCK_R, BLOCK_C)
+            m, s = _stream_sum2(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols,
+                                LOGW_COL, POT_COL, ph, k, False, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
     else:
-        m, s = _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, False, BLOCK_R,
-                            BLOCK_C)
+        m, s = _stream_sum2(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols, LOGW_COL,
+                            POT_COL, ph, k, False, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
     c = tl.zeros_like(m)
     if not _near(m, valid):
         ph, _ = _shifted(ph, m, eps)
-        c, s = _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R, BLOCK_C)
+        c, s = _stream_lse2(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols, LOGW_COL,
+                            POT_COL, ph, k, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
         base = ph.to(tl.float64)
     return damping * (base - (eps * LN2) * (c.to(tl.float64) + tl.log2(s)))
 
 
 @triton.jit
-def _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, BLOCK_R: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+def _stream_lse2(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, ph, k,
+                 FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """``(c, s)``: LSE2 over the column tiles of the fast exponents relative to ph = c + log2(s), online (c the
     running max, 0 for a row with every entry masked; s float64)."""
     c = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for c0 in range(0, n_cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        z = _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
+        z = _stream_exponents(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols,
+                              LOGW_COL, POT_COL, ph, k, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
         c_new = tl.maximum(c, tl.max(z, axis=1))
         s = s * tl.exp2(c - _finite(c_new)).to(tl.float64) + tl.sum(tl.exp2(z - _finite(c_new)[:, None]),
                                                                        axis=1).to(tl.float64)
@@ -752,8 +759,9 @@ def _stream_lse2(CH, CL, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, 
 
 
 @triton.jit
-def _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_COL, ph, k, STORE: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _stream_sum2(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL, ph,
+                 k, STORE: tl.constexpr, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     """``(m, s)``: the max over the column tiles of the fast exponents relative to ph, and the sum of their
     exponentials as they are (no offset: what counts for a row whose |m| is below ``NEAR``, where s lies
     between 2^-NEAR and columns x 2^NEAR). Each lane keeps its own max and fp32 sum across the tiles (at N =
@@ -764,7 +772,8 @@ def _stream_sum2(CH, CL, CK, s_row, s_col, offs_r, in_r, n_cols, LOGW_COL, POT_C
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        u, w2 = _stream_differences(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
+        u, w2 = _stream_differences(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols,
+                                    LOGW_COL, POT_COL, ph, k, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
         if STORE:
             tl.store(CK + offs_r[:, None] * s_row + offs_c[None, :] * s_col, u,
                      mask=in_r[:, None] & (offs_c < n_cols)[None, :])
@@ -794,49 +803,88 @@ def _stream_sum2_absorbed(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, wp, k, BLO
 
 
 @triton.jit
-def _stream_exponents(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k):
+def _stream_exponents(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols, LOGW_COL,
+                      POT_COL, ph, k, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     """The fast exponents (``_fast_exponents``) of one [rows, columns] tile of the streamed cost."""
-    u, w2 = _stream_differences(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k)
+    u, w2 = _stream_differences(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols,
+                                LOGW_COL, POT_COL, ph, k, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
     return w2[None, :] - u * k
 
 
 @triton.jit
-def _stream_differences(CH, CL, s_row, s_col, offs_r, in_r, offs_c, n_cols, LOGW_COL, POT_COL, ph, k):
-    """``(u, w2)`` of one [rows, columns] tile of the streamed cost: u = C - ph - qh (``_differences``) and the
-    columns' weights w2 (``_fast_exponents``)."""
+def _stream_differences(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols, LOGW_COL,
+                        POT_COL, ph, k, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """``(u, w2)`` of one [rows, columns] tile of the streamed cost (``_stream_tile``): u = C - ph - qh
+    (``_differences``) and the columns' weights w2 (``_fast_exponents``)."""
     in_c = offs_c < n_cols
-    tile = in_r[:, None] & in_c[None, :]
     qh, ql = _split(tl.load(POT_COL + offs_c, mask=in_c, other=0.0))
-    w2 = (tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf")) * LOG2E).to(tl.float32) + ql * k
-    C_hi = tl.load(CH + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
-    C_lo = tl.load(CL + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
+    lw = tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf"))
+    w2 = (lw * LOG2E).to(tl.float32) + ql * k
+    C_hi, C_lo = _stream_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, in_c,
+                              lw > float("-inf"), FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
     return _differences(C_hi, C_lo, ph, qh, 1), w2
 
 
 @triton.jit
-def _stream_update(CH, CL, CK, N, M, ALPHA, BETA, F, G, FT, GT, AR, AC, WQ, r0, r1, c0, c1, eps, precise, inv_rho,
-                   symmetric, first, eps_prev, anchored, drift, ABSORB: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_M: tl.constexpr):
+def _stream_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, ok_r, offs_c, in_c, ok_c,
+                 FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(C_hi, C_lo)`` of one [rows, columns] tile of a streamed problem: loaded from its packed cost (CH, CL at
+    strides s_row, s_col), or, FROM_POINTS, formed from the prepared points as ``_cost_kernel`` forms it (DMMA
+    over the D features, in BLOCK_K steps): CH holds the rows' points (row stride s_row, feature stride s_rd),
+    CL the columns' (s_col, s_cd), MU their centre (stride smd); only the valid rows ok_r and columns ok_c
+    are read."""
+    if FROM_POINTS:
+        C_hi, C_lo = _cost_tile_dot(CH, CL, MU, offs_r, offs_c, ok_r, ok_c, D, s_row, s_rd, s_col, s_cd, smd, BLOCK_R,
+                                    BLOCK_C, BLOCK_K)
+    else:
+        tile = in_r[:, None] & in_c[None, :]
+        C_hi = tl.load(CH + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
+        C_lo = tl.load(CL + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
+    return C_hi, C_lo
+
+
+@triton.jit
+def _stream_update(CH, CL, CK, s_r, s_c, s_rd, s_cd, MU, smd, D, N, M, ALPHA, BETA, F, G, FT, GT, AR, AC, WQ, r0, r1,
+                   c0, c1, eps, precise, inv_rho, symmetric, first, eps_prev, anchored, drift, ABSORB: tl.constexpr,
+                   FROM_POINTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """FT = T(G) on the rows r0..r1, GT = T~(F) on the columns c0..c1 (not for a symmetric problem, whose GT
-    aliases FT) at temperature eps, streaming the contiguous [N, M] cost (the streaming kernel: every row
-    and column; the split kernel: a program's share). The fast passes' references are FT, GT, the previous
-    update (at temperature eps_prev), except at the ``first`` (F, G then: FT, GT hold nothing yet).
+    aliases FT) at temperature eps, streaming the [N, M] cost (the streaming kernel: every row and column;
+    the split kernel: a program's share) as ``_stream_source`` gives it: the packed cost CH, CL (contiguous:
+    s_r = M, s_c = 1), or FROM_POINTS the tiles formed from the rows' points CH and the columns' CL
+    (``_stream_tile``). The fast passes' references are FT, GT, the previous update (at temperature
+    eps_prev), except at the ``first`` (F, G then: FT, GT hold nothing yet).
 
     ABSORB: the fast passes read or store the absorbed cost CK (``_stream_softmin``), anchored on AR (the
     rows) and AC (the columns); WQ is a pass's scratch. ``anchored``: whether a fast pass stored them before
     (one at the previous step's temperature)."""
     RF, RG = tl.where(first, F, FT), tl.where(first, G, GT)
-    _stream_softmin(CH + r0 * M, CL + r0 * M, CK + r0 * M, M, 1, r1 - r0, M, BETA, G, RF + r0, ALPHA + r0, FT + r0,
-                    AR + r0, AC, WQ, eps, inv_rho, precise, eps_prev, anchored, drift, ABSORB, BLOCK_N, BLOCK_M)
+    if FROM_POINTS:  # the column pass's rows are the columns' points
+        row_lo, col_hi, col_lo = CL, CL + c0 * s_c, CH
+    else:  # the column pass reads the cost transposed
+        row_lo, col_hi, col_lo = CL + r0 * s_r, CH + c0 * s_c, CL + c0 * s_c
+    _stream_softmin(CH + r0 * s_r, row_lo, CK + r0 * M, s_r, s_c, s_rd, s_cd, MU, smd, D, r1 - r0, M, BETA, G, RF + r0,
+                    ALPHA + r0, FT + r0, AR + r0, AC, WQ, eps, inv_rho, precise, eps_prev, anchored, drift, ABSORB,
+                    FROM_POINTS, BLOCK_N, BLOCK_M, BLOCK_K)
     if not symmetric:
         if ABSORB:  # the column pass reads the anchors and CK the row pass may have stored, and reuses WQ
             tl.debug_barrier()
-        _stream_softmin(CH + c0, CL + c0, CK + c0, 1, M, c1 - c0, N, ALPHA, F, RG + c0, BETA + c0, GT + c0, AC + c0,
-                        AR, WQ, eps, inv_rho, precise, eps_prev, anchored | (~precise & (eps == eps_prev)), drift,
-                        ABSORB, BLOCK_M, BLOCK_N)
+        _stream_softmin(col_hi, col_lo, CK + c0, s_c, s_r, s_cd, s_rd, MU, smd, D, c1 - c0, N, ALPHA, F, RG + c0,
+                        BETA + c0, GT + c0, AC + c0, AR, WQ, eps, inv_rho, precise, eps_prev,
+                        _stored(anchored, precise, eps, eps_prev), drift, ABSORB, FROM_POINTS, BLOCK_M, BLOCK_N,
+                        BLOCK_K)
     # The program's warps wrote FT / GT through global memory, and the next step reads them across rows
     # other warps wrote: a block-wide barrier orders the two (global stores are visible to the block after it).
     tl.debug_barrier()
+
+
+@triton.jit
+def _stored(anchored, precise, eps, eps_prev):
+    """Whether the absorbed cost and its anchors hold after a pass at temperature eps (the previous step's:
+    eps_prev) that found them as ``anchored`` says: a fast pass at the previous step's temperature stores
+    them where they did not hold (``_stream_softmin``)."""
+    return anchored | (~precise & (eps == eps_prev))
 
 
 @triton.jit
@@ -880,17 +928,33 @@ def _stream_step(F, FT, G, GT, N, M, w_old, symmetric, BLOCK_N: tl.constexpr, BL
 
 
 @triton.jit
-def _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, pid, p, N, M, FIRST):
-    """``(n, m, symmetric, CH, CL, A, Bw, Fp, FTp, Gp, GTp)``: pair pid's problem p as the streaming solvers
-    read it: its lengths, its packed cost (``_cost_base``), its log-weights of the rows and the columns, its
-    current potentials Fp, Gp and the updates' FTp, GTp (a symmetric problem's G aliases its F)."""
+def _streamed(ALPHA, BETA, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, pid, p, N, M):
+    """``(n, m, symmetric, A, Bw, Fp, FTp, Gp, GTp)``: pair pid's problem p as the streaming solvers read it:
+    its lengths, its log-weights of the rows and the columns, its current potentials Fp, Gp and the updates'
+    FTp, GTp (a symmetric problem's G aliases its F)."""
     rows_y, cols_y, n, m = _problem(p, N, M)
     symmetric = p > 0
-    base = _cost_offset(p, FIRST, N, M, pid)
     A, Bw = _weights(rows_y, ALPHA, BETA, pid, N, M), _weights(cols_y, ALPHA, BETA, pid, N, M)
     Fp, FTp = _pick(p, FP0, FP1, FP2) + pid * n, _pick(p, F0, F1, F2) + pid * n
     Gp, GTp = tl.where(symmetric, Fp, G_PREV + pid * m), tl.where(symmetric, FTp, G + pid * m)
-    return n, m, symmetric, COST_HI + base, COST_LO + base, A, Bw, Fp, FTp, Gp, GTp
+    return n, m, symmetric, A, Bw, Fp, FTp, Gp, GTp
+
+
+@triton.jit
+def _stream_source(X, Y, MU, COST_HI, COST_LO, pid, p, N, M, FIRST, sxb, sxn, sxd, syb, sym, syd, smp, smb,
+                   FROM_POINTS: tl.constexpr):
+    """``(CH, CL, s_r, s_c, s_rd, s_cd, MUp)``: where pair pid's problem p streams its cost from
+    (``_stream_update``): its packed cost (``_cost_base``; s_r = columns, s_c = 1), or FROM_POINTS its rows' and
+    columns' points (row strides s_r, s_c, feature strides s_rd, s_cd) and their centre MUp (``_centred``)."""
+    rows_y, cols_y, n, m = _problem(p, N, M)
+    MUp = MU + p * smp + pid * smb
+    if FROM_POINTS:
+        CH, s_r, s_rd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
+        CL, s_c, s_cd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
+    else:
+        base = _cost_offset(p, FIRST, N, M, pid)
+        CH, CL, s_r, s_c, s_rd, s_cd = COST_HI + base, COST_LO + base, m, 1, 0, 0
+    return CH, CL, s_r, s_c, s_rd, s_cd, MUp
 
 
 @triton.jit
@@ -902,21 +966,28 @@ def _cost_offset(p, FIRST, N, M, pid):
 
 @triton.jit
 def _sinkhorn_streaming_kernel(
-        COST_HI, COST_LO, COST_ABS, ANCHORS, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR,
-        N, M, FIRST, n_iters, tol, drift, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_TOL: tl.constexpr):
+        X, Y, MU, COST_HI, COST_LO, COST_ABS, ANCHORS, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS,
+        ERR, N, M, D, FIRST, sxb, sxn, sxd, syb, sym, syd, smp, smb, smd, n_iters, tol, drift, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_TOL: tl.constexpr, ABSORB: tl.constexpr,
+        FROM_POINTS: tl.constexpr):
     """One pair and problem per program (grid and outputs as the resident kernel's), any length: the cost
-    (packed as ``_cost_kernel`` writes it) streams tile by tile, the potentials live in global memory.
+    streams tile by tile, the potentials live in global memory.
 
-    FP_p, G_PREV hold the current potentials (zero on entry) and end as f_prev, g_prev; F_p, G are the
-    updates' scratch and end as the final f, g. SCHED as in the resident kernel. COST_ABS (fp32, packed as
-    the cost) holds the absorbed cost the fast passes read while their potentials stay within ``drift``
-    binary orders of its anchors (``_stream_softmin``); ANCHORS (fp32 [problems, B, 3, max(N, M)]) the
-    anchors of the rows and of the columns and a pass's column weights. Both are scratch: the first fast
-    pass's drift check reads anchors nothing wrote yet, and discards its answer (``anchored`` is False)."""
+    The cost: packed as ``_cost_kernel`` writes it (COST_HI, COST_LO), or, FROM_POINTS, formed again from the
+    points X, Y (centres MU, as the resident kernel reads them) for every tile of every pass, with no
+    [B, N, M] buffer at all (``_stream_tile``). FP_p, G_PREV hold the current potentials (zero on entry) and
+    end as f_prev, g_prev; F_p, G are the updates' scratch and end as the final f, g. SCHED as in the
+    resident kernel. ABSORB (packed only): COST_ABS (fp32, packed as the cost) holds the absorbed cost the
+    fast passes read while their potentials stay within ``drift`` binary orders of its anchors
+    (``_stream_softmin``); ANCHORS (fp32 [problems, B, 3, max(N, M)]) the anchors of the rows and of the
+    columns and a pass's column weights. Both are scratch: the first fast pass's drift check reads anchors
+    nothing wrote yet, and discards its answer (``anchored`` is False)."""
     pid = tl.program_id(0).to(tl.int64)
     p = FIRST + tl.program_id(1)
-    n, m, symmetric, CH, CL, A, Bw, Fp, FTp, Gp, GTp = _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1,
-                                                                 FP2, G, G_PREV, pid, p, N, M, FIRST)
+    n, m, symmetric, A, Bw, Fp, FTp, Gp, GTp = _streamed(ALPHA, BETA, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, pid, p, N,
+                                                         M)
+    CH, CL, s_r, s_c, s_rd, s_cd, MUp = _stream_source(X, Y, MU, COST_HI, COST_LO, pid, p, N, M, FIRST, sxb, sxn, sxd,
+                                                       syb, sym, syd, smp, smb, FROM_POINTS)
     CK = COST_ABS + _cost_offset(p, FIRST, N, M, pid)
     length = tl.maximum(N, M)
     AR = ANCHORS + (tl.program_id(1) * tl.num_programs(0) + pid) * 3 * length
@@ -929,9 +1000,10 @@ def _sinkhorn_streaming_kernel(
     anchored = n_iters < 0
     while go:  # the schedule, one step per trip (``_schedule_step``)
         e, precise, annealing, w_old, e_prev = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
-        _stream_update(CH, CL, CK, n, m, A, Bw, Fp, Gp, FTp, GTp, AR, AR + length, AR + 2 * length, 0, n, 0, m, e,
-                       precise, inv_rho, symmetric, t == 0, e_prev, anchored, drift, True, BLOCK_N, BLOCK_M)
-        anchored = anchored | (~precise & (e == e_prev))
+        _stream_update(CH, CL, CK, s_r, s_c, s_rd, s_cd, MUp, smd, D, n, m, A, Bw, Fp, Gp, FTp, GTp, AR, AR + length,
+                       AR + 2 * length, 0, n, 0, m, e, precise, inv_rho, symmetric, t == 0, e_prev, anchored, drift,
+                       ABSORB, FROM_POINTS, BLOCK_N, BLOCK_M, BLOCK_K)
+        anchored = _stored(anchored, precise, e, e_prev)
         active = annealing | (it < n_iters)
         if HAS_TOL:
             active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M) > tol))
@@ -956,12 +1028,14 @@ def _chunk(length, parts, part, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, PART, e, precise, inv_rho, eps, symmetric,
-                  first, e_prev, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _split_update(CH, CL, s_r, s_c, s_rd, s_cd, MU, smd, D, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, PART, e,
+                  precise, inv_rho, eps, symmetric, first, e_prev, FROM_POINTS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program's share of a step: ``_stream_update`` on its rows r0..r1 and columns c0..c1, and PART =
     their residual terms' sum (``_stream_error`` restricted to those rows and columns)."""
-    _stream_update(CH, CL, CH, n, m, A, Bw, Fp, Gp, FTp, GTp, CH, CH, CH, r0, r1, c0, c1, e, precise, inv_rho,
-                   symmetric, first, e_prev, False, 0.0, False, BLOCK_N, BLOCK_M)
+    _stream_update(CH, CL, CH, s_r, s_c, s_rd, s_cd, MU, smd, D, n, m, A, Bw, Fp, Gp, FTp, GTp, CH, CH, CH, r0, r1, c0,
+                   c1, e, precise, inv_rho, symmetric, first, e_prev, False, 0.0, False, FROM_POINTS, BLOCK_N, BLOCK_M,
+                   BLOCK_K)
     tl.store(PART, _stream_error(Fp + r0, FTp + r0, Gp + c0, GTp + c0, A + r0, Bw + c0, r1 - r0, c1 - c0, eps,
                                  BLOCK_N, BLOCK_M))
 
@@ -1003,13 +1077,15 @@ def _grid_sync(SYNC, n_split, k):
 
 @triton.jit
 def _sinkhorn_split_kernel(
-        COST_HI, COST_LO, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR, PARTS, SYNC,
-        N, M, FIRST, n_iters, tol, n_split, phase, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-        HAS_TOL: tl.constexpr, PERSISTENT: tl.constexpr):
-    """The streaming solver (same buffers, packed cost and outputs) with each pair and problem's rows and
-    columns split among n_split programs: grid (B, problems, n_split). Program r updates the rows and
-    columns of its ``_chunk`` in each step; the step's residual is the sum of the programs' PARTS (float64
-    [problems, B, 2, n_split], by step parity), and each program decides alike whether to keep it.
+        X, Y, MU, COST_HI, COST_LO, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR, PARTS,
+        SYNC, N, M, D, FIRST, sxb, sxn, sxd, syb, sym, syd, smp, smb, smd, n_iters, tol, n_split, phase,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_TOL: tl.constexpr,
+        PERSISTENT: tl.constexpr, FROM_POINTS: tl.constexpr):
+    """The streaming solver (same buffers, cost from the packed tiles or from the points, and outputs; no
+    absorbed cost) with each pair and problem's rows and columns split among n_split programs: grid (B,
+    problems, n_split). Program r updates the rows and columns of its ``_chunk`` in each step; the step's
+    residual is the sum of the programs' PARTS (float64 [problems, B, 2, n_split], by step parity), and each
+    program decides alike whether to keep it.
 
     PERSISTENT: the whole schedule in one launch, two ``_grid_sync`` per step (SYNC: int32 [problems, B]
     counters, zero on entry), for grids that fit on the GPU at once. Otherwise the launch runs phase
@@ -1020,8 +1096,10 @@ def _sinkhorn_split_kernel(
     q = tl.program_id(1)
     p = FIRST + q
     r = tl.program_id(2)
-    n, m, symmetric, CH, CL, A, Bw, Fp, FTp, Gp, GTp = _streamed(COST_HI, COST_LO, ALPHA, BETA, F0, F1, F2, FP0, FP1,
-                                                                 FP2, G, G_PREV, pid, p, N, M, FIRST)
+    n, m, symmetric, A, Bw, Fp, FTp, Gp, GTp = _streamed(ALPHA, BETA, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, pid, p, N,
+                                                         M)
+    CH, CL, s_r, s_c, s_rd, s_cd, MUp = _stream_source(X, Y, MU, COST_HI, COST_LO, pid, p, N, M, FIRST, sxb, sxn, sxd,
+                                                       syb, sym, syd, smp, smb, FROM_POINTS)
     r0, r1 = _chunk(n, n_split, r, BLOCK_N)
     c0, c1 = _chunk(m, n_split, r, BLOCK_M)
     # a symmetric problem's columns are its rows: its residual's column part must read this program's rows
@@ -1041,8 +1119,9 @@ def _sinkhorn_split_kernel(
         while go:
             e, precise, annealing, w_old, e_prev = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
             slot = PARTS + (t % 2) * n_split
-            _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot + r, e, precise, inv_rho, eps,
-                          symmetric, t == 0, e_prev, BLOCK_N, BLOCK_M)
+            _split_update(CH, CL, s_r, s_c, s_rd, s_cd, MUp, smd, D, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1,
+                          slot + r, e, precise, inv_rho, eps, symmetric, t == 0, e_prev, FROM_POINTS, BLOCK_N, BLOCK_M,
+                          BLOCK_K)
             _grid_sync(SYNC, n_split, k + 1)
             active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
                                           n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
@@ -1059,8 +1138,9 @@ def _sinkhorn_split_kernel(
             e, precise, annealing, w_old, e_prev = _schedule_step(SCHED, t, n_anneal, eps_init, eps, threshold)
             slot = PARTS + (t % 2) * n_split
             if phase % 2 == 0:
-                _split_update(CH, CL, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot + r, e, precise, inv_rho,
-                              eps, symmetric, t == 0, e_prev, BLOCK_N, BLOCK_M)
+                _split_update(CH, CL, s_r, s_c, s_rd, s_cd, MUp, smd, D, n, m, A, Bw, Fp, Gp, FTp, GTp, r0, r1, c0,
+                              c1, slot + r, e, precise, inv_rho, eps, symmetric, t == 0, e_prev, FROM_POINTS, BLOCK_N,
+                              BLOCK_M, BLOCK_K)
             else:
                 active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
                                               n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
