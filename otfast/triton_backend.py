@@ -39,11 +39,11 @@ try:
     import triton
 
     from .kernels.triton import sinkhorn as K
-    from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COST_BLOCK, COST_WARPS, FP_FUSION, GRAD_BLOCK,
-                                         GRAD_PROGRAMS_PER_SM, GRAD_WARPS, NUM_STAGES, PRECISIONS, RESIDENT_MAX,
+    from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COMPILE_OPTIONS, COST_BLOCK, COST_WARPS,
+                                         GRAD_BLOCK, GRAD_PROGRAMS_PER_SM, GRAD_WARPS, PRECISIONS, RESIDENT_MAX,
                                          RESIDENT_WARPS, SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_BLOCK_K,
-                                         STREAM_DRIFT, STREAM_MEMORY_SHARE, STREAM_SOURCES, STREAM_WARPS,
-                                         split_warps)
+                                         STREAM_DRIFT, STREAM_MAXNREG, STREAM_MEMORY_SHARE, STREAM_SOURCES,
+                                         STREAM_WARPS, split_warps)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -232,7 +232,7 @@ def _centre(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.T
     br, bd = CENTRE_BLOCK
     K._centre_kernel[(b, triton.cdiv(dim, bd))](
         x, y, alpha, beta, mu, n, m, dim, *x.stride(), *y.stride(), BLOCK_R=br, BLOCK_D=bd, num_warps=CENTRE_WARPS,
-        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        **COMPILE_OPTIONS)
     return mu
 
 
@@ -249,7 +249,7 @@ def _resident(points, cost, alpha, beta, schedule, first, count, n, m, dim):
         X, Y, MU, COST, alpha, beta, _schedule(schedule, alpha.device), *outs.args(), n, m, dim, first, *strides,
         *_loop_args(schedule), BLOCK_N=RESIDENT_MAX, BLOCK_M=RESIDENT_MAX, FROM_POINTS=from_points,
         SYMMETRIC=None if from_points else first == XX, HAS_TOL=schedule.tol is not None, num_warps=RESIDENT_WARPS,
-        num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        **COMPILE_OPTIONS)
     return outs.potentials()
 
 
@@ -303,7 +303,7 @@ def _streaming(stream, alpha, beta, schedule, first, count, n, m):
         *stream.tensors, absorbed, anchors, alpha, beta, _schedule(schedule, device), *outs.args(), n, m, stream.dim,
         first, *stream.strides, *_loop_args(schedule), STREAM_DRIFT, BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK,
         BLOCK_K=STREAM_BLOCK_K, HAS_TOL=schedule.tol is not None, ABSORB=stream.absorb,
-        FROM_POINTS=stream.from_points, num_warps=STREAM_WARPS, num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+        FROM_POINTS=stream.from_points, num_warps=STREAM_WARPS, maxnreg=STREAM_MAXNREG, **COMPILE_OPTIONS)
     return outs.potentials()
 
 
@@ -344,7 +344,7 @@ def _split(stream, alpha, beta, schedule, first, count, n, m, n_split, persisten
             *_loop_args(schedule), n_split)
     kw = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, BLOCK_K=STREAM_BLOCK_K, HAS_TOL=schedule.tol is not None,
               PERSISTENT=persistent, FROM_POINTS=stream.from_points,
-              num_warps=split_warps(persistent, stream.from_points), num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION,
+              num_warps=split_warps(persistent, stream.from_points), **COMPILE_OPTIONS,
               launch_cooperative_grid=persistent)
     launch = K._sinkhorn_split_kernel[(b, count, n_split)]
     if persistent:
@@ -374,8 +374,7 @@ def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor, first:
     tiles_n = triton.cdiv(max(r for r, _ in shapes), bn)
     K._cost_kernel[(b, count * tiles_n, triton.cdiv(max(c for _, c in shapes), bm))](
         x, y, points.mu, alpha, beta, hi, lo, n, m, dim, first, *x.stride(), *y.stride(), *points.mu_strides,
-        tiles_n, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS, num_stages=NUM_STAGES,
-        enable_fp_fusion=FP_FUSION)
+        tiles_n, BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, num_warps=COST_WARPS, **COMPILE_OPTIONS)
     return hi, lo
 
 
@@ -451,8 +450,7 @@ def _grad(points, pots, alpha, beta, weights, eps):
         x, y, points.mu, *(_f64(t) for t in (xy.f, xy.g, xy.f_prev, xy.g_prev, xx.f, xx.f_prev, yy.f, yy.f_prev)),
         alpha, beta, _constants((eps,), x.device), *u, outs[0], outs[-1], n, m, dim,
         2 if sym else 1, groups, per_group, *x.stride(), *y.stride(), *points.mu_strides, BLOCK_N=bn, BLOCK_M=bm,
-        BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS, num_stages=NUM_STAGES,
-        enable_fp_fusion=FP_FUSION)
+        BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=precision(), num_warps=GRAD_WARPS, **COMPILE_OPTIONS)
     return outs
 
 

@@ -48,6 +48,12 @@ NUM_STAGES = 1
 # change): the kernels' error-free subtractions (TwoSum) contain no products to fuse, and the exponent
 # -u k + w is better rounded once.
 FP_FUSION = True
+# What every kernel compiles with: the launchers pass these, and the sm_90 resource check compiles with them.
+COMPILE_OPTIONS = dict(num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
+# The streaming kernel's register limit (ptxas's .maxnreg): the hardware's. Left to itself, ptxas (triton 3.8's)
+# held the kernel forming its tiles from the points, with tol, to 168 registers (three programs per SM) and spilled
+# 32-136 bytes. Not for the other kernels: with it, the persistent split kernel spilled 44-72 bytes.
+STREAM_MAXNREG = 255
 
 
 # The dtypes of the points X, Y the kernels that read points are compiled for: the loss passes fp32 (or
@@ -56,13 +62,14 @@ POINT_DTYPES = ("fp32", "fp64")
 
 
 class Config(NamedTuple):
-    """One compiled configuration: kernel name, constexprs, num_warps, and the dtype of the points X, Y
-    (None for a kernel that reads no points)."""
+    """One compiled configuration: kernel name, constexprs, num_warps, the dtype of the points X, Y (None for a
+    kernel that reads no points) and the register limit (None: ptxas's choice)."""
 
     kernel: str
     constexprs: dict
     warps: int
     points: str | None = None
+    maxnreg: int | None = None
 
 
 def split_warps(persistent: bool, from_points: bool) -> int:
@@ -71,7 +78,7 @@ def split_warps(persistent: bool, from_points: bool) -> int:
 
 
 def configs() -> list[Config]:
-    """Every configuration a launcher can choose (all with ``NUM_STAGES`` and ``FP_FUSION``)."""
+    """Every configuration a launcher can choose (all with ``COMPILE_OPTIONS``)."""
     out = []
     for from_points in (True, False):
         for symmetric in (None,) if from_points else (False, True):
@@ -86,7 +93,7 @@ def configs() -> list[Config]:
             from_points = source == "points"
             consts = dict(stream, HAS_TOL=has_tol, ABSORB=source == "absorbed", FROM_POINTS=from_points)
             for points in POINT_DTYPES if from_points else (None,):
-                out.append(Config("_sinkhorn_streaming_kernel", consts, STREAM_WARPS, points))
+                out.append(Config("_sinkhorn_streaming_kernel", consts, STREAM_WARPS, points, STREAM_MAXNREG))
         for persistent in (False, True):
             for from_points in (False, True):
                 consts = dict(stream, HAS_TOL=has_tol, PERSISTENT=persistent, FROM_POINTS=from_points)

@@ -2,7 +2,8 @@
 
 Each configuration from ``otfast.kernels.triton.configs.configs()`` is compiled ahead of time for
 ``GPUTarget("cuda", 90, 32)``; ``cuobjdump --dump-resource-usage`` (shipped with triton) reads registers,
-shared memory and stack frame from the cubin, and ``ptxas -v`` on the PTX reads the spill stores and loads.
+shared memory and stack frame from the cubin, and the log of triton's own ``ptxas -v`` (with triton's
+flags; ``TRITON_DUMP_PTXAS_LOG``, compiled afresh: ``TRITON_ALWAYS_COMPILE``) the spill stores and loads.
 Prints one table row per configuration and exits 1 if any configuration spills.
 
 ``--sass`` prints instead, for the solvers' and the backward's configurations (fp32 points, no tol), the
@@ -21,7 +22,9 @@ branch that sweeps again (``if not _near(...)``, taken only far from the referen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import os
 import re
 import subprocess
@@ -66,37 +69,52 @@ def _compile(config, kernels=None):
     from triton.backends.compiler import GPUTarget
 
     from otfast.kernels.triton import sinkhorn
-    from otfast.kernels.triton.configs import FP_FUSION, NUM_STAGES
+    from otfast.kernels.triton.configs import COMPILE_OPTIONS
 
     K = kernels or sinkhorn
     fn = getattr(K, config.kernel)
     sig = _signature(fn, config.constexprs, K.FLOAT64_POINTERS, config.points)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=config.constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={
-        "num_warps": config.warps, "num_stages": NUM_STAGES, "enable_fp_fusion": FP_FUSION})
+    options = dict(COMPILE_OPTIONS, num_warps=config.warps)
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def check(config) -> dict:
     """Compile one configuration (``configs.Config``) for sm_90 and read its resource usage."""
-    compiled = _compile(config)
+    log = io.StringIO()
+    with _environ(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"), contextlib.redirect_stdout(log):
+        compiled = _compile(config)
     with tempfile.TemporaryDirectory() as tmp:
-        cubin, ptx = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
+        cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as fh:
             fh.write(compiled.asm["cubin"])
-        with open(ptx, "w") as fh:
-            fh.write(compiled.asm["ptx"])
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True,
                                text=True, check=True).stdout
-        ptxas = subprocess.run([_tool("ptxas-blackwell"), "-v", "-arch=sm_90a", ptx, "-o",
-                                os.path.join(tmp, "o.cubin")], capture_output=True, text=True, check=True)
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas.stdout + ptxas.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     if not fields or not spills:
-        raise RuntimeError(f"could not read the resource usage of {config.kernel}:\n{usage}\n{ptxas.stderr}")
+        raise RuntimeError(f"could not read the resource usage of {config.kernel}:\n{usage}\n{log.getvalue()}")
     return dict(kernel=config.kernel, constexprs=config.constexprs, warps=config.warps, points=config.points,
                 regs=int(fields["REG"]),
                 shared=int(fields["SHARED"]), stack=int(fields["STACK"]), spill_stores=int(spills.group(1)),
                 spill_loads=int(spills.group(2)))
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """Environment variables set for the block (triton reads its knobs from them as it compiles)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 # SASS opcodes counted by ``--sass``, in groups.

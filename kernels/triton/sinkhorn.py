@@ -1013,9 +1013,10 @@ def _sinkhorn_streaming_kernel(
         t += 1
         go = active
 
+    err = _stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M)
     out = tl.program_id(1) * tl.num_programs(0) + pid
+    tl.store(ERR + out, err)
     tl.store(ITERS + out, n_anneal + it)
-    tl.store(ERR + out, _stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M))
 
 
 @triton.jit
