@@ -26,7 +26,8 @@ Providers (``providers()``), each named ``name[backend]``:
 - ``geomloss[tensorized]`` / ``geomloss[online]`` (the latter needs pykeops): ``SamplesLoss`` for the
   paper setting; for the fixed setting, whose iteration count ``SamplesLoss`` cannot express, GeomLoss's
   own ``sinkhorn_loop`` on a constant temperature list.
-- ``flash-sinkhorn[triton]``: ``flash_sinkhorn.SamplesLoss`` (CUDA tensors only).
+- ``flash-sinkhorn[triton]``: ``flash_sinkhorn.SamplesLoss`` (CUDA tensors only), its default block
+  configuration (``autotune=False``: autotuning tries every configuration at each new shape).
 - ``torch-unrolled[autograd]``: the batched log-domain loop a user writes by hand (GeomLoss's symmetric
   update, Feydy 2020 Alg. 3.5), autograd through every iteration.
 
@@ -347,7 +348,8 @@ def _flash_sinkhorn(x, y, setting):
     from flash_sinkhorn import SamplesLoss as FlashSamplesLoss
 
     xs, ys = setting.points(x, y)
-    common = dict(p=2, blur=math.sqrt(setting.eps), debias=setting.debias, half_cost=True)
+    # autotune off: its first call would try every block configuration at every shape, minutes of a GPU lease
+    common = dict(p=2, blur=math.sqrt(setting.eps), debias=setting.debias, half_cost=True, autotune=False)
     if setting.scaling is None:
         loss = FlashSamplesLoss("sinkhorn", use_epsilon_scaling=False, eps=setting.eps, n_iters=setting.n_iters,
                                 **common)

@@ -377,8 +377,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds per provider and point (default 5 with --quick, else 20)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls at most (default 5 quick, else 20)")
-    ap.add_argument("--only", default=None, help="run only providers whose label contains this text")
-    ap.add_argument("--skip", default=None, help="leave out providers whose label contains this text")
+    ap.add_argument("--only", default=None,
+                    help="run only providers whose label contains one of these texts (comma-separated)")
+    ap.add_argument("--skip", default=None,
+                    help="leave out providers whose label contains one of these texts (comma-separated)")
     ap.add_argument("--note", default="", help="free text stored with the rows and shown in RESULTS.md")
     add_docs_arguments(ap)
     ap.add_argument("--render", type=Path, nargs="+", default=None,
@@ -418,8 +420,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def selected_providers(only: str | None, skip: str | None) -> list:
-    """The providers whose label contains ``only`` (all when None) and not ``skip``."""
-    return [p for p in providers() if (only is None or only in p.label) and (skip is None or skip not in p.label)]
+    """The providers whose label contains one of the comma-separated texts ``only`` (all when None) and none of
+    ``skip``'s."""
+    def matches(texts: str, label: str) -> bool:
+        return any(text in label for text in texts.split(",") if text)
+
+    return [p for p in providers() if (only is None or matches(only, p.label)) and not (skip and matches(skip, p.label))]
 
 
 def render_after_run(csv_path: Path, device: str, out: Path, results_md: Path | None, readme: Path | None) -> None:
