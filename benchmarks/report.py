@@ -425,7 +425,8 @@ def selected_providers(only: str | None, skip: str | None) -> list:
     def matches(texts: str, label: str) -> bool:
         return any(text in label for text in texts.split(",") if text)
 
-    return [p for p in providers() if (only is None or matches(only, p.label)) and not (skip and matches(skip, p.label))]
+    return [p for p in providers()
+            if (only is None or matches(only, p.label)) and not (skip is not None and matches(skip, p.label))]
 
 
 def render_after_run(csv_path: Path, device: str, out: Path, results_md: Path | None, readme: Path | None) -> None:
