@@ -57,6 +57,12 @@ import otfast
 from otfast.kernels.triton.configs import RESIDENT_MAX
 from otfast.schedule import bounding_diameter, epsilon_schedule
 
+# POT loads every array library it finds, and JAX takes 75% of the GPU's memory at its first array (on an H200
+# with JAX installed, the benchmarks were left 9 GiB): the providers use POT's torch backend alone.
+POT_BACKENDS_OFF = ("POT_BACKEND_DISABLE_JAX", "POT_BACKEND_DISABLE_CUPY", "POT_BACKEND_DISABLE_TENSORFLOW")
+for _key in POT_BACKENDS_OFF:
+    os.environ.setdefault(_key, "1")
+
 Values = Callable[[torch.Tensor, torch.Tensor, "Setting"], torch.Tensor]
 
 

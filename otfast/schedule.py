@@ -114,7 +114,7 @@ def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, ma
     def extreme(t, mask, fill, reduce):  # amax/amin: no indices (``max(dim=)`` is ~7x slower)
         return reduce(torch.where(mask.unsqueeze(-1), t.detach(), fill), dim=(0, 1))
 
-    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    inf = x.new_full((), math.inf)  # filled on the device: a copy from the host would wait (and break a capture)
     hi = torch.maximum(extreme(x, mask_x, -inf, torch.amax), extreme(y, mask_y, -inf, torch.amax))
     lo = torch.minimum(extreme(x, mask_x, inf, torch.amin), extreme(y, mask_y, inf, torch.amin))
     return (hi - lo).double().norm()

@@ -283,3 +283,20 @@ def test_step_benchmark_calls_the_harness_loss(monkeypatch):
     step = AlignmentStep(model, tokenizer=None, pairs=long_pairs(2, 16), max_tokens=16)
     step("the OT term")
     assert calls == ["the OT term"]
+
+
+def test_pot_loads_its_torch_backend_only():
+    """The providers turn POT's JAX, CuPy and TensorFlow backends off before POT is imported: JAX would take 75%
+    of the GPU's memory at POT's import, and the memory check would skip the large points."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("ot")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POT_BACKEND_DISABLE")}
+    code = ("import benchmarks.providers as p, json, os, ot; print(json.dumps([os.environ[k] for k in "
+            "p.POT_BACKENDS_OFF])); print(json.dumps([type(b).__name__ for b in ot.backend.get_backend_list()]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.splitlines()
+    assert json.loads(out[0]) == ["1", "1", "1"]
+    assert not {"JaxBackend", "CupyBackend", "TensorflowBackend"} & set(json.loads(out[1]))

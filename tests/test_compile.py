@@ -5,6 +5,7 @@ checked on CUDA by ``torch.cuda.set_sync_debug_mode`` where a GPU is at hand).""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -121,30 +122,38 @@ def test_triton_derives_the_annealing_list_on_the_device(N, M):
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="triton unavailable")
 def test_triton_path_reads_nothing_back_to_the_host(monkeypatch):
     """No otfast code calls .item(), .tolist(), bool(), int(), float() or nonzero() on a tensor in the Triton
-    path of a paper-setting loss and its backward (check_inputs=False): nothing waits for the device, which
-    is what CUDA graphs and a no-sync training step need."""
-    reads = []
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
-        original = getattr(torch.Tensor, name)
+    path of a paper-setting loss and its backward (check_inputs=False), and, once a first call has copied the
+    schedule's constants, none copies host data to the device (torch.tensor, torch.as_tensor: a copy from
+    pageable memory that waits, and that a CUDA graph capture refuses): nothing waits for the device, which is
+    what CUDA graphs and a no-sync training step need."""
+    reads, copies = [], []
 
-        def spy(self, *args, _original=original, _name=name, **kwargs):
+    def spy_on(owner, name, record):
+        original = getattr(owner, name)
+
+        def spy(*args, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "")
             if caller.startswith("otfast"):
-                reads.append(f"{_name} in {caller}")
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, spy)
+                record.append(f"{name} in {caller}")
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, spy)
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        spy_on(torch.Tensor, name, reads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = make_points(2, 7, 9, 8, dtype=torch.float32, seed=6)
     x = batch.x.to(device).requires_grad_()
-    loss = otfast.sinkhorn_loss(x, batch.y.to(device), batch.mask_x.to(device), batch.mask_y.to(device),
-                                backend="triton", check_inputs=False)
-    loss.backward()
+    args = (batch.y.to(device), batch.mask_x.to(device), batch.mask_y.to(device))
+    otfast.sinkhorn_loss(x, *args, backend="triton", check_inputs=False).backward()
     assert reads == []
+    for name in ("tensor", "as_tensor"):
+        spy_on(torch, name, copies)
+    otfast.sinkhorn_loss(x, *args, backend="triton", check_inputs=False).backward()
+    assert reads == [] and copies == []
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
         try:
-            otfast.sinkhorn_loss(x, batch.y.to(device), batch.mask_x.to(device), batch.mask_y.to(device),
-                                 backend="triton", check_inputs=False).backward()
+            otfast.sinkhorn_loss(x, *args, backend="triton", check_inputs=False).backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -167,7 +176,8 @@ def test_compiled_triton_loss_matches_eager_on_cuda():
     torch.manual_seed(2)
     model = torch.nn.Linear(8, 8).cuda()
     batch = make_points(3, 7, 9, 8, dtype=torch.float32, seed=8)
-    batch = type(batch)(*(t.cuda() if isinstance(t, torch.Tensor) else t for t in batch))
+    batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).cuda() for f in dataclasses.fields(batch)
+                                          if isinstance(getattr(batch, f.name), torch.Tensor)})
     want = _loss_and_grads(_step, model, batch, backend="triton")
     got = _loss_and_grads(torch.compile(_step, fullgraph=True), model, batch, backend="triton")
     assert_close(got[0], want[0], rtol=1e-6, atol=0, what="loss")
