@@ -2,8 +2,9 @@
 # Everything that needs a GPU, in one call that fits a 15-minute lease (the steps' limits add up to 360 s on an
 # H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
 # important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
-# against POT and GeomLoss, the opt-in row split on its own (its CUDA test, then otfast[triton-split] at the
-# goal points, beside otfast[triton-exact]: the streaming kernel on the packed cost without its absorbed cost),
+# against POT and GeomLoss, the row split's CUDA test on its own (programs that wait for each other), then
+# otfast[triton-nosplit] (one program per long pair) and otfast[triton-exact] (the packed cost without its
+# absorbed cost) at the goal points,
 # flash-sinkhorn at the goal points, the sm_90 resource check, the training-step benchmark, the tiny
 # alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep
 # within its time budget. Each step has its own timeout (seconds, below) and logs to
@@ -62,9 +63,8 @@ step tests 60 "$PY" -m pytest -q $xdist tests/test_compile.py tests/test_triton_
   tests/test_accuracy.py::test_gradient_on_nearly_aligned_points \
   -k "(triton or cuda) and not persistent_split_matches and not sm90 and not common_path"
 goals goals 100 --skip triton-,flash
-# the opt-in row split (a persistent kernel) on its own, so that a hang costs only this step: its CUDA test
-# (programs that wait for each other), then its goal points, with the streaming kernel's without its absorbed
-# cost (otfast[triton-exact]) beside them
+# the row split (a persistent kernel) on its own, so that a hang costs only this step: its CUDA test (programs
+# that wait for each other); then the goal points without it and without the absorbed cost
 step split-test 10 "$PY" -m pytest -q tests/test_triton_interpreter.py -k persistent_split_matches
 goals split 25 --only triton-
 goals flash 25 --only flash

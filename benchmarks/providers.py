@@ -15,8 +15,8 @@ Settings (``SETTINGS``):
 Providers (``providers()``), each named ``name[backend]``:
 
 - ``otfast[<backend>]`` for every backend ``otfast.backends()`` reports available (triton only on CUDA
-  tensors: the interpreter is a correctness tool, not a timing), ``otfast[triton-split]``: the
-  triton backend with ``OTFAST_TRITON_SPLIT=persistent`` (long pairs on idle SMs split among programs), and
+  tensors: the interpreter is a correctness tool, not a timing), ``otfast[triton-nosplit]``: the
+  triton backend with ``OTFAST_TRITON_SPLIT=off`` (one program per long pair and problem, no row split), and
   ``otfast[triton-exact]``: the triton backend with every streamed exponent formed from the packed cost
   (``OTFAST_TRITON_STREAM=cost``: no absorbed cost stored or read, so the difference to ``otfast[triton]``
   is what the absorbed cost buys, side by side).
@@ -240,10 +240,10 @@ def _otfast(backend: str) -> Values:
     return values
 
 
-def _otfast_split(x, y, setting):
-    """``otfast[triton]`` with ``OTFAST_TRITON_SPLIT=persistent`` (README, Triton backend): the rows of long
-    pairs split among programs where pairs x problems leave SMs idle, the whole schedule in one launch."""
-    with mock.patch.dict(os.environ, OTFAST_TRITON_SPLIT="persistent"):
+def _otfast_nosplit(x, y, setting):
+    """``otfast[triton]`` with ``OTFAST_TRITON_SPLIT=off`` (README, Triton backend): one program per long pair
+    and problem, as before the row split was the default."""
+    with mock.patch.dict(os.environ, OTFAST_TRITON_SPLIT="off"):
         return _otfast("triton")(x, y, setting)
 
 
@@ -416,7 +416,7 @@ def providers() -> list[Provider]:
         out.append(Provider("otfast", backend, _otfast(backend), devices,
                             None if info.available else info.detail, memory))
         if backend == "triton":
-            for label, fn, size in (("triton-split", _otfast_split, 12), ("triton-exact", _otfast_exact, 8)):
+            for label, fn, size in (("triton-nosplit", _otfast_nosplit, 12), ("triton-exact", _otfast_exact, 8)):
                 out.append(Provider("otfast", label, fn, devices, None if info.available else info.detail,
                                     _buffered(size)))
     pot = _import_reason("ot")

@@ -43,7 +43,7 @@ try:
                                          GRAD_BLOCK, GRAD_PROGRAMS_PER_SM, GRAD_WARPS, PRECISIONS, RESIDENT_MAX,
                                          RESIDENT_WARPS, SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_BLOCK_K,
                                          STREAM_DRIFT, STREAM_MAXNREG, STREAM_MEMORY_SHARE, STREAM_SOURCES,
-                                         STREAM_WARPS, split_warps)
+                                         STREAM_WARPS, split_maxnreg, split_warps)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -292,7 +292,7 @@ def _streaming(stream, alpha, beta, schedule, first, count, n, m):
     n_split = split_count(b, count, n, m, device)
     if n_split > 1:  # persistent programs would wait forever for ones the interpreter runs after them
         return _split(stream, alpha, beta, schedule, first, count, n, m, n_split,
-                      split_mode() == "persistent" and os.environ.get("TRITON_INTERPRET") != "1")
+                      split_mode() in ("auto", "persistent") and not _interpreted())
     outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
     if stream.absorb:
         absorbed = _empty(stream.tensors[3].shape, torch.float32, device)
@@ -308,25 +308,31 @@ def _streaming(stream, alpha, beta, schedule, first, count, n, m):
 
 
 def split_mode() -> str:
-    """``OTFAST_TRITON_SPLIT``: "off" (default: one program per streamed pair and problem), "persistent" (rows
-    split among programs that sync on the device, one launch; not yet run on a GPU; under the interpreter it
-    runs as "phases") or "phases" (the same split, one launch per half step and a host read of the stop
-    flags per step, which a CUDA graph cannot capture: the interpreter's way)."""
-    value = os.environ.get("OTFAST_TRITON_SPLIT", "off")
+    """``OTFAST_TRITON_SPLIT``: "auto" (default: "persistent" on a GPU, "off" under the interpreter), "off" (one
+    program per streamed pair and problem), "persistent" (rows split among programs that sync on the device,
+    one launch; under the interpreter it runs as "phases") or "phases" (the same split, one launch per half
+    step and a host read of the stop flags per step, which a CUDA graph cannot capture: the interpreter's
+    way)."""
+    value = os.environ.get("OTFAST_TRITON_SPLIT", "auto")
     if value not in SPLIT_MODES:
         raise ValueError(f"OTFAST_TRITON_SPLIT must be one of {', '.join(SPLIT_MODES)}, got {value!r}")
     return value
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def split_count(b: int, count: int, n: int, m: int, device: torch.device) -> int:
-    """Programs per streamed pair and problem: 1 unless ``split_mode`` is on and the b x count pairs and
-    problems leave SMs idle; then as many as fill the SMs (one program each at most, so that a persistent
-    grid fits on the GPU at once and its programs can wait for each other; the launch is cooperative, so
-    a GPU that cannot hold it refuses it) and no more than give the longer side ``SPLIT_MIN_ROWS`` rows per
-    program. Rows and columns are dealt out in whole blocks (``_chunk``), so the last programs of a
-    problem may get fewer, and those of a shorter problem (OT(x, x) beside a long y) none: they only
-    meet the others at the barriers."""
-    if split_mode() == "off":
+    """Programs per streamed pair and problem: 1 where ``split_mode`` is off (or "auto" under the interpreter)
+    or the b x count pairs and problems fill the SMs; otherwise as many as fill them (one program each at
+    most, so that a persistent grid fits on the GPU at once and its programs can wait for each other; the
+    launch is cooperative, so a GPU that cannot hold it refuses it) and no more than give the longer side
+    ``SPLIT_MIN_ROWS`` rows per program. Rows and columns are dealt out in whole blocks (``_chunk``), so the
+    last programs of a problem may get fewer, and those of a shorter problem (OT(x, x) beside a long y)
+    none: they only meet the others at the barriers."""
+    mode = split_mode()
+    if mode == "off" or (mode == "auto" and _interpreted()):
         return 1
     return max(1, min(_sm_count(device) // max(b * count, 1), max(n, m) // SPLIT_MIN_ROWS))
 
@@ -344,8 +350,10 @@ def _split(stream, alpha, beta, schedule, first, count, n, m, n_split, persisten
             *_loop_args(schedule), n_split)
     kw = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, BLOCK_K=STREAM_BLOCK_K, HAS_TOL=schedule.tol is not None,
               PERSISTENT=persistent, FROM_POINTS=stream.from_points,
-              num_warps=split_warps(persistent, stream.from_points), **COMPILE_OPTIONS,
+              num_warps=split_warps(stream.from_points), **COMPILE_OPTIONS,
               launch_cooperative_grid=persistent)
+    if split_maxnreg(persistent) is not None:
+        kw["maxnreg"] = split_maxnreg(persistent)
     launch = K._sinkhorn_split_kernel[(b, count, n_split)]
     if persistent:
         launch(*args, 0, **kw)

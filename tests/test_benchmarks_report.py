@@ -210,22 +210,22 @@ def test_every_cpu_provider_agrees_with_the_reference(setting):
 
 def test_only_and_skip_select_providers_by_label():
     """``--only`` keeps the providers whose label contains one of the comma-separated texts, ``--skip`` leaves them
-    out: the GPU suite times the opt-in row split (``otfast[triton-split]``) and the streaming kernel without its
-    absorbed cost (``otfast[triton-exact]``) in a step of their own that way (``triton-``), flash-sinkhorn in
-    another, and the others without them."""
+    out: the GPU suite times the streaming kernels without the row split (``otfast[triton-nosplit]``) and without
+    the absorbed cost (``otfast[triton-exact]``) in a step of their own that way (``triton-``), flash-sinkhorn
+    in another, and the others without them."""
     from benchmarks.report import selected_providers
 
     labels = [p.label for p in providers()]
-    variants = ["otfast[triton-split]", "otfast[triton-exact]"]
+    variants = ["otfast[triton-nosplit]", "otfast[triton-exact]"]
     assert set(variants) <= set(labels) and "otfast[triton]" in labels
-    assert [p.label for p in selected_providers("triton-split", None)] == ["otfast[triton-split]"]
+    assert [p.label for p in selected_providers("triton-nosplit", None)] == ["otfast[triton-nosplit]"]
     assert [p.label for p in selected_providers("triton-", None)] == variants
     assert [p.label for p in selected_providers(None, "triton-")] == [x for x in labels if x not in variants]
     assert [p.label for p in selected_providers(None, None)] == labels
     flash = [x for x in labels if "flash" in x]
     assert flash and [p.label for p in selected_providers(None, "triton-,flash")] == [
         x for x in labels if x not in variants + flash]
-    assert [p.label for p in selected_providers("triton-split,flash", None)] == ["otfast[triton-split]"] + flash
+    assert [p.label for p in selected_providers("triton-nosplit,flash", None)] == ["otfast[triton-nosplit]"] + flash
 
 
 def test_the_exact_provider_turns_the_absorbed_cost_off(monkeypatch):

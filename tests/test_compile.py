@@ -186,9 +186,12 @@ def test_compiled_triton_loss_matches_eager_on_cuda():
 
 
 @CUDA
-def test_cuda_graph_captures_loss_and_backward():
-    """The whole step (loss and backward) captured once and replayed gives the eager loss and gradients."""
-    batch = make_points(3, 7, 9, 8, dtype=torch.float32, seed=9)
+@pytest.mark.parametrize("B,N,M", [(3, 7, 9), (1, 300, 257)], ids=["resident", "streaming-split"])
+def test_cuda_graph_captures_loss_and_backward(B, N, M):
+    """The whole step (loss and backward) captured once and replayed gives the eager loss and gradients: for
+    short pairs (resident kernel) and for one long pair (streaming kernel, rows split among programs in one
+    cooperative launch, the default on a GPU)."""
+    batch = make_points(B, N, M, 8, dtype=torch.float32, seed=9)
     x = batch.x.cuda().requires_grad_()
     y, mx, my = batch.y.cuda(), batch.mask_x.cuda(), batch.mask_y.cuda()
 

@@ -577,6 +577,7 @@ def test_split_rows_solve_as_one_program_does(setting, source, monkeypatch):
     from otfast.schedule import Schedule
 
     monkeypatch.setenv("OTFAST_TRITON_STREAM", source)
+    monkeypatch.setenv("OTFAST_TRITON_SPLIT", "off")
     batch = make_points(2, 37, 33, 8, seed=31, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x, batch.y, batch.mask_x, batch.mask_y)
     alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
@@ -710,6 +711,7 @@ def test_persistent_split_matches_one_program_per_problem_on_cuda(N, M, tol, mon
     from otfast.schedule import Schedule
 
     monkeypatch.setenv("OTFAST_TRITON_STREAM", "cost")  # see test_split_rows_solve_as_one_program_does
+    monkeypatch.setenv("OTFAST_TRITON_SPLIT", "off")
     batch = make_points(1, N, M, 16, seed=41, junk=float("nan"))
     x, y, mx, my = _on_device(batch.x.float(), batch.y.float(), batch.mask_x, batch.mask_y)
     alpha, beta = _uniform_log_weights(mx), _uniform_log_weights(my)
@@ -757,16 +759,22 @@ def test_the_absorbed_cost_keeps_the_accuracy_matrix_bounds(cost, eps, debias, s
     assert value <= 2e-6 and grad <= 1e-4, (value, grad)
 
 
-def test_split_count_fills_idle_sms_only_when_asked(monkeypatch):
-    """``split_count``: 1 by default and wherever pairs x problems fill the SMs; otherwise as many programs
-    per pair and problem as fill them, never more than the SMs (a persistent grid must fit at once), and
-    no more than give the longer side ``SPLIT_MIN_ROWS`` rows each. A bad ``OTFAST_TRITON_SPLIT`` is an
-    error naming it."""
+@pytest.mark.parametrize("mode", ["auto", "persistent"])
+def test_split_count_fills_idle_sms(monkeypatch, mode):
+    """``split_count``: 1 when ``OTFAST_TRITON_SPLIT`` is off (and by default, "auto", under the interpreter)
+    and wherever pairs x problems fill the SMs; otherwise as many programs per pair and problem as fill
+    them, never more than the SMs (a persistent grid must fit at once), and no more than give the longer
+    side ``SPLIT_MIN_ROWS`` rows each. A bad ``OTFAST_TRITON_SPLIT`` is an error naming it."""
     from otfast.kernels.triton.configs import SPLIT_MIN_ROWS
 
     monkeypatch.setattr(backend, "_sm_count", lambda device: 132)
+    monkeypatch.setenv("OTFAST_TRITON_SPLIT", "off")
     assert backend.split_count(1, 3, 2048, 2048, DEVICE) == 1
-    monkeypatch.setenv("OTFAST_TRITON_SPLIT", "persistent")
+    monkeypatch.delenv("OTFAST_TRITON_SPLIT")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.split_mode() == "auto" and backend.split_count(1, 3, 2048, 2048, DEVICE) == 1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("OTFAST_TRITON_SPLIT", mode)
     for b, count, n, m in [(1, 3, 2048, 2048), (1, 1, 16384, 300), (24, 3, 48, 48), (64, 3, 512, 512),
                            (2, 3, 512, 4096), (1, 3, 40, 40), (1, 3, 65, 65), (1, 3, 200, 40)]:
         k = backend.split_count(b, count, n, m, DEVICE)

@@ -21,15 +21,15 @@ STREAM_DRIFT = 16.0
 # where a pair's problem has 2^31 or more entries, which the packed cost cannot index).
 STREAM_SOURCES = ("absorbed", "cost", "points")
 STREAM_MEMORY_SHARE = 0.125
-# The persistent split kernel forming its tiles from the points spilled 52-60 bytes at 4 warps under triton 3.6
-# and 3.7; at 8 it does not (one program per SM either way: the split grid never exceeds the SM count). In phases
-# it keeps 4: at 8, triton 3.8 and 3.9 spilled 172-188 bytes there.
+# The split kernel forming its tiles from the points spilled 52-60 bytes at 4 warps under triton 3.6 and 3.7
+# (persistent), and 24 bytes in phases under 3.6 once its precise passes took float64 exponentials; at 8 it does
+# not (one program per SM either way when persistent: the split grid never exceeds the SM count).
 SPLIT_POINTS_WARPS = 8
-# With OTFAST_TRITON_SPLIT on, a streamed pair and problem splits its rows among programs
+# With OTFAST_TRITON_SPLIT on (by default on a GPU), a streamed pair and problem splits its rows among programs
 # (``_sinkhorn_split_kernel``) only where pairs x problems leave SMs idle, and into no more programs than
 # give the longer side this many rows each (``triton_backend.split_count``).
 SPLIT_MIN_ROWS = 64
-SPLIT_MODES = ("off", "persistent", "phases")  # OTFAST_TRITON_SPLIT (``triton_backend.split_mode``)
+SPLIT_MODES = ("auto", "off", "persistent", "phases")  # OTFAST_TRITON_SPLIT (``triton_backend.split_mode``)
 CENTRE_BLOCK = (32, 64)  # BLOCK_R, BLOCK_D
 CENTRE_WARPS = 4
 COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
@@ -50,9 +50,11 @@ NUM_STAGES = 1
 FP_FUSION = True
 # What every kernel compiles with: the launchers pass these, and the sm_90 resource check compiles with them.
 COMPILE_OPTIONS = dict(num_stages=NUM_STAGES, enable_fp_fusion=FP_FUSION)
-# The streaming kernel's register limit (ptxas's .maxnreg): the hardware's. Left to itself, ptxas (triton 3.8's)
-# held the kernel forming its tiles from the points, with tol, to 168 registers (three programs per SM) and spilled
-# 32-136 bytes. Not for the other kernels: with it, the persistent split kernel spilled 44-72 bytes.
+# The register limit (ptxas's .maxnreg: the hardware's) of the streaming kernel and of the split kernel in phases.
+# Left to itself, ptxas (triton 3.8's) held the streaming kernel forming its tiles from the points, with tol, to
+# 168 registers (three programs per SM) and spilled 32-136 bytes, and (3.6-3.9) the split kernel in phases once
+# its precise passes took float64 exponentials (8-40 bytes). Not for the others: with it, the persistent split
+# kernel spilled 44-72 bytes.
 STREAM_MAXNREG = 255
 
 
@@ -72,9 +74,14 @@ class Config(NamedTuple):
     maxnreg: int | None = None
 
 
-def split_warps(persistent: bool, from_points: bool) -> int:
+def split_warps(from_points: bool) -> int:
     """num_warps of the split kernel (``SPLIT_POINTS_WARPS``)."""
-    return SPLIT_POINTS_WARPS if persistent and from_points else STREAM_WARPS
+    return SPLIT_POINTS_WARPS if from_points else STREAM_WARPS
+
+
+def split_maxnreg(persistent: bool) -> int | None:
+    """maxnreg of the split kernel (``STREAM_MAXNREG`` in phases)."""
+    return None if persistent else STREAM_MAXNREG
 
 
 def configs() -> list[Config]:
@@ -98,7 +105,8 @@ def configs() -> list[Config]:
             for from_points in (False, True):
                 consts = dict(stream, HAS_TOL=has_tol, PERSISTENT=persistent, FROM_POINTS=from_points)
                 for points in POINT_DTYPES if from_points else (None,):
-                    out.append(Config("_sinkhorn_split_kernel", consts, split_warps(persistent, from_points), points))
+                    out.append(Config("_sinkhorn_split_kernel", consts, split_warps(from_points), points,
+                                      split_maxnreg(persistent)))
     br, bd = CENTRE_BLOCK
     bn, bm, bk = COST_BLOCK
     for points in POINT_DTYPES:

@@ -27,11 +27,13 @@ the yardstick: ``python -m benchmarks.accuracy``):
   and while p and q stay within ``STREAM_DRIFT`` binary orders of the anchors its exponent is
   (beta2_j + (q_j - b_j) k) + (p_i - a_i) k - K_ij k: two fp32 operations per entry, each term at most
   tens of binary orders where the exponent counts, so a rounding of the same order as u's.
-- Precise passes (larger temperatures: the first steps of the annealing): exponents, maxima and sums in
-  float64, the exponentials in fp32. An fp32 log-sum-exp at temperature eps leaves an absolute error of
-  about eps 2^-24 in the potentials, which the following steps carry down to the final eps (measured with
-  the torch backend's loop: 5e-4 relative gradient error at D = 768, scale 1 in the paper setting; 1e-7
-  with float64 log-sum-exps above 256 times the final eps).
+- Precise passes (larger temperatures: the first steps of the annealing): exponents, maxima, exponentials
+  and sums in float64. An fp32 log-sum-exp at temperature eps leaves an absolute error of about eps 2^-24 in
+  the potentials, which the following steps carry down to the final eps (measured with the torch backend's
+  loop: 5e-4 relative gradient error at D = 768, scale 1 in the paper setting; 1e-7 with float64
+  log-sum-exps above 256 times the final eps). fp32 exponentials of float64 exponents are not enough: the
+  rounding of an exponent z to fp32 is |z| 2^-24 of its term, and left 1.2e-4 in that cell (the same on an
+  H200 and in the interpreter), 1.2e-7 with float64 exponentials.
 - The backward normalises each plan row by its own log-sum-exp (online, as flash-attention's forward),
   never assuming that rows built from the stored potentials sum to 1.
 
@@ -232,8 +234,8 @@ def _far(m):
 
 @triton.jit
 def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.constexpr):
-    """-d eps LSE over AXIS of (logw_q + (q - C) / eps) with exponents, max and sum in float64, the
-    exponentials in fp32 (their relative rounding survives the float64 sum)."""
+    """-d eps LSE over AXIS of (logw_q + (q - C) / eps) with exponents, max, exponentials and sum in float64
+    (see the module docstring: fp32 exponentials of these exponents were the largest error of the loss)."""
     inv_eps = 1.0 / eps
     h = logw_q + q * inv_eps
     C = C_hi.to(tl.float64) + C_lo.to(tl.float64)
@@ -244,10 +246,10 @@ def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.conste
     m = tl.max(z, axis=AXIS)
     m = _finite(m)
     if AXIS == 1:
-        e = tl.exp2(((z - m[:, None]) * LOG2E).to(tl.float32))
+        e = tl.exp(z - m[:, None])
     else:
-        e = tl.exp2(((z - m[None, :]) * LOG2E).to(tl.float32))
-    out = -damping * eps * (m + tl.log(tl.sum(e.to(tl.float64), axis=AXIS)))
+        e = tl.exp(z - m[None, :])
+    out = -damping * eps * (m + tl.log(tl.sum(e, axis=AXIS)))
     return tl.where(valid, out, 0.0)
 
 
@@ -623,9 +625,9 @@ def _stream_softmin(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, n_rows, n_
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < n_rows
         valid = _valid(LOGW_ROW, offs_r, in_r)
-        if precise:
+        if precise:  # on half-width tiles: the float64 exponentials of full ones spilled the absorbed kernel
             out = _stream_lse_precise(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols,
-                                      LOGW_COL, POT_COL, eps, damping, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
+                                      LOGW_COL, POT_COL, eps, damping, FROM_POINTS, BLOCK_R, BLOCK_C // 2, BLOCK_K)
         else:
             ref = _reference(tl.load(REF + offs_r, mask=in_r, other=0.0), eps_ref, inv_rho)
             out = _stream_lse_fast(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols,
@@ -679,7 +681,7 @@ def _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, store, 
 def _stream_lse_precise(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, n_cols, LOGW_COL, POT_COL,
                         eps, damping, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    """-d eps LSE over the columns for one row block, online: exponents, max and sum in float64."""
+    """-d eps LSE over the columns for one row block, online: exponents, max, exponentials and sum in float64."""
     inv_eps = 1.0 / eps
     m_run = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float64)
     s_run = tl.zeros((BLOCK_R,), dtype=tl.float64)
@@ -693,8 +695,7 @@ def _stream_lse_precise(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in
         z = h[None, :] - (C_hi.to(tl.float64) + C_lo.to(tl.float64)) * inv_eps
         m_new = tl.maximum(m_run, tl.max(z, axis=1))
         m_safe = _finite(m_new)
-        e = tl.exp2(((z - m_safe[:, None]) * LOG2E).to(tl.float32))
-        s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(e.to(tl.float64), axis=1)
+        s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m_run = m_new
     return -damping * eps * (_finite(m_run) + tl.log(s_run))
 
