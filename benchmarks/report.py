@@ -340,11 +340,12 @@ def floor_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def base_columns(device: str, command: str, note: str) -> dict:
-    """Columns every row of this run shares."""
+def base_columns(device: str, command: str, note: str, run_id: str | None = None) -> dict:
+    """Columns every row of this run shares (``run_id``: the time and device unless given)."""
     now = dt.datetime.now(dt.timezone.utc)
-    return dict(run_id=f"{now:%Y%m%dT%H%M%S}-{device}", timestamp=now.strftime("%Y-%m-%d %H:%M UTC"), device=device,
-                device_name=device_name(device), versions=versions(), commit=commit(), command=command, note=note)
+    return dict(run_id=run_id or f"{now:%Y%m%dT%H%M%S}-{device}", timestamp=now.strftime("%Y-%m-%d %H:%M UTC"),
+                device=device, device_name=device_name(device), versions=versions(), commit=commit(), command=command,
+                note=note)
 
 
 def add_docs_arguments(ap: argparse.ArgumentParser) -> None:
@@ -382,11 +383,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip", default=None,
                     help="leave out providers whose label contains one of these texts (comma-separated)")
     ap.add_argument("--note", default="", help="free text stored with the rows and shown in RESULTS.md")
+    ap.add_argument("--run-id", default=None,
+                    help="the rows' run_id (default: time and device); calls that share one render as one run "
+                         "(the GPU suite's goal steps)")
     add_docs_arguments(ap)
     ap.add_argument("--render", type=Path, nargs="+", default=None,
                     help="only re-render outputs from these CSV files (no measurement)")
     ap.add_argument("--run", nargs="+", default=None,
-                    help="with --render: render these run_ids instead of the latest runs")
+                    help="with --render: render these run_ids, as one run, instead of their device's latest run")
     return ap.parse_args(argv)
 
 
@@ -395,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     out, results_md, readme = docs_targets(args)
     if args.render:
         rows = [r for path in args.render for r in res.read_rows(path)]
-        if args.run:
-            rows = [r for r in rows if r["run_id"] in args.run]
+        if args.run:  # rendered as one run (the first's id), in the order given; other devices' rows stay
+            named = [dict(r, run_id=args.run[0]) for run in args.run for r in rows if r["run_id"] == run]
+            devices = {r["device"] for r in named}
+            rows = [r for r in rows if r["device"] not in devices] + named
         render(rows, sorted({r["device"] for r in rows}), out, results_md, readme)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget if args.budget is not None else (5.0 if args.quick else 20.0)
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)
     command = "python -m benchmarks.report " + shlex.join(sys.argv[1:] if argv is None else argv)
-    base = base_columns(args.device, command.strip(), args.note)
+    base = base_columns(args.device, command.strip(), args.note, args.run_id)
     plist = selected_providers(args.only, args.skip)
     csv_path = out / "results.csv"
     estimates, refs = Estimates(enabled=not (args.quick or args.goals)), {}

@@ -133,6 +133,33 @@ def test_render_writes_table_plot_results_and_readme(tmp_path):
     assert "| 2.00 |" in readme.read_text()
 
 
+def test_render_merges_the_runs_named_and_keeps_other_devices(tmp_path):
+    """``--render CSV --run A B``: the GPU suite's goal steps (one run each, before ``--run-id``) render as one
+    run, each provider's column filled from its own run; the other devices' latest runs stay in the table."""
+    from benchmarks.report import main
+
+    gpu = dict(device="cuda", device_name="test gpu")
+    rows = sample_rows() + [row("otfast", "triton", 3.0, run_id="g1", **gpu), row("geomloss", "tensorized", 12.0,
+                                                                                  run_id="g1", **gpu),
+                            row("flash-sinkhorn", "triton", 150.0, run_id="g2", **gpu)]
+    path = tmp_path / "results.csv"
+    res.append_rows(path, rows)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("<!-- results:cpu:start -->\n<!-- results:cpu:end -->\n"
+                       "<!-- results:cuda:start -->\n<!-- results:cuda:end -->\n")
+    main(["--render", str(path), "--run", "g1", "g2", "--update-docs", "--out", str(tmp_path / "out"),
+          "--results", str(results), "--readme", str(readme)])
+    table = (tmp_path / "out" / "table.md").read_text()
+    gpu_table = table[table.index("test gpu"):]
+    assert "| 3.00 |" in gpu_table and "| 12.0 |" in gpu_table and "| 150 |" in gpu_table
+    assert "test cpu" in table and "| 2.00 |" in table[:table.index("test gpu")]
+    main(["--render", str(path), "--update-docs", "--out", str(tmp_path / "latest"), "--results", str(results),
+          "--readme", str(readme)])
+    assert "| 3.00 |" not in (tmp_path / "latest" / "table.md").read_text()  # alone, the latest run is g2's
+
+
 def test_exponential_count_by_hand():
     fixed, paper = SETTINGS["fixed"], SETTINGS["paper"]
     # fixed: 2 N M per update (rows and columns); 102 updates; backward one more plan recomputation
