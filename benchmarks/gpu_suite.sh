@@ -4,9 +4,8 @@
 # important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
 # against POT and GeomLoss, the row split's CUDA test on its own (programs that wait for each other), then
 # otfast[triton-nosplit] (one program per long pair) and otfast[triton-exact] (the packed cost without its
-# absorbed cost) at the goal points,
-# flash-sinkhorn at the goal points, the sm_90 resource check, the training-step benchmark, the tiny
-# alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep
+# absorbed cost) at the goal points, flash-sinkhorn there, the sm_90 resource check, the training-step benchmark,
+# the tiny alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep
 # within its time budget. Each step has its own timeout (seconds, below) and logs to
 # $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
 # OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md. Benchmark providers whose packages

@@ -19,7 +19,7 @@ Providers (``providers()``), each named ``name[backend]``:
   triton backend with ``OTFAST_TRITON_SPLIT=off`` (one program per long pair and problem, no row split), and
   ``otfast[triton-exact]``: the triton backend with every streamed exponent formed from the packed cost
   (``OTFAST_TRITON_STREAM=cost``: no absorbed cost stored or read, so the difference to ``otfast[triton]``
-  is what the absorbed cost buys, side by side).
+  is what the absorbed cost buys, side by side, where the row split, which never reads it, does not apply).
 - ``pot-solve_batch[torch]``: ``ot.solve_batch`` on POT's torch backend, ``method="log_sinkhorn"``,
   ``reg_type="kl"`` (so its value is OT_eps = <P, C> + eps KL(P || a x b)), ``grad="envelope"``.
 - ``pot-sinkhorn_log[loop]``: ``ot.bregman.sinkhorn_log`` pair by pair, autograd through its loop.

@@ -67,7 +67,8 @@ class BackendInfo(NamedTuple):
     detail: str
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run under its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -98,7 +99,7 @@ def backends() -> dict[str, BackendInfo]:
     out = {}
     for name in NAMES[1:]:
         mod, detail = _load(name)
-        if name == "triton" and mod is not None and not torch.cuda.is_available() and not _triton_interpreted():
+        if name == "triton" and mod is not None and not torch.cuda.is_available() and not triton_interpreted():
             detail = "triton is installed but there is no CUDA device (set TRITON_INTERPRET=1 to run it on CPU)"
             out[name] = BackendInfo(False, detail)
         else:
@@ -132,7 +133,7 @@ def resolve(name: str, device: torch.device) -> Backend:
     mod, detail = _load(name)
     if mod is None:
         raise ValueError(f"backend {name!r} is not available: {detail}")
-    if name == "triton" and device.type != "cuda" and not _triton_interpreted():
+    if name == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs CPU tensors, got {device.type} tensors")

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from .backends import triton_interpreted
 from .reference import Potentials, prepare_grad, prepare_points
 from .schedule import Annealing, Schedule
 
@@ -292,7 +293,7 @@ def _streaming(stream, alpha, beta, schedule, first, count, n, m):
     n_split = split_count(b, count, n, m, device)
     if n_split > 1:  # persistent programs would wait forever for ones the interpreter runs after them
         return _split(stream, alpha, beta, schedule, first, count, n, m, n_split,
-                      split_mode() in ("auto", "persistent") and not _interpreted())
+                      split_mode() in ("auto", "persistent") and not triton_interpreted())
     outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
     if stream.absorb:
         absorbed = _empty(stream.tensors[3].shape, torch.float32, device)
@@ -319,10 +320,6 @@ def split_mode() -> str:
     return value
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def split_count(b: int, count: int, n: int, m: int, device: torch.device) -> int:
     """Programs per streamed pair and problem: 1 where ``split_mode`` is off (or "auto" under the interpreter)
     or the b x count pairs and problems fill the SMs; otherwise as many as fill them (one program each at
@@ -332,7 +329,7 @@ def split_count(b: int, count: int, n: int, m: int, device: torch.device) -> int
     last programs of a problem may get fewer, and those of a shorter problem (OT(x, x) beside a long y)
     none: they only meet the others at the barriers."""
     mode = split_mode()
-    if mode == "off" or (mode == "auto" and _interpreted()):
+    if mode == "off" or (mode == "auto" and triton_interpreted()):
         return 1
     return max(1, min(_sm_count(device) // max(b * count, 1), max(n, m) // SPLIT_MIN_ROWS))
 

@@ -33,7 +33,8 @@ the yardstick: ``python -m benchmarks.accuracy``):
   loop: 5e-4 relative gradient error at D = 768, scale 1 in the paper setting; 1e-7 with float64
   log-sum-exps above 256 times the final eps). fp32 exponentials of float64 exponents are not enough: the
   rounding of an exponent z to fp32 is |z| 2^-24 of its term, and left 1.2e-4 in that cell (the same on an
-  H200 and in the interpreter), 1.2e-7 with float64 exponentials.
+  H200 and in the interpreter); 2.7e-6 with float64 exponentials (interpreter; 1.2e-7 with every pass
+  precise: the rest is the fast passes').
 - The backward normalises each plan row by its own log-sum-exp (online, as flash-attention's forward),
   never assuming that rows built from the stored potentials sum to 1.
 
