@@ -36,7 +36,7 @@ COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
 # The streaming solvers form a tile from the points (STREAM_SOURCES "points") in the cost kernel's BLOCK_K steps.
 STREAM_BLOCK_K = COST_BLOCK[2]
 COST_WARPS = 4
-GRAD_BLOCK = (32, 32, 16, 32)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO
+GRAD_BLOCK = (32, 32, 32, 32)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO (BLOCK_K 16 took twice the DMMA steps)
 GRAD_WARPS = 8
 # The backward splits the output features among programs only while pairs x row blocks x sides leave fewer
 # programs than this many per SM (``triton_backend.feature_groups``): each split forms the cost tiles again.

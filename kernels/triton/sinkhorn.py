@@ -421,19 +421,21 @@ def _cost_tile_outer(Xp, Yp, MUp, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd, sym, 
 def _cost_tile_dot(Xp, Yp, MUp, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd, sym, syd, smd,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """C_ij = |x_i|^2/2 + |y_j|^2/2 - <x_i, y_j> of the prepared points (``_centred``) for one tile with
-    float64 ``tl.dot`` (DMMA), as (C_hi, C_lo)."""
+    float64 ``tl.dot`` (DMMA), as (C_hi, C_lo). Each lane sums the squares of the features it loads across the
+    BLOCK_K steps, and the norms are reduced once, after the last: no shuffle or barrier per step for them."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float64)
-    xx = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    yy = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    xx = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
+    yy = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float64)
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < D
         xt = _centred(Xp, MUp, offs_n, ok_n, offs_k, in_k, sxn, sxd, smd, 1)
         yt = _centred(Yp, MUp, offs_k, in_k, offs_m, ok_m, syd, sym, smd, 0)
         acc = tl.dot(xt, yt, acc, out_dtype=tl.float64)
-        xx += tl.sum(xt * xt, axis=1)
-        yy += tl.sum(yt * yt, axis=0)
-    return _split(tl.maximum(0.5 * xx[:, None] + 0.5 * yy[None, :] - acc, 0.0))
+        xx += xt * xt
+        yy += yt * yt
+    half = 0.5 * tl.sum(xx, axis=1)[:, None] + 0.5 * tl.sum(yy, axis=0)[None, :]
+    return _split(tl.maximum(half - acc, 0.0))
 
 
 @triton.jit
