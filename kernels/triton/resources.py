@@ -9,8 +9,9 @@ Prints one table row per configuration and exits 1 if any configuration spills.
 ``--sass`` prints instead, for the solvers' and the backward's configurations (fp32 points, no tol), the
 static instruction counts of every loop of the compiled SASS (``cuobjdump -sass``; a loop is the range of
 a backward branch): exponentials (MUFU.EX2), logarithms, barriers, shared-memory loads and stores, warp
-shuffles, fp32 and fp64 arithmetic, fp32/fp64 conversions, tensor-core instructions (DMMA, HMMA, HGMMA) and
-global loads and stores, per thread and per trip of the loop. The iteration loop of the resident kernel
+shuffles, fp32 and fp64 arithmetic, fp32/fp64 conversions, tensor-core instructions (DMMA, HMMA, HGMMA),
+global loads and stores, and of those loads the async copies to shared memory of a software-pipelined loop
+(LDGSTS), per thread and per trip of the loop. The iteration loop of the resident kernel
 is the one with 2 N M / threads exponentials (16 at 32 x 32 and 4 warps); the counts show what one
 Sinkhorn iteration costs beside its exponentials, without a GPU. A loop's count holds every branch in it;
 ``--common-path`` counts the fast passes' common path: it compiles a copy of the kernels in which the
@@ -122,7 +123,7 @@ SASS_GROUPS = {
     "exp2": ("MUFU.EX2",), "log2": ("MUFU.LG2",), "barrier": ("BAR",), "lds": ("LDS",), "sts": ("STS",),
     "shuffle": ("SHFL",), "fp32": ("FADD", "FFMA", "FMUL", "FMNMX", "FSEL", "FSETP"),
     "fp64": ("DADD", "DFMA", "DMUL", "DSETP"), "convert": ("F2F",), "mma": ("DMMA", "HMMA", "HGMMA"),
-    "ldg": ("LDG",), "stg": ("STG",),
+    "ldg": ("LDG",), "stg": ("STG",), "async": ("LDGSTS",),
 }
 
 

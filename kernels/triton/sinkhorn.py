@@ -87,6 +87,14 @@ PRECISE_RATIO = tl.constexpr(256.0)
 # NEAR binary orders of it; otherwise it sweeps again relative to a reference shifted onto the max (``_near``).
 # A streamed pass sums 2^z without an offset (``_stream_sum2``): NEAR + log2(columns) must stay below 128.
 NEAR = tl.constexpr(32.0)
+# The backward's loops whose loads feed tl.dot (the DMMA steps that form a cost tile from the points, the slices
+# of S @ y) and its output rows run in STAGES software-pipelined stages (``tl.range``): the next trip's loads go
+# out as async copies to shared memory, where the dot reads its operands anyway, while this trip computes, so a
+# loop waits for global memory once instead of at every trip. The other loops keep configs.NUM_STAGES (1): the
+# solvers' tile loops took 38-104 more SASS instructions and 2 barriers per tile pipelined (staging through
+# shared memory), and forming their tiles from the points pipelined (as the cost kernel at 4 warps) spilled
+# 16-92 B under triton 3.6 and 3.7.
+STAGES = tl.constexpr(2)
 # Exponents whose max reaches FAR (|m| 2^-23 = 8 binary orders of rounding) get a second max (``_far``).
 FAR = tl.constexpr(2.0**26)
 # Pointer arguments that hold float64 (the points X, Y and the backward's U_*, OUT_* are fp32 or float64,
@@ -419,14 +427,15 @@ def _cost_tile_outer(Xp, Yp, MUp, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd, sym, 
 
 @triton.jit
 def _cost_tile_dot(Xp, Yp, MUp, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd, sym, syd, smd,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_STAGES: tl.constexpr):
     """C_ij = |x_i|^2/2 + |y_j|^2/2 - <x_i, y_j> of the prepared points (``_centred``) for one tile with
     float64 ``tl.dot`` (DMMA), as (C_hi, C_lo). Each lane sums the squares of the features it loads across the
-    BLOCK_K steps, and the norms are reduced once, after the last: no shuffle or barrier per step for them."""
+    BLOCK_K steps, and the norms are reduced once, after the last: no shuffle or barrier per step for them.
+    K_STAGES: the steps' software-pipelining stages (``STAGES``, or 1)."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float64)
     xx = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float64)
     yy = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float64)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in tl.range(0, D, BLOCK_K, num_stages=K_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < D
         xt = _centred(Xp, MUp, offs_n, ok_n, offs_k, in_k, sxn, sxd, smd, 1)
@@ -585,7 +594,7 @@ def _cost_kernel(X, Y, MU, ALPHA, BETA, COST_HI, COST_LO, N, M, D, FIRST, sxb, s
     Cp, scn, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
     live = (row0 < n) & (col0 < m)
     C_hi, C_lo = _cost_tile_dot(Rp, Cp, MU + p * smp + pid * smb, offs_n, offs_m, ok_n, ok_m, tl.where(live, D, 0), srn,
-                                srd, scn, scd, smd, BLOCK_N, BLOCK_M, BLOCK_K)
+                                srd, scn, scd, smd, BLOCK_N, BLOCK_M, BLOCK_K, 1)
     offs = _cost_base(p, FIRST, N, M) + pid * n * m + offs_n[:, None] * m + offs_m[None, :]
     tl.store(COST_HI + offs, C_hi, mask=in_n[:, None] & in_m[None, :])
     tl.store(COST_LO + offs, C_lo, mask=in_n[:, None] & in_m[None, :])
@@ -841,7 +850,7 @@ def _stream_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, ok_
     are read."""
     if FROM_POINTS:
         C_hi, C_lo = _cost_tile_dot(CH, CL, MU, offs_r, offs_c, ok_r, ok_c, D, s_row, s_rd, s_col, s_cd, smd, BLOCK_R,
-                                    BLOCK_C, BLOCK_K)
+                                    BLOCK_C, BLOCK_K, 1)
     else:
         tile = in_r[:, None] & in_c[None, :]
         C_hi = tl.load(CH + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=tile, other=0.0)
@@ -1172,7 +1181,8 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
 
     Each cost tile is formed over all of D (float64 DMMA) and its S multiplies every BLOCK_DO-wide slice of
     the group's y (``_accumulate``). The accumulator of the group's features does not fit in registers, so
-    it is the program's own rows of OUT in global memory (L1/L2). Term 0 takes one pass over the column
+    it is the program's own rows of OUT in global memory (L1/L2). The DMMA steps, the slices (ieee) and the
+    output rows are software-pipelined (``STAGES``). Term 0 takes one pass over the column
     tiles, a running max and sum rescaling the accumulator (flash-attention's forward), and divides by the
     row sums at its end. Term 1 is added to term 0's finished output, which therefore cannot be rescaled:
     a first pass finds its rows' max and sum, a second adds (u / sum) S @ y (one more cost tile per tile,
@@ -1218,7 +1228,8 @@ def _grad_kernel(X, Y, MU, F_XY, G_XY, FP_XY, GP_XY, F_XX, FP_XX, F_YY, FP_YY, A
             m_run = m_new
         u = tl.load(_pick4(term, U_X, U_Y, U_XX, U_YY) + pid * n + offs_n, mask=in_n, other=0.0)
         s = tl.where(s_run > 0.0, s_run, 1.0)
-        for d0 in range(d_lo, d_hi, BLOCK_DO):  # term 0: OUT = u (x - OUT / s); term 1: OUT -= u x
+        # term 0: OUT = u (x - OUT / s); term 1: OUT -= u x
+        for d0 in tl.range(d_lo, d_hi, BLOCK_DO, num_stages=STAGES):
             offs_do = d0 + tl.arange(0, BLOCK_DO)
             in_do = offs_do < d_hi
             ok = in_n[:, None] & in_do[None, :]
@@ -1248,7 +1259,7 @@ def _plan_exponents(Rp, Cp, MUp, Wc, Q, ph, k, offs_n, valid_n, m0, m, D, srn, s
     beta = tl.load(Wc + offs_m, mask=in_m, other=float("-inf"))
     valid_m = beta > float("-inf")
     C_hi, C_lo = _cost_tile_dot(Rp, Cp, MUp, offs_n, offs_m, valid_n, valid_m, D, srn, srd, scn, scd, smd, BLOCK_N,
-                                BLOCK_M, BLOCK_K)
+                                BLOCK_M, BLOCK_K, STAGES)
     qh, ql = _split(tl.load(Q + offs_m, mask=in_m, other=0.0))
     z = _fast_exponents(C_hi, C_lo, ph, qh, (beta * LOG2E).to(tl.float32) + ql * k, k, 1)
     return tl.where(valid_n[:, None], z, float("-inf")), offs_m, valid_m
@@ -1259,7 +1270,8 @@ def _accumulate(ACC, S, scale, keep, Cp, MUp, offs_n, in_n, offs_m, valid_m, d_l
                 BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
     """ACC <- ACC scale + S @ y (keep: whether ACC holds earlier tiles' sums; else it starts here) over the
     features d_lo..d_hi of the rows offs_n of ACC (contiguous [rows, D]), BLOCK_DO at a time."""
-    for d0 in range(d_lo, d_hi, BLOCK_DO):
+    # pipelined with the ieee dot only: tf32x3's three products spilled 16-36 B under triton 3.6 and 3.7 with it
+    for d0 in tl.range(d_lo, d_hi, BLOCK_DO, num_stages=STAGES if PRECISION == "ieee" else 1):
         offs_do = d0 + tl.arange(0, BLOCK_DO)
         in_do = offs_do < d_hi
         ok = in_n[:, None] & in_do[None, :]
