@@ -95,6 +95,10 @@ NEAR = tl.constexpr(32.0)
 # shared memory), and forming their tiles from the points pipelined (as the cost kernel at 4 warps) spilled
 # 16-92 B under triton 3.6 and 3.7.
 STAGES = tl.constexpr(2)
+# The streaming solvers' loops over a vector of potentials (drift checks, column weights, residuals, averaging)
+# take VECTOR entries a trip: each trip waits for its global loads, and a pair of up to VECTOR tokens then waits
+# once per loop instead of once per 32.
+VECTOR = tl.constexpr(256)
 # Exponents whose max reaches FAR (|m| 2^-23 = 8 binary orders of rounding) get a second max (``_far``).
 FAR = tl.constexpr(2.0**26)
 # Pointer arguments that hold float64 (the points X, Y and the backward's U_*, OUT_* are fp32 or float64,
@@ -628,11 +632,11 @@ def _stream_softmin(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, n_rows, n_
     if ABSORB:
         if not precise:
             absorbed = absorbed & _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, n_rows, n_cols,
-                                                   eps, eps_ref, inv_rho, drift, BLOCK_C)
+                                                   eps, eps_ref, inv_rho, drift, VECTOR)
             # every warp has read the anchors it decided on before any overwrites them (a warp that read a
             # new anchor could decide otherwise than the others)
             tl.debug_barrier()
-            _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, eps == eps_ref, BLOCK_C)
+            _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, eps == eps_ref, VECTOR)
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < n_rows
@@ -927,17 +931,17 @@ def _stream_combine(P, PT, n, w_old, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _stream_error(F, FT, G, GT, ALPHA, BETA, N, M, eps, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _stream_error(F, FT, G, GT, ALPHA, BETA, N, M, eps):
     """Residual of the rows plus the columns (twice the rows, exactly, for a symmetric problem, whose G, GT,
     BETA alias F, FT, ALPHA)."""
-    return _stream_residual(F, FT, ALPHA, N, eps, BLOCK_N) + _stream_residual(G, GT, BETA, M, eps, BLOCK_M)
+    return _stream_residual(F, FT, ALPHA, N, eps, VECTOR) + _stream_residual(G, GT, BETA, M, eps, VECTOR)
 
 
 @triton.jit
-def _stream_step(F, FT, G, GT, N, M, w_old, symmetric, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    _stream_combine(F, FT, N, w_old, BLOCK_N)
+def _stream_step(F, FT, G, GT, N, M, w_old, symmetric):
+    _stream_combine(F, FT, N, w_old, VECTOR)
     if not symmetric:
-        _stream_combine(G, GT, M, w_old, BLOCK_M)
+        _stream_combine(G, GT, M, w_old, VECTOR)
 
 
 @triton.jit
@@ -1019,14 +1023,14 @@ def _sinkhorn_streaming_kernel(
         anchored = _stored(anchored, precise, e, e_prev)
         active = annealing | (it < n_iters)
         if HAS_TOL:
-            active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M) > tol))
+            active = active & (annealing | (_stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps) > tol))
         if active:
-            _stream_step(Fp, FTp, Gp, GTp, n, m, w_old, symmetric, BLOCK_N, BLOCK_M)
+            _stream_step(Fp, FTp, Gp, GTp, n, m, w_old, symmetric)
         it += (active & ~annealing).to(tl.int32)
         t += 1
         go = active
 
-    err = _stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps, BLOCK_N, BLOCK_M)
+    err = _stream_error(Fp, FTp, Gp, GTp, A, Bw, n, m, eps)
     out = tl.program_id(1) * tl.num_programs(0) + pid
     tl.store(ERR + out, err)
     tl.store(ITERS + out, n_anneal + it)
@@ -1050,20 +1054,19 @@ def _split_update(CH, CL, s_r, s_c, s_rd, s_cd, MU, smd, D, n, m, A, Bw, Fp, Gp,
     _stream_update(CH, CL, CH, s_r, s_c, s_rd, s_cd, MU, smd, D, n, m, A, Bw, Fp, Gp, FTp, GTp, CH, CH, CH, r0, r1, c0,
                    c1, e, precise, inv_rho, symmetric, first, e_prev, False, 0.0, False, FROM_POINTS, BLOCK_N, BLOCK_M,
                    BLOCK_K)
-    tl.store(PART, _stream_error(Fp + r0, FTp + r0, Gp + c0, GTp + c0, A + r0, Bw + c0, r1 - r0, c1 - c0, eps,
-                                 BLOCK_N, BLOCK_M))
+    tl.store(PART, _stream_error(Fp + r0, FTp + r0, Gp + c0, GTp + c0, A + r0, Bw + c0, r1 - r0, c1 - c0, eps))
 
 
 @triton.jit
 def _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, PARTS, n_split, t, n_anneal, w_old, n_iters, tol, symmetric,
-                HAS_TOL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                HAS_TOL: tl.constexpr):
     """``(active, err, it)`` of step t (``_schedule_step``), which every program of the problem decides alike:
     err = the step's residual, its programs' PARTS summed in a fixed order (the same bits in every program
     and run); it = the final-temperature updates kept before it (every earlier step was kept). When active,
     the program's rows and columns take the update (``_stream_step``)."""
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    for s0 in range(0, n_split, BLOCK_N):
-        offs = s0 + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((VECTOR,), dtype=tl.float64)
+    for s0 in range(0, n_split, VECTOR):
+        offs = s0 + tl.arange(0, VECTOR)
         acc += tl.load(PARTS + offs, mask=offs < n_split, other=0.0)
     err = tl.sum(acc, axis=0)
     annealing = t <= n_anneal
@@ -1072,7 +1075,7 @@ def _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, PARTS, n_split, t, n_anneal, w
     if HAS_TOL:
         active = active & (annealing | (err > tol))
     if active:
-        _stream_step(Fp + r0, FTp + r0, Gp + c0, GTp + c0, r1 - r0, c1 - c0, w_old, symmetric, BLOCK_N, BLOCK_M)
+        _stream_step(Fp + r0, FTp + r0, Gp + c0, GTp + c0, r1 - r0, c1 - c0, w_old, symmetric)
     return active, err, it
 
 
@@ -1138,7 +1141,7 @@ def _sinkhorn_split_kernel(
                           BLOCK_K)
             _grid_sync(SYNC, n_split, k + 1)
             active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
-                                          n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
+                                          n_iters, tol, symmetric, HAS_TOL)
             _grid_sync(SYNC, n_split, k + 2)
             k += 2
             t += 1
@@ -1157,7 +1160,7 @@ def _sinkhorn_split_kernel(
                               BLOCK_M, BLOCK_K)
             else:
                 active, err, it = _split_keep(Fp, Gp, FTp, GTp, r0, r1, c0, c1, slot, n_split, t, n_anneal, w_old,
-                                              n_iters, tol, symmetric, HAS_TOL, BLOCK_N, BLOCK_M)
+                                              n_iters, tol, symmetric, HAS_TOL)
                 if (~active) & (r == 0):
                     tl.store(ITERS + out, n_anneal + it)
                     tl.store(ERR + out, err)
