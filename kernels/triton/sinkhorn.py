@@ -804,19 +804,29 @@ def _stream_sum2(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r,
 def _stream_sum2_absorbed(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, wp, k, BLOCK_R: tl.constexpr,
                           BLOCK_C: tl.constexpr):
     """``_stream_sum2`` on the absorbed cost: the exponent relative to the reference is (wq_j + wp_i) - CK_ij k,
-    with wp_i = (reference_i - a_i) k and wq_j = log2(w_j) + (q_j - b_j) k (``_stream_columns``)."""
+    with wp_i = (reference_i - a_i) k and wq_j = log2(w_j) + (q_j - b_j) k (``_stream_columns``). Each trip
+    loads the next tile (and its wq) into registers before it computes on this one, so the loads of a row
+    block's tiles wait for each other only as long as a tile's exponentials take."""
     mx = tl.full((BLOCK_R, BLOCK_C), float("-inf"), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    wq, K = _absorbed_tile(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, 0, BLOCK_C)
     for c0 in range(0, n_cols, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        in_c = offs_c < n_cols
-        wq = tl.load(WQ + offs_c, mask=in_c, other=float("-inf"))
-        K = tl.load(CK + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=in_r[:, None] & in_c[None, :],
-                    other=0.0)
+        wq_next, K_next = _absorbed_tile(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, c0 + BLOCK_C, BLOCK_C)
         z = (wq[None, :] + wp[:, None]) - K * k
         mx = tl.maximum(mx, z)
         acc += tl.exp2(z)
+        wq, K = wq_next, K_next
     return _finite(tl.max(mx, axis=1)), tl.sum(acc, axis=1).to(tl.float64)
+
+
+@triton.jit
+def _absorbed_tile(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, c0, BLOCK_C: tl.constexpr):
+    """``(wq, K)`` of the column tile at c0 (-inf and 0 past n_cols: nothing is read there)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    in_c = offs_c < n_cols
+    wq = tl.load(WQ + offs_c, mask=in_c, other=float("-inf"))
+    return wq, tl.load(CK + offs_r[:, None] * s_row + offs_c[None, :] * s_col, mask=in_r[:, None] & in_c[None, :],
+                       other=0.0)
 
 
 @triton.jit
