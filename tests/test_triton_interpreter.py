@@ -305,12 +305,12 @@ def test_streamed_fast_passes_on_the_common_path_reduce_once_per_row_block_and_a
     of its fast passes (8 exponentials per thread: 32 x 32 / 128, and almost no float64, unlike the precise
     pass's: a row pass and a column pass each reading the absorbed cost, storing it, or neither) accumulate
     each lane's exponentials and max across the column tiles and reduce once per row block: no barrier, no
-    shuffle, at most 41 instructions per exponential (295 to 322 for the column passes, 177 to 195 for the
-    row passes, under triton 3.9; 291 to 316 before the precise passes took float64 exponentials, which
-    moved ptxas's schedule of the storing column pass; 402 with 80 shuffles and 335 with 8 barriers when
-    every tile reduced its max and its sum across the block). The two that read the absorbed cost take at
-    most 4 fp32 operations and 20 instructions per exponential (88 and 142, loading the next tile as they
-    go; 80 and 130 without)."""
+    shuffle, at most 13 fp32 operations and 50 instructions per exponential (333 to 390 for the column
+    passes, 195 to 226 for the row passes, under triton 3.9, each trip loading the next tile into registers
+    before computing on this one; 289 to 322 and 174 to 195 without; 402 with 80 shuffles and 335 with 8
+    barriers when every tile reduced its max and its sum across the block). The two that read the absorbed
+    cost take at most 4 fp32 operations and 20 instructions per exponential (87 and 143; 80 and 130 without
+    loading ahead)."""
     proc = subprocess.run([sys.executable, "-c", _STREAM_LOOPS], cwd=ROOT, capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -318,7 +318,8 @@ def test_streamed_fast_passes_on_the_common_path_reduce_once_per_row_block_and_a
                   key=lambda loop: loop["instructions"])
     assert len(fast) == 6, fast
     for loop in fast:
-        assert loop["barrier"] == 0 and loop["shuffle"] == 0 and loop["instructions"] <= 41 * 8, loop
+        assert loop["barrier"] == 0 and loop["shuffle"] == 0, loop
+        assert loop["fp32"] <= 13 * 8 and loop["instructions"] <= 50 * 8, loop
     for loop in fast[:2]:
         assert loop["fp32"] <= 4 * 8 and loop["instructions"] <= 20 * 8, loop
 

@@ -765,8 +765,7 @@ def _stream_lse2(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, val
     c = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for c0 in range(0, n_cols, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        z = _stream_exponents(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols,
+        z = _stream_exponents(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, c0, n_cols,
                               LOGW_COL, POT_COL, ph, k, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
         c_new = tl.maximum(c, tl.max(z, axis=1))
         s = s * tl.exp2(c - _finite(c_new)).to(tl.float64) + tl.sum(tl.exp2(z - _finite(c_new)[:, None]),
@@ -784,13 +783,26 @@ def _stream_sum2(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r,
     between 2^-NEAR and columns x 2^NEAR). Each lane keeps its own max and fp32 sum across the tiles (at N =
     M = 2048, 64 terms each), and the row block reduces them once, after its last tile: no barrier or
     shuffle per tile. STORE: each tile's C - ph - qh (``_fast_exponents``' u) is also stored in CK, the absorbed
-    cost anchored on ph and qh."""
+    cost anchored on ph and qh. From the packed cost each trip loads the next tile (and its columns'
+    potentials and weights) into registers before computing on this one, so the tiles' loads overlap the
+    exponentials instead of waiting in turn; tiles formed from the points are formed in turn (the next one's
+    DMMA steps would keep both tiles live)."""
     mx = tl.full((BLOCK_R, BLOCK_C), float("-inf"), dtype=tl.float32)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    if not FROM_POINTS:
+        tile = _column_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, 0, n_cols, LOGW_COL,
+                            POT_COL, False, BLOCK_R, BLOCK_C, BLOCK_K)
     for c0 in range(0, n_cols, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        u, w2 = _stream_differences(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols,
-                                    LOGW_COL, POT_COL, ph, k, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
+        if FROM_POINTS:
+            tile = _column_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, c0, n_cols,
+                                LOGW_COL, POT_COL, True, BLOCK_R, BLOCK_C, BLOCK_K)
+            nxt = tile
+        else:
+            nxt = _column_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, c0 + BLOCK_C, n_cols,
+                               LOGW_COL, POT_COL, False, BLOCK_R, BLOCK_C, BLOCK_K)
+        u, w2 = _tile_differences(tile, ph, k)
+        tile = nxt
         if STORE:
             tl.store(CK + offs_r[:, None] * s_row + offs_c[None, :] * s_col, u,
                      mask=in_r[:, None] & (offs_c < n_cols)[None, :])
@@ -830,28 +842,35 @@ def _absorbed_tile(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, c0, BLOCK_C: tl.c
 
 
 @triton.jit
-def _stream_exponents(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols, LOGW_COL,
-                      POT_COL, ph, k, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _stream_exponents(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, c0, n_cols, LOGW_COL, POT_COL,
+                      ph, k, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    """The fast exponents (``_fast_exponents``) of one [rows, columns] tile of the streamed cost."""
-    u, w2 = _stream_differences(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols,
-                                LOGW_COL, POT_COL, ph, k, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
+    """The fast exponents (``_fast_exponents``) of the column tile at c0 of the streamed cost."""
+    u, w2 = _tile_differences(_column_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, c0,
+                                           n_cols, LOGW_COL, POT_COL, FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K), ph, k)
     return w2[None, :] - u * k
 
 
 @triton.jit
-def _stream_differences(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, n_cols, LOGW_COL,
-                        POT_COL, ph, k, FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """``(u, w2)`` of one [rows, columns] tile of the streamed cost (``_stream_tile``): u = C - ph - qh
-    (``_differences``) and the columns' weights w2 (``_fast_exponents``)."""
+def _column_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, c0, n_cols, LOGW_COL, POT_COL,
+                 FROM_POINTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(q, lw, C_hi, C_lo)`` of the column tile at c0 of a streamed problem: its columns' potentials and
+    log-weights (0 and -inf past n_cols) and its cost (``_stream_tile``)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
     in_c = offs_c < n_cols
-    qh, ql = _split(tl.load(POT_COL + offs_c, mask=in_c, other=0.0))
     lw = tl.load(LOGW_COL + offs_c, mask=in_c, other=float("-inf"))
-    w2 = (lw * LOG2E).to(tl.float32) + ql * k
     C_hi, C_lo = _stream_tile(CH, CL, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r, valid, offs_c, in_c,
                               lw > float("-inf"), FROM_POINTS, BLOCK_R, BLOCK_C, BLOCK_K)
-    return _differences(C_hi, C_lo, ph, qh, 1), w2
+    return tl.load(POT_COL + offs_c, mask=in_c, other=0.0), lw, C_hi, C_lo
+
+
+@triton.jit
+def _tile_differences(tile, ph, k):
+    """``(u, w2)`` of a ``_column_tile``: u = C - ph - qh (``_differences``) and the columns' weights w2
+    (``_fast_exponents``)."""
+    q, lw, C_hi, C_lo = tile
+    qh, ql = _split(q)
+    return _differences(C_hi, C_lo, ph, qh, 1), (lw * LOG2E).to(tl.float32) + ql * k
 
 
 @triton.jit
