@@ -36,13 +36,14 @@ COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
 # The streaming solvers form a tile from the points (STREAM_SOURCES "points") in the cost kernel's BLOCK_K steps.
 STREAM_BLOCK_K = COST_BLOCK[2]
 COST_WARPS = 4
-GRAD_BLOCK = (32, 32, 32, 32)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO (BLOCK_K 16 took twice the DMMA steps)
+GRAD_BLOCK = (32, 32, 32, 32)  # BLOCK_N, BLOCK_M, BLOCK_K, BLOCK_DO (BLOCK_K 16: twice the DMMA loop's trips)
 GRAD_WARPS = 8
 # The backward splits the output features among programs only while pairs x row blocks x sides leave fewer
 # programs than this many per SM (``triton_backend.feature_groups``): each split forms the cost tiles again.
 GRAD_PROGRAMS_PER_SM = 2
 # No software pipelining by default (the solvers' tile loops: staging the next tile through shared memory costs each
-# tile 38-104 SASS instructions and 2 barriers); the backward's loops ask for sinkhorn.STAGES themselves.
+# tile 38-104 SASS instructions and 2 barriers); the backward's loops ask for sinkhorn.STAGES themselves (its S @ y
+# slices with the ieee dot only).
 NUM_STAGES = 1
 # Fused multiply-adds on (triton's default, named so that triton >= 3.9 does not warn that its default will
 # change): the kernels' error-free subtractions (TwoSum) contain no products to fuse, and the exponent

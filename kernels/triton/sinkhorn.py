@@ -88,9 +88,10 @@ PRECISE_RATIO = tl.constexpr(256.0)
 # A streamed pass sums 2^z without an offset (``_stream_sum2``): NEAR + log2(columns) must stay below 128.
 NEAR = tl.constexpr(32.0)
 # The backward's loops whose loads feed tl.dot (the DMMA steps that form a cost tile from the points, the slices
-# of S @ y) and its output rows run in STAGES software-pipelined stages (``tl.range``): the next trip's loads go
-# out as async copies to shared memory, where the dot reads its operands anyway, while this trip computes, so a
-# loop waits for global memory once instead of at every trip. The other loops keep configs.NUM_STAGES (1): the
+# of S @ y with the ieee dot) and its output rows run in STAGES software-pipelined stages (``tl.range``): the next
+# trip's loads go out as async copies to shared memory (where a dot reads its operands anyway) while this trip
+# computes, so each trip waits only for what is left of a load issued a trip earlier, not for a whole global
+# load issued after the previous trip's work. The other loops keep configs.NUM_STAGES (1): the
 # solvers' tile loops took 38-104 more SASS instructions and 2 barriers per tile pipelined (staging through
 # shared memory), and forming their tiles from the points pipelined (as the cost kernel at 4 warps) spilled
 # 16-92 B under triton 3.6 and 3.7.
