@@ -291,9 +291,8 @@ def _streaming(stream, alpha, beta, schedule, first, count, n, m):
     pair and problem, or ``split_count`` of them (``_split``)."""
     b, device = alpha.shape[0], alpha.device
     n_split = split_count(b, count, n, m, device)
-    if n_split > 1:  # persistent programs would wait forever for ones the interpreter runs after them
-        return _split(stream, alpha, beta, schedule, first, count, n, m, n_split,
-                      split_mode() in ("auto", "persistent") and not triton_interpreted())
+    if n_split > 1:
+        return _split(stream, alpha, beta, schedule, first, count, n, m, n_split, _split_run() == "persistent")
     outs = _Outputs.alloc(first, count, b, n, m, device, zeros=True)
     if stream.absorb:
         absorbed = _empty(stream.tensors[3].shape, torch.float32, device)
@@ -320,16 +319,25 @@ def split_mode() -> str:
     return value
 
 
+def _split_run() -> str:
+    """How ``split_mode`` runs here: "off", "persistent" or "phases" ("auto" is "off" under the interpreter and
+    "persistent" on a GPU; "persistent" runs as "phases" under the interpreter, whose programs run one after
+    the other, so persistent ones would wait forever for those that run after them)."""
+    mode, interpreted = split_mode(), triton_interpreted()
+    if mode == "auto":
+        return "off" if interpreted else "persistent"
+    return "phases" if mode == "persistent" and interpreted else mode
+
+
 def split_count(b: int, count: int, n: int, m: int, device: torch.device) -> int:
-    """Programs per streamed pair and problem: 1 where ``split_mode`` is off (or "auto" under the interpreter)
-    or the b x count pairs and problems fill the SMs; otherwise as many as fill them (one program each at
+    """Programs per streamed pair and problem: 1 where the split is off here (``_split_run``) or the b x count
+    pairs and problems fill the SMs; otherwise as many as fill them (one program each at
     most, so that a persistent grid fits on the GPU at once and its programs can wait for each other; the
     launch is cooperative, so a GPU that cannot hold it refuses it) and no more than give the longer side
     ``SPLIT_MIN_ROWS`` rows per program. Rows and columns are dealt out in whole blocks (``_chunk``), so the
     last programs of a problem may get fewer, and those of a shorter problem (OT(x, x) beside a long y)
     none: they only meet the others at the barriers."""
-    mode = split_mode()
-    if mode == "off" or (mode == "auto" and triton_interpreted()):
+    if _split_run() == "off":
         return 1
     return max(1, min(_sm_count(device) // max(b * count, 1), max(n, m) // SPLIT_MIN_ROWS))
 
@@ -347,10 +355,8 @@ def _split(stream, alpha, beta, schedule, first, count, n, m, n_split, persisten
             *_loop_args(schedule), n_split)
     kw = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, BLOCK_K=STREAM_BLOCK_K, HAS_TOL=schedule.tol is not None,
               PERSISTENT=persistent, FROM_POINTS=stream.from_points,
-              num_warps=split_warps(stream.from_points), **COMPILE_OPTIONS,
+              num_warps=split_warps(stream.from_points), maxnreg=split_maxnreg(persistent), **COMPILE_OPTIONS,
               launch_cooperative_grid=persistent)
-    if split_maxnreg(persistent) is not None:
-        kw["maxnreg"] = split_maxnreg(persistent)
     launch = K._sinkhorn_split_kernel[(b, count, n_split)]
     if persistent:
         launch(*args, 0, **kw)

@@ -252,13 +252,25 @@ def test_auto_picks_triton_only_for_cuda():
         assert resolve("triton", DEVICE) is backend  # allowed on CPU only because TRITON_INTERPRET=1
 
 
+def _compiling(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a process that compiles for sm_90 (the interpreter off)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+
+
+def _sass_loops(script: str):
+    """The JSON a ``resources.sass_loops`` script prints (``_compiling``)."""
+    proc = _compiling("-c", script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 def test_every_kernel_configuration_compiles_for_sm90_without_spills():
     """``python -m otfast.kernels.triton.resources`` compiles every configuration the launchers can choose for
     sm_90 (no GPU needed) and exits 1 on any spill."""
     from otfast.kernels.triton.configs import configs
 
-    proc = subprocess.run([sys.executable, "-m", "otfast.kernels.triton.resources"], cwd=ROOT, capture_output=True,
-                          text=True, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    proc = _compiling("-m", "otfast.kernels.triton.resources")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{len(configs())} configurations compiled for sm_90, 0 spilling" in proc.stdout
 
@@ -281,11 +293,8 @@ def test_a_fast_pass_forms_its_exponents_once_on_the_common_path():
     common path keeps all 2 N M / 128 = 16 exponentials and forms each exponent once: within 24 fp32
     instructions and 40 in all per exponential (366 and 572 under triton 3.9; 502 and 715 when every pass
     swept the tile twice)."""
-    proc = subprocess.run([sys.executable, "-c", _ITERATION_LOOP], cwd=ROOT, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
     whole, common = (min((loop for loop in loops if loop["exp2"] == 16), key=lambda loop: loop["instructions"])
-                     for loops in json.loads(proc.stdout))
+                     for loops in _sass_loops(_ITERATION_LOOP))
     assert common["instructions"] < whole["instructions"]
     assert common["fp32"] <= 24 * 16 and common["instructions"] <= 40 * 16, common
 
@@ -311,10 +320,8 @@ def test_streamed_fast_passes_on_the_common_path_reduce_once_per_row_block_and_a
     barriers when every tile reduced its max and its sum across the block). The two that read the absorbed
     cost take at most 4 fp32 operations and 20 instructions per exponential (87 and 143; 80 and 130 without
     loading ahead)."""
-    proc = subprocess.run([sys.executable, "-c", _STREAM_LOOPS], cwd=ROOT, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fast = sorted((loop for loop in json.loads(proc.stdout) if loop["exp2"] == 8 and loop["fp64"] < 32),
+    loops = _sass_loops(_STREAM_LOOPS)
+    fast = sorted((loop for loop in loops if loop["exp2"] == 8 and loop["fp64"] < 32),
                   key=lambda loop: loop["instructions"])
     assert len(fast) == 6, fast
     for loop in fast:
@@ -342,10 +349,7 @@ def test_the_backward_forms_its_cost_tiles_without_a_reduction_per_step():
     triton 3.9; 150 with 6 barriers and 22 shuffles at 16 when each step reduced the norms across the
     block). They are software-pipelined (``sinkhorn.STAGES``): the next step's points go to shared memory as
     async copies (LDGSTS)."""
-    proc = subprocess.run([sys.executable, "-c", _GRAD_LOOPS], cwd=ROOT, capture_output=True, text=True,
-                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    block_k, loops = json.loads(proc.stdout)
+    block_k, loops = _sass_loops(_GRAD_LOOPS)
     steps = [loop for loop in loops if loop["mma"] and not loop["exp2"] and loop["instructions"] < 400]
     assert len(steps) == 2, loops
     for loop in steps:

@@ -76,9 +76,7 @@ def _compile(config, kernels=None):
     fn = getattr(K, config.kernel)
     sig = _signature(fn, config.constexprs, K.FLOAT64_POINTERS, config.points)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=config.constexprs)
-    options = dict(COMPILE_OPTIONS, num_warps=config.warps)
-    if config.maxnreg is not None:
-        options["maxnreg"] = config.maxnreg
+    options = dict(COMPILE_OPTIONS, num_warps=config.warps, maxnreg=config.maxnreg)  # None: ptxas's choice
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 

@@ -91,10 +91,10 @@ NEAR = tl.constexpr(32.0)
 # of S @ y with the ieee dot) and its output rows run in STAGES software-pipelined stages (``tl.range``): the next
 # trip's loads go out as async copies to shared memory (where a dot reads its operands anyway) while this trip
 # computes, so each trip waits only for what is left of a load issued a trip earlier, not for a whole global
-# load issued after the previous trip's work. The other loops keep configs.NUM_STAGES (1): the
-# solvers' tile loops took 38-104 more SASS instructions and 2 barriers per tile pipelined (staging through
-# shared memory), and forming their tiles from the points pipelined (as the cost kernel at 4 warps) spilled
-# 16-92 B under triton 3.6 and 3.7.
+# load issued after the previous trip's work. The other loops keep configs.NUM_STAGES (1): the solvers' tile
+# loops took 38-104 more SASS instructions and 2 barriers per tile pipelined (staging through shared memory), and
+# forming their tiles from the points pipelined (as the cost kernel at 4 warps) spilled 16-92 B under triton 3.6
+# and 3.7.
 STAGES = tl.constexpr(2)
 # The streaming solvers' loops over a vector of potentials (drift checks, column weights, residuals, averaging)
 # take VECTOR entries a trip: each trip waits for its global loads, and a pair of up to VECTOR tokens then waits
