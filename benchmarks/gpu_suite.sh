@@ -2,13 +2,16 @@
 # Everything that needs a GPU, in one call that fits a 15-minute lease (the steps' limits add up to 360 s on an
 # H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
 # important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
-# against POT and GeomLoss, the row split's CUDA test on its own (programs that wait for each other), then
+# against POT and GeomLoss, where their time goes (benchmarks.breakdown: per kernel, per update, against the
+# batch), the row split's CUDA test on its own (programs that wait for each other), then
 # otfast[triton-nosplit] (one program per long pair) and otfast[triton-exact] (the packed cost without its
-# absorbed cost) at the goal points, flash-sinkhorn there, the sm_90 resource check, the training-step benchmark,
+# absorbed cost) at the goal points, flash-sinkhorn there, the training-step benchmark,
 # the tiny alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep
 # within its time budget. Each step has its own timeout (seconds, below) and logs to
 # $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
-# OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md. Benchmark providers whose packages
+# OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md, and the breakdown's rows to
+# $OUT_DIR/breakdown.json. (The sm_90 resource check is not here: CI runs it under every triton that
+# pyproject.toml allows, without a GPU.) Benchmark providers whose packages
 # are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped and say so, and
 # the harness needs `datasets`, `sacremoses` and what they pull in: carry their wheels in .whl/ (README, "On a
 # GPU machine"); this script installs .whl/*.whl into a private folder first. GPU_SUITE_STEPS="goals step"
@@ -58,19 +61,19 @@ goals() {  # goals STEP SECONDS PROVIDERS...: the five goal points, timed (bench
 xdist=$("$PY" -c "import xdist" 2> /dev/null && echo "-n 8")
 step env 10 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
 step accuracy 25 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
-# the CUDA tests; not the compile-only ones (spills, SASS counts: the resources step compiles every
-# configuration) nor the accuracy cells (the accuracy step runs them)
+# the CUDA tests; not the compile-only ones (spills, SASS counts: CI compiles every configuration without a
+# GPU) nor the accuracy cells (the accuracy step runs them)
 step tests 60 "$PY" -m pytest -q $xdist tests/test_compile.py tests/test_triton_interpreter.py \
   tests/test_accuracy.py::test_gradient_on_nearly_aligned_points \
   -k "(triton or cuda) and not persistent_split_matches and not sm90 and not common_path"
 # (POT's per-pair loop and the unrolled PyTorch loss take seconds per call there: the sweep has them)
 goals goals 60 --skip triton-,flash,sinkhorn_log,unrolled
+step breakdown 25 "$PY" -m benchmarks.breakdown --device cuda --json "$out/breakdown.json"
 # the row split (a persistent kernel) on its own, so that a hang costs only this step: its CUDA test (programs
 # that wait for each other); then the goal points without it and without the absorbed cost
 step split-test 20 "$PY" -m pytest -q tests/test_triton_interpreter.py -k persistent_split_matches
 goals split 30 --only triton-
 goals flash 20 --only flash
-step resources 25 "$PY" -m otfast.kernels.triton.resources --jobs 8  # also under the GPU image's triton
 step step 30 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
 step harness 55 "$PY" -m benchmarks.harness_gpu --out "$out"
 step launches 15 "$PY" -m benchmarks.launches --device cuda

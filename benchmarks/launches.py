@@ -44,7 +44,8 @@ def _shape(text: str) -> tuple[int, int, int, int]:
 
 
 def trace_interpreted_launches() -> None:
-    """Route every interpreted Triton launch through a profiler range named ``TRITON`` (once per process)."""
+    """Route every interpreted Triton launch through a profiler range named ``TRITON`` and the kernel's name
+    (once per process)."""
     import triton.runtime.interpreter as interp
 
     launch = interp.GridExecutor.__call__
@@ -52,16 +53,15 @@ def trace_interpreted_launches() -> None:
         return
 
     def traced(self, *args, **kwargs):
-        with torch.profiler.record_function(TRITON):
+        with torch.profiler.record_function(f"{TRITON} {self.fn.__name__}"):
             return launch(self, *args, **kwargs)
 
     traced.traced = True
     interp.GridExecutor.__call__ = traced
 
 
-def launches(fn, device: str) -> collections.Counter:
-    """Run ``fn()`` once under ``torch.profiler`` and count its launches on ``device`` ("cpu": Triton under
-    the interpreter, with ``trace_interpreted_launches``, and torch calls that compute; "cuda": kernels)."""
+def profiled(fn, device: str) -> list:
+    """The events of one call of ``fn()`` under ``torch.profiler`` (with its CUDA kernels on "cuda")."""
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     if device == "cuda":
         torch.cuda.synchronize()
@@ -69,33 +69,42 @@ def launches(fn, device: str) -> collections.Counter:
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-    return _count(prof.events(), device)
+    return prof.events()
 
 
-def _count(events, device: str) -> collections.Counter:
-    """Launches among the profiler's ``events``, as ``{"triton": n, "torch": n}``."""
-    counts = collections.Counter()
+def launches(fn, device: str) -> collections.Counter:
+    """Run ``fn()`` once under ``torch.profiler`` and count its launches on ``device`` ("cpu": Triton under
+    the interpreter, with ``trace_interpreted_launches``, and torch calls that compute; "cuda": kernels)."""
+    return collections.Counter("torch" if name == "torch" else "triton"
+                               for name, _ in launch_events(profiled(fn, device), device))
+
+
+def launch_events(events, device: str) -> list[tuple[str, float]]:
+    """``(name, microseconds)`` of each launch among the profiler's ``events``: a Triton kernel by its name, any
+    other as "torch". On "cuda" the kernels' device time; on "cpu" the host time of each interpreted Triton
+    launch (``trace_interpreted_launches``) and of each top-level torch call that computes."""
+    out = []
     if device == "cuda":
         for e in events:
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 # otfast's Triton kernels are named _..._kernel; torch's carry a C++ signature
                 triton = e.name.startswith("_") and e.name.endswith("_kernel") and " " not in e.name
-                counts["triton" if triton else "torch"] += 1
-        return counts
+                out.append((e.name if triton else "torch", e.time_range.elapsed_us()))
+        return out
     for e in events:
-        if e.name == TRITON:
-            counts["triton"] += 1
-        elif e.name.startswith("aten::") and not _nested(e):
+        if e.name.startswith(TRITON):
+            out.append((e.name[len(TRITON):].strip(), e.time_range.elapsed_us()))
+        elif e.name.startswith("aten::") and not _nested(e) and (e.name not in NO_LAUNCH or _copies(e)):
             # one torch call, one kernel; a conversion or copy only when it copies
-            counts["torch"] += e.name not in NO_LAUNCH or _copies(e)
-    return counts
+            out.append(("torch", e.time_range.elapsed_us()))
+    return out
 
 
 def _nested(e) -> bool:
     """Whether an event runs inside a Triton launch or another aten op (whose launch counts instead)."""
     parent = e.cpu_parent
     while parent is not None:
-        if parent.name == TRITON or parent.name.startswith("aten::"):
+        if parent.name.startswith((TRITON, "aten::")):
             return True
         parent = parent.cpu_parent
     return False

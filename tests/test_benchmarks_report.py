@@ -4,6 +4,7 @@ nothing here measures speed."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -327,3 +328,40 @@ def test_pot_loads_its_torch_backend_only():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.splitlines()
     assert json.loads(out[0]) == ["1", "1", "1"]
     assert not {"JaxBackend", "CupyBackend", "TensorflowBackend"} & set(json.loads(out[1]))
+
+
+def test_breakdown_fits_the_time_of_one_update():
+    """``per_update``: the line through (updates, ms) points, and a clear error for one count twice."""
+    from benchmarks.breakdown import per_update
+
+    slope, intercept = per_update(3.0 + 0.02 * 102, 102, 3.0 + 0.02 * 27, 27)
+    assert math.isclose(slope, 0.02) and math.isclose(intercept, 3.0)
+    with pytest.raises(ValueError, match="two different update counts"):
+        per_update(1.0, 10, 2.0, 10)
+
+
+def test_breakdown_cli_writes_each_point_it_measured(tmp_path, capsys):
+    """``python -m benchmarks.breakdown`` on the torch backend: per point, the kernels of the forward (and of
+    the backward for fwd+bwd), the fixed setting's two update counts (102 and 27 of its 100 and 25
+    iterations) with their fit, the annealed one's bound, and the batch ratios at B / 4 and 4 B; a bad point
+    is refused with its reason."""
+    from benchmarks.breakdown import main, per_update
+
+    out = tmp_path / "breakdown.json"
+    assert main(["--device", "cpu", "--backend", "torch", "--point", "fixed,fwd+bwd,4,6,5", "--point",
+                 "paper,forward,2,5,6", "--dim", "4", "--repeats", "1", "--json", str(out)]) == 0
+    fixed, paper = json.loads(out.read_text())
+    assert (fixed["setting"], fixed["B"], fixed["N"], fixed["M"], fixed["D"]) == ("fixed", 4, 6, 5, 4)
+    assert set(fixed["forward_kernels_ms"]) == set(fixed["backward_kernels_ms"]) == {"torch"}
+    assert (fixed["updates"], fixed["updates_fewer"]) == (102, 27)
+    slope, intercept = per_update(fixed["forward_ms"], 102, fixed["forward_ms_fewer"], 27)
+    assert math.isclose(fixed["update_us"], slope * 1e3) and math.isclose(fixed["once_ms"], intercept)
+    assert set(fixed["batch_ratio"]) == {"1", "16"} and all(r > 0 for r in fixed["batch_ratio"].values())
+    assert "backward_kernels_ms" not in paper and "update_us" not in paper and set(paper["batch_ratio"]) == {"8"}
+    assert math.isclose(paper["update_us_at_most"], paper["forward_ms"] / paper["updates"] * 1e3)
+    assert "us per update" in capsys.readouterr().out
+    for bad, reason in (("fixed,fwd+bwd,4,6", "SETTING,MODE,B,N,M"), ("fixed,both,4,6,5", "MODE forward"),
+                        ("fixed,forward,4,0,5", "at least 1"), ("fixed,forward,4,x,5", "are integers")):
+        with pytest.raises(SystemExit):
+            main(["--device", "cpu", "--point", bad])
+        assert reason in capsys.readouterr().err

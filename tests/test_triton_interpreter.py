@@ -554,6 +554,38 @@ def test_the_debiased_loss_takes_one_launch_per_kernel(N, M, solver, monkeypatch
     assert (count["triton"], count["torch"]) == (2, 0), count
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # lanes past the pair's rows
+@pytest.mark.parametrize("N,M,solver", [(9, 6, "resident"), (33, 17, "streaming")], ids=lambda v: str(v))
+def test_the_breakdown_names_every_kernel_a_loss_call_launches(N, M, solver, monkeypatch):
+    """``benchmarks.breakdown.kernel_times`` (the GPU suite's breakdown step) times each launch of one loss
+    call under its kernel's name: the forward the centre, the solver's kernel and, streamed, the cost tiles;
+    the backward the centre and the gradient. The times of a call add up to no more than its wall time (no
+    launch counted twice)."""
+    import time
+
+    from benchmarks.breakdown import kernel_times
+    from benchmarks.launches import trace_interpreted_launches
+
+    monkeypatch.delenv("OTFAST_DEBUG_POISON")
+    if DEVICE.type == "cpu":
+        trace_interpreted_launches()
+    batch = make_points(2, N, M, 8, seed=29)
+    x, y = (t.requires_grad_() for t in _on_device(batch.x, batch.y))
+    losses = {}
+
+    def forward():
+        losses["loss"] = otfast.sinkhorn_loss(x, y, eps=0.5, n_iters=4, backend="triton").sum()
+
+    for call, kernels in ((forward, {"_centre_kernel", f"_sinkhorn_{solver}_kernel"}
+                           | ({"_cost_kernel"} if solver == "streaming" else set())),
+                          (lambda: losses["loss"].backward(), {"_centre_kernel", "_grad_kernel"})):
+        started = time.perf_counter()
+        times = kernel_times(call, DEVICE.type)
+        elapsed = (time.perf_counter() - started) * 1e3
+        assert set(times) - {"torch"} == kernels, times
+        assert all(ms > 0 for ms in times.values()) and sum(times.values()) <= elapsed, (times, elapsed)
+
+
 @pytest.mark.parametrize("N,M,sms", [(9, 6, 0), (37, 20, 0), (9, 6, 1000)],
                          ids=["one-block", "two-row-blocks", "three-groups"])
 def test_backward_covers_every_feature_slice_and_group(N, M, sms, monkeypatch):
