@@ -10,8 +10,8 @@
 # within its time budget. Each step has its own timeout (seconds, below) and logs to
 # $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
 # OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md, and the breakdown's rows to
-# $OUT_DIR/breakdown.json. (The sm_90 resource check is not here: CI runs it under every triton that
-# pyproject.toml allows, without a GPU.) Benchmark providers whose packages
+# $OUT_DIR/breakdown.json. (The sm_90 resource check is not here: it needs no GPU, and the README says how
+# it runs under each triton that pyproject.toml allows.) Benchmark providers whose packages
 # are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped and say so, and
 # the harness needs `datasets`, `sacremoses` and what they pull in: carry their wheels in .whl/ (README, "On a
 # GPU machine"); this script installs .whl/*.whl into a private folder first. GPU_SUITE_STEPS="goals step"
