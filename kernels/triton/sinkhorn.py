@@ -96,9 +96,9 @@ NEAR = tl.constexpr(32.0)
 # forming their tiles from the points pipelined (as the cost kernel at 4 warps) spilled 16-92 B under triton 3.6
 # and 3.7.
 STAGES = tl.constexpr(2)
-# The streaming solvers' loops over a vector of potentials (drift checks, column weights, residuals, averaging)
-# take VECTOR entries a trip: each trip waits for its global loads, and a pair of up to VECTOR tokens then waits
-# once per loop instead of once per 32.
+# The streaming solvers' loops over a vector of potentials (drift checks with the column weights, residuals,
+# averaging) take VECTOR entries a trip: each trip waits for its global loads, and a pair of up to VECTOR tokens
+# then waits once per loop instead of once per 32.
 VECTOR = tl.constexpr(256)
 # Exponents whose max reaches FAR (|m| 2^-23 = 8 binary orders of rounding) get a second max (``_far``).
 FAR = tl.constexpr(2.0**26)
@@ -620,7 +620,7 @@ def _stream_softmin(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, n_rows, n_
     anchors a = A_ROW of the rows, b = A_COL of the columns, fp32) where the last pass left it (``anchored``)
     and neither the references nor q have drifted ``drift`` binary orders or more from the anchors
     (``_stream_anchored``): its exponent is then wq_j + wp_i - CK_ij k, two fp32 operations instead of the
-    cost's ten (``_stream_sum2_absorbed``; wq_j, the column's part, computed once per pass into WQ).
+    cost's ten (``_stream_sum2_absorbed``; wq_j, the column's part, stored in WQ by the drift check).
     Otherwise the pass forms its exponents from the cost (C_hi, C_lo) as before, and where the temperature
     is that of the previous step (eps_ref: not an annealing step after the first, whose next pass is at a
     temperature scaling^2 times smaller, where the potentials have drifted tens of binary orders) stores them
@@ -632,12 +632,13 @@ def _stream_softmin(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, n_rows, n_
     absorbed = anchored & ~precise
     if ABSORB:
         if not precise:
-            absorbed = absorbed & _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, n_rows, n_cols,
-                                                   eps, eps_ref, inv_rho, drift, VECTOR)
+            if anchored:
+                absorbed = _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, WQ, n_rows, n_cols, eps,
+                                            eps_ref, inv_rho, drift, VECTOR)
             # every warp has read the anchors it decided on before any overwrites them (a warp that read a
-            # new anchor could decide otherwise than the others)
+            # new anchor could decide otherwise than the others), and the row blocks read WQ across the vector
             tl.debug_barrier()
-            _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, eps == eps_ref, VECTOR)
+            _stream_columns(A_COL, POT_COL, n_cols, absorbed, eps == eps_ref, VECTOR)
     for r0 in range(0, n_rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < n_rows
@@ -654,11 +655,15 @@ def _stream_softmin(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, n_rows, n_
 
 
 @triton.jit
-def _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, n_rows, n_cols, eps, eps_ref, inv_rho, drift,
+def _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, WQ, n_rows, n_cols, eps, eps_ref, inv_rho, drift,
                      BLOCK: tl.constexpr):
     """Whether every valid row's reference (``_reference`` of REF) and every valid column's q (POT_COL) lies
     within ``drift`` binary orders at temperature eps of its anchor (A_ROW, A_COL): then the absorbed
-    exponents carry a rounding of at most about (3 drift + NEAR + 24 + log2(1 / w_min)) 2^-24."""
+    exponents carry a rounding of at most about (3 drift + NEAR + 24 + log2(1 / w_min)) 2^-24. The trips over
+    the columns also store each column's part of an absorbed pass's exponent, WQ_j = log2(w_j) + (q_j - b_j) k
+    (fp32; -inf for padding; b = A_COL), which a pass that does not read the absorbed cost leaves unread: one
+    trip over the columns per pass instead of two, in turn."""
+    k = (1.0 / eps) * LOG2E
     gap = tl.zeros((BLOCK,), dtype=tl.float64)
     for o in range(0, n_rows, BLOCK):
         offs = o + tl.arange(0, BLOCK)
@@ -671,27 +676,23 @@ def _stream_anchored(REF, POT_COL, A_ROW, A_COL, LOGW_ROW, LOGW_COL, n_rows, n_c
         inb = offs < n_cols
         b = tl.load(A_COL + offs, mask=inb, other=0.0).to(tl.float64)
         q = tl.load(POT_COL + offs, mask=inb, other=0.0)
-        gap = tl.maximum(gap, tl.where(_valid(LOGW_COL, offs, inb), tl.abs(q - b), 0.0))
-    return tl.max(gap, axis=0) * ((1.0 / eps) * LOG2E) < drift
+        lw = tl.load(LOGW_COL + offs, mask=inb, other=float("-inf"))
+        tl.store(WQ + offs, (lw * LOG2E + (q - b) * k).to(tl.float32), mask=inb)
+        gap = tl.maximum(gap, tl.where(lw > float("-inf"), tl.abs(q - b), 0.0))
+    return tl.max(gap, axis=0) * k < drift
 
 
 @triton.jit
-def _stream_columns(WQ, A_COL, LOGW_COL, POT_COL, n_cols, eps, absorbed, store, BLOCK: tl.constexpr):
-    """Before an absorbed pass, each column's part of the exponent, WQ_j = log2(w_j) + (q_j - b_j) k (fp32; -inf
-    for padding); before a pass that stores the absorbed cost, the columns' new anchors A_COL_j = fp32(q_j)."""
-    k = (1.0 / eps) * LOG2E
-    for o in range(0, n_cols, BLOCK):
-        offs = o + tl.arange(0, BLOCK)
-        inb = offs < n_cols
-        q = tl.load(POT_COL + offs, mask=inb, other=0.0)
-        if absorbed:
-            b = tl.load(A_COL + offs, mask=inb, other=0.0).to(tl.float64)
-            lw = tl.load(LOGW_COL + offs, mask=inb, other=float("-inf"))
-            tl.store(WQ + offs, (lw * LOG2E + (q - b) * k).to(tl.float32), mask=inb)
-        elif store:
-            tl.store(A_COL + offs, q.to(tl.float32), mask=inb)
-    # the row blocks read these across the vector: order the stores before them (see _stream_update)
-    tl.debug_barrier()
+def _stream_columns(A_COL, POT_COL, n_cols, absorbed, store, BLOCK: tl.constexpr):
+    """Before a pass that stores the absorbed cost (``store`` and not ``absorbed``), the columns' new anchors
+    A_COL_j = fp32(q_j)."""
+    if store and not absorbed:
+        for o in range(0, n_cols, BLOCK):
+            offs = o + tl.arange(0, BLOCK)
+            inb = offs < n_cols
+            tl.store(A_COL + offs, tl.load(POT_COL + offs, mask=inb, other=0.0).to(tl.float32), mask=inb)
+        # the column pass reads these (see _stream_update)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -817,7 +818,7 @@ def _stream_sum2(CH, CL, CK, s_row, s_col, s_rd, s_cd, MU, smd, D, offs_r, in_r,
 def _stream_sum2_absorbed(CK, s_row, s_col, offs_r, in_r, n_cols, WQ, wp, k, BLOCK_R: tl.constexpr,
                           BLOCK_C: tl.constexpr):
     """``_stream_sum2`` on the absorbed cost: the exponent relative to the reference is (wq_j + wp_i) - CK_ij k,
-    with wp_i = (reference_i - a_i) k and wq_j = log2(w_j) + (q_j - b_j) k (``_stream_columns``). Each trip
+    with wp_i = (reference_i - a_i) k and wq_j = log2(w_j) + (q_j - b_j) k (``_stream_anchored``). Each trip
     loads the next tile (and its wq) into registers before it computes on this one, so the loads of a row
     block's tiles wait for each other only as long as a tile's exponentials take."""
     mx = tl.full((BLOCK_R, BLOCK_C), float("-inf"), dtype=tl.float32)
@@ -1027,8 +1028,8 @@ def _sinkhorn_streaming_kernel(
     resident kernel. ABSORB (packed only): COST_ABS (fp32, packed as the cost) holds the absorbed cost the
     fast passes read while their potentials stay within ``drift`` binary orders of its anchors
     (``_stream_softmin``); ANCHORS (fp32 [problems, B, 3, max(N, M)]) the anchors of the rows and of the
-    columns and a pass's column weights. Both are scratch: the first fast pass's drift check reads anchors
-    nothing wrote yet, and discards its answer (``anchored`` is False)."""
+    columns and a pass's column weights. Both are scratch: no pass reads them before one stored them
+    (``anchored``)."""
     pid = tl.program_id(0).to(tl.int64)
     p = FIRST + tl.program_id(1)
     n, m, symmetric, A, Bw, Fp, FTp, Gp, GTp = _streamed(ALPHA, BETA, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, pid, p, N,
