@@ -314,11 +314,11 @@ def test_streamed_fast_passes_on_the_common_path_reduce_once_per_row_block_and_a
     of its fast passes (8 exponentials per thread: 32 x 32 / 128, and almost no float64, unlike the precise
     pass's: a row pass and a column pass each reading the absorbed cost, storing it, or neither) accumulate
     each lane's exponentials and max across the column tiles and reduce once per row block: no barrier, no
-    shuffle, at most 13 fp32 operations and 50 instructions per exponential (335 to 390 for the column
-    passes, 197 to 226 for the row passes, under triton 3.9, each trip loading the next tile into registers
+    shuffle, at most 13 fp32 operations and 50 instructions per exponential (336 to 396 for the column
+    passes, 197 to 225 for the row passes, under triton 3.9, each trip loading the next tile into registers
     before computing on this one; 289 to 322 and 174 to 195 without; 402 with 80 shuffles and 335 with 8
     barriers when every tile reduced its max and its sum across the block). The two that read the absorbed
-    cost take at most 4 fp32 operations and 20 instructions per exponential (90 and 143; 80 and 130 without
+    cost take at most 4 fp32 operations and 20 instructions per exponential (89 and 143; 80 and 130 without
     loading ahead)."""
     loops = _sass_loops(_STREAM_LOOPS)
     fast = sorted((loop for loop in loops if loop["exp2"] == 8 and loop["fp64"] < 32),

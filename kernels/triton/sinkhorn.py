@@ -936,43 +936,45 @@ def _stored(anchored, precise, eps, eps_prev):
 
 
 @triton.jit
-def _stream_residual(P, PT, LOGW, n, eps, BLOCK: tl.constexpr):
-    """``_residual`` over a streamed vector: per-lane partial sums, one reduction at the end."""
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for o in range(0, n, BLOCK):
-        offs = o + tl.arange(0, BLOCK)
-        inb = offs < n
-        w = tl.exp2((tl.load(LOGW + offs, mask=inb, other=float("-inf")) * LOG2E).to(tl.float32))
-        acc += _residual_terms(tl.load(P + offs, mask=inb, other=0.0), tl.load(PT + offs, mask=inb, other=0.0), w,
-                               eps)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _stream_combine(P, PT, n, w_old, BLOCK: tl.constexpr):
-    """P <- w_old P + (1 - w_old) PT: 0 copies (the init), 0.5 averages (the symmetric update)."""
-    for o in range(0, n, BLOCK):
-        offs = o + tl.arange(0, BLOCK)
-        inb = offs < n
-        p = tl.load(P + offs, mask=inb, other=0.0)
-        pt = tl.load(PT + offs, mask=inb, other=0.0)
-        tl.store(P + offs, w_old * p + (1.0 - w_old) * pt, mask=inb)
-    # the next pass reads P across the whole vector: order these stores before it (see _stream_update)
-    tl.debug_barrier()
+def _residual_lanes(P, PT, LOGW, offs, inb, eps):
+    """``_residual``'s terms of the entries offs of a streamed vector (0 outside inb)."""
+    w = tl.exp2((tl.load(LOGW + offs, mask=inb, other=float("-inf")) * LOG2E).to(tl.float32))
+    return _residual_terms(tl.load(P + offs, mask=inb, other=0.0), tl.load(PT + offs, mask=inb, other=0.0), w, eps)
 
 
 @triton.jit
 def _stream_error(F, FT, G, GT, ALPHA, BETA, N, M, eps):
     """Residual of the rows plus the columns (twice the rows, exactly, for a symmetric problem, whose G, GT,
-    BETA alias F, FT, ALPHA)."""
-    return _stream_residual(F, FT, ALPHA, N, eps, VECTOR) + _stream_residual(G, GT, BETA, M, eps, VECTOR)
+    BETA alias F, FT, ALPHA): one loop over both vectors, each with its own per-lane partial sums, reduced once
+    at the end."""
+    acc_f = tl.zeros((VECTOR,), dtype=tl.float32)
+    acc_g = tl.zeros((VECTOR,), dtype=tl.float32)
+    for o in range(0, tl.maximum(N, M), VECTOR):
+        offs = o + tl.arange(0, VECTOR)
+        acc_f += _residual_lanes(F, FT, ALPHA, offs, offs < N, eps)
+        acc_g += _residual_lanes(G, GT, BETA, offs, offs < M, eps)
+    return tl.sum(acc_f, axis=0) + tl.sum(acc_g, axis=0)
+
+
+@triton.jit
+def _combine(P, PT, offs, inb, w_old):
+    """P <- w_old P + (1 - w_old) PT on the entries offs (inb): 0 copies (the init), 0.5 averages (the
+    symmetric update)."""
+    p = tl.load(P + offs, mask=inb, other=0.0)
+    pt = tl.load(PT + offs, mask=inb, other=0.0)
+    tl.store(P + offs, w_old * p + (1.0 - w_old) * pt, mask=inb)
 
 
 @triton.jit
 def _stream_step(F, FT, G, GT, N, M, w_old, symmetric):
-    _stream_combine(F, FT, N, w_old, VECTOR)
-    if not symmetric:
-        _stream_combine(G, GT, M, w_old, VECTOR)
+    """``_combine`` of F and of G (not for a symmetric problem, whose G aliases F), in one loop over both."""
+    m = tl.where(symmetric, 0, M)
+    for o in range(0, tl.maximum(N, m), VECTOR):
+        offs = o + tl.arange(0, VECTOR)
+        _combine(F, FT, offs, offs < N, w_old)
+        _combine(G, GT, offs, offs < m, w_old)
+    # the next pass reads F and G across the whole vector: order these stores before it (see _stream_update)
+    tl.debug_barrier()
 
 
 @triton.jit
