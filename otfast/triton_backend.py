@@ -5,8 +5,8 @@ Implements ``otfast.backends.Backend`` (``solve``, ``solve_points``, ``grad_poin
 ``otfast.kernels.triton.configs``), the preparation of the points and the output buffers. Two regimes
 behind one entry:
 
-- resident (max(N, M) <= ``RESIDENT_MAX`` = 32): one program per pair holds both cost tiles in registers;
-  extra device memory: the potentials, O(B (N + M)).
+- resident (max(N, M) <= 32, or 64 from the points with triton 3.9: ``configs.resident_tile``): one program
+  per pair holds both cost tiles in registers; extra device memory: the potentials, O(B (N + M)).
 - streaming (longer): the cost is written once as two fp32 tiles (8 B N M bytes), then streamed; iterations
   at a fixed temperature read the absorbed cost, a third fp32 tile (4 B N M bytes) their passes store. Where
   those buffers would not fit (``stream_source``: an eighth of the device's memory by default) every pass
@@ -42,9 +42,9 @@ try:
     from .kernels.triton import sinkhorn as K
     from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COMPILE_OPTIONS, COST_BLOCK, COST_WARPS,
                                          GRAD_BLOCK, GRAD_PROGRAMS_PER_SM, GRAD_WARPS, PRECISIONS, RESIDENT_MAX,
-                                         RESIDENT_WARPS, SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_BLOCK_K,
+                                         SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_BLOCK_K,
                                          STREAM_DRIFT, STREAM_MAXNREG, STREAM_MEMORY_SHARE, STREAM_SOURCES,
-                                         STREAM_WARPS, split_maxnreg, split_warps)
+                                         STREAM_WARPS, resident_tile, split_maxnreg, split_warps)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -237,7 +237,7 @@ def _centre(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.T
     return mu
 
 
-def _resident(points, cost, alpha, beta, schedule, first, count, n, m, dim):
+def _resident(points, cost, tile, alpha, beta, schedule, first, count, n, m, dim):
     b = alpha.shape[0]
     outs = _Outputs.alloc(first, count, b, n, m, alpha.device, zeros=False)
     from_points = cost is None
@@ -246,10 +246,11 @@ def _resident(points, cost, alpha, beta, schedule, first, count, n, m, dim):
         strides = (*X.stride(), *Y.stride(), *points.mu_strides, 0, 0, 0)
     else:
         X, Y, MU, COST, strides = cost, cost, cost, cost, (0,) * 9 + cost.stride()
+    side, warps, groups = tile
     K._sinkhorn_resident_kernel[(b, count)](
         X, Y, MU, COST, alpha, beta, _schedule(schedule, alpha.device), *outs.args(), n, m, dim, first, *strides,
-        *_loop_args(schedule), BLOCK_N=RESIDENT_MAX, BLOCK_M=RESIDENT_MAX, FROM_POINTS=from_points,
-        SYMMETRIC=None if from_points else first == XX, HAS_TOL=schedule.tol is not None, num_warps=RESIDENT_WARPS,
+        *_loop_args(schedule), BLOCK_N=side, BLOCK_M=side, GROUPS=groups, FROM_POINTS=from_points,
+        SYMMETRIC=None if from_points else first == XX, HAS_TOL=schedule.tol is not None, num_warps=warps,
         **COMPILE_OPTIONS)
     return outs.potentials()
 
@@ -395,8 +396,9 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     b, n, m = cost_matrix.shape
     _check(alpha, beta, n, m, b)
     first = XX if symmetric else XY
-    if max(n, m) <= RESIDENT_MAX:
-        return _resident(None, _f64(cost_matrix), _f64(alpha), _f64(beta), schedule, first, 1, n, m, 1)[0]
+    tile = resident_tile(max(n, m), from_points=False)
+    if tile:
+        return _resident(None, _f64(cost_matrix), tile, _f64(alpha), _f64(beta), schedule, first, 1, n, m, 1)[0]
     source = stream_source(b, [(n, m)], cost_matrix.device, from_points=False)
     cost, alpha, beta = _f64(cost_matrix), _f64(alpha), _f64(beta)
     hi = cost.float()
@@ -428,12 +430,12 @@ def solve_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: 
 def _solve_points(x, y, alpha, beta, schedule, first, count, cost):
     (b, n, dim), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
-    streamed = max(n, m) > RESIDENT_MAX
-    source = stream_source(b, [_shape(p, n, m) for p in range(first, first + count)], x.device) if streamed else None
+    tile = resident_tile(max(n, m))
+    source = stream_source(b, [_shape(p, n, m) for p in range(first, first + count)], x.device) if not tile else None
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)
-    if not streamed:
-        return _resident(points, None, alpha, beta, schedule, first, count, n, m, dim)
+    if tile:
+        return _resident(points, None, tile, alpha, beta, schedule, first, count, n, m, dim)
     if source == "points":
         stream = _Stream.points(points)
     else:

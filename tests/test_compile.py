@@ -98,7 +98,7 @@ def test_device_annealing_is_not_read_as_a_list_of_temperatures():
 
 
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="triton unavailable")
-@pytest.mark.parametrize("N,M", [(7, 9), (33, 17)], ids=["resident", "streaming"])
+@pytest.mark.parametrize("N,M", [(7, 9), (65, 17)], ids=["resident", "streaming"])
 def test_triton_derives_the_annealing_list_on_the_device(N, M):
     """The kernels' own list (from the diameter alone) gives the potentials of the host list, to the last
     bits their exp may differ in."""

@@ -1,7 +1,9 @@
 """The Triton backend against the torch reference: on CPU under ``TRITON_INTERPRET=1`` (set by conftest.py
 when there is no GPU), on the GPU when there is one (``benchmarks/gpu_suite.sh`` runs this file there).
 
-Both regimes run: resident (max(N, M) <= 32) and streaming (longer). Every output of every launch is
+Both regimes run: resident and streaming. Pairs of up to 32 tokens solve on the resident kernel's 32 tile;
+longer ones stream here (``resident_tiles``), except in the tests of its 64 tile (``TILE64``), which the
+launchers choose for 33 to 64 tokens. Every output of every launch is
 poisoned with NaN (integers with a sentinel) first, so an element a kernel forgets to write fails.
 Shapes stay small (D = 8) because the interpreter runs each kernel op in numpy.
 """
@@ -23,6 +25,10 @@ from conftest import assert_close, assert_finite_at_extreme_eps, case_id, make_c
 
 triton = pytest.importorskip("triton")
 backend = pytest.importorskip("otfast.triton_backend")
+configs = pytest.importorskip("otfast.kernels.triton.configs")
+TILES = configs.RESIDENT_TILES
+TILE64 = next((tile for tile in TILES if tile[0] == 64), None)  # shipped with triton >= 3.9
+ON_64 = pytest.mark.skipif(TILE64 is None, reason="the 64 tile ships with triton 3.9 and later")
 
 if not otfast.backends()["triton"].available:
     pytest.skip(f"triton backend unavailable: {otfast.backends()['triton'].detail}", allow_module_level=True)
@@ -46,16 +52,37 @@ def poison_outputs(monkeypatch):
     monkeypatch.setenv("OTFAST_DEBUG_POISON", "1")
 
 
+def _tiles(monkeypatch, *tiles):
+    """The resident tiles the launchers may choose (``configs.resident_tile``): pairs longer than the last stream."""
+    monkeypatch.setattr(configs, "RESIDENT_TILES", tiles)
+
+
+@pytest.fixture(autouse=True)
+def resident_tiles(monkeypatch):
+    """The resident tiles the launchers chose, in order. Only the 32 tile unless a test allows ``TILES``: pairs
+    of 33 to 64 tokens stream (the streaming kernel's cases are that short, for the interpreter's sake)."""
+    _tiles(monkeypatch, TILES[0])
+    chosen, choose = [], backend.resident_tile
+
+    def recorded(length, from_points=True):
+        chosen.append(choose(length, from_points))
+        return chosen[-1]
+
+    monkeypatch.setattr(backend, "resident_tile", recorded)
+    return chosen
+
+
 SETTINGS = {
     "fixed-cosine": dict(cost="cosine", eps=0.1, scaling=None, n_iters=40, debias=False),
     "anneal-debias": dict(blur=0.3, scaling=0.5, debias=True),
     "unbalanced": dict(blur=0.5, scaling=0.5, reach=1.0, debias=True),
     "tol": dict(eps=2.0, scaling=None, n_iters=300, tol=1e-4, debias=False),  # pairs stop after 23-61 updates
 }
-# (N, M): resident 1, 7, 32; streaming 37 (two tiles of rows) and 70 (three, the last one ragged).
-RESIDENT = [(1, 7), (7, 20), (32, 17)]
-CASES = [(n, m, s) for n, m in RESIDENT for s in SETTINGS] + [(37, 20, "tol"), (70, 33, "unbalanced"),
-                                                              (70, 37, "anneal-debias")]
+# (N, M): resident 1, 7, 32; on the 64 tile 64 and 40 x 64 (three of its column groups partly past the pair);
+# streaming 37 (two tiles of rows) and 70 (three, the last one ragged).
+RESIDENT = [(1, 7), (7, 20), (32, 17), (64, 41)]
+STREAMED = [(37, 20, "tol"), (70, 33, "unbalanced"), (70, 37, "anneal-debias")]
+CASES = [(n, m, s) for n, m in RESIDENT for s in SETTINGS] + [(40, 64, "anneal-debias")] + STREAMED
 
 
 def _run(batch, backend, **kw):
@@ -70,7 +97,10 @@ def _run(batch, backend, **kw):
 
 
 @pytest.mark.parametrize("N,M,setting", CASES, ids=[case_id(3, n, m, 8, torch.float32, s=s) for n, m, s in CASES])
-def test_loss_and_gradients_match_reference(N, M, setting):
+def test_loss_and_gradients_match_reference(N, M, setting, monkeypatch, resident_tiles):
+    on64 = TILE64 is not None and (N, M, setting) not in STREAMED and max(N, M) > 32
+    if on64:
+        _tiles(monkeypatch, *TILES)
     batch = make_points(3, N, M, 8, dtype=torch.float32, seed=N * 1000 + M, weights=setting == "anneal-debias")
     kw = SETTINGS[setting]
     ref = _run(batch, "torch", **kw)
@@ -80,23 +110,23 @@ def test_loss_and_gradients_match_reference(N, M, setting):
     assert_close(got[2], ref[2], rtol=1e-4, atol=1e-7, what="dy")
     if ref[3] is not None:
         assert_close(got[3], ref[3], rtol=1e-4, atol=1e-5, what="d weights_x")  # exact 0 at N = 1, up to rounding
+    assert resident_tiles and set(resident_tiles) == {TILE64 if on64 else None if max(N, M) > 32 else TILES[0]}
 
 
-@pytest.mark.parametrize("regime", ["resident", "streaming"])
-def test_precise_passes_take_float64_exponentials(regime, monkeypatch):
+@pytest.mark.parametrize("regime", ["resident", pytest.param("resident-64", marks=ON_64), "streaming"])
+def test_precise_passes_take_float64_exponentials(regime, monkeypatch, resident_tiles):
     """The annealing's precise passes (temperatures above 256 times the final one) in float64 down to their
     exponentials: with fp32 exponentials of the float64 exponents (each term off by |z| 2^-24, at
     temperatures where that is 1e-6 of the potentials) this annealed pair, D = 768, scale 1, the accuracy
     matrix's failing cell on an H200 and in the interpreter, had a gradient 1.3e-4 from the float64
-    oracle; 3e-6 with them. Both the resident and the streaming kernel (``RESIDENT_MAX`` lowered so that
-    the 24 x 20 pair streams)."""
+    oracle; 3e-6 with them. The resident kernel on either tile (the 24 x 20 pair on the 64 tile when it is the
+    only one) and the streaming kernel (no resident tile)."""
     g = torch.Generator().manual_seed(768010)
     x = torch.randn(4, 24, 768, generator=g)
     y = torch.randn(4, 20, 768, generator=g) + 0.1
     x, y = x[2:3], y[2:3]
     kw = dict(blur=0.05, scaling=0.5, debias=False, diameter=150.60245211969624)  # the 4 pairs' diameter
-    if regime == "streaming":
-        monkeypatch.setattr(backend, "RESIDENT_MAX", 16)
+    _tiles(monkeypatch, *{"resident": TILES[:1], "resident-64": (TILE64,), "streaming": ()}[regime])
     grads = []
     for be, dtype in (("torch", torch.float64), ("triton", torch.float32)):
         xs, ys = (t.to(DEVICE, dtype).requires_grad_() for t in (x, y))
@@ -106,17 +136,21 @@ def test_precise_passes_take_float64_exponentials(regime, monkeypatch):
     err = max(float((got_x - want_x).abs().max() / want_x.abs().max()),
               float((got_y - want_y).abs().max() / want_y.abs().max()))
     assert err < 2e-5, err
+    assert resident_tiles == [None if regime == "streaming" else TILE64 if regime == "resident-64" else TILES[0]]
 
 
-@pytest.mark.parametrize("N,M", [(7, 20), (48, 40)], ids=["resident", "streaming"])
-def test_paper_setting_matches_the_fp64_oracle(N, M):
+@pytest.mark.parametrize("N,M,tiles", [(7, 20, 1), pytest.param(48, 40, 2, marks=ON_64), (48, 40, 1)],
+                         ids=["resident", "resident-64", "streaming"])
+def test_paper_setting_matches_the_fp64_oracle(N, M, tiles, monkeypatch, resident_tiles):
     """At eps = 0.0025 (the paper's blur = 0.05) C / eps is in the thousands: the fp32 kernels are held to the
     float64 oracle with the accuracy matrix's bounds (value 2e-6, gradients 1e-4)."""
+    _tiles(monkeypatch, *TILES[:tiles])
     oracle = _run(make_points(2, N, M, 8, dtype=torch.float64, seed=7), "torch")
     got = _run(make_points(2, N, M, 8, dtype=torch.float32, seed=7), "triton")
     assert_close(got[0], oracle[0], rtol=2e-6, atol=0, what="value")
     for g, o, what in zip(got[1:3], oracle[1:3], ("dx", "dy")):
         assert_close(g, o, rtol=1e-4, atol=0, what=what)
+    assert resident_tiles[-1] == (None if max(N, M) > configs.RESIDENT_TILES[-1][0] else configs.RESIDENT_TILES[-1])
 
 
 # The interpreter's numpy warns for the tile's lanes outside the pair (rows N..31 of the resident tile, whose
@@ -136,14 +170,17 @@ def test_huge_cost_over_eps_stays_finite(N, M):
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning",
                             "ignore:overflow encountered in exp2:RuntimeWarning")
-@pytest.mark.parametrize("N,M", [(9, 6), (33, 20)], ids=["resident", "streaming"])
-def test_clouds_far_apart_stay_finite(N, M):
+@pytest.mark.parametrize("N,M,tiles", [(9, 6, 1), pytest.param(33, 20, 2, marks=ON_64), (33, 20, 1)],
+                         ids=["resident", "resident-64", "streaming"])
+def test_clouds_far_apart_stay_finite(N, M, tiles, monkeypatch, resident_tiles):
     """x 1e4 from the origin and y 1e4 on the other side (C / eps ~ 3e9, every cost nearly the same): the
     fast passes' exponents relative to the zero initial potentials are ~1e10, whose fp32 max is off by
     hundreds of binary orders; the potentials and gradients still match the reference's (they were NaN
     before the second sweep took its own max there, ``sinkhorn._far``)."""
     from otfast import reference
     from otfast.schedule import Schedule
+
+    _tiles(monkeypatch, *TILES[:tiles])
 
     batch = make_points(2, N, M, 8, seed=23, ragged=False)
     x, y = batch.x + 1e4, batch.y - 1e4
@@ -158,6 +195,7 @@ def test_clouds_far_apart_stay_finite(N, M):
     grads = backend.grad_points(*_on_device(x, y, alpha, beta), pots, schedule.eps, *_on_device(u, v))
     for got, w, what in zip(grads, reference.grad_points(x, y, alpha, beta, want, schedule.eps, u, v), ("dx", "dy")):
         assert_close(got.cpu(), w, rtol=1e-6, atol=1e-6, what=what)
+    assert resident_tiles == [None if tiles == 1 and N > 32 else configs.RESIDENT_TILES[-1]]
 
 
 def test_single_token_pairs_have_exact_gradients():
@@ -265,11 +303,12 @@ def _sass_loops(script: str):
     return json.loads(proc.stdout)
 
 
-def test_every_kernel_configuration_compiles_for_sm90_without_spills():
+def test_every_kernel_configuration_compiles_for_sm90_without_spills(monkeypatch):
     """``python -m otfast.kernels.triton.resources`` compiles every configuration the launchers can choose for
     sm_90 (no GPU needed) and exits 1 on any spill."""
     from otfast.kernels.triton.configs import configs
 
+    _tiles(monkeypatch, *TILES)
     proc = _compiling("-m", "otfast.kernels.triton.resources")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{len(configs())} configurations compiled for sm_90, 0 spilling" in proc.stdout
@@ -280,23 +319,27 @@ import json, tempfile
 from otfast.kernels.triton import resources
 from otfast.kernels.triton.configs import configs
 config = next(c for c in configs() if c.kernel == "_sinkhorn_resident_kernel" and c.points == "fp32"
-              and not c.constexprs["HAS_TOL"])
+              and not c.constexprs["HAS_TOL"] and c.constexprs["BLOCK_N"] == {side})
 with tempfile.TemporaryDirectory() as tmp:
     kernels = resources.common_path_kernels(tmp)
-    print(json.dumps([resources.sass_loops(config), resources.sass_loops(config, kernels)]))
+    print(json.dumps([config.warps, resources.sass_loops(config), resources.sass_loops(config, kernels)]))
 """
 
 
-def test_a_fast_pass_forms_its_exponents_once_on_the_common_path():
+@pytest.mark.parametrize("side", [tile[0] for tile in TILES])
+def test_a_fast_pass_forms_its_exponents_once_on_the_common_path(side):
     """The SASS of the resident kernel's iteration loop (``resources --sass``), whole and on the common path
-    (``--common-path``: the second sweep that only passes far from their reference take, removed). The
-    common path keeps all 2 N M / 128 = 16 exponentials and forms each exponent once: within 24 fp32
-    instructions and 40 in all per exponential (366 and 572 under triton 3.9; 502 and 715 when every pass
-    swept the tile twice)."""
-    whole, common = (min((loop for loop in loops if loop["exp2"] == 16), key=lambda loop: loop["instructions"])
-                     for loops in _sass_loops(_ITERATION_LOOP))
+    (``--common-path``: the second sweep that only passes far from their reference take, removed), on each
+    tile. The common path keeps all 2 N M / threads exponentials (16 at 32 x 32 and 4 warps, 32 at 64 x 64
+    and 8) and forms each exponent once: within 24 fp32 instructions and 40 in all per exponential (366 and
+    572 at 32 x 32 under triton 3.9, 502 and 715 when every pass swept the tile twice; 558 and 790 at 64 x
+    64)."""
+    warps, *loops = _sass_loops(_ITERATION_LOOP.format(side=side))
+    exponentials = 2 * side * side // (32 * warps)
+    whole, common = (min((loop for loop in found if loop["exp2"] == exponentials),
+                         key=lambda loop: loop["instructions"]) for found in loops)
     assert common["instructions"] < whole["instructions"]
-    assert common["fp32"] <= 24 * 16 and common["instructions"] <= 40 * 16, common
+    assert common["fp32"] <= 24 * exponentials and common["instructions"] <= 40 * exponentials, common
 
 
 _STREAM_LOOPS = """
@@ -377,8 +420,9 @@ def _far_start(N: int, M: int):
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="patches a constant that compiled kernels bake in")
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
-@pytest.mark.parametrize("N,M", [(20, 17), (40, 37)], ids=["resident", "streaming"])
-def test_fast_passes_sweep_again_only_far_from_their_reference(N, M, monkeypatch):
+@pytest.mark.parametrize("N,M,tiles", [(20, 17, 1), pytest.param(40, 37, 2, marks=ON_64), (40, 37, 1)],
+                         ids=["resident", "resident-64", "streaming"])
+def test_fast_passes_sweep_again_only_far_from_their_reference(N, M, tiles, monkeypatch):
     """A fast pass sums its exponents in one sweep relative to the previous update when every row's max lies
     within ``NEAR`` binary orders of it, and sweeps again relative to the max otherwise (``sinkhorn._near``).
     From zero potentials at eps 0.0025 and scale 10 the first passes' maxima are in the thousands: one sweep
@@ -389,6 +433,7 @@ def test_fast_passes_sweep_again_only_far_from_their_reference(N, M, monkeypatch
     from otfast import reference
     from otfast.kernels.triton import sinkhorn
 
+    _tiles(monkeypatch, *TILES[:tiles])
     x, y, alpha, beta, schedule = _far_start(N, M)
     want = reference.solve_points(x.double(), y.double(), alpha, beta, schedule)
 
@@ -405,14 +450,16 @@ def test_fast_passes_sweep_again_only_far_from_their_reference(N, M, monkeypatch
     assert not torch.equal(shipped, twice)
 
 
-REPLAYED = [("far start", 20, 17), ("far start", 40, 37), ("unbalanced debiased", 20, 17),
-            ("unbalanced debiased", 40, 37)]
+# (case, N, M, resident tiles allowed): 40 x 37 streams with the 32 tile alone, and solves on the 64 tile with both.
+REPLAYED = [("far start", 20, 17, 1), ("far start", 40, 37, 1), ("unbalanced debiased", 20, 17, 1),
+            ("unbalanced debiased", 40, 37, 1), ("unbalanced debiased", 40, 37, 2)]
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="records the decisions of interpreted kernels")
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
-@pytest.mark.parametrize("case,N,M", REPLAYED, ids=[f"{c.replace(' ', '-')}-{n}x{m}" for c, n, m in REPLAYED])
-def test_the_sweep_replay_predicts_the_kernels_decisions(case, N, M, monkeypatch):
+@pytest.mark.parametrize("case,N,M,tiles", [pytest.param(c, n, m, t, id=f"{c.replace(' ', '-')}-{n}x{m}-{t}-tiles",
+                                                         marks=ON_64 if t == 2 else ()) for c, n, m, t in REPLAYED])
+def test_the_sweep_replay_predicts_the_kernels_decisions(case, N, M, tiles, monkeypatch):
     """``benchmarks.sweeps`` replays the loop in float64 to say which fast passes take one sweep (no GPU counter
     can): it predicts every decision of the interpreted kernels (``_near``: per pass and pair when resident,
     per row block when streaming), in order, pair by pair and problem by problem: from a far start (some
@@ -424,8 +471,9 @@ def test_the_sweep_replay_predicts_the_kernels_decisions(case, N, M, monkeypatch
     from benchmarks.sweeps import Decisions
     from otfast import reference
     from otfast.kernels.triton import sinkhorn
-    from otfast.kernels.triton.configs import RESIDENT_MAX
 
+    _tiles(monkeypatch, *TILES[:tiles])
+    resident = configs.resident_tile(max(N, M)) is not None
     decided, absorbed = {}, {}
     near, columns = sinkhorn._near, sinkhorn._stream_columns
 
@@ -446,20 +494,20 @@ def test_the_sweep_replay_predicts_the_kernels_decisions(case, N, M, monkeypatch
     if case == "far start":
         x, y, alpha, beta, schedule = _far_start(N, M)
         backend.solve_points(x, y, alpha, beta, schedule)
-        replay = Decisions(schedule.eps, resident=max(N, M) <= RESIDENT_MAX)
+        replay = Decisions(schedule.eps, resident=resident)
         with replay.record():
             reference.solve_points(x, y, alpha, beta, schedule)
     else:
         batch = make_points(2, N, M, 8, seed=3, ragged=False)
         kw = dict(blur=0.1, scaling=0.5, reach=1.0, debias=True)
         otfast.sinkhorn_loss(batch.x, batch.y, backend="triton", **kw)
-        replay = Decisions(0.1**2, resident=max(N, M) <= RESIDENT_MAX)
+        replay = Decisions(0.1**2, resident=resident)
         with replay.record():
             otfast.sinkhorn_loss(batch.x, batch.y, backend="torch", **kw)
     assert replay.sequences == decided
     assert 0 < replay.one_sweep and (replay.one_sweep < replay.total or case != "far start")
     assert replay.absorbed == absorbed
-    if max(N, M) > RESIDENT_MAX and case == "far start":  # passes of either kind
+    if not resident and case == "far start":  # passes of either kind
         assert 0 < replay.absorbed_passes < replay.fast_passes, replay.absorbed
 
 

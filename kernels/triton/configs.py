@@ -4,10 +4,31 @@ The launchers (``otfast.triton_backend``) choose among these and nothing else, a
 check (``python -m otfast.kernels.triton.resources``) compiles every one of them; both import this module.
 """
 
+import importlib.metadata
 from typing import NamedTuple
 
-RESIDENT_MAX = 32  # the resident kernel's square tile; longer pairs stream (64 x 64 spills, see the README)
-RESIDENT_WARPS = 4  # at 8 warps one of the eight variants spills 48 bytes
+
+def _triton_version() -> tuple[int, ...]:
+    """The installed triton's (major, minor), or (0,) without triton."""
+    try:
+        return tuple(int(part) for part in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0,)
+
+
+# The resident kernel's square tiles (side, num_warps, column groups: ``_sinkhorn_resident_kernel``). A pair and
+# problem takes the first whose side holds both of its lengths; longer pairs stream. The 64 tile reads the points
+# only (from a precomputed cost, ``SYMMETRIC`` True or False, it spilled 88-120 bytes under triton 3.9), and needs
+# triton 3.9: under 3.6 to 3.8 ptxas spilled it by 4.4-7.8 KB.
+RESIDENT_TILES = ((32, 4, 1),) + (((64, 8, 4),) if _triton_version() >= (3, 9) else ())
+RESIDENT_MAX = RESIDENT_TILES[-1][0]
+
+
+def resident_tile(length: int, from_points: bool = True) -> tuple[int, int, int] | None:
+    """The resident tile (side, num_warps, groups) of a pair whose longer side has ``length`` tokens, or None
+    where it streams."""
+    tiles = RESIDENT_TILES if from_points else RESIDENT_TILES[:1]
+    return next((tile for tile in tiles if length <= tile[0]), None)
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
 STREAM_BLOCK = 32
 STREAM_WARPS = 4
@@ -91,10 +112,11 @@ def configs() -> list[Config]:
     for from_points in (True, False):
         for symmetric in (None,) if from_points else (False, True):
             for has_tol in (False, True):
-                consts = dict(BLOCK_N=RESIDENT_MAX, BLOCK_M=RESIDENT_MAX, FROM_POINTS=from_points,
-                              SYMMETRIC=symmetric, HAS_TOL=has_tol)
-                for points in POINT_DTYPES if from_points else (None,):
-                    out.append(Config("_sinkhorn_resident_kernel", consts, RESIDENT_WARPS, points))
+                for side, warps, groups in RESIDENT_TILES if from_points else RESIDENT_TILES[:1]:
+                    consts = dict(BLOCK_N=side, BLOCK_M=side, GROUPS=groups, FROM_POINTS=from_points,
+                                  SYMMETRIC=symmetric, HAS_TOL=has_tol)
+                    for points in POINT_DTYPES if from_points else (None,):
+                        out.append(Config("_sinkhorn_resident_kernel", consts, warps, points))
     stream = dict(BLOCK_N=STREAM_BLOCK, BLOCK_M=STREAM_BLOCK, BLOCK_K=STREAM_BLOCK_K)
     for has_tol in (False, True):
         for source in STREAM_SOURCES:

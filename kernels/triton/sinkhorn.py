@@ -43,10 +43,11 @@ max is guarded so an all -inf row gives 0, never NaN.
 
 Kernels and their memory traffic:
 
-- ``_sinkhorn_resident_kernel``: one program per pair and problem, both cost tiles (``RESIDENT_MAX`` = 32
-  square) in registers, formed on chip from x and y (2 D float64 FMAs per entry, once) or loaded from a
-  precomputed float64 cost. Reads x, y (or C) once, writes f, g, f_prev, g_prev, the iteration count and
-  the residual: O(N D + M D) bytes in, O(N + M) out. Per iteration 2 N M exponentials (N M when symmetric).
+- ``_sinkhorn_resident_kernel``: one program per pair and problem, both cost tiles (``configs.RESIDENT_TILES``:
+  32 square at 4 warps, 64 at 8 with triton 3.9) in registers, formed on chip from x and y (2 D float64 FMAs
+  per entry, once) or loaded from a precomputed float64 cost (32 only). Reads x, y (or C) once, writes f, g,
+  f_prev, g_prev, the iteration count and the residual: O(N D + M D) bytes in, O(N + M) out. Per iteration
+  2 N M exponentials (N M when symmetric).
 - ``_centre_kernel``: each pair's mean of valid points (float64 [3, B, D]: one per problem), which the
   kernels that read points subtract as they load them (``_centred``; padding rows are never read), so
   that the norm expansion of the cost does not cancel. Reads x, y once.
@@ -125,7 +126,7 @@ def _residual_terms(f_old, f_new, w, eps):
 @triton.jit
 def _residual(f_old, f_new, w, eps):
     """The marginal residual sum_i ``_residual_terms``_i."""
-    return tl.sum(_residual_terms(f_old, f_new, w, eps), axis=0)
+    return tl.sum(_residual_terms(f_old, f_new, w, eps))
 
 
 @triton.jit
@@ -144,28 +145,38 @@ def _two_diff(a, b):
 
 
 @triton.jit
-def _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS: tl.constexpr):
-    """z = w2_q - (C - ph - qh) k on a tile, for the pass that reduces over AXIS (1: p on the rows, q on the
-    columns; 0: the transpose). See the module docstring: u is exact near the support."""
-    u = _differences(C_hi, C_lo, ph, qh, AXIS)
-    if AXIS == 1:
-        z = w2[None, :] - u * k
-    else:
-        z = w2[:, None] - u * k
-    return z
+def _fast_exponents(C_hi, C_lo, ph, qh, w2, k):
+    """z = w2_q - (C - ph - qh) k on a tile, with ph (the reference of the side a pass keeps), qh and w2 (of the
+    side it sums over) broadcast over it. See the module docstring: u is exact near the support."""
+    return w2 - _differences(C_hi, C_lo, ph, qh) * k
 
 
 @triton.jit
-def _differences(C_hi, C_lo, ph, qh, AXIS: tl.constexpr):
-    """u = C - ph - qh on a tile (p on the rows when AXIS is 1, on the columns when 0), exact near the support
-    (``_fast_exponents``)."""
+def _differences(C_hi, C_lo, ph, qh):
+    """u = C - ph - qh on a tile (ph, qh broadcast over it), exact near the support (``_fast_exponents``)."""
+    s, e = _two_diff(C_hi, ph)
+    return (s - qh) + (e + C_lo)
+
+
+@triton.jit
+def _max_over(z, AXIS: tl.constexpr):
+    """The max of a resident tile [GROUPS, rows, columns / GROUPS] over its columns (AXIS 1: axes 0 and 2) or
+    its rows (AXIS 0: axis 1), kept in the tile's rank (``_sinkhorn_resident_kernel``)."""
     if AXIS == 1:
-        s, e = _two_diff(C_hi, ph[:, None])
-        u = (s - qh[None, :]) + (e + C_lo)
+        out = tl.max(tl.max(z, axis=0, keep_dims=True), axis=2, keep_dims=True)
     else:
-        s, e = _two_diff(C_hi, ph[None, :])
-        u = (s - qh[:, None]) + (e + C_lo)
-    return u
+        out = tl.max(z, axis=1, keep_dims=True)
+    return out
+
+
+@triton.jit
+def _sum_over(z, AXIS: tl.constexpr):
+    """The sum of a resident tile over its columns (AXIS 1) or rows (AXIS 0), as ``_max_over``."""
+    if AXIS == 1:
+        out = tl.sum(tl.sum(z, axis=0, keep_dims=True), axis=2, keep_dims=True)
+    else:
+        out = tl.sum(z, axis=1, keep_dims=True)
+    return out
 
 
 @triton.jit
@@ -187,18 +198,15 @@ def _softmin_fast(C_hi, C_lo, p, q, logw2_q, eps, damping, valid, AXIS: tl.const
     ph, _ = _split(p)
     qh, ql = _split(q)
     w2 = logw2_q + ql * k
-    z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS)
-    c = _finite(tl.max(z, axis=AXIS))
+    z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k)
+    c = _finite(_max_over(z, AXIS))
     if not _near(c, valid):
         m = c
         ph, c = _shifted(ph, m, eps)
-        z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k, AXIS)
+        z = _fast_exponents(C_hi, C_lo, ph, qh, w2, k)
         if _far(m):
-            c = _finite(tl.max(z, axis=AXIS))
-    if AXIS == 1:
-        s = tl.sum(tl.exp2(z - c[:, None]), axis=1)
-    else:
-        s = tl.sum(tl.exp2(z - c[None, :]), axis=0)
+            c = _finite(_max_over(z, AXIS))
+    s = _sum_over(tl.exp2(z - c), AXIS)
     out = damping * (ph.to(tl.float64) - (eps * LN2) * (c.to(tl.float64) + tl.log2(s).to(tl.float64)))
     return tl.where(valid, out, 0.0)
 
@@ -227,7 +235,7 @@ def _near(m, valid):
     log2(1 / w_min)) 2^-24, about twice that of exponents relative to a reference on the max (``_shifted``),
     and one sweep suffices. Only the valid rows count (padding and the tile's lanes past the pair have
     exponents of any size, and outputs nobody reads)."""
-    return tl.max(tl.where(valid, tl.abs(m), 0.0), axis=0) < NEAR
+    return tl.max(tl.where(valid, tl.abs(m), 0.0)) < NEAR
 
 
 @triton.jit
@@ -243,28 +251,38 @@ def _far(m):
     """Whether some max m of fp32 exponents is so large (``FAR``) that its rounding, |m| 2^-23 at most, can
     put the max relative to the shifted reference outside what ``_shifted``'s c accounts for by more than
     exp2's range allows: the second sweep then takes its own max."""
-    return tl.max(tl.abs(_finite(m)), axis=0) >= FAR
+    return tl.max(tl.abs(_finite(m))) >= FAR
 
 
 @triton.jit
 def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.constexpr):
-    """-d eps LSE over AXIS of (logw_q + (q - C) / eps) with exponents, max, exponentials and sum in float64
-    (see the module docstring: fp32 exponentials of these exponents were the largest error of the loss)."""
+    """-d eps LSE over AXIS of (logw_q + (q - C) / eps) with exponents, exponentials and sum in float64 (see the
+    module docstring: fp32 exponentials of these exponents were the largest error of the loss). The shift m
+    is the max of the exponents formed in fp32: any shift within hundreds of the max keeps the float64
+    exponentials in range, and the result does not depend on it. The float64 exponentials are then taken one
+    column group of the tile at a time, in a loop that is not unrolled: ptxas interleaves the float64
+    exponentials it is given together, and those of a whole 64 x 64 tile (16 a thread) spilled 0.7 KB under
+    triton 3.6."""
     inv_eps = 1.0 / eps
     h = logw_q + q * inv_eps
-    C = C_hi.to(tl.float64) + C_lo.to(tl.float64)
-    if AXIS == 1:
-        z = h[None, :] - C * inv_eps
-    else:
-        z = h[:, None] - C * inv_eps
-    m = tl.max(z, axis=AXIS)
-    m = _finite(m)
-    if AXIS == 1:
-        e = tl.exp(z - m[:, None])
-    else:
-        e = tl.exp(z - m[None, :])
-    out = -damping * eps * (m + tl.log(tl.sum(e, axis=AXIS)))
+    m = _max_over(h.to(tl.float32) - C_hi * inv_eps.to(tl.float32), AXIS)
+    m = _finite(m).to(tl.float64)
+    group = tl.arange(0, C_hi.shape[0])[:, None, None]
+    s = tl.zeros(m.shape, dtype=tl.float64)
+    for j in tl.range(0, C_hi.shape[0], loop_unroll_factor=1):
+        C = _group(C_hi, group, j).to(tl.float64) + _group(C_lo, group, j).to(tl.float64)
+        if AXIS == 1:
+            s += tl.sum(tl.exp(_group(h, group, j) - C * inv_eps - m), axis=2, keep_dims=True)
+        else:
+            s = tl.where(group == j, tl.sum(tl.exp(h - C * inv_eps - _group(m, group, j)), axis=1, keep_dims=True), s)
+    out = -damping * eps * (m + tl.log(s))
     return tl.where(valid, out, 0.0)
+
+
+@triton.jit
+def _group(t, group, j):
+    """Column group j of a resident tile or column vector (its axis 0: in each thread's registers), [1, ...]."""
+    return tl.sum(tl.where(group == j, t, 0.0), axis=0, keep_dims=True)
 
 
 @triton.jit
@@ -277,16 +295,28 @@ def _update(C_hi, C_lo, f, g, ft, gt, alpha, beta, alpha2, beta2, valid_n, valid
     if precise:
         ft = _softmin_precise(C_hi, C_lo, g, beta, eps, damping, valid_n, 1)
         if symmetric:
-            gt = ft
+            gt = _transposed(ft, gt)
         else:
             gt = _softmin_precise(C_hi, C_lo, f, alpha, eps, damping, valid_m, 0)
     else:
         ft = _softmin_fast(C_hi, C_lo, _reference(ft, eps_prev, inv_rho), g, beta2, eps, damping, valid_n, 1)
         if symmetric:
-            gt = ft
+            gt = _transposed(ft, gt)
         else:
             gt = _softmin_fast(C_hi, C_lo, _reference(gt, eps_prev, inv_rho), f, alpha2, eps, damping, valid_m, 0)
     return ft, gt
+
+
+@triton.jit
+def _transposed(v, like):
+    """A row vector [1, n, 1] of a square resident tile as a column vector of the shape of ``like`` [GROUPS, 1,
+    n / GROUPS] (a symmetric problem's g is its f): the sum over the rows of v on the tile's diagonal, exact (a
+    reshape instead spilled 2-100 KB under triton 3.6 to 3.8)."""
+    groups: tl.constexpr = like.shape[0]
+    lanes: tl.constexpr = like.shape[2]
+    rows = tl.arange(0, groups * lanes)[None, :, None]
+    cols = (tl.arange(0, groups)[:, None] * lanes + tl.arange(0, lanes)[None, :])[:, None, :]
+    return tl.sum(tl.where(rows == cols, v, 0.0), axis=1, keep_dims=True)
 
 
 @triton.jit
@@ -411,23 +441,22 @@ def _centred(P, MU, offs_a, ok_a, offs_b, ok_b, s_a, s_b, smd, FEATURES: tl.cons
 
 
 @triton.jit
-def _cost_tile_outer(Xp, Yp, MUp, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd, sym, syd, smd,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The cost tile of the prepared points (``_centred``; ok_n, ok_m: the valid rows) as D rank-1 float64
-    FMA updates, returned as (C_hi, C_lo). The accumulator keeps the plain blocked layout that both
-    reductions of the loop use (a tl.dot result would need layout conversions that cost registers the
-    resident tiles cannot spare)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float64)
-    xx = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    yy = tl.zeros((BLOCK_M,), dtype=tl.float64)
+def _cost_tile_outer(Xp, Yp, MUp, offs_n, offs_m, ok_n, ok_m, D, sxn, sxd, sym, syd, smd):
+    """The resident cost tile of the prepared points (``_centred``; ok_n, ok_m: the
+    valid rows and columns) as D rank-1 float64 FMA updates, returned as (C_hi, C_lo). The accumulator keeps
+    the tile's layout, which both reductions of the loop use (a tl.dot result would need layout conversions
+    that cost registers the resident tiles cannot spare)."""
+    acc = tl.zeros((offs_m.shape[0], offs_n.shape[1], offs_m.shape[2]), dtype=tl.float64)
+    xx = tl.zeros(offs_n.shape, dtype=tl.float64)
+    yy = tl.zeros(offs_m.shape, dtype=tl.float64)
     for kk in range(0, D):
         mu = tl.load(MUp + kk * smd)
         xk = tl.where(ok_n, tl.load(Xp + offs_n * sxn + kk * sxd, mask=ok_n, other=0.0).to(tl.float64) - mu, 0.0)
         yk = tl.where(ok_m, tl.load(Yp + offs_m * sym + kk * syd, mask=ok_m, other=0.0).to(tl.float64) - mu, 0.0)
-        acc += xk[:, None] * yk[None, :]
+        acc += xk * yk
         xx += xk * xk
         yy += yk * yk
-    return _split(tl.maximum(0.5 * xx[:, None] + 0.5 * yy[None, :] - acc, 0.0))
+    return _split(tl.maximum(0.5 * xx + 0.5 * yy - acc, 0.0))
 
 
 @triton.jit
@@ -493,14 +522,20 @@ def _store_mean(OUT, total, count, mask):
 def _sinkhorn_resident_kernel(
         X, Y, MU, COST, ALPHA, BETA, SCHED, F0, F1, F2, FP0, FP1, FP2, G, G_PREV, ITERS, ERR,
         N, M, D, FIRST, sxb, sxn, sxd, syb, sym, syd, smp, smb, smd, scb, scn, scm, n_iters, tol,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_POINTS: tl.constexpr, SYMMETRIC: tl.constexpr,
-        HAS_TOL: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, FROM_POINTS: tl.constexpr,
+        SYMMETRIC: tl.constexpr, HAS_TOL: tl.constexpr):
     """One pair and problem per program (grid (B, problems): problem FIRST + program_id(1), ``_problem``),
     both cost tiles in registers, every iteration on chip.
 
+    The tiles are [GROUPS, BLOCK_N, BLOCK_M / GROUPS]: column j = BLOCK_M / GROUPS x group + lane, so that
+    triton's default layout spreads a warp's lanes over rows as well as columns (a [BLOCK_N, BLOCK_M] tile
+    puts all 32 along the columns, and at 64 x 64 each thread would hold 16 entries of every float64 row
+    vector). Vectors keep the tile's rank, [1, BLOCK_N, 1] over the rows and [GROUPS, 1, BLOCK_M / GROUPS] over
+    the columns, and broadcast against it as they are (``_max_over``, ``_sum_over`` keep it too).
+
     SYMMETRIC: None, each program's problem says whether it is symmetric (the points' kernels: one launch
     mixes both kinds); True or False for the one problem of a precomputed cost, where that decided at run
-    time costs 40 registers and spills (the tiles loaded from memory take another layout).
+    time spilled 0.6-70 KB under triton 3.6 to 3.8.
 
     Problem p writes f to F_p and f_prev to FP_p ([B, rows] float64); problem 0 also writes g, g_prev to G,
     G_PREV; ITERS, ERR (float64) are [problems, B]. MU is [3, B, D] (``_centre_kernel``; strides smp, smb,
@@ -512,8 +547,9 @@ def _sinkhorn_resident_kernel(
         symmetric = p > 0
     else:
         symmetric = SYMMETRIC
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)[None, :, None]
+    lanes: tl.constexpr = BLOCK_M // GROUPS
+    offs_m = (tl.arange(0, GROUPS)[:, None] * lanes + tl.arange(0, lanes)[None, :])[:, None, :]
     in_n = offs_n < n
     in_m = offs_m < m
     alpha = tl.load(_weights(rows_y, ALPHA, BETA, pid, N, M) + offs_n, mask=in_n, other=float("-inf"))
@@ -528,15 +564,14 @@ def _sinkhorn_resident_kernel(
         Rp, srn, srd = _operand(rows_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
         Cp, scn_, scd = _operand(cols_y, X, Y, pid, sxb, sxn, sxd, syb, sym, syd)
         C_hi, C_lo = _cost_tile_outer(Rp, Cp, MU + p * smp + pid * smb, offs_n, offs_m, valid_n, valid_m, D,
-                                      srn, srd, scn_, scd, smd, BLOCK_N, BLOCK_M)
+                                      srn, srd, scn_, scd, smd)
     else:
-        C_hi, C_lo = _split(tl.load(COST + pid * scb + offs_n[:, None] * scn + offs_m[None, :] * scm,
-                                    mask=in_n[:, None] & in_m[None, :], other=0.0))
+        C_hi, C_lo = _split(tl.load(COST + pid * scb + offs_n * scn + offs_m * scm, mask=in_n & in_m, other=0.0))
     eps, inv_rho, n_anneal, eps_init = _schedule(SCHED)
     threshold = eps * PRECISE_RATIO
 
-    f = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    g = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    f = tl.zeros((1, BLOCK_N, 1), dtype=tl.float64)
+    g = tl.zeros((GROUPS, 1, lanes), dtype=tl.float64)
     f, g = _update(C_hi, C_lo, f, g, f, g, alpha, beta, alpha2, beta2, valid_n, valid_m, eps_init,
                    eps_init > threshold, inv_rho, symmetric, eps_init)
     ft, gt = f, g
@@ -872,7 +907,7 @@ def _tile_differences(tile, ph, k):
     (``_fast_exponents``)."""
     q, lw, C_hi, C_lo = tile
     qh, ql = _split(q)
-    return _differences(C_hi, C_lo, ph, qh, 1), (lw * LOG2E).to(tl.float32) + ql * k
+    return _differences(C_hi, C_lo, ph[:, None], qh[None, :]), (lw * LOG2E).to(tl.float32) + ql * k
 
 
 @triton.jit
@@ -1297,7 +1332,7 @@ def _plan_exponents(Rp, Cp, MUp, Wc, Q, ph, k, offs_n, valid_n, m0, m, D, srn, s
     C_hi, C_lo = _cost_tile_dot(Rp, Cp, MUp, offs_n, offs_m, valid_n, valid_m, D, srn, srd, scn, scd, smd, BLOCK_N,
                                 BLOCK_M, BLOCK_K, STAGES)
     qh, ql = _split(tl.load(Q + offs_m, mask=in_m, other=0.0))
-    z = _fast_exponents(C_hi, C_lo, ph, qh, (beta * LOG2E).to(tl.float32) + ql * k, k, 1)
+    z = _fast_exponents(C_hi, C_lo, ph[:, None], qh[None, :], ((beta * LOG2E).to(tl.float32) + ql * k)[None, :], k)
     return tl.where(valid_n[:, None], z, float("-inf")), offs_m, valid_m
 
 
