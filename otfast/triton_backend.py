@@ -246,10 +246,10 @@ def _resident(points, cost, tile, alpha, beta, schedule, first, count, n, m, dim
         strides = (*X.stride(), *Y.stride(), *points.mu_strides, 0, 0, 0)
     else:
         X, Y, MU, COST, strides = cost, cost, cost, cost, (0,) * 9 + cost.stride()
-    side, warps, groups = tile
+    side, warps, groups, anchor = tile
     K._sinkhorn_resident_kernel[(b, count)](
         X, Y, MU, COST, alpha, beta, _schedule(schedule, alpha.device), *outs.args(), n, m, dim, first, *strides,
-        *_loop_args(schedule), BLOCK_N=side, BLOCK_M=side, GROUPS=groups, FROM_POINTS=from_points,
+        *_loop_args(schedule), BLOCK_N=side, BLOCK_M=side, GROUPS=groups, FROM_POINTS=from_points, ANCHOR=anchor,
         SYMMETRIC=None if from_points else first == XX, HAS_TOL=schedule.tol is not None, num_warps=warps,
         **COMPILE_OPTIONS)
     return outs.potentials()

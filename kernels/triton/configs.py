@@ -16,17 +16,19 @@ def _triton_version() -> tuple[int, ...]:
         return (0,)
 
 
-# The resident kernel's square tiles (side, num_warps, column groups: ``_sinkhorn_resident_kernel``). A pair and
-# problem takes the first whose side holds both of its lengths; longer pairs stream. The 64 tile reads the points
-# only (from a precomputed cost, ``SYMMETRIC`` True or False, it spilled 88-120 bytes under triton 3.9), and needs
-# triton 3.9: under 3.6 to 3.8 ptxas spilled it by 4.4-7.8 KB.
-RESIDENT_TILES = ((32, 4, 1),) + (((64, 8, 4),) if _triton_version() >= (3, 9) else ())
+# The resident kernel's square tiles (side, num_warps, column groups, ANCHOR: ``_sinkhorn_resident_kernel``). A
+# pair and problem takes the first whose side holds both of its lengths; longer pairs stream. The 64 tile reads the
+# points only (from a precomputed cost, ``SYMMETRIC`` True or False, it spilled 88-120 bytes under triton 3.9), and
+# needs triton 3.9: under 3.6 to 3.8 ptxas spilled it by 4.4-7.8 KB. Its vectors are anchored on the tile's layout
+# (one program per SM: nothing hides its barriers); at 32 (two programs per SM) that took 928 instructions and 14
+# barriers an iteration instead of 621 and 24, and it is left off.
+RESIDENT_TILES = ((32, 4, 1, False),) + (((64, 8, 4, True),) if _triton_version() >= (3, 9) else ())
 RESIDENT_MAX = RESIDENT_TILES[-1][0]
 
 
-def resident_tile(length: int, from_points: bool = True) -> tuple[int, int, int] | None:
-    """The resident tile (side, num_warps, groups) of a pair whose longer side has ``length`` tokens, or None
-    where it streams."""
+def resident_tile(length: int, from_points: bool = True) -> tuple[int, int, int, bool] | None:
+    """The resident tile (side, num_warps, groups, anchor) of a pair whose longer side has ``length`` tokens, or
+    None where it streams."""
     tiles = RESIDENT_TILES if from_points else RESIDENT_TILES[:1]
     return next((tile for tile in tiles if length <= tile[0]), None)
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
@@ -112,8 +114,8 @@ def configs() -> list[Config]:
     for from_points in (True, False):
         for symmetric in (None,) if from_points else (False, True):
             for has_tol in (False, True):
-                for side, warps, groups in RESIDENT_TILES if from_points else RESIDENT_TILES[:1]:
-                    consts = dict(BLOCK_N=side, BLOCK_M=side, GROUPS=groups, FROM_POINTS=from_points,
+                for side, warps, groups, anchor in RESIDENT_TILES if from_points else RESIDENT_TILES[:1]:
+                    consts = dict(BLOCK_N=side, BLOCK_M=side, GROUPS=groups, FROM_POINTS=from_points, ANCHOR=anchor,
                                   SYMMETRIC=symmetric, HAS_TOL=has_tol)
                     for points in POINT_DTYPES if from_points else (None,):
                         out.append(Config("_sinkhorn_resident_kernel", consts, warps, points))
