@@ -14,7 +14,7 @@ x masked), once to warm up and once under ``torch.profiler``:
   computes (top-level ``aten`` ops; views and allocations left out, conversions counted when they copy).
 
 Nothing is written; the table goes to stdout. The default shapes take the resident regime (N, M <= 32; 40
-and 44 too with triton 3.9, on the 64 tile, and with older tritons the streaming one) and the streaming one
+and 44 too with triton >= 3.7, on the 64 tile, and with older tritons the streaming one) and the streaming one
 (longer than 64).
 """
 

@@ -5,7 +5,7 @@ Implements ``otfast.backends.Backend`` (``solve``, ``solve_points``, ``grad_poin
 ``otfast.kernels.triton.configs``), the preparation of the points and the output buffers. Two regimes
 behind one entry:
 
-- resident (max(N, M) <= 32, or 64 from the points with triton 3.9: ``configs.resident_tile``): one program
+- resident (max(N, M) <= 32, or 64 from the points with triton >= 3.7: ``configs.resident_tile``): one program
   per pair holds both cost tiles in registers; extra device memory: the potentials, O(B (N + M)).
 - streaming (longer): the cost is written once as two fp32 tiles (8 B N M bytes), then streamed; iterations
   at a fixed temperature read the absorbed cost, a third fp32 tile (4 B N M bytes) their passes store. Where

@@ -19,10 +19,11 @@ def _triton_version() -> tuple[int, ...]:
 # The resident kernel's square tiles (side, num_warps, column groups, ANCHOR: ``_sinkhorn_resident_kernel``). A
 # pair and problem takes the first whose side holds both of its lengths; longer pairs stream. The 64 tile reads the
 # points only (from a precomputed cost, ``SYMMETRIC`` True or False, it spilled 88-120 bytes under triton 3.9), and
-# needs triton 3.9: under 3.6 to 3.8 ptxas spilled it by 4.4-7.8 KB. Its vectors are anchored on the tile's layout
+# needs triton 3.7: under 3.6 ptxas spilled it by 284 bytes (by 4.4 KB, and under 3.7 and 3.8 too, before its
+# vectors were anchored). Its vectors are anchored on the tile's layout
 # (one program per SM: nothing hides its barriers); at 32 (two programs per SM) that took 928 instructions and 14
 # barriers an iteration instead of 621 and 24, and it is left off.
-RESIDENT_TILES = ((32, 4, 1, False),) + (((64, 8, 4, True),) if _triton_version() >= (3, 9) else ())
+RESIDENT_TILES = ((32, 4, 1, False),) + (((64, 8, 4, True),) if _triton_version() >= (3, 7) else ())
 RESIDENT_MAX = RESIDENT_TILES[-1][0]
 
 

@@ -44,7 +44,7 @@ max is guarded so an all -inf row gives 0, never NaN.
 Kernels and their memory traffic:
 
 - ``_sinkhorn_resident_kernel``: one program per pair and problem, both cost tiles (``configs.RESIDENT_TILES``:
-  32 square at 4 warps, 64 at 8 with triton 3.9) in registers, formed on chip from x and y (2 D float64 FMAs
+  32 square at 4 warps, 64 at 8 with triton >= 3.7) in registers, formed on chip from x and y (2 D float64 FMAs
   per entry, once) or loaded from a precomputed float64 cost (32 only). Reads x, y (or C) once, writes f, g,
   f_prev, g_prev, the iteration count and the residual: O(N D + M D) bytes in, O(N + M) out. Per iteration
   2 N M exponentials (N M when symmetric).
