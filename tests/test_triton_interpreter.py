@@ -332,8 +332,9 @@ def test_a_fast_pass_forms_its_exponents_once_on_the_common_path(side):
     (``--common-path``: the second sweep that only passes far from their reference take, removed), on each
     tile. The common path keeps all 2 N M / threads exponentials (16 at 32 x 32 and 4 warps, 32 at 64 x 64
     and 8) and forms each exponent once: within 24 fp32 instructions and 40 in all per exponential (366 and
-    572 at 32 x 32 under triton 3.9, 502 and 715 when every pass swept the tile twice; 558 and 790 at 64 x
-    64)."""
+    572 at 32 x 32 under triton 3.9 before its tiles took three axes, 382 and 621 after, 502 and 715 when
+    every pass swept the tile twice; 712 and 1,088 at 64 x 64 with its vectors anchored, 566 and 877
+    without)."""
     warps, *loops = _sass_loops(_ITERATION_LOOP.format(side=side))
     exponentials = 2 * side * side // (32 * warps)
     whole, common = (min((loop for loop in found if loop["exp2"] == exponentials),

@@ -20,9 +20,9 @@ def _triton_version() -> tuple[int, ...]:
 # pair and problem takes the first whose side holds both of its lengths; longer pairs stream. The 64 tile reads the
 # points only (from a precomputed cost, ``SYMMETRIC`` True or False, it spilled 88-120 bytes under triton 3.9), and
 # needs triton 3.7: under 3.6 ptxas spilled it by 284 bytes (by 4.4 KB, and under 3.7 and 3.8 too, before its
-# vectors were anchored). Its vectors are anchored on the tile's layout
-# (one program per SM: nothing hides its barriers); at 32 (two programs per SM) that took 928 instructions and 14
-# barriers an iteration instead of 621 and 24, and it is left off.
+# vectors were anchored on the tile's layout). ANCHOR is on for the 64 tile (one program per SM: nothing hides its
+# barriers); at 32 (two programs per SM) it took 928 instructions and 14 barriers an iteration instead of 621 and
+# 24, and is left off.
 RESIDENT_TILES = ((32, 4, 1, False),) + (((64, 8, 4, True),) if _triton_version() >= (3, 7) else ())
 RESIDENT_MAX = RESIDENT_TILES[-1][0]
 
@@ -32,6 +32,8 @@ def resident_tile(length: int, from_points: bool = True) -> tuple[int, int, int,
     None where it streams."""
     tiles = RESIDENT_TILES if from_points else RESIDENT_TILES[:1]
     return next((tile for tile in tiles if length <= tile[0]), None)
+
+
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
 STREAM_BLOCK = 32
 STREAM_WARPS = 4
