@@ -19,8 +19,8 @@ def _triton_version() -> tuple[int, ...]:
 # The resident kernel's square tiles (side, num_warps, column groups, ANCHOR: ``_sinkhorn_resident_kernel``). A
 # pair and problem takes the first whose side holds both of its lengths; longer pairs stream. The 64 tile reads the
 # points only (from a precomputed cost, ``SYMMETRIC`` True or False, it spilled 88-120 bytes under triton 3.9), and
-# needs triton 3.7: under 3.6 ptxas spilled it by 284 bytes (by 4.4 KB, and under 3.7 and 3.8 too, before its
-# vectors were anchored on the tile's layout). ANCHOR is on for the 64 tile (one program per SM: nothing hides its
+# needs triton 3.7: under 3.6 ptxas spilled it by 284 bytes (4.4 KB, and 7.8 KB under 3.7, before its vectors
+# were anchored on the tile's layout). ANCHOR is on for the 64 tile (one program per SM: nothing hides its
 # barriers); at 32 (two programs per SM) it took 928 instructions and 14 barriers an iteration instead of 621 and
 # 24, and is left off.
 RESIDENT_TILES = ((32, 4, 1, False),) + (((64, 8, 4, True),) if _triton_version() >= (3, 7) else ())
