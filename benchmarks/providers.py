@@ -19,7 +19,10 @@ Providers (``providers()``), each named ``name[backend]``:
   triton backend with ``OTFAST_TRITON_SPLIT=off`` (one program per long pair and problem, no row split), and
   ``otfast[triton-exact]``: the triton backend with every streamed exponent formed from the packed cost
   (``OTFAST_TRITON_STREAM=cost``: no absorbed cost stored or read, so the difference to ``otfast[triton]``
-  is what the absorbed cost buys, side by side, where the row split, which never reads it, does not apply).
+  is what the absorbed cost buys, side by side, where the row split, which never reads it, does not apply), and
+  ``otfast[triton-tile32]``: the triton backend with ``OTFAST_TRITON_RESIDENT=32`` (pairs of 33 to 64 tokens
+  streamed, as under triton 3.6, where otfast[triton] holds them in the 64 tile; run only at those lengths and
+  where the installed triton ships the 64 tile: elsewhere it is otfast[triton] again).
 - ``pot-solve_batch[torch]``: ``ot.solve_batch`` on POT's torch backend, ``method="log_sinkhorn"``,
   ``reg_type="kl"`` (so its value is OT_eps = <P, C> + eps KL(P || a x b)), ``grad="envelope"``.
 - ``pot-sinkhorn_log[loop]``: ``ot.bregman.sinkhorn_log`` pair by pair, autograd through its loop.
@@ -172,6 +175,7 @@ class Provider:
         memory: ``(B, N, M, D, setting, element_size, backward) -> bytes``, a rough peak estimate used to
             skip points that would not fit.
         gradient: "envelope" or "unrolled" (autograd through the iterations).
+        sizes: ``(N, M) -> why it does not run at those lengths``, or None where it runs at every length.
     """
 
     name: str
@@ -181,6 +185,7 @@ class Provider:
     unavailable: str | None
     memory: Callable[[int, int, int, int, Setting, int, bool], float]
     gradient: str = "envelope"
+    sizes: Callable[[int, int], str | None] | None = None
 
     @property
     def label(self) -> str:
@@ -223,11 +228,11 @@ def _streaming(B, N, M, D, s, elt, bwd) -> float:
     return 6 * B * (N + M) * D * elt + 8 * B * (N + M) * 4
 
 
-def _buffered(per_entry: int) -> Callable[..., float]:
-    """Memory of the triton backend: ``_streaming`` and, beyond the resident tiles, its fp32 cost buffers
+def _buffered(per_entry: int, resident: int = RESIDENT_MAX) -> Callable[..., float]:
+    """Memory of the triton backend: ``_streaming`` and, beyond ``resident`` tokens, its fp32 cost buffers
     (``per_entry`` bytes per cost entry: 12 with the absorbed cost, as "auto" takes them where they fit)."""
     def estimate(B, N, M, D, s, elt, bwd):
-        streamed = max(N, M) > RESIDENT_MAX
+        streamed = max(N, M) > resident
         return _streaming(B, N, M, D, s, elt, bwd) + (per_entry * _pairs(B, N, M, s) if streamed else 0)
     return estimate
 
@@ -252,6 +257,21 @@ def _otfast_exact(x, y, setting):
     kernel forms its exponents from the packed cost tiles."""
     with mock.patch.dict(os.environ, OTFAST_TRITON_STREAM="cost"):
         return _otfast("triton")(x, y, setting)
+
+
+def _otfast_tile32(x, y, setting):
+    """``otfast[triton]`` with ``OTFAST_TRITON_RESIDENT=32`` (README, Triton backend): pairs of 33 to 64 tokens
+    stream instead of taking the resident 64 tile."""
+    with mock.patch.dict(os.environ, OTFAST_TRITON_RESIDENT="32"):
+        return _otfast("triton")(x, y, setting)
+
+
+def _tile32_sizes(N: int, M: int) -> str | None:
+    if RESIDENT_MAX < 64:
+        return "the installed triton ships no 64 tile (it needs triton >= 3.7): the same kernels as otfast[triton]"
+    if not 32 < max(N, M) <= 64:
+        return "the same kernels as otfast[triton] (only pairs of 33 to 64 tokens take the 64 tile)"
+    return None
 
 
 # ---------------------------------------------------------------- POT
@@ -416,9 +436,11 @@ def providers() -> list[Provider]:
         out.append(Provider("otfast", backend, _otfast(backend), devices,
                             None if info.available else info.detail, memory))
         if backend == "triton":
-            for label, fn, size in (("triton-nosplit", _otfast_nosplit, 12), ("triton-exact", _otfast_exact, 8)):
-                out.append(Provider("otfast", label, fn, devices, None if info.available else info.detail,
-                                    _buffered(size)))
+            for label, fn, memory, sizes in (("triton-nosplit", _otfast_nosplit, _buffered(12), None),
+                                            ("triton-exact", _otfast_exact, _buffered(8), None),
+                                            ("triton-tile32", _otfast_tile32, _buffered(12, 32), _tile32_sizes)):
+                out.append(Provider("otfast", label, fn, devices, None if info.available else info.detail, memory,
+                                    sizes=sizes))
     pot = _import_reason("ot")
     out.append(Provider("pot-solve_batch", "torch", _pot_solve_batch, ("cpu", "cuda"), pot, _dense(8)))
     out.append(Provider("pot-sinkhorn_log", "loop", _pot_sinkhorn_log_loop, ("cpu", "cuda"), pot,

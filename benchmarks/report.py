@@ -207,7 +207,8 @@ def run_point(point: tuple, plist: list[Provider], *, device: str, dtype: str, D
     for prov in plist:
         row = dict(head, provider=prov.name, backend=prov.backend)
         rows.append(row)
-        reason = prov.skip_reason(device, setting)
+        fixed = prov.skip_reason(device, setting) or (prov.sizes and prov.sizes(N, M))  # said once, in "Not timed"
+        reason = fixed
         need = prov.memory(B, N, M, D, setting, elt, backward)
         key = (prov.label, setting_name, mode, dtype)
         est = estimates.get(key, B, N, M)
@@ -217,7 +218,7 @@ def run_point(point: tuple, plist: list[Provider], *, device: str, dtype: str, D
             reason = f"~{est:.1f} s per call (extrapolated from a smaller point) > budget {budget:.0f} s"
         if reason:
             row.update(status="skipped", detail=reason)
-            if prov.skip_reason(device, setting) is None:
+            if not fixed:
                 log(f"  {prov.label}: skipped ({reason})")
             continue
         try:

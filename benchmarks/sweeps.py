@@ -32,6 +32,7 @@ import otfast
 from benchmarks.providers import SETTINGS, make_inputs
 from otfast import reference
 from otfast.kernels.triton.configs import STREAM_BLOCK, STREAM_DRIFT, resident_tile
+from otfast.triton_backend import resident_side
 
 POINTS = (("fixed", 64, 64, 64, 768), ("paper", 24, 48, 48, 768), ("fixed", 64, 128, 128, 768),
           ("fixed", 4, 512, 512, 768), ("paper", 1, 2048, 2048, 768))
@@ -133,7 +134,7 @@ def measure(setting: str, B: int, N: int, M: int, D: int) -> Decisions:
     """The decisions of one forward of the loss at a benchmark point (``benchmarks.providers``)."""
     s = SETTINGS[setting]
     x, y = make_inputs(B, N, M, D, dtype=torch.float64)
-    decisions = Decisions(s.eps, resident_tile(max(N, M)) is not None)
+    decisions = Decisions(s.eps, resident_tile(max(N, M), largest=resident_side()) is not None)
     with decisions.record():
         otfast.sinkhorn_loss(x, y, backend="torch", **s.otfast_kwargs())
     return decisions

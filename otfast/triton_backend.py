@@ -33,6 +33,12 @@ from typing import NamedTuple
 import torch
 
 from .backends import triton_interpreted
+from .kernels.triton import configs
+from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COMPILE_OPTIONS, COST_BLOCK, COST_WARPS, GRAD_BLOCK,
+                                     GRAD_PROGRAMS_PER_SM, GRAD_WARPS, PRECISIONS, RESIDENT_MAX, SPLIT_MIN_ROWS,
+                                     SPLIT_MODES, STREAM_BLOCK, STREAM_BLOCK_K, STREAM_DRIFT, STREAM_MAXNREG,
+                                     STREAM_MEMORY_SHARE, STREAM_SOURCES, STREAM_WARPS, resident_tile, split_maxnreg,
+                                     split_warps)
 from .reference import Potentials, prepare_grad, prepare_points
 from .schedule import Annealing, Schedule
 
@@ -40,11 +46,6 @@ try:
     import triton
 
     from .kernels.triton import sinkhorn as K
-    from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COMPILE_OPTIONS, COST_BLOCK, COST_WARPS,
-                                         GRAD_BLOCK, GRAD_PROGRAMS_PER_SM, GRAD_WARPS, PRECISIONS, RESIDENT_MAX,
-                                         SPLIT_MIN_ROWS, SPLIT_MODES, STREAM_BLOCK, STREAM_BLOCK_K,
-                                         STREAM_DRIFT, STREAM_MAXNREG, STREAM_MEMORY_SHARE, STREAM_SOURCES,
-                                         STREAM_WARPS, resident_tile, split_maxnreg, split_warps)
 except ImportError as exc:  # the package installs and runs without triton
     UNAVAILABLE: str | None = f"triton is not installed ({exc})"
     DESCRIPTION = "fused Triton kernels (triton not installed)"
@@ -104,6 +105,18 @@ def _check(alpha: torch.Tensor, beta: torch.Tensor, n: int, m: int, b: int) -> N
     if alpha.shape != (b, n) or beta.shape != (b, m):
         raise ValueError(f"log-weights of shapes {tuple(alpha.shape)}, {tuple(beta.shape)} do not match a "
                          f"{b} x {n} x {m} problem")
+
+
+def resident_side() -> int:
+    """``OTFAST_TRITON_RESIDENT``: the longest pair (tokens on its longer side) a resident tile may hold: "auto"
+    (default) the largest tile this triton ships (``configs.RESIDENT_TILES``: 64 with triton >= 3.7, else 32), or
+    one of their sides ("32": pairs of 33 to 64 tokens stream, as they do under triton 3.6)."""
+    sides = [str(tile[0]) for tile in configs.RESIDENT_TILES]
+    value = os.environ.get("OTFAST_TRITON_RESIDENT", "auto")
+    if value not in ("auto", *sides):
+        raise ValueError(f"OTFAST_TRITON_RESIDENT must be auto or one of {', '.join(sides)} (the resident tiles of "
+                         f"the installed triton; the 64 tile needs triton >= 3.7), got {value!r}")
+    return int(sides[-1] if value == "auto" else value)
 
 
 def stream_source(b: int, shapes: list[tuple[int, int]], device: torch.device, from_points: bool = True) -> str:
@@ -396,7 +409,7 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     b, n, m = cost_matrix.shape
     _check(alpha, beta, n, m, b)
     first = XX if symmetric else XY
-    tile = resident_tile(max(n, m), from_points=False)
+    tile = resident_tile(max(n, m), from_points=False, largest=resident_side())
     if tile:
         return _resident(None, _f64(cost_matrix), tile, _f64(alpha), _f64(beta), schedule, first, 1, n, m, 1)[0]
     source = stream_source(b, [(n, m)], cost_matrix.device, from_points=False)
@@ -430,7 +443,7 @@ def solve_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: 
 def _solve_points(x, y, alpha, beta, schedule, first, count, cost):
     (b, n, dim), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
-    tile = resident_tile(max(n, m))
+    tile = resident_tile(max(n, m), largest=resident_side())
     source = stream_source(b, [_shape(p, n, m) for p in range(first, first + count)], x.device) if not tile else None
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)

@@ -238,13 +238,13 @@ def test_every_cpu_provider_agrees_with_the_reference(setting):
 
 def test_only_and_skip_select_providers_by_label():
     """``--only`` keeps the providers whose label contains one of the comma-separated texts, ``--skip`` leaves them
-    out: the GPU suite times the streaming kernels without the row split (``otfast[triton-nosplit]``) and without
-    the absorbed cost (``otfast[triton-exact]``) in a step of their own that way (``triton-``), flash-sinkhorn
-    in another, and the others without them."""
+    out: the GPU suite times the streaming kernels without the row split (``otfast[triton-nosplit]``), without
+    the absorbed cost (``otfast[triton-exact]``) and in place of the 64 tile (``otfast[triton-tile32]``) in a
+    step of their own that way (``triton-``), flash-sinkhorn in another, and the others without them."""
     from benchmarks.report import selected_providers
 
     labels = [p.label for p in providers()]
-    variants = ["otfast[triton-nosplit]", "otfast[triton-exact]"]
+    variants = ["otfast[triton-nosplit]", "otfast[triton-exact]", "otfast[triton-tile32]"]
     assert set(variants) <= set(labels) and "otfast[triton]" in labels
     assert [p.label for p in selected_providers("triton-nosplit", None)] == ["otfast[triton-nosplit]"]
     assert [p.label for p in selected_providers("triton-", None)] == variants
@@ -270,6 +270,27 @@ def test_the_exact_provider_turns_the_absorbed_cost_off(monkeypatch):
     module._otfast_exact(None, None, None)
     assert seen == [("triton", "cost")] and "OTFAST_TRITON_STREAM" not in os.environ
     assert triton_backend.stream_source(1, [(64, 64)], torch.device("cpu")) == "absorbed"
+
+
+def test_the_tile32_provider_streams_what_the_64_tile_holds(monkeypatch):
+    """``otfast[triton-tile32]`` runs ``otfast[triton]`` with ``OTFAST_TRITON_RESIDENT=32`` (pairs of 33 to 64
+    tokens streamed) and leaves the environment as it was; it runs only where that changes the kernels: at those
+    lengths, with a triton that ships the 64 tile."""
+    from benchmarks import providers as module
+    from otfast import triton_backend
+
+    seen = []
+    monkeypatch.setattr(module, "_otfast", lambda backend: lambda x, y, s: seen.append((
+        backend, triton_backend.resident_side())))
+    monkeypatch.delenv("OTFAST_TRITON_RESIDENT", raising=False)
+    module._otfast_tile32(None, None, None)
+    assert seen == [("triton", 32)] and "OTFAST_TRITON_RESIDENT" not in os.environ
+    (tile32,) = [p for p in providers() if p.label == "otfast[triton-tile32]"]
+    monkeypatch.setattr(module, "RESIDENT_MAX", 64)
+    lengths = [(32, 32), (33, 20), (20, 48), (64, 64), (65, 10), (128, 128)]
+    assert [tile32.sizes(n, m) is None for n, m in lengths] == [False, True, True, True, False, False]
+    monkeypatch.setattr(module, "RESIDENT_MAX", 32)
+    assert "triton >= 3.7" in tile32.sizes(48, 48)
 
 
 def test_documents_change_only_with_update_docs(tmp_path):

@@ -64,8 +64,8 @@ def resident_tiles(monkeypatch):
     _tiles(monkeypatch, TILES[0])
     chosen, choose = [], backend.resident_tile
 
-    def recorded(length, from_points=True):
-        chosen.append(choose(length, from_points))
+    def recorded(length, from_points=True, largest=None):
+        chosen.append(choose(length, from_points, largest))
         return chosen[-1]
 
     monkeypatch.setattr(backend, "resident_tile", recorded)
@@ -137,6 +137,38 @@ def test_precise_passes_take_float64_exponentials(regime, monkeypatch, resident_
               float((got_y - want_y).abs().max() / want_y.abs().max()))
     assert err < 2e-5, err
     assert resident_tiles == [None if regime == "streaming" else TILE64 if regime == "resident-64" else TILES[0]]
+
+
+@pytest.mark.parametrize("value", ["auto", "32"])
+def test_otfast_triton_resident_caps_the_resident_tiles(value, monkeypatch, resident_tiles):
+    """``OTFAST_TRITON_RESIDENT``: "auto" takes the largest resident tile the installed triton ships (a 40 x 20
+    pair on the 64 tile from triton 3.7), "32" streams the pairs of 33 to 64 tokens, as triton 3.6 does; the loss
+    and its gradients are the reference's either way."""
+    _tiles(monkeypatch, *TILES)
+    monkeypatch.setenv("OTFAST_TRITON_RESIDENT", value)
+    batch = make_points(2, 40, 20, 8, dtype=torch.float32, seed=4020)
+    kw = dict(eps=0.5, scaling=None, n_iters=5, debias=False)
+    ref, got = _run(batch, "torch", **kw), _run(batch, "triton", **kw)
+    assert_close(got[0], ref[0], rtol=1e-5, atol=1e-7, what="value")
+    assert_close(got[1], ref[1], rtol=1e-4, atol=1e-7, what="dx")
+    assert_close(got[2], ref[2], rtol=1e-4, atol=1e-7, what="dy")
+    assert resident_tiles == [TILE64 if value == "auto" else None]
+
+
+def test_a_resident_tile_not_shipped_is_an_error_naming_the_variable(monkeypatch):
+    """Any ``OTFAST_TRITON_RESIDENT`` but auto and the installed triton's tile sides is refused by name, before
+    any launch: 64 under a triton older than 3.7 too."""
+    _tiles(monkeypatch, *TILES)
+    sides = [tile[0] for tile in TILES]
+    named = f"OTFAST_TRITON_RESIDENT must be auto or one of {', '.join(map(str, sides))}"
+    for value in ["48", "0", "off", "128"] + ([] if TILE64 else ["64"]):
+        monkeypatch.setenv("OTFAST_TRITON_RESIDENT", value)
+        with pytest.raises(ValueError, match=named):
+            otfast.sinkhorn_loss(torch.randn(1, 3, 2, device=DEVICE), torch.randn(1, 4, 2, device=DEVICE),
+                                 backend="triton")
+    for value in map(str, sides):
+        monkeypatch.setenv("OTFAST_TRITON_RESIDENT", value)
+        assert backend.resident_side() == int(value)
 
 
 @pytest.mark.parametrize("N,M,tiles", [(7, 20, 1), pytest.param(48, 40, 2, marks=ON_64), (48, 40, 1)],

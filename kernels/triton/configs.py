@@ -27,11 +27,12 @@ RESIDENT_TILES = ((32, 4, 1, False),) + (((64, 8, 4, True),) if _triton_version(
 RESIDENT_MAX = RESIDENT_TILES[-1][0]
 
 
-def resident_tile(length: int, from_points: bool = True) -> tuple[int, int, int, bool] | None:
+def resident_tile(length: int, from_points: bool = True,
+                  largest: int | None = None) -> tuple[int, int, int, bool] | None:
     """The resident tile (side, num_warps, groups, anchor) of a pair whose longer side has ``length`` tokens, or
-    None where it streams."""
+    None where it streams; ``largest`` leaves out the tiles of a longer side (``OTFAST_TRITON_RESIDENT``)."""
     tiles = RESIDENT_TILES if from_points else RESIDENT_TILES[:1]
-    return next((tile for tile in tiles if length <= tile[0]), None)
+    return next((tile for tile in tiles if length <= tile[0] <= (largest or tile[0])), None)
 
 
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
