@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call that fits a 15-minute lease (the steps' limits add up to 360 s on an
-# H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most
-# important results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points
-# against POT and GeomLoss, where their time goes (benchmarks.breakdown: per kernel, per update, against the
-# batch), the row split's CUDA test on its own (programs that wait for each other), then
-# otfast[triton-nosplit] (one program per long pair) and otfast[triton-exact] (the packed cost without its
-# absorbed cost) at the goal points, flash-sinkhorn there, the training-step benchmark,
-# the tiny alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep
-# within its time budget. Each step has its own timeout (seconds, below) and logs to
-# $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
-# OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md, and the breakdown's rows to
-# $OUT_DIR/breakdown.json. (The sm_90 resource check is not here: it needs no GPU, and the README says how
-# it runs under each triton that pyproject.toml allows.) Benchmark providers whose packages
-# are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped and say so, and
-# the harness needs `datasets`, `sacremoses` and what they pull in: carry their wheels in .whl/ (README, "On a
-# GPU machine"); this script installs .whl/*.whl into a private folder first. GPU_SUITE_STEPS="goals step"
-# runs only the steps named (a second call of a lease, after a fix).
+# H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most important
+# results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points against POT and
+# GeomLoss, where their time goes (benchmarks.breakdown: per kernel, per update, against the batch), the row split's
+# CUDA test on its own (programs that wait for each other), then otfast[triton-nosplit] (one program per long pair),
+# otfast[triton-exact] (the packed cost without its absorbed cost) and otfast[triton-tile32] (33 to 64 tokens
+# streamed, not on the 64 tile) at the goal points, flash-sinkhorn there, the training-step benchmark, the tiny
+# alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep within its
+# time budget. Each step has its own timeout (seconds, below) and logs to $OUT_DIR/NAME.log; CSV rows go to
+# $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render OUT_DIR/results.csv --update-docs` turns
+# into benchmarks/RESULTS.md, and the breakdown's rows to $OUT_DIR/breakdown.json. (The sm_90 resource check is not
+# here: it needs no GPU, and the README says how it runs under each triton that pyproject.toml allows.) Benchmark
+# providers whose packages are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped
+# and say so, and the harness needs `datasets`, `sacremoses` and what they pull in: `python -m benchmarks.carry`
+# writes their wheels, small enough to travel, into .whl/ (README, "On a GPU machine"); this script installs
+# .whl/*.whl into a private folder ahead of site-packages first, so that a triton carried there (`--triton 3.9.0`:
+# the image's 3.6 has no 64 tile) is the one every step runs under. GPU_SUITE_STEPS="goals step" runs only the steps
+# named (a second call of a lease, after a fix).
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
 set -uo pipefail
@@ -34,6 +35,7 @@ if ! "$PY" -c "import otfast.kernels" 2> /dev/null; then
   fi
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the carried wheels, ahead of site-packages: a triton among them is the one every step runs under
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/otfast-site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/otfast-site"
@@ -59,8 +61,9 @@ goals() {  # goals STEP SECONDS PROVIDERS...: the five goal points, timed (bench
 }
 # pytest-xdist (in the GPU images) compiles the tests' kernels on several cores
 xdist=$("$PY" -c "import xdist" 2> /dev/null && echo "-n 8")
-step env 10 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0)); print(otfast.backends())"
-step accuracy 25 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
+step env 10 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, triton.__file__)
+print(torch.cuda.get_device_name(0)); print(otfast.backends())"
+step accuracy 20 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
 # the CUDA tests; not the compile-only ones (spills, SASS counts: CI compiles every configuration without a
 # GPU) nor the accuracy cells (the accuracy step runs them)
 step tests 60 "$PY" -m pytest -q $xdist tests/test_compile.py tests/test_triton_interpreter.py \
@@ -72,7 +75,7 @@ step breakdown 25 "$PY" -m benchmarks.breakdown --device cuda --json "$out/break
 # the row split (a persistent kernel) on its own, so that a hang costs only this step: its CUDA test (programs
 # that wait for each other); then the goal points without it and without the absorbed cost
 step split-test 20 "$PY" -m pytest -q tests/test_triton_interpreter.py -k persistent_split_matches
-goals split 30 --only triton-
+goals split 35 --only triton-
 goals flash 20 --only flash
 step step 30 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
 step harness 55 "$PY" -m benchmarks.harness_gpu --out "$out"
