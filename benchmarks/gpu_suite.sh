@@ -37,7 +37,7 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # the carried wheels, ahead of site-packages: a triton among them is the one every step runs under
 if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/otfast-site .whl/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/otfast-site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/otfast-site"
 fi
 step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.log, remember failures, go on
