@@ -302,8 +302,11 @@ def test_strided_inputs():
 
 @pytest.mark.parametrize("N,M", [(7, 20), (48, 40)], ids=["resident", "streaming"])
 def test_repeated_runs_are_bitwise_identical(N, M):
+    """The debiased loss and its gradients, twice, bit for bit (ten updates: the kernels' launches are what runs
+    again, not the schedule)."""
     batch = make_points(2, N, M, 8, dtype=torch.float32, seed=2)
-    first, second = _run(batch, "triton"), _run(batch, "triton")
+    kw = dict(eps=0.5, scaling=None, n_iters=10)
+    first, second = _run(batch, "triton", **kw), _run(batch, "triton", **kw)
     for a, b in zip(first[:3], second[:3]):
         assert torch.equal(a, b)
 
@@ -441,14 +444,14 @@ def test_common_path_source_refuses_kernels_without_the_branch():
 
 
 def _far_start(N: int, M: int):
-    """``(x, y, alpha, beta, schedule)``: 30 updates at eps 0.0025 from zero potentials, points at scale 10 (D =
+    """``(x, y, alpha, beta, schedule)``: 12 updates at eps 0.0025 from zero potentials, points at scale 10 (D =
     16), whose first fast passes have exponents in the thousands relative to their reference."""
     from otfast.schedule import Schedule
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, N, 16, generator=gen) * 10, torch.randn(2, M, 16, generator=gen) * 10
     alpha, beta = _uniform_log_weights(torch.ones(2, N)), _uniform_log_weights(torch.ones(2, M))
-    return x, y, alpha, beta, Schedule(eps=0.0025, n_iters=30)
+    return x, y, alpha, beta, Schedule(eps=0.0025, n_iters=12)
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="patches a constant that compiled kernels bake in")
