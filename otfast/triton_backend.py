@@ -116,7 +116,7 @@ def resident_side() -> int:
     if value not in ("auto", *sides):
         raise ValueError(f"OTFAST_TRITON_RESIDENT must be auto or one of {', '.join(sides)} (the resident tiles of "
                          f"the installed triton; the 64 tile needs triton >= 3.7), got {value!r}")
-    return int(sides[-1] if value == "auto" else value)
+    return int(value) if value != "auto" else max((tile[0] for tile in configs.RESIDENT_TILES), default=0)
 
 
 def stream_source(b: int, shapes: list[tuple[int, int]], device: torch.device, from_points: bool = True) -> str:

@@ -32,7 +32,7 @@ def resident_tile(length: int, from_points: bool = True,
     """The resident tile (side, num_warps, groups, anchor) of a pair whose longer side has ``length`` tokens, or
     None where it streams; ``largest`` leaves out the tiles of a longer side (``OTFAST_TRITON_RESIDENT``)."""
     tiles = RESIDENT_TILES if from_points else RESIDENT_TILES[:1]
-    return next((tile for tile in tiles if length <= tile[0] <= (largest or tile[0])), None)
+    return next((tile for tile in tiles if length <= tile[0] and (largest is None or tile[0] <= largest)), None)
 
 
 PRECISIONS = ("ieee", "tf32x3")  # tl.dot precision of S @ y in the backward; plain tf32 is too coarse
