@@ -63,7 +63,7 @@ goals() {  # goals STEP SECONDS PROVIDERS...: the five goal points, timed (bench
 xdist=$("$PY" -c "import xdist" 2> /dev/null && echo "-n 8")
 step env 10 "$PY" -c "import torch, triton, otfast; print(torch.__version__, triton.__version__, triton.__file__)
 print(torch.cuda.get_device_name(0)); print(otfast.backends())"
-step accuracy 20 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
+step accuracy 30 "$PY" -m benchmarks.accuracy --device cuda --json "$out/accuracy.json"
 # the CUDA tests; not the compile-only ones (spills, SASS counts: CI compiles every configuration without a
 # GPU) nor the accuracy cells (the accuracy step runs them)
 step tests 60 "$PY" -m pytest -q $xdist tests/test_compile.py tests/test_triton_interpreter.py \
@@ -76,10 +76,10 @@ step breakdown 25 "$PY" -m benchmarks.breakdown --device cuda --json "$out/break
 # that wait for each other); then the goal points without it and without the absorbed cost
 step split-test 20 "$PY" -m pytest -q tests/test_triton_interpreter.py -k persistent_split_matches
 goals split 35 --only triton-
-goals flash 20 --only flash
+goals flash 15 --only flash
 step step 30 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
 step harness 55 "$PY" -m benchmarks.harness_gpu --out "$out"
-step launches 15 "$PY" -m benchmarks.launches --device cuda
+step launches 10 "$PY" -m benchmarks.launches --device cuda
 step sweep 10 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh" \
   --run-id "$run_id" --skip triton-,flash
 echo "logs and CSV in $out"
