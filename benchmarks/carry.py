@@ -9,20 +9,22 @@ Python and writes each again into ``.whl/`` (same name, still a wheel pip instal
 - every shared object without its debug sections and local symbols (``strip --strip-unneeded``; triton's
   ``libtriton.so`` 500 MB to 190 MB);
 - of triton, what a Hopper GPU's runtime never loads left out: the AMD backend (and its entry point, which triton
-  would import), proton's and CUPTI's profiling libraries, ``ptxas-blackwell``, the test and plugin libraries and
-  FileCheck;
+  would import), proton's and CUPTI's profiling libraries, the test and plugin libraries, FileCheck, and of its
+  two ptxas the one it does not run for sm_90 (its own ``get_ptxas`` rule, read from the wheel: triton 3.7 and
+  3.8 run ``ptxas``, CUDA 12.8-12.9; 3.9 runs ``ptxas-blackwell``, CUDA 13.4);
 - ``RECORD`` written again for the files kept, and every file LZMA-compressed (which pip reads).
 
 ``bash benchmarks/gpu_suite.sh`` installs ``.whl/*.whl`` into a folder ahead of site-packages, so a carried triton
 is the one every step runs under (its ``env`` step prints which)::
 
     python -m benchmarks.carry                    # the suite's packages, for Python 3.12 (the H200 image's)
-    python -m benchmarks.carry --triton 3.9.0     # and triton 3.9.0 (about 50 MiB of the 64)
+    python -m benchmarks.carry --triton 3.9.0     # and triton 3.9.0 (55 MiB of the 64)
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import hashlib
 import re
@@ -30,16 +32,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pot", "geomloss", "flash-sinkhorn", "datasets", "dill", "multiprocess", "sacremoses")
 LIMIT = 64 * 2**20  # what travels with a run, the working tree included
-# What a Hopper GPU's runtime never loads, as path prefixes inside triton's wheel
+# What a Hopper GPU's runtime never loads, as path prefixes inside triton's wheel (and one of its ptxas: _hopper_ptxas)
 LEFT_OUT = ("triton/backends/amd/", "triton/_C/libproton.so", "triton/backends/nvidia/lib/cupti",
-            "triton/backends/nvidia/bin/ptxas-blackwell", "triton/plugins/", "triton/instrumentation/",
-            "triton/FileCheck")
+            "triton/plugins/", "triton/instrumentation/", "triton/FileCheck")
+PTXAS = ("ptxas", "ptxas-blackwell")
+COMPILER = "triton/backends/nvidia/compiler.py"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
@@ -49,6 +53,18 @@ def _entry_points(text: str) -> str:
         backend = re.match(r"\s*\w+\s*=\s*triton\.backends\.(\w+)\s*$", line)
         return backend is None or not f"triton/backends/{backend.group(1)}/".startswith(LEFT_OUT)
     return "".join(filter(kept, text.splitlines(keepends=True)))
+
+
+def _hopper_ptxas(compiler: str) -> str:
+    """Which of ``PTXAS`` the NVIDIA backend's ``compiler`` source runs for sm_90: its ``get_ptxas(arch)``
+    evaluated on 90, with the tools stood in for by their names."""
+    tree = ast.parse(compiler)
+    fn = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "get_ptxas")
+    fn.returns, fn.args.args[0].annotation = None, None
+    nvidia = types.SimpleNamespace(ptxas=PTXAS[0], ptxas_blackwell=PTXAS[1])
+    namespace = {"knobs": types.SimpleNamespace(nvidia=nvidia)}
+    exec(compile(ast.Module([fn], type_ignores=[]), COMPILER, "exec"), namespace)
+    return namespace["get_ptxas"](90)
 
 
 def _stripped(data: bytes, strip: str) -> bytes:
@@ -77,11 +93,13 @@ def slim(wheel: Path, out: Path, strip: str = "strip") -> Path:
         record = next((n for n in z.namelist() if re.fullmatch(r"[^/]+\.dist-info/RECORD", n)), None)
         if record is None:
             raise ValueError(f"{wheel} has no .dist-info/RECORD: not a wheel")
+        hopper = _hopper_ptxas(z.read(COMPILER).decode()) if COMPILER in z.namelist() else None
+        dropped = {record} | {f"triton/backends/nvidia/bin/{tool}" for tool in PTXAS if hopper not in (None, tool)}
         out.parent.mkdir(parents=True, exist_ok=True)
         lines = []
         with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_LZMA) as dest:
             for info in z.infolist():
-                if info.is_dir() or info.filename == record or info.filename.startswith(LEFT_OUT):
+                if info.is_dir() or info.filename in dropped or info.filename.startswith(LEFT_OUT):
                     continue
                 data = z.read(info)
                 if data[:4] == b"\x7fELF" and re.search(r"\.so(\.|$)", info.filename):

@@ -35,13 +35,31 @@ def library(tmp_path):
     return (tmp_path / "lib.so").read_bytes()
 
 
-def _wheel(path, library):
+# How triton's NVIDIA backend picks the ptxas for an architecture: triton 3.8's rule and 3.9's
+GET_PTXAS = {
+    "ptxas": """import functools
+from triton import knobs
+
+
+def get_ptxas(arch: int) -> knobs.NvidiaTool:
+    return knobs.nvidia.ptxas_blackwell if arch >= 100 else knobs.nvidia.ptxas
+""",
+    "ptxas-blackwell": """def get_ptxas(arch: int) -> knobs.NvidiaTool:
+    if arch < 90:
+        return knobs.nvidia.ptxas
+    # The ptxas-blackwell name is misleading; keep it until legacy ptxas is removed.
+    return knobs.nvidia.ptxas_blackwell
+""",
+}
+
+
+def _wheel(path, library, get_ptxas):
     files = {
         "triton/__init__.py": ("__version__ = '9.9.1'\n", 0o644),
         "triton/_C/libtriton.so": (library, 0o755),
         "triton/_C/libproton.so": ("proton", 0o755),
         "triton/backends/amd/compiler.py": ("", 0o644),
-        "triton/backends/nvidia/compiler.py": ("", 0o644),
+        "triton/backends/nvidia/compiler.py": (get_ptxas, 0o644),
         "triton/backends/nvidia/include/cuda.h": ("", 0o644),
         "triton/backends/nvidia/bin/ptxas": ("#!/bin/sh\n", 0o755),
         "triton/backends/nvidia/bin/ptxas-blackwell": ("#!/bin/sh\n", 0o755),
@@ -64,20 +82,22 @@ def _wheel(path, library):
     return path
 
 
-def test_a_slim_triton_keeps_what_the_gpu_runtime_loads_and_installs(tmp_path, library):
-    """The Python package and its metadata (the version ``configs`` reads), the NVIDIA backend's ptxas (still
-    executable), libdevice and headers, libtriton.so without debug sections or symbol table but still loadable,
-    and a RECORD whose hashes are the files'; not the AMD backend (nor its entry point, which triton would
-    import), proton, CUPTI, ptxas-blackwell, plugins or FileCheck. pip installs it, and in a folder ahead of
+@pytest.mark.parametrize("ptxas", list(GET_PTXAS))
+def test_a_slim_triton_keeps_what_the_gpu_runtime_loads_and_installs(tmp_path, library, ptxas):
+    """The Python package and its metadata (the version ``configs`` reads), the ptxas the NVIDIA backend runs
+    for sm_90 by its own rule (triton 3.8's ``ptxas``, 3.9's ``ptxas-blackwell``; still executable),
+    libdevice and headers, libtriton.so without debug sections or symbol table but still loadable, and a
+    RECORD whose hashes are the files'; not the other ptxas, the AMD backend (nor its entry point, which
+    triton would import), proton, CUPTI, plugins or FileCheck. pip installs it, and in a folder ahead of
     site-packages it is the triton Python finds."""
-    out = slim(_wheel(tmp_path / "triton-9.9.1-cp311-cp311-linux_x86_64.whl", library),
+    out = slim(_wheel(tmp_path / "triton-9.9.1-cp311-cp311-linux_x86_64.whl", library, GET_PTXAS[ptxas]),
                tmp_path / "out" / "triton-9.9.1-cp311-cp311-linux_x86_64.whl")
     with zipfile.ZipFile(out) as z:
         names = sorted(z.namelist())
         assert names == sorted([
             "triton-9.9.1.dist-info/METADATA", "triton-9.9.1.dist-info/WHEEL", "triton-9.9.1.dist-info/RECORD",
             "triton-9.9.1.dist-info/entry_points.txt", "triton/__init__.py", "triton/_C/libtriton.so",
-            "triton/backends/nvidia/bin/ptxas", "triton/backends/nvidia/compiler.py",
+            f"triton/backends/nvidia/bin/{ptxas}", "triton/backends/nvidia/compiler.py",
             "triton/backends/nvidia/include/cuda.h", "triton/backends/nvidia/lib/libdevice.10.bc"])
         assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_LZMA}
         record = z.read("triton-9.9.1.dist-info/RECORD").decode().splitlines()
@@ -90,7 +110,7 @@ def test_a_slim_triton_keeps_what_the_gpu_runtime_loads_and_installs(tmp_path, l
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--target", str(site), str(out)], check=True)
-    assert os.access(site / "triton/backends/nvidia/bin/ptxas", os.X_OK)
+    assert os.access(site / "triton/backends/nvidia/bin" / ptxas, os.X_OK)
     assert (site / "triton-9.9.1.dist-info/entry_points.txt").read_text() == ENTRY_POINTS.replace(
         "amd = triton.backends.amd\n", "")
     lib = (site / "triton/_C/libtriton.so").read_bytes()
