@@ -73,7 +73,7 @@ step tests 60 "$PY" -m pytest -q $xdist tests/test_compile.py tests/test_triton_
 goals goals 60 --skip triton-,flash,sinkhorn_log,unrolled
 step breakdown 25 "$PY" -m benchmarks.breakdown --device cuda --json "$out/breakdown.json"
 # the row split (a persistent kernel) on its own, so that a hang costs only this step: its CUDA test (programs
-# that wait for each other); then the goal points without it and without the absorbed cost
+# that wait for each other); then the goal points without it, without the absorbed cost and without the 64 tile
 step split-test 20 "$PY" -m pytest -q tests/test_triton_interpreter.py -k persistent_split_matches
 goals split 35 --only triton-
 goals flash 15 --only flash

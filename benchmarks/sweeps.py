@@ -31,8 +31,8 @@ import torch
 import otfast
 from benchmarks.providers import SETTINGS, make_inputs
 from otfast import reference
-from otfast.kernels.triton.configs import STREAM_BLOCK, STREAM_DRIFT, resident_tile
-from otfast.triton_backend import resident_side
+from otfast.kernels.triton.configs import STREAM_BLOCK, STREAM_DRIFT
+from otfast.triton_backend import chosen_tile
 
 POINTS = (("fixed", 64, 64, 64, 768), ("paper", 24, 48, 48, 768), ("fixed", 64, 128, 128, 768),
           ("fixed", 4, 512, 512, 768), ("paper", 1, 2048, 2048, 768))
@@ -40,8 +40,8 @@ POINTS = (("fixed", 64, 64, 64, 768), ("paper", 24, 48, 48, 768), ("fixed", 64, 
 
 class Decisions:
     """The fast passes' decisions (one per pair and pass on resident tiles, one per row block when streaming:
-    ``resident`` when a resident tile holds the pair, ``resident_tile``), filled by ``record``; eps the final
-    temperature.
+    ``resident`` when a resident tile holds the pair, ``triton_backend.chosen_tile``), filled by ``record``; eps
+    the final temperature.
 
     ``sequences[(k, b)]``: whether each decision of pair b in the k-th solve of the block took one sweep, in
     the kernels' order (passes in turn, row pass before column pass, row blocks in order). ``absorbed[(k,
@@ -134,7 +134,7 @@ def measure(setting: str, B: int, N: int, M: int, D: int) -> Decisions:
     """The decisions of one forward of the loss at a benchmark point (``benchmarks.providers``)."""
     s = SETTINGS[setting]
     x, y = make_inputs(B, N, M, D, dtype=torch.float64)
-    decisions = Decisions(s.eps, resident_tile(max(N, M), largest=resident_side()) is not None)
+    decisions = Decisions(s.eps, chosen_tile(max(N, M)) is not None)
     with decisions.record():
         otfast.sinkhorn_loss(x, y, backend="torch", **s.otfast_kwargs())
     return decisions

@@ -111,12 +111,18 @@ def resident_side() -> int:
     """``OTFAST_TRITON_RESIDENT``: the longest pair (tokens on its longer side) a resident tile may hold: "auto"
     (default) the largest tile this triton ships (``configs.RESIDENT_TILES``: 64 with triton >= 3.7, else 32), or
     one of their sides ("32": pairs of 33 to 64 tokens stream, as they do under triton 3.6)."""
-    sides = [str(tile[0]) for tile in configs.RESIDENT_TILES]
+    sides = [tile[0] for tile in configs.RESIDENT_TILES]
     value = os.environ.get("OTFAST_TRITON_RESIDENT", "auto")
-    if value not in ("auto", *sides):
-        raise ValueError(f"OTFAST_TRITON_RESIDENT must be auto or one of {', '.join(sides)} (the resident tiles of "
-                         f"the installed triton; the 64 tile needs triton >= 3.7), got {value!r}")
-    return int(value) if value != "auto" else max((tile[0] for tile in configs.RESIDENT_TILES), default=0)
+    if value not in ("auto", *map(str, sides)):
+        raise ValueError(f"OTFAST_TRITON_RESIDENT must be auto or one of {', '.join(map(str, sides))} (the resident "
+                         f"tiles of the installed triton; the 64 tile needs triton >= 3.7), got {value!r}")
+    return max(sides, default=0) if value == "auto" else int(value)
+
+
+def chosen_tile(length: int, from_points: bool = True) -> tuple[int, int, int, bool] | None:
+    """The resident tile the launchers take for a pair whose longer side has ``length`` tokens (``resident_tile``
+    up to ``resident_side``), or None where it streams."""
+    return resident_tile(length, from_points, resident_side())
 
 
 def stream_source(b: int, shapes: list[tuple[int, int]], device: torch.device, from_points: bool = True) -> str:
@@ -409,7 +415,7 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     b, n, m = cost_matrix.shape
     _check(alpha, beta, n, m, b)
     first = XX if symmetric else XY
-    tile = resident_tile(max(n, m), from_points=False, largest=resident_side())
+    tile = chosen_tile(max(n, m), from_points=False)
     if tile:
         return _resident(None, _f64(cost_matrix), tile, _f64(alpha), _f64(beta), schedule, first, 1, n, m, 1)[0]
     source = stream_source(b, [(n, m)], cost_matrix.device, from_points=False)
@@ -443,7 +449,7 @@ def solve_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: 
 def _solve_points(x, y, alpha, beta, schedule, first, count, cost):
     (b, n, dim), m = x.shape, y.shape[1]
     _check(alpha, beta, n, m, b)
-    tile = resident_tile(max(n, m), largest=resident_side())
+    tile = chosen_tile(max(n, m))
     source = stream_source(b, [_shape(p, n, m) for p in range(first, first + count)], x.device) if not tile else None
     alpha, beta = _f64(alpha), _f64(beta)
     points = _points(x, y, alpha, beta, cost)

@@ -509,7 +509,7 @@ def test_the_sweep_replay_predicts_the_kernels_decisions(case, N, M, tiles, monk
     from otfast.kernels.triton import sinkhorn
 
     _tiles(monkeypatch, *TILES[:tiles])
-    resident = configs.resident_tile(max(N, M)) is not None
+    resident = backend.chosen_tile(max(N, M)) is not None
     decided, absorbed = {}, {}
     near, columns = sinkhorn._near, sinkhorn._stream_columns
 
