@@ -6,11 +6,13 @@ the backends' Python, and a CUDA graph can capture it (the Triton path neither r
 host nor allocates host data once warmed up). The ops take only tensors and plain values:
 
 - ``sinkhorn_loss(x, y, a, b, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho, debias, cost,
-  backend)`` -> ``(value [B], flags [P, B], f_xy [B, N], g_xy [B, M], f_prev_xy, g_prev_xy, f_xx [B, N],
-  f_prev_xx, f_yy [B, M], f_prev_yy)``: the potentials float64, the OT(x, x) / OT(y, y) ones empty unless
-  ``debias``; ``flags`` the pairs that did not reach ``tol`` in each of the P problems.
-- ``sinkhorn_loss_backward(grad_value, x, y, a, b, the eight potentials, eps, rho, debias, cost, backend)``
-  -> ``(dx, dy, da, db)``.
+  backend)`` -> ``(value [B], flags [P, B], alpha [B, N], beta [B, M], f_xy [B, N], g_xy [B, M], f_prev_xy,
+  g_prev_xy, f_xx [B, N], f_prev_xx, f_yy [B, M], f_prev_yy)``: the log-weights and potentials float64, the
+  OT(x, x) / OT(y, y) potentials empty unless ``debias``; ``flags`` the pairs that did not reach ``tol`` in each
+  of the P problems. The log-weights are outputs so that the backward reads them instead of forming them again.
+- ``sinkhorn_loss_backward(grad_value, x, y, a, b, alpha, beta, the eight potentials, eps, rho, debias,
+  weight_grads, cost, backend)`` -> ``(dx, dy, da, db)``; ``da``, ``db`` empty unless ``weight_grads`` (the
+  uniform weights of masks need none: 12 launches fewer per backward).
 
 ``diameter`` (0-d float64, with ``blur`` and ``scaling``) is the annealing start, or None for a fixed
 eps; ``input_checks`` (``otfast._checks.input_checks``) is what the implementation reads to raise on bad
@@ -40,21 +42,26 @@ def schedule_of(eps: float, diameter: Tensor | None, blur: float, scaling: float
 def weights64(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(a, b, log a, log b)`` in float64 (the logs -inf on padding): every backend reads the log-weights in
     float64 and the dual value sums in float64, so the weights are converted once here rather than in each
-    of the three problems."""
+    of the three problems (and the log-weights not again in the backward: the forward returns them)."""
     a, b = a.double(), b.double()
     return a, b, torch.log(a), torch.log(b)
 
 
-def dual_value(w: Tensor, f: Tensor, eps: float, rho: float | None) -> Tensor:
-    """``[B]`` sum_i w_i phi(f_i), in float64 (the potentials' precision)."""
-    return (w.double() * phi(f.double(), eps, rho)).sum(1)
+def dual_value(w: Tensor, f: Tensor, eps: float, rho: float | None, f_self: Tensor | None = None) -> Tensor:
+    """``[B]`` sum_i w_i phi(f_i), in float64 (the potentials' precision); with ``f_self``, sum_i w_i (phi(f_i) -
+    phi(f_self_i)): a debiased loss's terms on one side, in one sum."""
+    terms = phi(f.double(), eps, rho)
+    if f_self is not None:
+        terms = terms - phi(f_self.double(), eps, rho)
+    return (w.double() * terms).sum(1)
 
 
 @torch.library.custom_op("otfast::sinkhorn_loss", mutates_args=())
 def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, diameter: Tensor | None,
                      input_checks: Tensor | None, eps: float, blur: float, scaling: float | None, n_iters: int,
                      tol: float | None, rho: float | None, debias: bool, cost: str, backend: str
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                Tensor]:
     if input_checks is not None:
         chk.raise_input_errors(input_checks)
     mod = resolve(backend, x.device)
@@ -64,15 +71,18 @@ def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, diameter: Tenso
     a, b, alpha, beta = weights64(a, b)
     problems = _solve(mod, x, y, alpha, beta, schedule, debias, cost)
     xy = problems[0]
-    value = dual_value(a, xy.f, eps, rho) + dual_value(b, xy.g, eps, rho)
     if debias:
         xx, yy = problems[1:]
-        value = value - dual_value(a, xx.f, eps, rho) - dual_value(b, yy.f, eps, rho)
+        value = dual_value(a, xy.f, eps, rho, xx.f) + dual_value(b, xy.g, eps, rho, yy.f)
         sym = [xx.f, xx.f_prev, yy.f, yy.f_prev]
     else:  # four distinct empty tensors: a custom op's outputs must not alias each other
+        value = dual_value(a, xy.f, eps, rho) + dual_value(b, xy.g, eps, rho)
         sym = [x.new_empty(_EMPTY, dtype=torch.float64) for _ in range(4)]
-    flags = torch.stack([unconverged(p.n_iters, p.error, schedule) for p in problems])
-    return (value.to(x.dtype), flags, *(t.double().contiguous() for t in xy[:4]), *sym)
+    if schedule.tol is None:  # nothing can fail to converge: one fill instead of one per problem and a stack
+        flags = torch.zeros((len(problems), x.shape[0]), dtype=torch.bool, device=x.device)
+    else:
+        flags = torch.stack([unconverged(p.n_iters, p.error, schedule) for p in problems])
+    return (value.to(x.dtype), flags, alpha, beta, *(t.double().contiguous() for t in xy[:4]), *sym)
 
 
 def _solve(mod, x: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, schedule: Schedule, debias: bool,
@@ -115,20 +125,21 @@ def _(x, y, a, b, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho,
     problems = 3 if debias else 1
     sym = [(B, N), (B, N), (B, M), (B, M)] if debias else [(_EMPTY,)] * 4
     return (x.new_empty(B), torch.empty(problems, B, dtype=torch.bool, device=x.device),
-            *(torch.empty(s, **f64) for s in ((B, N), (B, M), (B, N), (B, M))), *(torch.empty(s, **f64) for s in sym))
+            *(torch.empty(s, **f64) for s in ((B, N), (B, M), (B, N), (B, M), (B, N), (B, M))),
+            *(torch.empty(s, **f64) for s in sym))
 
 
 @torch.library.custom_op("otfast::sinkhorn_loss_backward", mutates_args=())
-def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tensor, b: Tensor, f_xy: Tensor,
-                              g_xy: Tensor, f_prev_xy: Tensor, g_prev_xy: Tensor, f_xx: Tensor, f_prev_xx: Tensor,
-                              f_yy: Tensor, f_prev_yy: Tensor, eps: float, rho: float | None, debias: bool,
-                              cost: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tensor, b: Tensor, alpha: Tensor,
+                              beta: Tensor, f_xy: Tensor, g_xy: Tensor, f_prev_xy: Tensor, g_prev_xy: Tensor,
+                              f_xx: Tensor, f_prev_xx: Tensor, f_yy: Tensor, f_prev_yy: Tensor, eps: float,
+                              rho: float | None, debias: bool, weight_grads: bool, cost: str, backend: str
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Envelope gradients through the final step (``otfast.reference`` states the formulas)."""
     mod = resolve(backend, x.device)
-    damping = Schedule(eps=eps, rho=rho).damping(eps)
     gv = grad_value.unsqueeze(1)
-    _, _, alpha, beta = weights64(a, b)
-    scale = gv * damping
+    damping = Schedule(eps=eps, rho=rho).damping(eps)
+    scale = gv if damping == 1.0 else gv * damping
 
     def upstream(w, f):  # dL/df * damping for the potential f of a problem, in the compute dtype
         u = w * scale
@@ -139,8 +150,11 @@ def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tenso
     if debias:
         pots += [Potentials(f_xx, f_xx, f_prev_xx, f_prev_xx, None, None),
                  Potentials(f_yy, f_yy, f_prev_yy, f_prev_yy, None, None)]
-        weights += [upstream(a, f_xx), upstream(b, f_yy)]
+        # balanced, the symmetric problems' upstream weights are OT(x, y)'s: the same tensors, not new ones
+        weights += weights if rho is None else [upstream(a, f_xx), upstream(b, f_yy)]
     dx, dy = _grad(mod, x, y, alpha, beta, pots, eps, weights, cost)
+    if not weight_grads:
+        return dx, dy, a.new_empty(_EMPTY), b.new_empty(_EMPTY)
     grad_a, grad_b = phi(f_xy, eps, rho, grad=True), phi(g_xy, eps, rho, grad=True)
     if debias:
         grad_a = grad_a - phi(f_xx, eps, rho, grad=True)
@@ -151,15 +165,18 @@ def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tenso
 
 
 @sinkhorn_loss_backward_op.register_fake
-def _(grad_value, x, y, a, b, f_xy, g_xy, f_prev_xy, g_prev_xy, f_xx, f_prev_xx, f_yy, f_prev_yy, eps, rho, debias,
-      cost, backend):
+def _(grad_value, x, y, a, b, alpha, beta, f_xy, g_xy, f_prev_xy, g_prev_xy, f_xx, f_prev_xx, f_yy, f_prev_yy, eps,
+      rho, debias, weight_grads, cost, backend):
+    if not weight_grads:
+        return torch.empty_like(x), torch.empty_like(y), a.new_empty(_EMPTY), b.new_empty(_EMPTY)
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(a), torch.empty_like(b)
 
 
 def _setup_context(ctx, inputs, output):
     x, y, a, b, _diameter, _checks, eps, _blur, _scaling, _n_iters, _tol, rho, debias, cost, backend = inputs
     ctx.save_for_backward(x, y, a, b, *output[2:])
-    ctx.options = (eps, rho, debias, cost, backend)
+    ctx.options = (eps, rho, debias)
+    ctx.names = (cost, backend)
     # The potentials and flags are outputs nothing differentiates: their gradients stay None instead of
     # nine zero-filled tensors (launches) per backward.
     ctx.set_materialize_grads(False)
@@ -168,8 +185,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_value, *_grad_others):
     grads = (None,) * 4  # only the potentials were differentiated, which the loss holds fixed
     if grad_value is not None:
-        x, y, a, b, *pots = ctx.saved_tensors
-        grads = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *pots, *ctx.options)
+        x, y, a, b, *saved = ctx.saved_tensors
+        weight_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        dx, dy, da, db = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *saved, *ctx.options, weight_grads,
+                                                   *ctx.names)
+        grads = (dx, dy, da, db) if weight_grads else (dx, dy, None, None)
     return (*grads, *(None,) * 11)  # none for the diameter, the checks and the options
 
 
