@@ -29,8 +29,9 @@ import torch
 
 # Views, allocations and other ops that compute nothing on the device.
 NO_LAUNCH = {"aten::" + name for name in (
-    "empty empty_strided empty_like view reshape _reshape_alias _unsafe_view as_strided alias detach detach_ "
-    "unsqueeze squeeze expand t transpose permute select slice narrow unbind split chunk contiguous lift_fresh "
+    "empty empty_strided empty_like new_empty new_empty_strided view reshape _reshape_alias _unsafe_view as_strided "
+    "alias detach detach_ unsqueeze squeeze expand t transpose permute select slice narrow unbind split chunk "
+    "contiguous lift_fresh "
     "resolve_conj resolve_neg result_type is_nonzero broadcast_tensors size stride to _to_copy item "
     "_local_scalar_dense").split()}
 TRITON = "triton launch"

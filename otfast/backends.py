@@ -42,7 +42,9 @@ class Backend(Protocol):
     kernel): ``solve_problems(x, y, alpha, beta, schedule, debias, cost)`` -> ``[OT(x, y)]`` or
     ``[OT(x, y), OT(x, x), OT(y, y)]``, and ``grad_problems(x, y, alpha, beta, pots, eps, weights, cost)``
     -> ``[dx]`` or ``[dx, dy]`` (debiased: dx of OT(x, y) - OT(x, x), dy of OT(x, y) - OT(y, y)); without
-    them the loss calls the three functions below once per problem (``otfast.ops``).
+    them the loss calls the three functions below once per problem (``otfast.ops``). It may also have its own
+    ``bounding_diameter(x, y, mask_x, mask_y)``, equal to ``otfast.schedule.bounding_diameter``'s (the Triton
+    backend's takes one launch), which the loss takes its annealing start from.
     """
 
     def solve(self, cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,

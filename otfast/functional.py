@@ -7,14 +7,13 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import _checks as chk
 from .backends import check_name as check_backend_name
 from .backends import resolve
 from .reference import COSTS
 from .ops import dual_value, schedule_of, sinkhorn_loss_op
-from .schedule import Schedule, bounding_diameter, epsilon_schedule, unconverged
+from .schedule import Schedule, epsilon_schedule, unconverged
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -245,20 +244,17 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
 
     eps_final = blur**2 if eps is None else eps
     blur_final = math.sqrt(eps_final)
-    start = None
-    if scaling is not None:
-        if diameter is None:
-            xs, ys = (F.normalize(x, dim=-1), F.normalize(y, dim=-1)) if cost == "cosine" else (x, y)
-            start = bounding_diameter(xs, ys, mx, my).clamp_min(blur_final)
-        else:
-            start = torch.full((), max(diameter, blur_final), dtype=torch.float64, device=x.device)
+    start = None  # with scaling and no diameter, the op finds the bounding diameter (``ops.annealing_start``)
+    if scaling is not None and diameter is not None:
+        start = torch.full((), max(diameter, blur_final), dtype=torch.float64, device=x.device)
     if n_iters is None:
         n_iters = 0 if scaling is not None else 100
     rho = None if reach is None else reach**2
 
-    value, flags, *_ = sinkhorn_loss_op(x, y, a, b, start, checks, eps_final, blur_final, scaling, n_iters, tol, rho,
-                                        debias, cost, backend)
+    value, flags, found, *_ = sinkhorn_loss_op(x, y, a, b, mx, my, start, checks, eps_final, blur_final, scaling,
+                                               n_iters, tol, rho, debias, cost, backend)
     if tol is not None and not torch.compiler.is_compiling() and x.device.type != "meta":
+        start = found if start is None else start
         schedule = schedule_of(eps_final, start, blur_final, scaling, n_iters, tol, rho).on_host()
         for problem_flags, what in zip(flags, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
             _warn_unconverged(problem_flags, schedule, f"sinkhorn_loss {what}")

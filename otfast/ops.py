@@ -5,29 +5,33 @@ implementations for shapes, and the envelope-theorem backward registered as its 
 the backends' Python, and a CUDA graph can capture it (the Triton path neither reads a device value on the
 host nor allocates host data once warmed up). The ops take only tensors and plain values:
 
-- ``sinkhorn_loss(x, y, a, b, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho, debias, cost,
-  backend)`` -> ``(value [B], flags [P, B], alpha [B, N], beta [B, M], f_xy [B, N], g_xy [B, M], f_prev_xy,
-  g_prev_xy, f_xx [B, N], f_prev_xx, f_yy [B, M], f_prev_yy)``: the log-weights and potentials float64, the
-  OT(x, x) / OT(y, y) potentials empty unless ``debias``; ``flags`` the pairs that did not reach ``tol`` in each
-  of the P problems. The log-weights are outputs so that the backward reads them instead of forming them again.
+- ``sinkhorn_loss(x, y, a, b, mask_x, mask_y, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho,
+  debias, cost, backend)`` -> ``(value [B], flags [P, B], start, alpha [B, N], beta [B, M], f_xy [B, N],
+  g_xy [B, M], f_prev_xy, g_prev_xy, f_xx [B, N], f_prev_xx, f_yy [B, M], f_prev_yy)``: the log-weights and
+  potentials float64, the OT(x, x) / OT(y, y) potentials empty unless ``debias``; ``flags`` the pairs that did
+  not reach ``tol`` in each of the P problems; ``start`` the annealing start the op found (0-d float64,
+  ``annealing_start``), empty unless it found one. The log-weights are outputs so that the backward reads them
+  instead of forming them again.
 - ``sinkhorn_loss_backward(grad_value, x, y, a, b, alpha, beta, the eight potentials, eps, rho, debias,
   weight_grads, cost, backend)`` -> ``(dx, dy, da, db)``; ``da``, ``db`` empty unless ``weight_grads`` (the
   uniform weights of masks need none: 12 launches fewer per backward).
 
-``diameter`` (0-d float64, with ``blur`` and ``scaling``) is the annealing start, or None for a fixed
-eps; ``input_checks`` (``otfast._checks.input_checks``) is what the implementation reads to raise on bad
-input values, or None to skip that (the one host read such a check needs).
+With ``scaling`` (and ``blur``), ``diameter`` (0-d float64) is the annealing start, or None for the bounding
+diameter of the valid points (``mask_x``, ``mask_y``; found inside the op, where the Triton backend takes it
+in one launch); no ``scaling`` is a fixed eps. ``input_checks`` (``otfast._checks.input_checks``) is what the
+implementation reads to raise on bad input values, or None to skip that (the one host read such a check needs).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks as chk
 from .backends import resolve
 from .reference import Potentials
-from .schedule import Annealing, Schedule, phi, phi_prime, unconverged
+from .schedule import Annealing, Schedule, bounding_diameter, phi, phi_prime, unconverged
 
 _EMPTY = 0  # the shape of the OT(x, x) / OT(y, y) outputs when not debiased
 
@@ -37,6 +41,15 @@ def schedule_of(eps: float, diameter: Tensor | None, blur: float, scaling: float
     """The ``Schedule`` the ops' arguments describe."""
     anneal = () if scaling is None else Annealing(diameter, blur, scaling)
     return Schedule(eps=eps, anneal=anneal, n_iters=n_iters, tol=tol, rho=rho)
+
+
+def annealing_start(mod, x: Tensor, y: Tensor, mask_x: Tensor, mask_y: Tensor, cost: str, blur: float) -> Tensor:
+    """The default annealing start (0-d float64): the bounding-box diagonal of the batch's valid points (unit
+    vectors for "cosine"), at least ``blur``; from the backend's ``bounding_diameter`` where it has one (the
+    Triton backend: one kernel and a few reductions, where the reference takes 17 torch launches)."""
+    if cost == "cosine":
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    return getattr(mod, "bounding_diameter", bounding_diameter)(x, y, mask_x, mask_y).clamp_min(blur)
 
 
 def weights64(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -57,15 +70,18 @@ def dual_value(w: Tensor, f: Tensor, eps: float, rho: float | None, f_self: Tens
 
 
 @torch.library.custom_op("otfast::sinkhorn_loss", mutates_args=())
-def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, diameter: Tensor | None,
-                     input_checks: Tensor | None, eps: float, blur: float, scaling: float | None, n_iters: int,
-                     tol: float | None, rho: float | None, debias: bool, cost: str, backend: str
+def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, mask_x: Tensor, mask_y: Tensor,
+                     diameter: Tensor | None, input_checks: Tensor | None, eps: float, blur: float,
+                     scaling: float | None, n_iters: int, tol: float | None, rho: float | None, debias: bool,
+                     cost: str, backend: str
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                Tensor]:
+                                Tensor, Tensor]:
     if input_checks is not None:
         chk.raise_input_errors(input_checks)
     mod = resolve(backend, x.device)
-    schedule = schedule_of(eps, diameter, blur, scaling, n_iters, tol, rho)
+    found = scaling is not None and diameter is None
+    start = annealing_start(mod, x, y, mask_x, mask_y, cost, blur) if found else diameter
+    schedule = schedule_of(eps, start, blur, scaling, n_iters, tol, rho)
     if not _runs_on_device(mod):
         schedule = schedule.on_host()
     a, b, alpha, beta = weights64(a, b)
@@ -82,7 +98,8 @@ def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, diameter: Tenso
         flags = torch.zeros((len(problems), x.shape[0]), dtype=torch.bool, device=x.device)
     else:
         flags = torch.stack([unconverged(p.n_iters, p.error, schedule) for p in problems])
-    return (value.to(x.dtype), flags, alpha, beta, *(t.double().contiguous() for t in xy[:4]), *sym)
+    start = start if found else x.new_empty(_EMPTY, dtype=torch.float64)
+    return (value.to(x.dtype), flags, start, alpha, beta, *(t.double().contiguous() for t in xy[:4]), *sym)
 
 
 def _solve(mod, x: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, schedule: Schedule, debias: bool,
@@ -119,12 +136,14 @@ def _runs_on_device(mod) -> bool:
 
 
 @sinkhorn_loss_op.register_fake
-def _(x, y, a, b, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho, debias, cost, backend):
+def _(x, y, a, b, mask_x, mask_y, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho, debias, cost,
+      backend):
     (B, N, _), M = x.shape, y.shape[1]
     f64 = dict(dtype=torch.float64, device=x.device)
     problems = 3 if debias else 1
     sym = [(B, N), (B, N), (B, M), (B, M)] if debias else [(_EMPTY,)] * 4
-    return (x.new_empty(B), torch.empty(problems, B, dtype=torch.bool, device=x.device),
+    start = () if scaling is not None and diameter is None else (_EMPTY,)
+    return (x.new_empty(B), torch.empty(problems, B, dtype=torch.bool, device=x.device), torch.empty(start, **f64),
             *(torch.empty(s, **f64) for s in ((B, N), (B, M), (B, N), (B, M), (B, N), (B, M))),
             *(torch.empty(s, **f64) for s in sym))
 
@@ -173,8 +192,8 @@ def _(grad_value, x, y, a, b, alpha, beta, f_xy, g_xy, f_prev_xy, g_prev_xy, f_x
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, a, b, _diameter, _checks, eps, _blur, _scaling, _n_iters, _tol, rho, debias, cost, backend = inputs
-    ctx.save_for_backward(x, y, a, b, *output[2:])
+    x, y, a, b, _mx, _my, _diameter, _checks, eps, _blur, _scaling, _n_iters, _tol, rho, debias, cost, backend = inputs
+    ctx.save_for_backward(x, y, a, b, *output[3:])
     ctx.options = (eps, rho, debias)
     ctx.names = (cost, backend)
     # The potentials and flags are outputs nothing differentiates: their gradients stay None instead of
@@ -190,7 +209,7 @@ def _backward(ctx, grad_value, *_grad_others):
         dx, dy, da, db = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *saved, *ctx.options, weight_grads,
                                                    *ctx.names)
         grads = (dx, dy, da, db) if weight_grads else (dx, dy, None, None)
-    return (*grads, *(None,) * 11)  # none for the diameter, the checks and the options
+    return (*grads, *(None,) * 13)  # none for the masks, the diameter, the checks and the options
 
 
 torch.library.register_autograd("otfast::sinkhorn_loss", _backward, setup_context=_setup_context)

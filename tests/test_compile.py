@@ -227,9 +227,9 @@ def test_the_ops_potentials_carry_no_gradient():
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
     a, b = torch.full((2, 5), 0.2, dtype=torch.float64), torch.full((2, 6), 1 / 6, dtype=torch.float64)
-    out = torch.ops.otfast.sinkhorn_loss(x, y, a, b, None, None, 0.1, 0.3, None, 20, None, None, False,
+    out = torch.ops.otfast.sinkhorn_loss(x, y, a, b, a > 0, b > 0, None, None, 0.1, 0.3, None, 20, None, None, False,
                                          "sqeuclidean", "torch")
-    out[2].sum().backward(retain_graph=True)
+    out[5].sum().backward(retain_graph=True)  # f of OT(x, y)
     assert x.grad is None and y.grad is None
     out[0].sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -638,11 +638,55 @@ def test_the_debiased_loss_takes_one_launch_per_kernel(N, M, solver, monkeypatch
     assert (count["triton"], count["torch"]) == (2, 0), count
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_bounding_diameter_is_the_references_bit_for_bit(dtype, monkeypatch):
+    """``triton_backend.bounding_diameter`` (each pair's box in one launch, reduced over the batch by torch)
+    equals ``otfast.schedule.bounding_diameter`` bit for bit: ragged masks with NaN on padding (never read),
+    strided x, D = 70 (two 64-wide feature blocks, the second ragged), x's extremes on some features and y's on
+    others; and one launch with three torch reductions (and a conversion of fp32 sides) where the reference takes
+    17 launches."""
+    from benchmarks.launches import launches, trace_interpreted_launches
+
+    from otfast.schedule import bounding_diameter
+
+    batch = make_points(3, 37, 20, 70, dtype=dtype, seed=31, junk=float("nan"))
+    wide = torch.stack([batch.x, batch.x], dim=-1)[..., 0]  # x with a feature stride of 2
+    x, y, mx, my = _on_device(wide, 3.0 * batch.y, batch.mask_x.bool(), batch.mask_y.bool())
+    want = bounding_diameter(x, y, mx, my)
+    got = backend.bounding_diameter(x, y, mx, my)
+    assert got.dtype == torch.float64 and got.shape == ()
+    assert torch.equal(got, want), (got.item(), want.item())
+    monkeypatch.delenv("OTFAST_DEBUG_POISON")
+    if DEVICE.type == "cpu":
+        trace_interpreted_launches()
+    count = launches(lambda: backend.bounding_diameter(x, y, mx, my), DEVICE.type)
+    assert (count["triton"], count["torch"]) == (1, 4 if dtype == torch.float32 else 3), count  # float64: no .double()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="counts torch calls as the CPU profiler sees them; on a GPU the "
+                    "suite's launches step counts the CUDA kernels")
+def test_a_loss_call_launches_what_the_readme_counts(monkeypatch):
+    """``benchmarks.launches.measure`` of one debiased, annealed loss call with mask weights (the harness's
+    settings) on the resident kernel: the forward 3 Triton launches (bounds, centre, solver) and 26 torch ops
+    (masks and weights 10, the diameter's reductions 5, the schedule buffer 1, dual values 7, flags, dtype,
+    mean), the backward 2 Triton launches and 6 torch ops (the mean's backward 2, the upstream weights 2, the
+    accumulation into x.grad and y.grad 2): no weight gradient, no log-weights formed again, no per-problem
+    scaling. Each count was 17-19 higher before (README, "Launches per debiased sinkhorn_loss")."""
+    from benchmarks.launches import measure, trace_interpreted_launches
+
+    monkeypatch.delenv("OTFAST_DEBUG_POISON")
+    trace_interpreted_launches()
+    count = measure((2, 8, 9, 16), "triton", "cpu")
+    assert (count["forward"]["triton"], count["forward"]["torch"]) == (3, 26), count
+    assert (count["backward"]["triton"], count["backward"]["torch"]) == (2, 6), count
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # lanes past the pair's rows
 @pytest.mark.parametrize("N,M,solver", [(9, 6, "resident"), (33, 17, "streaming")], ids=lambda v: str(v))
 def test_the_breakdown_names_every_kernel_a_loss_call_launches(N, M, solver, monkeypatch):
     """``benchmarks.breakdown.kernel_times`` (the GPU suite's breakdown step) times each launch of one loss
-    call under its kernel's name: the forward the centre, the solver's kernel and, streamed, the cost tiles;
+    call under its kernel's name: the forward the bounding box of the annealing start, the centre, the solver's
+    kernel and, streamed, the cost tiles;
     the backward the centre and the gradient. The times of a call add up to no more than its wall time (no
     launch counted twice)."""
     import time
@@ -660,7 +704,7 @@ def test_the_breakdown_names_every_kernel_a_loss_call_launches(N, M, solver, mon
     def forward():
         losses["loss"] = otfast.sinkhorn_loss(x, y, eps=0.5, n_iters=4, backend="triton").sum()
 
-    for call, kernels in ((forward, {"_centre_kernel", f"_sinkhorn_{solver}_kernel"}
+    for call, kernels in ((forward, {"_bounds_kernel", "_centre_kernel", f"_sinkhorn_{solver}_kernel"}
                            | ({"_cost_kernel"} if solver == "streaming" else set())),
                           (lambda: losses["loss"].backward(), {"_centre_kernel", "_grad_kernel"})):
         started = time.perf_counter()

@@ -57,7 +57,7 @@ SPLIT_POINTS_WARPS = 8
 # give the longer side this many rows each (``triton_backend.split_count``).
 SPLIT_MIN_ROWS = 64
 SPLIT_MODES = ("auto", "off", "persistent", "phases")  # OTFAST_TRITON_SPLIT (``triton_backend.split_mode``)
-CENTRE_BLOCK = (32, 64)  # BLOCK_R, BLOCK_D
+CENTRE_BLOCK = (32, 64)  # BLOCK_R, BLOCK_D; the bounds kernel's too
 CENTRE_WARPS = 4
 COST_BLOCK = (64, 64, 16)  # BLOCK_N, BLOCK_M, BLOCK_K
 # The streaming solvers form a tile from the points (STREAM_SOURCES "points") in the cost kernel's BLOCK_K steps.
@@ -140,6 +140,7 @@ def configs() -> list[Config]:
     bn, bm, bk = COST_BLOCK
     for points in POINT_DTYPES:
         out.append(Config("_centre_kernel", dict(BLOCK_R=br, BLOCK_D=bd), CENTRE_WARPS, points))
+        out.append(Config("_bounds_kernel", dict(BLOCK_R=br, BLOCK_D=bd), CENTRE_WARPS, points))
         out.append(Config("_cost_kernel", dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk), COST_WARPS, points))
     bn, bm, bk, bdo = GRAD_BLOCK
     for precision in PRECISIONS:

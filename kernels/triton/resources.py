@@ -48,7 +48,8 @@ def _tool(name: str) -> str:
 def _signature(fn, constexprs: dict, float64_pointers: frozenset, points: str | None) -> dict:
     """Triton type strings from the kernels' naming convention: UPPER = pointer (the points X, Y and the
     backward's U_*, OUT_* in ``points``, float64 when None; float64 when listed in ``float64_pointers``,
-    int32 for ITERS and SYNC, else fp32), s*/n_*/N/M/D/FIRST/TERMS/phase = i32, other scalars fp32."""
+    int32 for ITERS and SYNC, uint8 for the bool masks MASK_*, else fp32), s*/n_*/N/M/D/FIRST/TERMS/phase = i32,
+    other scalars fp32."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -58,7 +59,8 @@ def _signature(fn, constexprs: dict, float64_pointers: frozenset, points: str | 
         elif name in ("X", "Y") or name.startswith(("U_", "OUT_")):
             sig[name] = f"*{points or 'fp64'}"
         elif name[0].isupper():
-            sig[name] = "*i32" if name in ("ITERS", "SYNC") else "*fp64" if name in float64_pointers else "*fp32"
+            sig[name] = ("*i32" if name in ("ITERS", "SYNC") else "*u8" if name.startswith("MASK_")
+                         else "*fp64" if name in float64_pointers else "*fp32")
         else:
             sig[name] = "fp32"
     return sig

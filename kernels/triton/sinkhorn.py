@@ -51,6 +51,8 @@ Kernels and their memory traffic:
 - ``_centre_kernel``: each pair's mean of valid points (float64 [3, B, D]: one per problem), which the
   kernels that read points subtract as they load them (``_centred``; padding rows are never read), so
   that the norm expansion of the cost does not cancel. Reads x, y once.
+- ``_bounds_kernel``: each pair's bounding box of its valid points (by the masks, x and y together), which
+  ``triton_backend.bounding_diameter`` reduces over the batch to the annealing start. Reads x, y once.
 - ``_cost_kernel`` + ``_sinkhorn_streaming_kernel``: any length. The cost is written once as C_hi, C_lo (8 N M
   bytes per pair), then each pass streams it tile by tile (a fast pass accumulates per lane and reduces once
   per row block, a precise one or a second sweep keeps an online log-sum-exp); the float64 potentials live in
@@ -511,6 +513,38 @@ def _centre_kernel(X, Y, ALPHA, BETA, MU, N, M, D, sxb, sxn, sxd, syb, sym, syd,
     _store_mean(out, tx + ty, cx + cy, in_d)
     _store_mean(out + tl.num_programs(0) * D, tx, cx, in_d)
     _store_mean(out + 2 * tl.num_programs(0) * D, ty, cy, in_d)
+
+
+@triton.jit
+def _valid_bounds(P, MASK, n_rows, s_row, s_col, offs_d, in_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(largest, least) coordinate over the valid rows of P (MASK != 0) in columns offs_d, in P's dtype (-inf,
+    inf where there is none)."""
+    hi = tl.full((BLOCK_D,), float("-inf"), P.dtype.element_ty)
+    lo = tl.full((BLOCK_D,), float("inf"), P.dtype.element_ty)
+    for r0 in range(0, n_rows, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        ok = (tl.load(MASK + offs_r, mask=offs_r < n_rows, other=0) != 0)[:, None] & in_d[None, :]
+        p = tl.load(P + offs_r[:, None] * s_row + offs_d[None, :] * s_col, mask=ok, other=0.0)
+        hi = tl.maximum(hi, tl.max(tl.where(ok, p, float("-inf")), axis=0))
+        lo = tl.minimum(lo, tl.min(tl.where(ok, p, float("inf")), axis=0))
+    return hi, lo
+
+
+@triton.jit
+def _bounds_kernel(X, Y, MASK_X, MASK_Y, OUT_BOUNDS, N, M, D, sxb, sxn, sxd, syb, sym, syd,
+                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT_BOUNDS[b, 0] = the largest coordinates of pair b's valid points (x and y together), OUT_BOUNDS[b, 1] =
+    minus the least ([B, 2, D] in the points' dtype; -inf where the pair has none), so that the batch's box is
+    one max over pairs and its sides one sum: what ``otfast.schedule.bounding_diameter`` takes the diagonal of.
+    Grid (B, D blocks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_d = offs_d < D
+    hx, lx = _valid_bounds(X + pid * sxb, MASK_X + pid * N, N, sxn, sxd, offs_d, in_d, BLOCK_R, BLOCK_D)
+    hy, ly = _valid_bounds(Y + pid * syb, MASK_Y + pid * M, M, sym, syd, offs_d, in_d, BLOCK_R, BLOCK_D)
+    out = OUT_BOUNDS + pid * 2 * D + offs_d
+    tl.store(out, tl.maximum(hx, hy), mask=in_d)
+    tl.store(out + D, -tl.minimum(lx, ly), mask=in_d)
 
 
 @triton.jit
