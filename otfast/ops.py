@@ -12,8 +12,8 @@ host nor allocates host data once warmed up). The ops take only tensors and plai
   not reach ``tol`` in each of the P problems; ``start`` the annealing start the op found (0-d float64,
   ``annealing_start``), empty unless it found one. The log-weights are outputs so that the backward reads them
   instead of forming them again.
-- ``sinkhorn_loss_backward(grad_value, x, y, a, b, alpha, beta, the eight potentials, eps, rho, debias,
-  weight_grads, cost, backend)`` -> ``(dx, dy, da, db)``; ``da``, ``db`` empty unless ``weight_grads`` (the
+- ``sinkhorn_loss_backward(grad_value, x, y, a, b, alpha, beta, the eight potentials, eps, rho, debias, cost,
+  backend, weight_grads)`` -> ``(dx, dy, da, db)``; ``da``, ``db`` empty unless ``weight_grads`` (the
   uniform weights of masks need none: 12 launches fewer per backward).
 
 With ``scaling`` (and ``blur``), ``diameter`` (0-d float64) is the annealing start, or None for the bounding
@@ -152,7 +152,7 @@ def _(x, y, a, b, mask_x, mask_y, diameter, input_checks, eps, blur, scaling, n_
 def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tensor, b: Tensor, alpha: Tensor,
                               beta: Tensor, f_xy: Tensor, g_xy: Tensor, f_prev_xy: Tensor, g_prev_xy: Tensor,
                               f_xx: Tensor, f_prev_xx: Tensor, f_yy: Tensor, f_prev_yy: Tensor, eps: float,
-                              rho: float | None, debias: bool, weight_grads: bool, cost: str, backend: str
+                              rho: float | None, debias: bool, cost: str, backend: str, weight_grads: bool
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Envelope gradients through the final step (``otfast.reference`` states the formulas)."""
     mod = resolve(backend, x.device)
@@ -185,7 +185,7 @@ def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tenso
 
 @sinkhorn_loss_backward_op.register_fake
 def _(grad_value, x, y, a, b, alpha, beta, f_xy, g_xy, f_prev_xy, g_prev_xy, f_xx, f_prev_xx, f_yy, f_prev_yy, eps,
-      rho, debias, weight_grads, cost, backend):
+      rho, debias, cost, backend, weight_grads):
     if not weight_grads:
         return torch.empty_like(x), torch.empty_like(y), a.new_empty(_EMPTY), b.new_empty(_EMPTY)
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(a), torch.empty_like(b)
@@ -194,8 +194,7 @@ def _(grad_value, x, y, a, b, alpha, beta, f_xy, g_xy, f_prev_xy, g_prev_xy, f_x
 def _setup_context(ctx, inputs, output):
     x, y, a, b, _mx, _my, _diameter, _checks, eps, _blur, _scaling, _n_iters, _tol, rho, debias, cost, backend = inputs
     ctx.save_for_backward(x, y, a, b, *output[3:])
-    ctx.options = (eps, rho, debias)
-    ctx.names = (cost, backend)
+    ctx.options = (eps, rho, debias, cost, backend)
     # The potentials and flags are outputs nothing differentiates: their gradients stay None instead of
     # nine zero-filled tensors (launches) per backward.
     ctx.set_materialize_grads(False)
@@ -206,8 +205,7 @@ def _backward(ctx, grad_value, *_grad_others):
     if grad_value is not None:
         x, y, a, b, *saved = ctx.saved_tensors
         weight_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        dx, dy, da, db = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *saved, *ctx.options, weight_grads,
-                                                   *ctx.names)
+        dx, dy, da, db = sinkhorn_loss_backward_op(grad_value, x, y, a, b, *saved, *ctx.options, weight_grads)
         grads = (dx, dy, da, db) if weight_grads else (dx, dy, None, None)
     return (*grads, *(None,) * 13)  # none for the masks, the diameter, the checks and the options
 
