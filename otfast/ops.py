@@ -99,7 +99,8 @@ def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, mask_x: Tensor,
     else:
         flags = torch.stack([unconverged(p.n_iters, p.error, schedule) for p in problems])
     start = start if found else x.new_empty(_EMPTY, dtype=torch.float64)
-    return (value.to(x.dtype), flags, start, alpha, beta, *(t.double().contiguous() for t in xy[:4]), *sym)
+    # contiguous, as the fake says: log-weights take the strides of the weights, and the masks' may be any
+    return (value.to(x.dtype), flags, start, *(t.double().contiguous() for t in (alpha, beta, *xy[:4], *sym)))
 
 
 def _solve(mod, x: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, schedule: Schedule, debias: bool,

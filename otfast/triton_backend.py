@@ -260,7 +260,15 @@ def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, ma
     """``otfast.schedule.bounding_diameter`` bit for bit, in one launch (``_bounds_kernel``: each pair's box) and
     three reductions over the batch (and, for fp32 points, a conversion), where the reference takes 17 torch
     launches. The sides hi - lo are the sums hi + (-lo) in the points' dtype (the reference's differences), then
-    the diagonal in float64 as it is taken."""
+    the diagonal in float64 as it is taken. A NaN among the valid points (which ``check_inputs`` rejects) is
+    passed over here, where the reference's diameter is NaN; the loss is NaN either way.
+
+    Raises:
+        ValueError: a mask that is not bool (the kernel reads its bytes).
+    """
+    for name, mask in (("mask_x", mask_x), ("mask_y", mask_y)):
+        if mask.dtype != torch.bool:
+            raise ValueError(f"bounding_diameter: {name} must be a bool tensor, got {mask.dtype}")
     x, y = _readable(x), _readable(y)
     (b, n, dim), m = x.shape, y.shape[1]
     bounds = _empty((b, 2, dim), x.dtype, x.device)

@@ -80,6 +80,25 @@ def test_meta_tensors_give_shapes(backend):
     assert x.grad.device.type == "meta" and x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_op_matches_its_fake_on_strided_inputs(backend):
+    """``torch.library.opcheck`` (schema, fake tensors, autograd registration, AOT dispatch): the real op's
+    outputs have the fake's shapes and strides, which a compiled step asserts, with transposed masks and
+    weights (the log-weights would take their strides), for each kind of annealing start: found in the op,
+    given, none (a fixed eps)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    y = torch.randn(3, 6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    mx, my = torch.ones(5, 3, dtype=torch.bool).t(), torch.ones(6, 3, dtype=torch.bool).t()
+    mx[1, -1] = my[2, :2] = False
+    a, b = (m.double() / m.sum(1, keepdim=True) for m in (mx, my))
+    assert not (mx.is_contiguous() or a.is_contiguous())
+    for diameter, scaling in ((None, 0.5), (torch.tensor(2.0, dtype=torch.float64), 0.5), (None, None)):
+        torch.library.opcheck(torch.ops.otfast.sinkhorn_loss.default,
+                              (x, y, a, b, mx, my, diameter, None, 0.01, 0.1, scaling, 5, None, None, True,
+                               "sqeuclidean", backend))
+
+
 @pytest.mark.parametrize("diameter", [0.05, 0.0501, 0.3, 1.0, 3.7, 123.4, 9.9e4])
 @pytest.mark.parametrize("scaling", [0.5, 0.9])
 def test_device_annealing_is_geomloss_list(diameter, scaling):

@@ -643,8 +643,8 @@ def test_bounding_diameter_is_the_references_bit_for_bit(dtype, monkeypatch):
     """``triton_backend.bounding_diameter`` (each pair's box in one launch, reduced over the batch by torch)
     equals ``otfast.schedule.bounding_diameter`` bit for bit: ragged masks with NaN on padding (never read),
     strided x, D = 70 (two 64-wide feature blocks, the second ragged), x's extremes on some features and y's on
-    others; and one launch with three torch reductions (and a conversion of fp32 sides) where the reference takes
-    17 launches."""
+    others; a mask that is not bool is an error; and one launch with three torch reductions (and a conversion
+    of fp32 sides) where the reference takes 17 launches."""
     from benchmarks.launches import launches, trace_interpreted_launches
 
     from otfast.schedule import bounding_diameter
@@ -656,6 +656,8 @@ def test_bounding_diameter_is_the_references_bit_for_bit(dtype, monkeypatch):
     got = backend.bounding_diameter(x, y, mx, my)
     assert got.dtype == torch.float64 and got.shape == ()
     assert torch.equal(got, want), (got.item(), want.item())
+    with pytest.raises(ValueError, match="mask_x must be a bool tensor, got torch.int64"):
+        backend.bounding_diameter(x, y, mx.long(), my)
     monkeypatch.delenv("OTFAST_DEBUG_POISON")
     if DEVICE.type == "cpu":
         trace_interpreted_launches()
@@ -671,7 +673,7 @@ def test_a_loss_call_launches_what_the_readme_counts(monkeypatch):
     (masks and weights 10, the diameter's reductions 5, the schedule buffer 1, dual values 7, flags, dtype,
     mean), the backward 2 Triton launches and 6 torch ops (the mean's backward 2, the upstream weights 2, the
     accumulation into x.grad and y.grad 2): no weight gradient, no log-weights formed again, no per-problem
-    scaling. Each count was 17-19 higher before (README, "Launches per debiased sinkhorn_loss")."""
+    scaling. Each count was 19 higher before (README, "Launches per debiased sinkhorn_loss")."""
     from benchmarks.launches import measure, trace_interpreted_launches
 
     monkeypatch.delenv("OTFAST_DEBUG_POISON")
