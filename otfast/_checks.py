@@ -21,6 +21,13 @@ def check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def check_bool_mask(name: str, mask: torch.Tensor) -> None:
+    """Raise ``TypeError`` unless ``mask`` is a bool tensor (what the kernels that read a mask's bytes take;
+    ``as_mask`` converts the API's masks)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+
+
 def check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
     if value is None:

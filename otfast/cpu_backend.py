@@ -1,12 +1,12 @@
 """The cpu backend: host launcher of the fused C++ CPU Sinkhorn kernel (``otfast.kernels.cpu._sinkhorn``).
 
 Implements ``otfast.backends.Backend`` (``solve``, ``solve_points``, ``grad_points``, the semantics of
-``otfast.reference``). Tensors go to the extension as float64 numpy views of
-contiguous CPU buffers (no torch headers at build time); the kernel runs every iteration of the whole
-batch in one call with the GIL released, on ``torch.get_num_threads()`` OpenMP threads, in double
-precision whatever the input dtype (the potentials come back in float64, the gradients in the input
-dtype). See ``kernels/cpu/sinkhorn.cpp`` for the update rule, the precision, the memory traffic and the
-threading; results do not depend on the thread count.
+``otfast.reference``, and ``bounding_diameter``, the annealing start's). Tensors go to the extension as float64
+numpy views of contiguous CPU buffers (fp32 ones too for ``bounding_diameter``; no torch headers at build time);
+the kernel runs every iteration of the whole batch in one call with the GIL released, on
+``torch.get_num_threads()`` OpenMP threads, in double precision whatever the input dtype (the potentials come
+back in float64, the gradients in the input dtype). See ``kernels/cpu/sinkhorn.cpp`` for the update rule, the
+precision, the memory traffic and the threading; results do not depend on the thread count.
 
 ``UNAVAILABLE`` is None when the extension imported, else the reason it did not.
 """
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_bool_mask
 from .reference import Potentials
 from .schedule import Schedule
+from .schedule import bounding_diameter as reference_diameter
 
 try:
     from .kernels.cpu import _sinkhorn
@@ -92,3 +94,20 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
                           _np(u), None if v is None else _np(v), cost == "cosine", dx.numpy(),
                           None if dy is None else dy.numpy(), torch.get_num_threads())
     return dx.to(x.dtype), None if dy is None else dy.to(x.dtype)
+
+
+def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> torch.Tensor:
+    """``otfast.schedule.bounding_diameter`` bit for bit, in one pass over float32 or float64 points (the C++
+    ``bounding_sides``: the box's sides hi - lo in the points' dtype, then the diagonal in float64 as the
+    reference takes it), where the reference's masked amax/amin write four ``[B, N, D]`` temporaries. Other
+    dtypes go to the reference.
+
+    Raises:
+        TypeError: a mask that is not bool.
+    """
+    check_bool_mask("mask_x", mask_x)
+    check_bool_mask("mask_y", mask_y)
+    if x.dtype not in (torch.float32, torch.float64) or y.dtype != x.dtype:
+        return reference_diameter(x, y, mask_x, mask_y)
+    arrays = (t.detach().contiguous().numpy() for t in (x, y, mask_x, mask_y))
+    return torch.from_numpy(_sinkhorn.bounding_sides(*arrays, torch.get_num_threads())).double().norm()

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import check_bool_mask
 from .backends import triton_interpreted
 from .kernels.triton import configs
 from .kernels.triton.configs import (CENTRE_BLOCK, CENTRE_WARPS, COMPILE_OPTIONS, COST_BLOCK, COST_WARPS, GRAD_BLOCK,
@@ -264,11 +265,10 @@ def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, ma
     passed over here, where the reference's diameter is NaN; the loss is NaN either way.
 
     Raises:
-        ValueError: a mask that is not bool (the kernel reads its bytes).
+        TypeError: a mask that is not bool (the kernel reads its bytes).
     """
-    for name, mask in (("mask_x", mask_x), ("mask_y", mask_y)):
-        if mask.dtype != torch.bool:
-            raise ValueError(f"bounding_diameter: {name} must be a bool tensor, got {mask.dtype}")
+    check_bool_mask("mask_x", mask_x)
+    check_bool_mask("mask_y", mask_y)
     x, y = _readable(x), _readable(y)
     (b, n, dim), m = x.shape, y.shape[1]
     bounds = _empty((b, 2, dim), x.dtype, x.device)

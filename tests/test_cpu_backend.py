@@ -425,3 +425,26 @@ print(otfast.sinkhorn_loss(torch.randn(2, 3, 4), torch.randn(2, 5, 4)).item())
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
+def test_bounding_diameter_is_the_references_bit_for_bit(dtype):
+    """``cpu_backend.bounding_diameter`` (the C++ ``bounding_sides``: one pass, no temporaries) equals
+    ``otfast.schedule.bounding_diameter`` bit for bit: ragged masks with NaN on padding (never read), strided
+    x, D = 70 (a ragged second feature block), y scaled so that both sides hold extremes; a NaN among the valid
+    points gives NaN and a batch without a valid point inf, as the reference's; float16 goes to the reference;
+    a mask that is not bool is an error."""
+    from otfast.schedule import bounding_diameter
+
+    batch = make_points(3, 37, 20, 70, dtype=dtype, seed=31, junk=float("nan"))
+    x = torch.stack([batch.x, batch.x], dim=-1)[..., 0]  # a feature stride of 2
+    y, mx, my = 3.0 * batch.y, batch.mask_x.bool(), batch.mask_y.bool()
+    want = bounding_diameter(x, y, mx, my)
+    assert torch.isfinite(want)
+    assert torch.equal(launch.bounding_diameter(x, y, mx, my), want)
+    x[1, 0, 5] = float("nan")  # a valid point (every pair's first token is)
+    assert torch.isnan(bounding_diameter(x, y, mx, my)) and torch.isnan(launch.bounding_diameter(x, y, mx, my))
+    none_x, none_y = torch.zeros_like(mx), torch.zeros_like(my)
+    assert launch.bounding_diameter(x, y, none_x, none_y) == bounding_diameter(x, y, none_x, none_y) == math.inf
+    with pytest.raises(TypeError, match="mask_y must be a bool tensor, got torch.int64"):
+        launch.bounding_diameter(x, y, mx, my.long())

@@ -1048,7 +1048,8 @@ using Arr = py::array_t<T, py::array::c_style>;
 template <class T>
 const T* data_of(const py::array& a, const char* name, std::vector<py::ssize_t> shape) {
   if (!py::isinstance<py::array_t<T>>(a))
-    throw std::invalid_argument(std::string(name) + " must be a float64 array (the launcher converts the inputs)");
+    throw std::invalid_argument(std::string(name) + " must be a " + std::string(py::str(py::dtype::of<T>())) +
+                                " array (the launcher converts the inputs)");
   if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + " must be C-contiguous");
   if (a.ndim() != (py::ssize_t)shape.size())
     throw std::invalid_argument(std::string(name) + " has the wrong number of dimensions");
@@ -1167,6 +1168,50 @@ void grad_impl(const py::array& x_in, const py::array& y_in, const py::array& al
   }
 }
 
+// The sides of the batch's bounding box, the annealing diameter's (schedule.bounding_diameter): per feature,
+// the largest minus the least coordinate over every valid row of x and y (masks, not weights), in their
+// dtype, a NaN among the valid coordinates winning as in torch's amax/amin. One read of x and y and no
+// temporaries, where the reference's masked amax/amin write four [B, N, D] copies; OpenMP over 64-feature
+// blocks, each taking the rows in order.
+template <class T>
+py::array_t<T> bounding_sides_impl(const py::array& x_in, const py::array& y_in, const py::array& mx_in,
+                                   const py::array& my_in, int threads) {
+  if (x_in.ndim() != 3 || y_in.ndim() != 3) throw std::invalid_argument("x, y must be [B, N, D], [B, M, D]");
+  const py::ssize_t B = x_in.shape(0), N = x_in.shape(1), M = y_in.shape(1), D = x_in.shape(2);
+  const T* x = data_of<T>(x_in, "x", {B, N, D});
+  const T* y = data_of<T>(y_in, "y", {B, M, D});
+  const bool* mx = data_of<bool>(mx_in, "mask_x", {B, N});
+  const bool* my = data_of<bool>(my_in, "mask_y", {B, M});
+  py::array_t<T> out(std::vector<py::ssize_t>{D});
+  T* sides = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    constexpr py::ssize_t kBlock = 64;
+    const py::ssize_t blocks = (D + kBlock - 1) / kBlock;
+#pragma omp parallel for num_threads(std::max(threads, 1)) schedule(static) if (threads > 1 && blocks > 1)
+    for (py::ssize_t k = 0; k < blocks; ++k) {
+      const py::ssize_t d0 = k * kBlock, width = std::min(D - d0, kBlock);
+      T hi[kBlock], lo[kBlock], nan[kBlock];  // nan: 0, or NaN once a NaN was seen (then the side is NaN)
+      std::fill(hi, hi + width, -inf<T>());
+      std::fill(lo, lo + width, inf<T>());
+      std::fill(nan, nan + width, T(0));
+      for (const auto& [p, mask, rows] : {std::make_tuple(x, mx, B * N), std::make_tuple(y, my, B * M)})
+        for (py::ssize_t r = 0; r < rows; ++r) {
+          if (!mask[r]) continue;
+          const T* row = p + r * D + d0;
+          for (py::ssize_t j = 0; j < width; ++j) {  // branch-free, so that it vectorises
+            const T v = row[j];
+            hi[j] = v > hi[j] ? v : hi[j];
+            lo[j] = v < lo[j] ? v : lo[j];
+            nan[j] = v != v ? v : nan[j];
+          }
+        }
+      for (py::ssize_t j = 0; j < width; ++j) sides[d0 + j] = (hi[j] - lo[j]) + nan[j];
+    }
+  }
+  return out;
+}
+
 }  // namespace otk
 
 PYBIND11_MODULE(_sinkhorn, m) {
@@ -1211,4 +1256,13 @@ PYBIND11_MODULE(_sinkhorn, m) {
       py::arg("eps"), py::arg("u"), py::arg("v"), py::arg("cosine"), py::arg("dx"), py::arg("dy"), py::arg("threads"),
       "Writes the envelope gradients with respect to the raw points through the final step into dx [B, N, D] and "
       "dy [B, M, D] (given with v), 0 on padding rows. The caller allocates them (see otfast/cpu_backend.py, grad_points).");
+  m.def(
+      "bounding_sides",
+      [](const py::array& x, const py::array& y, const py::array& mask_x, const py::array& mask_y, int threads) {
+        return py::isinstance<py::array_t<float>>(x) ? py::array(bounding_sides_impl<float>(x, y, mask_x, mask_y, threads))
+                                                     : py::array(bounding_sides_impl<double>(x, y, mask_x, mask_y, threads));
+      },
+      py::arg("x"), py::arg("y"), py::arg("mask_x"), py::arg("mask_y"), py::arg("threads"),
+      "The sides [D] of the bounding box of the valid points (bool masks [B, N], [B, M]) of x [B, N, D] and y "
+      "[B, M, D], both float32 or both float64, in their dtype: hi - lo per feature (see otfast/cpu_backend.py).");
 }
