@@ -1259,8 +1259,9 @@ PYBIND11_MODULE(_sinkhorn, m) {
   m.def(
       "bounding_sides",
       [](const py::array& x, const py::array& y, const py::array& mask_x, const py::array& mask_y, int threads) {
-        return py::isinstance<py::array_t<float>>(x) ? py::array(bounding_sides_impl<float>(x, y, mask_x, mask_y, threads))
-                                                     : py::array(bounding_sides_impl<double>(x, y, mask_x, mask_y, threads));
+        if (py::isinstance<py::array_t<float>>(x))
+          return py::array(bounding_sides_impl<float>(x, y, mask_x, mask_y, threads));
+        return py::array(bounding_sides_impl<double>(x, y, mask_x, mask_y, threads));
       },
       py::arg("x"), py::arg("y"), py::arg("mask_x"), py::arg("mask_y"), py::arg("threads"),
       "The sides [D] of the bounding box of the valid points (bool masks [B, N], [B, M]) of x [B, N, D] and y "
