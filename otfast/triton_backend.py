@@ -248,13 +248,19 @@ def _readable(x: torch.Tensor) -> torch.Tensor:
 def _centre(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``[3, B, D]`` float64: the mean of each pair's valid points of each problem (x and y together, x, y;
     one launch)."""
-    (b, n, dim), m = x.shape, y.shape[1]
-    mu = _empty((3, b, dim), torch.float64, x.device)
-    br, bd = CENTRE_BLOCK
-    K._centre_kernel[(b, triton.cdiv(dim, bd))](
-        x, y, alpha, beta, mu, n, m, dim, *x.stride(), *y.stride(), BLOCK_R=br, BLOCK_D=bd, num_warps=CENTRE_WARPS,
-        **COMPILE_OPTIONS)
+    mu = _empty((3, x.shape[0], x.shape[2]), torch.float64, x.device)
+    _over_pairs(K._centre_kernel, x, y, alpha, beta, mu)
     return mu
+
+
+def _over_pairs(kernel, x: torch.Tensor, y: torch.Tensor, of_x: torch.Tensor, of_y: torch.Tensor,
+                out: torch.Tensor) -> None:
+    """Launch a kernel that reads each pair's valid points once (``_centre_kernel``, ``_bounds_kernel``: grid
+    pair x ``CENTRE_BLOCK`` feature block), with the per-token tensors of x and y that say which are valid."""
+    (b, n, dim), m = x.shape, y.shape[1]
+    br, bd = CENTRE_BLOCK
+    kernel[(b, triton.cdiv(dim, bd))](x, y, of_x, of_y, out, n, m, dim, *x.stride(), *y.stride(), BLOCK_R=br,
+                                      BLOCK_D=bd, num_warps=CENTRE_WARPS, **COMPILE_OPTIONS)
 
 
 def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> torch.Tensor:
@@ -270,12 +276,8 @@ def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, ma
     check_bool_mask("mask_x", mask_x)
     check_bool_mask("mask_y", mask_y)
     x, y = _readable(x), _readable(y)
-    (b, n, dim), m = x.shape, y.shape[1]
-    bounds = _empty((b, 2, dim), x.dtype, x.device)
-    br, bd = CENTRE_BLOCK
-    K._bounds_kernel[(b, triton.cdiv(dim, bd))](
-        x, y, *(t.contiguous().view(torch.uint8) for t in (mask_x, mask_y)), bounds, n, m, dim, *x.stride(),
-        *y.stride(), BLOCK_R=br, BLOCK_D=bd, num_warps=CENTRE_WARPS, **COMPILE_OPTIONS)
+    bounds = _empty((x.shape[0], 2, x.shape[2]), x.dtype, x.device)
+    _over_pairs(K._bounds_kernel, x, y, *(t.contiguous().view(torch.uint8) for t in (mask_x, mask_y)), bounds)
     return bounds.amax(0).sum(0).double().norm()
 
 

@@ -56,8 +56,8 @@ def test_compiled_loss_has_no_graph_break_and_matches_eager(backend, setting):
 @pytest.mark.skipif("cpu" not in AVAILABLE, reason="the cpu backend is not built")
 def test_inductor_compiles_the_step_on_cpu(tmp_path, monkeypatch):
     """The inductor CPU backend (generated C++ around the op): same loss and gradients as eager. Its caches go
-    to a fresh folder: torch's cache key leaves out a custom op's schema, so a cache written before the op's
-    outputs changed hands back code that asserts the old outputs' shapes."""
+    to a fresh folder: a cache written before the op's outputs changed (its call unchanged) handed back code
+    that asserted the old outputs' shapes."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(1)
     model = torch.nn.Linear(8, 8)
