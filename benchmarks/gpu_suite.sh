@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call that fits a 15-minute lease (the steps' limits add up to 360 s on an
-# H100/H200, JIT compiles included), ordered by value so that a cut-short run still returns the most important
-# results: the accuracy matrix of every backend, the CUDA tests, the five Triton v2 goal points against POT and
-# GeomLoss, where their time goes (benchmarks.breakdown: per kernel, per update, against the batch), the row split's
-# CUDA test on its own (programs that wait for each other), then otfast[triton-nosplit] (one program per long pair),
-# otfast[triton-exact] (the packed cost without its absorbed cost) and otfast[triton-tile32] (33 to 64 tokens
-# streamed, not on the 64 tile) at the goal points, flash-sinkhorn there, the training-step benchmark, the tiny
-# alignment run with bf16 autocast (retrieval must lift), the launches per loss call, and last the sweep within its
-# time budget. Each step has its own timeout (seconds, below) and logs to $OUT_DIR/NAME.log; CSV rows go to
-# $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render OUT_DIR/results.csv --update-docs` turns
-# into benchmarks/RESULTS.md, and the breakdown's rows to $OUT_DIR/breakdown.json. (The sm_90 resource check is not
-# here: it needs no GPU, and the README says how it runs under each triton that pyproject.toml allows.) Benchmark
-# providers whose packages are missing (POT, GeomLoss, flash-sinkhorn: no network on the GPU machines) are skipped
-# and say so, and the harness needs `datasets`, `sacremoses` and what they pull in: `python -m benchmarks.carry`
-# writes their wheels, small enough to travel, into .whl/ (README, "On a GPU machine"); this script installs
-# .whl/*.whl into a private folder ahead of site-packages first, so that a triton carried there (`--triton 3.9.0`:
-# the image's 3.6 has no 64 tile) is the one every step runs under. GPU_SUITE_STEPS="goals step" runs only the steps
-# named (a second call of a lease, after a fix).
+# H100/H200, JIT compiles included, and 60 more for a first check of a carried triton), ordered by value so that a
+# cut-short run still returns the most important results: the accuracy matrix of every backend, the CUDA tests, the five
+# Triton v2 goal points against POT and GeomLoss, where their time goes (benchmarks.breakdown: per kernel, per update,
+# against the batch), the row split's CUDA test on its own (programs that wait for each other), then
+# otfast[triton-nosplit] (one program per long pair), otfast[triton-exact] (the packed cost without its absorbed cost)
+# and otfast[triton-tile32] (33 to 64 tokens streamed, not on the 64 tile) at the goal points, flash-sinkhorn there, the
+# training-step benchmark, the tiny alignment run with bf16 autocast (retrieval must lift), the launches per loss call,
+# and last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
+# $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
+# OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md, and the breakdown's rows to
+# $OUT_DIR/breakdown.json. (The sm_90 resource check is not here: it needs no GPU, and the README says how it runs under
+# each triton that pyproject.toml allows.) Benchmark providers whose packages are missing (POT, GeomLoss,
+# flash-sinkhorn: no network on the GPU machines) are skipped and say so, and the harness needs `datasets`, `sacremoses`
+# and what they pull in: `python -m benchmarks.carry` writes their wheels, small enough to travel, into .whl/ (README,
+# "On a GPU machine"); this script installs .whl/*.whl into a private folder ahead of site-packages first, so that a
+# triton carried there (`--triton 3.9.0`: the image's 3.6 has no 64 tile) is the one every step runs under, unless it
+# fails a small loss on this GPU first (then the image's triton runs them, and the output says so).
+# GPU_SUITE_STEPS="goals step" runs only the steps named (a second call of a lease, after a fix).
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
 set -uo pipefail
@@ -39,6 +40,20 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/otfast-site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/otfast-site"
+fi
+# A carried triton whose compiler this machine cannot run (its ptxas needs a newer driver, say) would fail every
+# step: one small debiased loss and its gradient against the torch backend first (at most 60 s), else the
+# image's triton
+if [ -d /tmp/otfast-site/triton ] && ! timeout 60 "$PY" -c "
+import torch, otfast
+x, y = torch.randn(2, 9, 16, device='cuda'), torch.randn(2, 7, 16, device='cuda')
+out = [otfast.sinkhorn_loss(x.requires_grad_(), y, backend=b) for b in ('triton', 'torch')]
+grads = [torch.autograd.grad(v, x)[0] for v in out]
+assert torch.allclose(out[0], out[1], atol=1e-5) and torch.allclose(*grads, atol=1e-4), (out, grads)
+print('carried triton', __import__('triton').__version__, 'compiles and agrees with the torch backend')
+" > "$out/carried-triton.log" 2>&1; then
+  echo "!! the carried triton failed here (see $out/carried-triton.log): every step runs under the image's triton"
+  rm -rf /tmp/otfast-site/triton /tmp/otfast-site/triton-*.dist-info
 fi
 step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.log, remember failures, go on
   local name=$1 limit=$2; shift 2
