@@ -346,7 +346,23 @@ def test_every_kernel_configuration_compiles_for_sm90_without_spills(monkeypatch
     _tiles(monkeypatch, *TILES)
     proc = _compiling("-m", "otfast.kernels.triton.resources")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"{len(configs())} configurations compiled for sm_90, 0 spilling" in proc.stdout
+    assert f"{len(configs())} configurations compiled for sm_90, 0 spilling, 0 not fitting an SM" in proc.stdout
+
+
+@pytest.mark.parametrize("regs,warps,shared,programs", [
+    (209, 8, 3072, 1),     # 27 units of 256 registers a warp: 9 warps' worth, one program of 8
+    (255, 4, 2048, 2),     # 32 units a warp: 8 warps, two programs of 4
+    (64, 4, 2048, 8),      # 8 units a warp: 32 warps, 8 programs
+    (32, 1, 1024, 32),     # the limit of 32 programs an SM
+    (32, 4, 102400, 2),    # shared memory: 228 KiB hold two programs of 100 KiB
+    (128, 16, 1024, 1),    # 16 units a warp: 16 warps, one program of 16
+    (255, 16, 1024, 0),    # 16 warps of 8192 registers are twice the register file: no program fits
+])
+def test_programs_per_sm_follows_cudas_occupancy_rules(regs, warps, shared, programs):
+    """The resource check's programs per SM (CUDA's occupancy rules for compute capability 9.0)."""
+    from otfast.kernels.triton.resources import programs_per_sm
+
+    assert programs_per_sm(regs, warps, shared) == programs
 
 
 _ITERATION_LOOP = """

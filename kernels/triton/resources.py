@@ -4,7 +4,9 @@ Each configuration from ``otfast.kernels.triton.configs.configs()`` is compiled 
 ``GPUTarget("cuda", 90, 32)``; ``cuobjdump --dump-resource-usage`` (shipped with triton) reads registers,
 shared memory and stack frame from the cubin, and the log of triton's own ``ptxas -v`` (with triton's
 flags; ``TRITON_DUMP_PTXAS_LOG``, compiled afresh: ``TRITON_ALWAYS_COMPILE``) the spill stores and loads.
-Prints one table row per configuration and exits 1 if any configuration spills.
+Prints one table row per configuration (shared memory: what triton's launch asks for, and the cubin's static part,
+in which cuobjdump counts the 1 KB the system reserves per program), with how many of its programs an sm_90 SM
+holds at once (``programs_per_sm``), and exits 1 if any configuration spills or does not fit an SM.
 
 ``--sass`` prints instead, for the solvers' and the backward's configurations (fp32 points, no tol), the
 static instruction counts of every loop of the compiled SASS (``cuobjdump -sass``; a loop is the range of
@@ -97,9 +99,11 @@ def check(config) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     if not fields or not spills:
         raise RuntimeError(f"could not read the resource usage of {config.kernel}:\n{usage}\n{log.getvalue()}")
+    # shared memory: what triton's launch asks for (dynamic) and the cubin's static part, where cuobjdump counts the
+    # 1 KB the system reserves per program
     return dict(kernel=config.kernel, constexprs=config.constexprs, warps=config.warps, points=config.points,
-                regs=int(fields["REG"]),
-                shared=int(fields["SHARED"]), stack=int(fields["STACK"]), spill_stores=int(spills.group(1)),
+                regs=int(fields["REG"]), shared=compiled.metadata.shared + int(fields["SHARED"]),
+                stack=int(fields["STACK"]), spill_stores=int(spills.group(1)),
                 spill_loads=int(spills.group(2)))
 
 
@@ -116,6 +120,21 @@ def _environ(**values: str):
                 del os.environ[key]
             else:
                 os.environ[key] = value
+
+
+# An sm_90 SM (CUDA's occupancy rules for compute capability 9.0): its register file, allocated per warp in units
+# of 256 registers; its warps and resident programs (thread blocks); its shared memory.
+SM90 = dict(registers=65536, register_unit=256, warps=64, programs=32, shared=233472)
+
+
+def programs_per_sm(regs: int, warps: int, shared: int) -> int:
+    """How many programs of one configuration an sm_90 SM holds at once (``SM90``): the least that its registers
+    (``regs`` per thread), warps and shared memory (``shared`` bytes per program, the 1 KB the system reserves
+    included) allow."""
+    unit = SM90["register_unit"]
+    per_warp = -(-regs * 32 // unit) * unit
+    return min(SM90["registers"] // per_warp // warps, SM90["warps"] // warps, SM90["programs"],
+               SM90["shared"] // shared)
 
 
 # SASS opcodes counted by ``--sass``, in groups.
@@ -234,16 +253,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(check, todo))
-    print(f"{'kernel and constexprs':104} {'warps':>5} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st/ld':>11}")
-    bad = 0
+    print(f"{'kernel and constexprs':104} {'warps':>5} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st/ld':>11} "
+          f"{'per SM':>6}")
+    bad = unfit = 0
     for r in rows:
         spilled = r["spill_stores"] or r["spill_loads"]
+        per_sm = programs_per_sm(r["regs"], r["warps"], r["shared"])
         bad += bool(spilled)
+        unfit += not per_sm
         print(f"{_describe(r['kernel'], r['constexprs'], r['points']):104} {r['warps']:>5} {r['regs']:>4} "
-              f"{r['shared']:>6} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5}"
-              f"{'  SPILLS' if spilled else ''}")
-    print(f"{len(rows)} configurations compiled for sm_90, {bad} spilling")
-    return 1 if bad else 0
+              f"{r['shared']:>6} {r['stack']:>5} {r['spill_stores']:>5}/{r['spill_loads']:<5} {per_sm:>6}"
+              f"{'  SPILLS' if spilled else ''}{'  DOES NOT FIT AN SM' if not per_sm else ''}")
+    print(f"{len(rows)} configurations compiled for sm_90, {bad} spilling, {unfit} not fitting an SM")
+    return 1 if bad or unfit else 0
 
 
 if __name__ == "__main__":
