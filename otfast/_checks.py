@@ -7,6 +7,7 @@ problem, so that bad input never turns into a silent NaN deep inside a kernel.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,10 +35,25 @@ def check_positive(name: str, value: float | None, *, allow_none: bool = False) 
         if allow_none:
             return
         raise ValueError(f"{name} must be given")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+_SQUARABLE = math.sqrt(torch.finfo(torch.float64).max)
+
+
+def check_squarable(name: str, value: float | None) -> None:
+    """Raise ``ValueError`` when a length (blur, reach, diameter) is too large for its square, which the loss
+    takes, to be a float64 number."""
+    if value is not None and value >= _SQUARABLE:
+        raise ValueError(f"{name} = {value:g} is too large: its square overflows float64")
+
+
+def as_float(value: numbers.Real | None) -> float | None:
+    """A checked number (``check_positive``) as a Python float: numpy scalars and tensors' items alike."""
+    return None if value is None else float(value)
 
 
 # The smallest temperature any backend accepts: 1 / eps and C / eps stay finite in float64 for costs up to
@@ -53,7 +69,8 @@ def check_temperature(what: str, eps: float) -> None:
 
 
 def check_iterations(n_iters: int | None, tol: float | None) -> None:
-    if n_iters is not None and (isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 0):
+    if n_iters is not None and (isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral)
+                                or n_iters < 0):
         raise ValueError(f"n_iters must be an integer >= 0, got {n_iters!r}")
     check_positive("tol", tol, allow_none=True)
 
@@ -66,13 +83,23 @@ def check_scaling(scaling: float | None) -> None:
         raise ValueError(f"scaling must lie in (0, 1), got {scaling}")
 
 
-def as_mask(name: str, mask, shape: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], unbatched: bool, what: str = "") -> None:
+    """Raise ``ValueError`` unless ``t`` has ``shape``; an unbatched call's tensors, lifted (``lift``), are named
+    by the shapes the caller passed and expected, without the batch axis."""
+    if tuple(t.shape) != tuple(shape):
+        got, want = (tuple(t.shape)[1:], tuple(shape)[1:]) if unbatched else (tuple(t.shape), tuple(shape))
+        raise ValueError(f"{name} has shape {got}, expected {want}{what}")
+
+
+def as_mask(name: str, mask, shape: tuple[int, int], device: torch.device,
+            unbatched: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A Hugging Face style attention mask (1 = token, 0 = padding) as a bool tensor, and the values to check.
 
     Args:
         mask: ``[B, N]`` bool or integer tensor (or anything ``torch.as_tensor`` takes, such as nested lists),
             or None for "every token is valid".
         shape: the expected ``(B, N)``.
+        unbatched: the mask is an unbatched call's, lifted (``lift``): its messages leave out the batch axis.
 
     Returns:
         ``(bool mask, raw)``: ``raw`` is the integer mask whose values ``input_checks`` must see (0 and 1 only),
@@ -86,8 +113,7 @@ def as_mask(name: str, mask, shape: tuple[int, int], device: torch.device) -> tu
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"{name} must be a tensor (or nested lists of 0 and 1), got {type(mask).__name__}: "
                             f"{exc}") from None
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)} (batch, length)")
+    _check_shape(name, mask, shape, unbatched, " (length)" if unbatched else " (batch, length)")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device}, the data is on {device}")
     if mask.dtype == torch.bool:
@@ -97,25 +123,29 @@ def as_mask(name: str, mask, shape: tuple[int, int], device: torch.device) -> tu
     return mask != 0, mask
 
 
-def as_weights(name: str, w: torch.Tensor | None, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Non-negative weights normalised to sum 1 over the unmasked entries, 0 on padding (the sum is taken in
-    float64, so that weights near the float32 maximum do not overflow it). Shapes, devices and dtypes are
-    checked here; the values (finite, non-negative, a positive total) by ``input_checks``.
+def as_weights(name: str, w: torch.Tensor | None, mask: torch.Tensor, unbatched: bool = False) -> torch.Tensor:
+    """Non-negative weights normalised in float64 to sum 1 over the unmasked entries, 0 on padding. Float64,
+    whatever the data's dtype: weights rounded to float32 sum to 1 only within ~1e-8, and a balanced problem
+    whose two sides' masses differ by that never gets its marginal error below it. A weight of 0 is no part of
+    the total, so its gradient is 0, as a masked token's (the potential of a token with no mass is arbitrary).
+    Shapes, devices and dtypes are checked here; the values (finite, non-negative, a positive total) by
+    ``input_checks``.
 
     Args:
         w: ``[B, N]`` weights or None for uniform weights.
         mask: ``[B, N]`` bool.
+        unbatched: as ``as_mask``'s.
     """
-    m = mask.to(dtype)
     if w is None:
+        m = mask.double()
         return m / m.sum(dim=1, keepdim=True)
     check_float_tensor(name, w)
-    if tuple(w.shape) != tuple(mask.shape):
-        raise ValueError(f"{name} has shape {tuple(w.shape)}, expected {tuple(mask.shape)}")
+    _check_shape(name, w, mask.shape, unbatched)
     if w.device != mask.device:
         raise ValueError(f"{name} is on {w.device}, the data is on {mask.device}")
-    w = torch.where(mask, w.double(), torch.zeros((), dtype=torch.float64, device=w.device))
-    return (w / w.sum(dim=1, keepdim=True)).to(dtype)
+    zero = torch.zeros((), dtype=torch.float64, device=w.device)
+    w = torch.where(mask, w.double(), zero)
+    return w / torch.where(w > 0, w, zero).sum(dim=1, keepdim=True)
 
 
 # What ``input_checks`` looks for, in order, with the roles of the inputs in braces (named by the caller:
@@ -130,6 +160,8 @@ INPUT_ERRORS = (
     "{x} contains inf values",
     "{y} contains NaN values",
     "{y} contains inf values",
+    "{x}: a valid token of the pair at batch index {index} is the zero vector, whose cosine is undefined",
+    "{y}: a valid token of the pair at batch index {index} is the zero vector, whose cosine is undefined",
     "{weights_x} contains NaN values",
     "{weights_x} contains inf values",
     "{weights_x} has negative weights",
@@ -145,7 +177,7 @@ LOSS_NAMES = dict(mask_x="mask_x", mask_y="mask_y", x="x", y="y", weights_x="wei
 
 def input_checks(x: torch.Tensor, y: torch.Tensor | None, mask_x: torch.Tensor, mask_y: torch.Tensor,
                  raw_x: torch.Tensor | None, raw_y: torch.Tensor | None, weights_x: torch.Tensor | None,
-                 weights_y: torch.Tensor | None) -> torch.Tensor:
+                 weights_y: torch.Tensor | None, cosine: bool = False) -> torch.Tensor:
     """int64 ``[len(INPUT_ERRORS)]`` on the data's device: for each error, the first batch index where it holds
     (0 for the errors of a whole tensor), -1 where it does not. Computed with device ops only: no host read
     (the loss's custom op reads it when it runs, ``raise_input_errors``).
@@ -154,16 +186,23 @@ def input_checks(x: torch.Tensor, y: torch.Tensor | None, mask_x: torch.Tensor, 
         x: ``[B, N, D]`` points (or a ``[B, N, M]`` matrix already masked to 0 off its valid entries);
             y: ``[B, M, D]`` or None; mask_x, mask_y: bool masks; raw_x, raw_y: the integer masks to check
             for values other than 0 and 1 (``as_mask``), or None; weights_x, weights_y: ``[B, N]``,
-            ``[B, M]`` raw weights or None.
+            ``[B, M]`` raw weights or None; cosine: whether the cost is "cosine", which a zero vector among
+            the valid points x, y has no value of.
     """
     def mask_values(raw):
         return None if raw is None else ((raw != 0) & (raw != 1)).flatten()
 
-    def rows(t, mask):  # NaN / inf anywhere in a valid row (amax propagates NaN and cannot overflow)
+    def peaks(t):  # each point's largest |entry| (amax propagates NaN and cannot overflow)
+        return t.detach().abs().amax(dim=-1) if t.dim() == 3 else t.detach().abs()
+
+    def rows(t, mask):  # NaN / inf anywhere in a valid row
         if t is None:
             return None, None
-        peak = t.detach().abs().amax(dim=-1) if t.dim() == 3 else t.detach().abs()
+        peak = peaks(t)
         return (torch.isnan(peak) & mask).flatten(), (torch.isinf(peak) & mask).flatten()
+
+    def zero_vectors(t, mask):  # a pair with a valid point of all zeros
+        return ((peaks(t) == 0) & mask).any(dim=1) if cosine else None
 
     def weight_checks(w, mask):
         if w is None:
@@ -172,7 +211,8 @@ def input_checks(x: torch.Tensor, y: torch.Tensor | None, mask_x: torch.Tensor, 
         return [*rows(w, mask), ((w.detach() < 0) & mask).flatten(), total <= 0]
 
     flags = [mask_values(raw_x), mask_values(raw_y), ~mask_x.any(dim=1), ~mask_y.any(dim=1), *rows(x, mask_x),
-             *rows(y, mask_y), *weight_checks(weights_x, mask_x), *weight_checks(weights_y, mask_y)]
+             *rows(y, mask_y), zero_vectors(x, mask_x), zero_vectors(y, mask_y), *weight_checks(weights_x, mask_x),
+             *weight_checks(weights_y, mask_y)]
     none = torch.full((), -1, dtype=torch.int64, device=x.device)
     out = []
     for k, bad in enumerate(flags):
@@ -214,8 +254,8 @@ def as_matrix_batch(name: str, t: torch.Tensor, mask_a: torch.Tensor | None, mas
         raise ValueError(f"{name} has an empty dimension: {tuple(t.shape)}")
     check_same_device(**{name: t}, mask_a=mask_a, mask_b=mask_b)
     B, N, M = t3.shape
-    ma, raw_a = as_mask("mask_a", lift(mask_a, unbatched), (B, N), t3.device)
-    mb, raw_b = as_mask("mask_b", lift(mask_b, unbatched), (B, M), t3.device)
+    ma, raw_a = as_mask("mask_a", lift(mask_a, unbatched), (B, N), t3.device, unbatched)
+    mb, raw_b = as_mask("mask_b", lift(mask_b, unbatched), (B, M), t3.device, unbatched)
     valid = ma.unsqueeze(2) & mb.unsqueeze(1)
     entries = torch.where(valid, t3.detach(), torch.zeros((), dtype=t3.dtype, device=t3.device))
     for weight_name, w in (("a", a), ("b", b)):
@@ -252,6 +292,8 @@ def check_points(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None, 
     ``[M, D]``) on one device with their masks."""
     check_float_tensor("x", x)
     check_float_tensor("y", y)
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
     if x.dim() != y.dim() or x.dim() not in (2, 3):
         raise ValueError(f"x and y must both be [B, N, D] / [B, M, D] (or unbatched [N, D] / [M, D]), got "
                          f"shapes {tuple(x.shape)} and {tuple(y.shape)}")

@@ -32,7 +32,7 @@ class SinkhornResult:
         marginal_error: ``[B]`` L1 marginal error (rows plus columns) of the last iterate; a
             fixed-point residual when unbalanced.
         cost_matrix: ``[B, N, M]`` the cost (0 on padding), detached; log_a ``[B, N]``, log_b ``[B, M]``:
-            the log-weights (-inf on padding); eps: the temperature.
+            the log-weights in float64 (-inf on padding); eps: the temperature.
 
     Unbatched calls (a ``[N, M]`` cost) drop the leading batch axis everywhere.
     """
@@ -132,10 +132,12 @@ def sinkhorn(cost_matrix: torch.Tensor | None = None, a: torch.Tensor | None = N
     chk.check_positive("rho", rho, allow_none=True)
     chk.check_iterations(n_iters, tol)
     chk.check_scaling(scaling)
+    eps, rho, tol, scaling = (chk.as_float(v) for v in (eps, rho, tol, scaling))
+    n_iters = int(n_iters)
     valid = ma.unsqueeze(2) & mb.unsqueeze(1)
     dtype = chk.compute_dtype(C.dtype)
-    wa = chk.as_weights("a", chk.lift(a, unbatched), ma, dtype).detach()
-    wb = chk.as_weights("b", chk.lift(b, unbatched), mb, dtype).detach()
+    wa = chk.as_weights("a", chk.lift(a, unbatched), ma, unbatched).detach()
+    wb = chk.as_weights("b", chk.lift(b, unbatched), mb, unbatched).detach()
     Cm = torch.where(valid, C.to(dtype), torch.zeros((), dtype=dtype, device=C.device))
     Cw = Cm.detach()
 
@@ -172,9 +174,11 @@ def check_loss_options(*, cost: str, blur: float, eps: float | None, scaling: fl
     check_backend_name(backend)
     chk.check_positive("blur", blur)
     chk.check_positive("eps", eps, allow_none=True)
-    chk.check_temperature("eps" if eps is not None else "eps = blur^2", eps if eps is not None else blur**2)
     chk.check_positive("reach", reach, allow_none=True)
     chk.check_positive("diameter", diameter, allow_none=True)
+    for name, length in (("blur", blur), ("reach", reach), ("diameter", diameter)):
+        chk.check_squarable(name, length)
+    chk.check_temperature("eps" if eps is not None else "eps = blur^2", eps if eps is not None else blur**2)
     chk.check_iterations(n_iters, tol)
     chk.check_scaling(scaling)
 
@@ -229,17 +233,20 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
     chk.check_points(x, y, mask_x, mask_y)
     check_loss_options(cost=cost, blur=blur, eps=eps, scaling=scaling, n_iters=n_iters, tol=tol, reach=reach,
                        diameter=diameter, reduction=reduction, backend=backend)
+    blur, eps, scaling, tol, reach, diameter = (chk.as_float(v) for v in (blur, eps, scaling, tol, reach, diameter))
+    n_iters = None if n_iters is None else int(n_iters)
     unbatched = x.dim() == 2
     if unbatched:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
         mask_x, mask_y, weights_x, weights_y = (chk.lift(t, True) for t in (mask_x, mask_y, weights_x, weights_y))
     (B, N, _), M = x.shape, y.shape[1]
-    mx, raw_x = chk.as_mask("mask_x", mask_x, (B, N), x.device)
-    my, raw_y = chk.as_mask("mask_y", mask_y, (B, M), y.device)
+    mx, raw_x = chk.as_mask("mask_x", mask_x, (B, N), x.device, unbatched)
+    my, raw_y = chk.as_mask("mask_y", mask_y, (B, M), y.device, unbatched)
     dtype = chk.compute_dtype(x.dtype)
-    a = chk.as_weights("weights_x", weights_x, mx, dtype)
-    b = chk.as_weights("weights_y", weights_y, my, dtype)
-    checks = chk.input_checks(x, y, mx, my, raw_x, raw_y, weights_x, weights_y) if check_inputs else None
+    a = chk.as_weights("weights_x", weights_x, mx, unbatched)
+    b = chk.as_weights("weights_y", weights_y, my, unbatched)
+    checks = (chk.input_checks(x, y, mx, my, raw_x, raw_y, weights_x, weights_y, cosine=cost == "cosine")
+              if check_inputs else None)
     x, y = x.to(dtype), y.to(dtype)
 
     eps_final = blur**2 if eps is None else eps

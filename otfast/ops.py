@@ -1,9 +1,10 @@
 """The loss as ``torch.library`` custom ops: ``otfast::sinkhorn_loss`` and its backward.
 
-``sinkhorn_loss`` calls these, so that ``torch.compile(fullgraph=True)`` sees one opaque op (with fake
-implementations for shapes, and the envelope-theorem backward registered as its autograd formula) instead of
-the backends' Python, and a CUDA graph can capture it (the Triton path neither reads a device value on the
-host nor allocates host data once warmed up). The ops take only tensors and plain values:
+``sinkhorn_loss`` calls these (with weights a, b float64, normalised: ``otfast._checks.as_weights``), so that
+``torch.compile(fullgraph=True)`` sees one opaque op (with fake implementations for shapes, and the envelope-theorem
+backward registered as its autograd formula) instead of the backends' Python, and a CUDA graph can capture it (the
+Triton path neither reads a device value on the host nor allocates host data once warmed up). The ops take only
+tensors and plain values:
 
 - ``sinkhorn_loss(x, y, a, b, mask_x, mask_y, diameter, input_checks, eps, blur, scaling, n_iters, tol, rho,
   debias, cost, backend)`` -> ``(value [B], flags [P, B], start, alpha [B, N], beta [B, M], f_xy [B, N],
@@ -52,14 +53,6 @@ def annealing_start(mod, x: Tensor, y: Tensor, mask_x: Tensor, mask_y: Tensor, c
     return getattr(mod, "bounding_diameter", bounding_diameter)(x, y, mask_x, mask_y).clamp_min(blur)
 
 
-def weights64(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(a, b, log a, log b)`` in float64 (the logs -inf on padding): every backend reads the log-weights in
-    float64 and the dual value sums in float64, so the weights are converted once here rather than in each
-    of the three problems (and the log-weights not again in the backward: the forward returns them)."""
-    a, b = a.double(), b.double()
-    return a, b, torch.log(a), torch.log(b)
-
-
 def dual_value(w: Tensor, f: Tensor, eps: float, rho: float | None, f_self: Tensor | None = None) -> Tensor:
     """``[B]`` sum_i w_i phi(f_i), in float64 (the potentials' precision); with ``f_self``, sum_i w_i (phi(f_i) -
     phi(f_self_i)): a debiased loss's terms on one side, in one sum."""
@@ -84,7 +77,7 @@ def sinkhorn_loss_op(x: Tensor, y: Tensor, a: Tensor, b: Tensor, mask_x: Tensor,
     schedule = schedule_of(eps, start, blur, scaling, n_iters, tol, rho)
     if not _runs_on_device(mod):
         schedule = schedule.on_host()
-    a, b, alpha, beta = weights64(a, b)
+    alpha, beta = torch.log(a), torch.log(b)  # -inf on padding; the backward reads them (outputs)
     problems = _solve(mod, x, y, alpha, beta, schedule, debias, cost)
     xy = problems[0]
     if debias:
@@ -163,7 +156,7 @@ def sinkhorn_loss_backward_op(grad_value: Tensor, x: Tensor, y: Tensor, a: Tenso
 
     def upstream(w, f):  # dL/df * damping for the potential f of a problem, in the compute dtype
         u = w * scale
-        return u if rho is None else (u * phi_prime(f, eps, rho)).to(x.dtype)
+        return (u if rho is None else u * phi_prime(f, eps, rho)).to(x.dtype)
 
     pots = [Potentials(f_xy, g_xy, f_prev_xy, g_prev_xy, None, None)]
     weights = [upstream(a, f_xy), upstream(b, g_xy)]

@@ -60,6 +60,17 @@ def test_mask_of_wrong_shape(pts):
         loss(pts.x, pts.y, pts.mask_x[:, :3], pts.mask_y)
 
 
+def test_unbatched_shape_errors_name_the_shapes_passed(pts):
+    """An unbatched call's masks and weights are named by the shapes the caller passed, without a batch axis."""
+    x, y = pts.x[0], pts.y[0]
+    with pytest.raises(ValueError, match=r"mask_x has shape \(1, 4\), expected \(4,\) \(length\)"):
+        loss(x, y, torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"weights_y has shape \(4,\), expected \(5,\)$"):
+        loss(x, y, weights_y=torch.ones(4))
+    with pytest.raises(ValueError, match=r"mask_a has shape \(3,\), expected \(4,\) \(length\)"):
+        otfast.sinkhorn(make_costs(1, 4, 5, dtype=torch.float32, seed=3).cost[0], mask_a=[1, 1, 0], eps=0.1)
+
+
 def test_sinkhorn_mask_of_wrong_shape(cost):
     with pytest.raises(ValueError, match=r"mask_b has shape \(2, 4\), expected \(2, 5\)"):
         otfast.sinkhorn(cost, mask_b=torch.ones(2, 4, dtype=torch.bool), eps=0.1)
@@ -194,6 +205,24 @@ def test_eps_not_a_number(cost):
         otfast.sinkhorn(cost, eps="0.1")
 
 
+@pytest.mark.parametrize("name", ["blur", "reach", "diameter"])
+def test_length_whose_square_overflows(pts, name):
+    """blur, reach and diameter are squared (eps = blur^2, rho = reach^2, the first temperature diameter^2)."""
+    with pytest.raises(ValueError, match=f"{name} = 1e\\+160 is too large: its square overflows float64"):
+        loss(pts.x, pts.y, **{name: 1e160})
+
+
+def test_numpy_numbers_are_numbers(pts, cost):
+    """Options from numpy (a sweep over ``np.linspace``, say) give what the same Python numbers give."""
+    np = pytest.importorskip("numpy")
+    kw = dict(blur=0.5, scaling=0.5, n_iters=3, tol=1e-3, reach=2.0, diameter=4.0)
+    want = loss(pts.x, pts.y, **kw)
+    got = loss(pts.x, pts.y, **{k: (np.int64 if isinstance(v, int) else np.float32)(v) for k, v in kw.items()})
+    assert_close(got, want, rtol=1e-6, atol=0, what="loss")
+    res = otfast.sinkhorn(cost, eps=np.float64(0.1), n_iters=np.int32(5), rho=np.float32(1.0))
+    assert torch.equal(res.f, otfast.sinkhorn(cost, eps=0.1, n_iters=5, rho=1.0).f)
+
+
 def test_negative_weights(pts):
     w = torch.ones(2, 5)
     w[1, 3] = -0.5
@@ -265,6 +294,24 @@ def test_module_rejects_bad_keyword_at_construction():
 def test_integer_points(pts, dtype):
     with pytest.raises(TypeError, match=f"x must be float16, bfloat16, float32 or float64, got {dtype}"):
         loss(pts.x.to(dtype), pts.y)
+
+
+def test_points_of_different_dtypes(pts):
+    with pytest.raises(TypeError, match="x and y must have the same dtype, got torch.float32 and torch.float64"):
+        loss(pts.x, pts.y.double())
+
+
+def test_cosine_of_a_zero_vector(pts):
+    """A valid point of all zeros has no cosine (its gradient was 1e11); as padding it is fine, and so is the
+    sqeuclidean cost."""
+    x = pts.x.clone()
+    x[1, 2] = 0
+    with pytest.raises(ValueError, match="y: a valid token of the pair at batch index 1 is the zero vector"):
+        loss(pts.y, x, cost="cosine")
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[1, 2] = 0
+    assert torch.isfinite(loss(x, pts.y, mask, cost="cosine"))
+    assert torch.isfinite(loss(x, pts.y))
 
 
 def test_integer_cost(cost):

@@ -7,6 +7,8 @@ inputs, half-precision inputs and the envelope gradient of the value with respec
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -140,7 +142,48 @@ def test_marginals_at_convergence(tol, scaling):
         assert error <= 2 * tol, f"pair {i}: L1 marginal error of plan() {error:.3e} > 2 tol"
 
 
-def test_marginal_error_before_convergence():
+def _backends_on_cpu() -> list:
+    """torch, and the C++ kernel where it is built (``tests/test_cpu_backend.py`` says why it is not)."""
+    built = otfast.backends()["cpu"].available
+    return ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not built, reason="the C++ kernel is not built"))]
+
+
+@pytest.mark.parametrize("backend", _backends_on_cpu())
+def test_float32_inputs_converge_below_float32_rounding(backend):
+    """The weights are normalised in float64 whatever the data's dtype. Rounded to float32 (as they were),
+    uniform weights of 7 and 15 tokens summed to 1 only within ~1e-8: a balanced problem between masses that
+    differ by that never got its marginal error below it, and tol=1e-10 ran every update."""
+    batch = make_costs(2, 7, 15, dtype=torch.float32, seed=17, ragged=False, junk=None)
+    res = otfast.sinkhorn(batch.cost, eps=0.1, n_iters=5000, tol=1e-10, backend=backend)
+    assert (res.marginal_error <= 1e-10).all() and (res.n_iters < 5000).all(), (res.marginal_error, res.n_iters)
+    x = make_points(2, 7, 15, 8, dtype=torch.float32, seed=18, ragged=False, junk=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # an unconverged pair warns
+        otfast.sinkhorn_loss(x.x, x.y, blur=0.5, scaling=None, n_iters=2000, tol=1e-10, backend=backend)
+
+
+@pytest.mark.parametrize("backend", _backends_on_cpu())
+def test_a_zero_weight_has_no_gradient(backend):
+    """A valid token of weight 0 is padding: the loss is the one without it, and every gradient at it is 0,
+    the weight's included (the total that normalises the weights must not pass it one: it was -<a, f> / W,
+    which depends on the potentials' arbitrary constant)."""
+    batch = make_points(2, 5, 6, 4, seed=19, ragged=False, junk=None, weights=True)
+    wx = batch.weights_x.clone()
+    wx[0, 4] = 0
+    mask_x = torch.ones(2, 5, dtype=torch.long)
+    mask_x[0, 4] = 0
+    runs = []
+    for mask in (None, mask_x):
+        x, w = batch.x.clone().requires_grad_(), wx.clone().requires_grad_()
+        value = otfast.sinkhorn_loss(x, batch.y, mask, weights_x=w, weights_y=batch.weights_y, backend=backend,
+                                     **CONVERGED)
+        runs.append((value, *torch.autograd.grad(value, (x, w))))
+    (value, dx, dw), (value_masked, dx_masked, dw_masked) = runs
+    assert dw[0, 4] == 0 and dx[0, 4].abs().max() == 0
+    assert_close(value, value_masked, dtype=F64, what="value")
+    assert_close(dw, dw_masked, dtype=F64, what="weight gradient")
+    assert_close(dx, dx_masked, dtype=F64, what="x gradient")
+
     """With 3 iterations, marginal_error is the L1 marginal error (rows plus columns) of the plan built from
     the potentials the final step started from (``Potentials.f_prev``, ``g_prev``), not 0."""
     batch = make_costs(2, 7, 9, seed=15, weights=True, ragged=False, junk=None)

@@ -685,18 +685,18 @@ def test_bounding_diameter_is_the_references_bit_for_bit(dtype, monkeypatch):
                     "suite's launches step counts the CUDA kernels")
 def test_a_loss_call_launches_what_the_readme_counts(monkeypatch):
     """``benchmarks.launches.measure`` of one debiased, annealed loss call with mask weights (the harness's
-    settings) on the resident kernel: the forward 3 Triton launches (bounds, centre, solver) and 26 torch ops
-    (masks and weights 10, the diameter's reductions 5, the schedule buffer 1, dual values 7, flags, dtype,
-    mean), the backward 2 Triton launches and 6 torch ops (the mean's backward 2, the upstream weights 2, the
-    accumulation into x.grad and y.grad 2): no weight gradient, no log-weights formed again, no per-problem
-    scaling. Each count was 19 higher before (README, "Launches per debiased sinkhorn_loss")."""
+    settings) on the resident kernel: the forward 3 Triton launches (bounds, centre, solver) and 24 torch ops
+    (masks and float64 weights 8, the diameter's reductions 5, the schedule buffer 1, dual values 7, flags, dtype,
+    mean), the backward 2 Triton launches and 8 torch ops (the mean's backward 2, the upstream weights 2 and
+    their conversion to the points' dtype 2, the accumulation into x.grad and y.grad 2): no weight gradient, no
+    log-weights formed again, no per-problem scaling (README, "Launches per debiased sinkhorn_loss")."""
     from benchmarks.launches import measure, trace_interpreted_launches
 
     monkeypatch.delenv("OTFAST_DEBUG_POISON")
     trace_interpreted_launches()
     count = measure((2, 8, 9, 16), "triton", "cpu")
-    assert (count["forward"]["triton"], count["forward"]["torch"]) == (3, 26), count
-    assert (count["backward"]["triton"], count["backward"]["torch"]) == (2, 6), count
+    assert (count["forward"]["triton"], count["forward"]["torch"]) == (3, 24), count
+    assert (count["backward"]["triton"], count["backward"]["torch"]) == (2, 8), count
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # lanes past the pair's rows
