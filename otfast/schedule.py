@@ -100,6 +100,10 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float, p: float = 2.
     exactly as ``geomloss.sinkhorn_divergence.epsilon_schedule`` builds it (the first value appears
     twice there too).
     """
+    if not math.isfinite(diameter) or p * math.log(diameter) >= math.log(torch.finfo(torch.float64).max):
+        raise ValueError(f"the annealing start (the bounding-box diagonal of the valid points, or diameter=) is "
+                         f"{diameter:g}, too large to anneal from in float64: scale the embeddings or pass a "
+                         "smaller diameter=")
     steps = torch.arange(p * math.log(diameter), p * math.log(blur), p * math.log(scaling), dtype=torch.float64)
     return (diameter**p, *(math.exp(float(e)) for e in steps), blur**p)
 

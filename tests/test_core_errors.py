@@ -212,6 +212,13 @@ def test_length_whose_square_overflows(pts, name):
         loss(pts.x, pts.y, **{name: 1e160})
 
 
+def test_points_too_large_to_anneal_from(pts):
+    """Finite float64 points whose bounding box has no finite squared diagonal (the first temperature)."""
+    x = pts.x.double() * 1e160
+    with pytest.raises(ValueError, match="the annealing start .* is inf, too large to anneal from in float64"):
+        loss(x, -x)
+
+
 def test_numpy_numbers_are_numbers(pts, cost):
     """Options from numpy (a sweep over ``np.linspace``, say) give what the same Python numbers give."""
     np = pytest.importorskip("numpy")
