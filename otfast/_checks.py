@@ -52,7 +52,8 @@ def check_squarable(name: str, value: float | None) -> None:
 
 
 def as_float(value: numbers.Real | None) -> float | None:
-    """A checked number (``check_positive``) as a Python float: numpy scalars and tensors' items alike."""
+    """A checked number (``check_positive``: any real, numpy's scalars included) as a Python float, which the
+    custom op's schema takes."""
     return None if value is None else float(value)
 
 
