@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 import train.evaluate as evaluate
 from train import align
-from train.config import load_config, load_task_config, parse_overrides, read_yaml
+from train.config import (DEFAULTS, TASK_DEFAULTS, TASK_TYPES, TYPES, load_config, load_task_config, parse_overrides,
+                          read_yaml)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
 
@@ -116,3 +118,50 @@ def test_command_lines_turn_bad_input_into_one_line(tmp_path, capsys):
     assert evaluate.cli(["retrieval", "--model", str(tmp_path / "no" / "such" / "model"), "--synthetic", "4"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: model folder {tmp_path / 'no' / 'such' / 'model'} not found\n"
+
+
+@pytest.mark.parametrize("config, override, error", [
+    ("paper_wordot.yaml", ["--train.max_steps", "abc"], "config train.max_steps must be int, got 'abc'"),
+    ("tiny.yaml", ["--model.tiny.word_embedding_std", "wide"], "config model.tiny.word_embedding_std must be float"),
+    ("tiny.yaml", ["--data.languages", "xx"], "config data.languages must be a list, got 'xx'"),
+    ("tiny.yaml", ["--data.languages", "[xx]"], "config data.languages[0] must be a mapping, got 'xx'"),
+    ("tiny.yaml", ["--train.adam_betas", "0.9"], "config train.adam_betas must be a list, got 0.9"),
+    ("tiny.yaml", ["--train.adam_betas", "[0.9]"], "config train.adam_betas must be two numbers in [0, 1), got [0.9]"),
+    ("tiny.yaml", ["--train.batch_size", "0"], "config train.batch_size must be >= 1, got 0"),
+    ("tiny.yaml", ["--train.log_every", "0"], "config train.log_every must be >= 1, got 0"),
+    ("tiny.yaml", ["--train.grad_accum", "-1"], "config train.grad_accum must be >= 1, got -1"),
+    ("tiny.yaml", ["--train.lr", "true"], "config train.lr must be float, got True"),
+    ("tiny.yaml", ["--train.batch_size", "true"], "config train.batch_size must be int, got True"),
+    ("tiny.yaml", ["--train.lr", "nan"], "config train.lr must be a finite number, got 'nan'"),
+    ("tiny.yaml", ["--train.batch_size", "null"], "config train.batch_size cannot be null"),
+    ("tiny.yaml", ["--output_dir", "5"], "config output_dir must be a string, got 5"),
+])
+def test_wrong_types_and_values_out_of_range_are_one_error_line(capsys, config, override, error):
+    assert align.main(["--config", str(CONFIGS / config), *override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {error}") and err.count("\n") == 1
+
+
+def test_keys_whose_default_is_none_or_empty_have_a_type_and_keep_null():
+    """Every key whose default shows no type has one in TYPES (or TASK_TYPES); null stays allowed there."""
+    def untyped(defaults, prefix=""):
+        for key, value in defaults.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                yield from untyped(value, f"{path}.")
+            elif value is None or value == []:
+                yield path, value
+
+    for defaults, types in [(DEFAULTS, TYPES)] + [(read_yaml(path), TASK_TYPES) for path in TASK_DEFAULTS.values()]:
+        for path, value in untyped(defaults):
+            assert path in types and (value == [] or type(None) in get_args(types[path])), path
+    cfg = load_config(CONFIGS / "paper_wordot.yaml", ["--train.max_steps", "12", "--train.num_threads", "null",
+                                                      "--train.adam_betas", "[0.8, 0.9]"])
+    assert cfg["train"]["max_steps"] == 12 and cfg["train"]["num_threads"] is None
+    assert cfg["train"]["adam_betas"] == [0.8, 0.9]
+    assert load_task_config("xnli", None, ["--max_train_examples", "8", "--device", "cpu"])["max_train_examples"] == 8
+    with pytest.raises(ValueError, match="config seeds must be a list, got 1"):
+        load_task_config("xnli", None, ["--seeds", "1"])
+    with pytest.raises(ValueError, match="config max_train_examples must be int, got 'x'"):
+        load_task_config("xnli", None, ["--max_train_examples", "x"])
+    assert evaluate.cli(["xnli", "--model", "m", "--batch_size", "0"]) == 2

@@ -3,8 +3,11 @@ overrides.
 
 One loader and one override syntax for both command lines: ``train.align`` (defaults: ``DEFAULTS``)
 and ``train.evaluate`` (defaults: the task's shipped config, ``train/configs/eval_TASK.yaml``).
-Every key must exist in the defaults (a typo is a ``ValueError``, not a silently ignored setting);
-numbers are coerced to the default's type, so ``lr: 5e-5`` (a string to YAML 1.1) is a float.
+Every key must exist in the defaults (a typo is a ``ValueError``, not a silently ignored setting) and
+takes the default's type (``TYPES`` / ``TASK_TYPES`` where the default is None or an empty list, which
+shows none): numbers are coerced to it, so ``lr: 5e-5`` (a string to YAML 1.1) is a float, but a boolean
+is no number, a scalar no list and ``null`` only allowed where the type says ``X | None``; ``LIMITS`` /
+``TASK_LIMITS`` bound the numbers (``train.batch_size`` >= 1, ...), and floats must be finite.
 Overrides come as ``--train.lr 1e-4`` or ``--train.lr=1e-4``; values are read as YAML (``null``,
 ``true``, numbers, ``[1, 2]``). Booleans are YAML 1.2's, ``true`` and ``false`` only: YAML 1.1 also reads
 ``no``, ``off``, ``yes`` and ``on`` as booleans, which turned ``mixed_precision: no`` (accelerate's own
@@ -15,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import NoneType
+from typing import Any, get_args, get_origin
 
 import yaml
 
@@ -77,6 +83,30 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+# The type of each key whose default shows none (None, an empty list); ``X | None``: null is allowed.
+TYPES: dict[str, Any] = {"model.name_or_path": str | None, "model.tiny.word_embedding_std": float | None,
+                         "data.languages": list[dict], "data.num_proc": int | None, "train.max_steps": int | None,
+                         "train.num_threads": int | None, "train.stop_after_steps": int | None}
+TASK_TYPES: dict[str, Any] = {"max_train_examples": int | None, "device": str | None}
+
+_RULES: dict[str, Callable[[Any], bool]] = {
+    ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "> 0": lambda v: v > 0, "in [0, 1]": lambda v: 0 <= v <= 1,
+    "two numbers in [0, 1)": lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)}
+# The values a number may take beyond its type (a rule of _RULES); one outside is an error before anything runs,
+# not a ZeroDivisionError at step 1.
+LIMITS = {"model.max_length": ">= 1", "model.tiny.dropout": "in [0, 1]", "model.tiny.word_embedding_std": "> 0",
+          "data.pairs_per_language": ">= 1", "data.eval_pairs": ">= 0", "data.min_words": ">= 1",
+          "data.max_words": ">= 1", "data.num_proc": ">= 1", "loss.reg_lambda": ">= 0",
+          "train.lr": ">= 0", "train.weight_decay": ">= 0", "train.adam_betas": "two numbers in [0, 1)",
+          "train.adam_eps": ">= 0", "train.batch_size": ">= 1", "train.grad_accum": ">= 1", "train.epochs": ">= 1",
+          "train.max_steps": ">= 0", "train.warmup_ratio": "in [0, 1]", "train.max_grad_norm": "> 0",
+          "train.num_threads": ">= 1", "train.checkpoint_every": ">= 0", "train.log_every": ">= 1",
+          "train.stop_after_steps": ">= 1", "train.retrieval_batch_size": ">= 1"}
+TASK_LIMITS = {"learning_rate": ">= 0", "epochs": "> 0", "batch_size": ">= 1", "grad_accumulation": ">= 1",
+               "max_seq_length": ">= 1", "doc_stride": ">= 1", "max_query_length": ">= 1", "n_best_size": ">= 1",
+               "max_answer_length": ">= 1", "weight_decay": ">= 0", "adam_epsilon": ">= 0", "max_grad_norm": "> 0",
+               "eval_batch_size": ">= 1", "max_train_examples": ">= 1"}
+
 CHOICES = {("model", "word_mode"): ("last", "first", "mean", "subword"),
            ("loss", "granularity"): ("sentence", "batch"),
            ("train", "mixed_precision"): ("no", "bf16", "fp16")}
@@ -111,31 +141,87 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _coerce(path: str, value: Any, default: Any) -> Any:
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise ValueError(f"config {path} must be a mapping, got {value!r}")
-        return _merge(default, value, path)
-    if value is None or default is None or isinstance(default, (list, str)):
-        return value
-    kind = type(default)
+@dataclass(frozen=True)
+class Schema:
+    """What a config's keys take beyond their defaults: ``types`` for the keys whose default shows none, ``limits``
+    (a rule of ``_RULES``) for numbers."""
+
+    types: dict[str, Any]
+    limits: dict[str, str]
+
+
+ALIGN_SCHEMA = Schema(TYPES, LIMITS)
+TASK_SCHEMA = Schema(TASK_TYPES, TASK_LIMITS)
+
+
+def _kind(path: str, default: Any, schema: Schema) -> Any:
+    """The type of a key: ``schema.types``, else the default's (a list default: ``list[its elements' type]``, a
+    None default missing from ``schema.types``: anything or null)."""
+    if path in schema.types:
+        return schema.types[path]
+    if default is None:
+        return Any | None
+    if isinstance(default, list):
+        kinds = {type(v) for v in default}
+        return list[kinds.pop()] if len(kinds) == 1 else list
+    return type(default)
+
+
+def _scalar(path: str, value: Any, kind: type) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"config {path} must be true or false, got {value!r}")
         return value
+    if kind in (str, dict):
+        if not isinstance(value, kind):
+            raise ValueError(f"config {path} must be {'a mapping' if kind is dict else 'a string'}, got {value!r}")
+        return value
+    if kind not in (int, float):
+        return value
+    wrong = ValueError(f"config {path} must be {kind.__name__}, got {value!r}")
+    if isinstance(value, bool):                         # an int to Python, but true is no learning rate
+        raise wrong
     try:
-        return kind(value) if kind is float else int(str(value), 10)
+        number = float(value) if kind is float else int(str(value), 10)
     except (TypeError, ValueError):
-        raise ValueError(f"config {path} must be {kind.__name__}, got {value!r}") from None
+        raise wrong from None
+    if not math.isfinite(number):
+        raise ValueError(f"config {path} must be a finite number, got {value!r}")
+    return number
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _coerce(path: str, value: Any, default: Any, schema: Schema) -> Any:
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"config {path} must be a mapping, got {value!r}")
+        return _merge(default, value, schema, path)
+    kind = _kind(path, default, schema)
+    if NoneType in get_args(kind):                      # X | None
+        if value is None:
+            return None
+        kind = next(k for k in get_args(kind) if k is not NoneType)
+    elif value is None:
+        raise ValueError(f"config {path} cannot be null")
+    if kind is list or get_origin(kind) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config {path} must be a list, got {value!r}")
+        element = get_args(kind)[0] if get_args(kind) else object
+        value = [_scalar(f"{path}[{i}]", v, element) for i, v in enumerate(value)]
+    else:
+        value = _scalar(path, value, kind)
+    rule = schema.limits.get(path)
+    if rule is not None and not _RULES[rule](value):
+        raise ValueError(f"config {path} must be {rule}, got {value!r}")
+    return value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], schema: Schema, prefix: str = "") -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
         path = f"{prefix}.{key}" if prefix else key
         if key not in base:
             raise ValueError(f"unknown config key {path!r} (known: {', '.join(sorted(map(str, base)))})")
-        out[key] = _coerce(path, value, base[key])
+        out[key] = _coerce(path, value, base[key], schema)
     return out
 
 
@@ -198,28 +284,30 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[list[str], Any]]:
     return out
 
 
-def read_config(path: str | Path | None, overrides: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
+def read_config(path: str | Path | None, overrides: Sequence[str], defaults: dict[str, Any], schema: Schema
+                ) -> dict[str, Any]:
     """``defaults``, then the YAML file, then the ``--key value`` overrides, every key checked against the
-    defaults and coerced to the default's type.
+    defaults and coerced to its type (``_kind``) within its limits (``schema``).
 
     Raises:
-        ValueError: on a missing or malformed file, an unknown key, a wrong type or a malformed override.
+        ValueError: on a missing or malformed file, an unknown key, a wrong type, a value out of its limits
+            or a malformed override.
     """
     cfg = copy.deepcopy(defaults)
     if path is not None:
-        cfg = _merge(cfg, read_yaml(path))
+        cfg = _merge(cfg, read_yaml(path), schema)
     for keys, value in parse_overrides(overrides):
         update: Any = value
         for key in reversed(keys):
             update = {key: update}
-        cfg = _merge(cfg, update)
+        cfg = _merge(cfg, update, schema)
     return cfg
 
 
 def load_task_config(task: str, path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """An evaluation task's config (``train.evaluate xnli|xquad``): ``path`` over the task's shipped
     defaults (``TASK_DEFAULTS``), then the overrides (``--seeds [1] --data.test FILE``)."""
-    return read_config(path, overrides, read_yaml(TASK_DEFAULTS[task]))
+    return read_config(path, overrides, read_yaml(TASK_DEFAULTS[task]), TASK_SCHEMA)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), output_dir: str | None = None
@@ -238,7 +326,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), output_d
         ValueError: on a missing file, unknown keys, wrong types, a value outside its choices, or
             malformed overrides.
     """
-    cfg = read_config(path, overrides, DEFAULTS)
+    cfg = read_config(path, overrides, DEFAULTS, ALIGN_SCHEMA)
     if output_dir is not None:
         cfg["output_dir"] = output_dir
     for (section, key), allowed in CHOICES.items():
