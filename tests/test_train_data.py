@@ -83,7 +83,7 @@ def test_token_check_finds_exactly_the_rows_encode_words_leaves_empty(tokenizer)
 def test_tsv_lines_the_tokenizer_strips_pass_reading_and_are_dropped_in_preparation(tmp_path, tokenizer):
     good = synthetic_pairs(20, seed=1)
     rows = [f"{s}\t{t}".encode() for s, t in zip(good["source"], good["target"])]
-    rows[3] = b"\xff\xfe\xfd\tthe dog sees a cat"                   # decodes to U+FFFD x 3
+    rows[3] = "\ufffd\ufffd\ufffd\tthe dog sees a cat".encode()         # what an earlier decoding left
     rows[7] = "\u200b\u200b\tthe cat".encode()
     rows[12] = ("the dog\t" + "ba" * 50).encode()
     (tmp_path / "p.tsv").write_bytes(b"\n".join(rows) + b"\n")
@@ -97,6 +97,29 @@ def test_tsv_lines_the_tokenizer_strips_pass_reading_and_are_dropped_in_preparat
     enc = encode_words(tokenizer, [s.split() for pair in data.train for s in pair], max_length=12)
     assert bool((enc["word_ids"].max(1).values >= 0).all())       # every kept side has a word
     assert "no token 3 (source: no sub-word token: 2 at" in report.summary()
+
+
+def test_lines_that_are_not_utf8_are_malformed_where_they_are_and_a_bom_is_not_part_of_the_text(tmp_path):
+    """A Latin-1 line used to become U+FFFD words with malformed 0; a UTF-8 byte-order mark stays out of line 1."""
+    (tmp_path / "p.tsv").write_bytes(b"\xef\xbb\xbfDas Haus\tThe house\n" + "Der Bär\tThe bear\r\n".encode("latin-1")
+                                     + "Der Bär\tThe bear\r\n".encode())
+    ds, report = load_pairs({"lang": "de", "format": "tsv", "path": "p.tsv"}, base_dir=tmp_path)
+    assert list(zip(ds["source"], ds["target"], ds["where"])) == [("Das Haus", "The house", "p.tsv:1"),
+                                                                  ("Der Bär", "The bear", "p.tsv:3")]
+    assert report.read == 3 and report.malformed == {"not valid UTF-8": 1}
+    assert report.examples["not valid UTF-8"] == ["p.tsv:2"]
+    assert "malformed 1 (not valid UTF-8: 1 at p.tsv:2)" in report.summary()
+    (tmp_path / "p.jsonl").write_bytes(b'\xef\xbb\xbf{"source": "eins", "target": "one"}\n{"source": "\xe4", '
+                                       b'"target": "a"}\n')
+    ds, report = load_pairs({"lang": "de", "format": "jsonl", "path": "p.jsonl"}, base_dir=tmp_path)
+    assert ds["source"] == ["eins"] and report.malformed == {"not valid UTF-8": 1}
+    assert report.examples["not valid UTF-8"] == ["p.jsonl:2"]
+    (tmp_path / "m.de").write_bytes("eins\nzwei\u2028drei\n".encode())
+    (tmp_path / "m.en").write_bytes(b"one\ntw\xf6\n")
+    ds, report = load_pairs({"lang": "de", "format": "moses", "source_path": "m.de", "target_path": "m.en"},
+                            base_dir=tmp_path)
+    assert ds["source"] == ["eins"] and report.read == 2
+    assert report.examples["not valid UTF-8"] == ["m.en:2"]
 
 
 def test_moses_pair_of_files_counts_unpaired_and_empty_lines():

@@ -251,9 +251,10 @@ LONG_WORD = "".join(_rng.choice("bdgklmnprstvz") + _rng.choice("aeiou") for _ in
 
 
 def _poisoned_corpora(folder: Path) -> dict[str, dict]:
-    """A TSV and a JSONL corpus of 200 lines each, 1 % (2 lines) poisoned with each kind, at known lines."""
+    """A TSV and a JSONL corpus of 190 good lines each and 2 (1 %) poisoned with each kind, at known lines."""
     long_word = LONG_WORD
-    tsv_poison = {b"\xff\xfe\xfd\tthe dog sees a cat": ("source: no sub-word token", "dropped"),   # -> U+FFFD x 3
+    tsv_poison = {b"\xff\xfe\xfd\tthe dog sees a cat": ("not valid UTF-8", "malformed"),
+                  "\ufffd\ufffd\tthe dog sees a cat".encode(): ("source: no sub-word token", "dropped"),
                   "\u200b \u200b\tthe cat".encode(): ("source: no sub-word token", "dropped"),
                   f"the dog\t{long_word} sees a cat".encode(): ("target: no sub-word token within max_length 16",
                                                                 "dropped"),
@@ -269,7 +270,7 @@ def _poisoned_corpora(folder: Path) -> dict[str, dict]:
         good = synthetic_pairs(190, seed=seed)
         lines = [(f"{s}\t{t}".encode() if name.endswith(".tsv") else json.dumps({"source": s, "target": t}))
                  for s, t in zip(good["source"], good["target"])]
-        report: dict[str, dict] = {"malformed": {}, "dropped": {}, "examples": {}}
+        report: dict = {"malformed": {}, "dropped": {}, "examples": {}, "read": 190 + 2 * len(poison)}
         for k, line in enumerate(poison):
             for at in (10 + 37 * k, 100 + 19 * k):                      # 0-based positions in the file
                 lines.insert(at, line)
@@ -299,10 +300,10 @@ def test_a_corpus_with_every_kind_of_poisoned_line_trains_to_the_end_and_reports
     for lang, want in expected.items():
         got = report[lang]
         assert got["malformed"] == want["malformed"] and got["dropped"] == want["dropped"]
-        assert got["read"] == 200 and got["unique_train"] == 190
+        assert got["read"] == want["read"] and got["unique_train"] == 190
         assert {r: got["examples"][r] for r in want["examples"]} == want["examples"]
     printed = capsys.readouterr().out
-    assert "xx: read 200, malformed 4 (empty target: 2 at xx.tsv:" in printed
+    assert "xx: read 202, malformed 6 (empty target: 2 at xx.tsv:" in printed
     # Independently of the harness's check: each dropped text leaves encode_words with an empty row, which is
     # what crashed training before (a pair with no valid token).
     tok = load_tokenizer(out / "init_model")

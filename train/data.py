@@ -16,10 +16,10 @@ Every source yields rows ``{"source": str, "target": str}`` (non-English, Englis
   counted, as that module says.
 - ``format: synthetic``: ``train.synthetic.synthetic_pairs``.
 
-Malformed rows (a wrong field count, invalid JSON of any kind, nesting too deep for the parser included,
-a missing or non-string field, text that is not valid Unicode, an empty side, a line without its
-partner in a Moses pair) are counted per reason, with the first few locations, in a ``DataReport``;
-every reader catches every per-line failure. Rows kept after an edit (a catalogue message without its
+Malformed rows (a line that is not valid UTF-8, a wrong field count, invalid JSON of any kind, nesting too
+deep for the parser included, a missing or non-string field, text that is not valid Unicode, an empty side,
+a line without its partner in a Moses pair) are counted per reason, with the first few locations, in a
+``DataReport``; every reader catches every per-line failure. Rows kept after an edit (a catalogue message without its
 placeholders) are counted too. Each row keeps its location (``where``).
 
 ``prepare_language`` then shuffles (seeded), holds out evaluation pairs, Moses-tokenises both sides
@@ -33,6 +33,7 @@ process at any step, which is what makes a resume exact.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import math
@@ -49,6 +50,7 @@ from .hub import load_dataset
 
 FORMATS = ("hub", "tsv", "jsonl", "moses", "gettext", "synthetic")
 MAX_EXAMPLES = 5  # malformed locations kept per reason
+NOT_UTF8 = "not valid UTF-8"
 
 
 @dataclass
@@ -160,16 +162,29 @@ def _rows_from_records(records: Iterable[tuple[str, Any]], source_field: str, ta
     return datasets.Dataset.from_dict(out)
 
 
-def _lines(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace", newline="\n") as fh:
-        for line in fh:
-            yield line.rstrip("\n").rstrip("\r")
+def _lines(path: Path) -> Iterator[str | None]:
+    """The lines of a UTF-8 file without their ends (LF or CR LF); None for a line that is not valid UTF-8.
+
+    Only LF ends a line (U+2028 or a lone CR inside a sentence does not), and a byte-order mark at the start of
+    the file is not part of its first line.
+    """
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh):
+            if i == 0 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                yield raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8")
+            except UnicodeDecodeError:
+                yield None
 
 
 def _read_tsv(path: Path, report: DataReport) -> datasets.Dataset:
     out = _new_rows()
     for i, line in enumerate(_lines(path), 1):
         report.read += 1
+        if line is None:
+            report.add_malformed(NOT_UTF8, f"{path.name}:{i}")
+            continue
         parts = line.split("\t")
         if len(parts) != 2:
             report.add_malformed("not two tab-separated fields", f"{path.name}:{i}")
@@ -180,6 +195,10 @@ def _read_tsv(path: Path, report: DataReport) -> datasets.Dataset:
 
 def _jsonl_records(path: Path, report: DataReport) -> Iterator[tuple[str, Any]]:
     for i, line in enumerate(_lines(path), 1):
+        if line is None:
+            report.read += 1
+            report.add_malformed(NOT_UTF8, f"{path.name}:{i}")
+            continue
         try:
             row = json.loads(line)
         except (ValueError, RecursionError) as exc:    # JSONDecodeError, over-long integers, deep nesting
@@ -193,18 +212,20 @@ def _jsonl_records(path: Path, report: DataReport) -> Iterator[tuple[str, Any]]:
 def _read_moses(source_path: Path, target_path: Path, report: DataReport) -> datasets.Dataset:
     out = _new_rows()
     src_lines, tgt_lines = _lines(source_path), _lines(target_path)
-    i = 0
+    i, end = 0, object()
     while True:
-        source, target = next(src_lines, None), next(tgt_lines, None)
-        if source is None and target is None:
+        source, target = next(src_lines, end), next(tgt_lines, end)
+        if source is end and target is end:
             break
         i += 1
         report.read += 1
-        if source is None or target is None:
-            longer = target_path if source is None else source_path
+        if source is end or target is end:
+            longer = target_path if source is end else source_path
             report.add_malformed("unpaired line (files differ in length)", f"{longer.name}:{i}")
-            continue
-        _clean_pair(source, target, report, f"{source_path.name}/{target_path.name}:{i}", out)
+        elif source is None or target is None:
+            report.add_malformed(NOT_UTF8, f"{(source_path if source is None else target_path).name}:{i}")
+        else:
+            _clean_pair(source, target, report, f"{source_path.name}/{target_path.name}:{i}", out)
     return datasets.Dataset.from_dict(out)
 
 
