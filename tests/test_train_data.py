@@ -154,6 +154,17 @@ def test_bad_specs_raise_naming_the_problem(spec, error):
         load_pairs(spec, base_dir=FIXTURES)
 
 
+@pytest.mark.parametrize("spec, key, allowed", [
+    ({"lang": "yy", "format": "synthetic", "n_pairs": 10, "mapseed": 7}, "mapseed",
+     "format, lang, map_seed, n_pairs, seed"),
+    ({"lang": "de", "format": "tsv", "path": "pairs.tsv", "source_field": "de"}, "source_field", "format, lang, path"),
+])
+def test_a_key_the_format_does_not_take_is_an_error_naming_it_and_the_allowed_ones(spec, key, allowed):
+    with pytest.raises(ValueError, match=rf"^data.languages\[{spec['lang']}\]: unknown key '{key}' for format "
+                                         rf"{spec['format']} \(allowed: {allowed}\)$"):
+        load_pairs(spec, base_dir=FIXTURES)
+
+
 def test_synthetic_pair_is_a_bijection_with_local_reordering():
     mapping = word_map(1234)
     assert len(set(mapping.values())) == len(ENGLISH_VOCABULARY)

@@ -50,6 +50,10 @@ from .hub import load_dataset
 
 FORMATS = ("hub", "tsv", "jsonl", "moses", "gettext", "synthetic")
 MAX_EXAMPLES = 5  # malformed locations kept per reason
+# The keys a data.languages entry of each format may hold besides lang and format (any other is an error).
+SPEC_KEYS = {"hub": ("path", "name", "split", "load_kwargs", "source_field", "target_field"), "tsv": ("path",),
+             "jsonl": ("path", "source_field", "target_field"), "moses": ("source_path", "target_path"),
+             "gettext": ("path",), "synthetic": ("n_pairs", "seed", "map_seed")}
 NOT_UTF8 = "not valid UTF-8"
 
 
@@ -247,7 +251,8 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
         location) and the counts.
 
     Raises:
-        ValueError: on an unknown format, a spec missing a required key or a folder without catalogues;
+        ValueError: on an unknown format, a spec missing a required key or holding one its format does not take
+            (``SPEC_KEYS``: a typo such as ``mapseed`` is not ignored), or a folder without catalogues;
             FileNotFoundError for a missing file.
     """
     lang = spec.get("lang")
@@ -256,6 +261,11 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
         raise ValueError(f"data.languages entry needs a 'lang' code, got {spec!r}")
     if fmt not in FORMATS:
         raise ValueError(f"data.languages[{lang}].format must be one of {FORMATS}, got {fmt!r}")
+    allowed = ("lang", "format", *SPEC_KEYS[fmt])
+    unknown = [key for key in spec if key not in allowed]
+    if unknown:
+        raise ValueError(f"data.languages[{lang}]: unknown key {unknown[0]!r} for format {fmt} (allowed: "
+                         f"{', '.join(sorted(allowed))})")
     report = DataReport(lang)
 
     def need(key: str) -> Any:
