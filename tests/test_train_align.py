@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import subprocess
@@ -161,6 +162,18 @@ def test_checkpoint_then_resume_is_bitwise_identical(tmp_path):
         return [row.rsplit(",", 1)[0] for row in (folder / "metrics.csv").read_text().splitlines()]
 
     assert curves(whole) == curves(cut)
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    """Warm-up over 3 of 6 steps: steps 1-3 use 1/4, 2/4, 3/4 of the peak, steps 4-6 1, 2/3, 1/3 (``lr_lambda``);
+    the log used to show the next step's rate (1/2 at step 1, 0 at step 6)."""
+    out = tmp_path / "run"
+    assert main(["--config", str(TINY), "--output-dir", str(out), *SMALL, "--train.warmup_ratio", "0.5"]) == 0
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(row["step"]) for row in rows] == [1, 2, 3, 4, 5, 6]
+    expected = [1e-2 * f for f in (1 / 4, 2 / 4, 3 / 4, 1, 2 / 3, 1 / 3)]
+    assert [float(row["lr"]) for row in rows] == pytest.approx(expected)
 
 
 def test_two_processes_train_identical_replicas(tmp_path):

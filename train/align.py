@@ -541,8 +541,9 @@ def start_or_resume(run: Run) -> dict[str, Any]:
     return state
 
 
-def optimizer_step(run: Run, step: int) -> tuple[dict[str, float], float]:
-    """One optimiser step (``grad_accum`` micro-batches); returns the mean loss parts and the gradient norm."""
+def optimizer_step(run: Run, step: int) -> tuple[dict[str, float], float, float]:
+    """One optimiser step (``grad_accum`` micro-batches); returns the mean loss parts, the gradient norm and the
+    learning rate the step used (the scheduler has moved on to the next step's when it returns)."""
     t, acc = run.cfg["train"], run.accelerator
     sums: dict[str, float] = {}
     for micro in range(t["grad_accum"]):
@@ -557,10 +558,11 @@ def optimizer_step(run: Run, step: int) -> tuple[dict[str, float], float]:
         for key, value in {"loss": loss.item(), **parts}.items():
             sums[key] = sums.get(key, 0.0) + value / t["grad_accum"]
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), t["max_grad_norm"])
+    lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return sums, float(grad_norm)
+    return sums, float(grad_norm), lr
 
 
 def train_steps(run: Run, state: dict[str, Any], stop_at: int, log: MetricsLog, signals: StopSignals) -> None:
@@ -577,13 +579,13 @@ def train_steps(run: Run, state: dict[str, Any], stop_at: int, log: MetricsLog, 
     run_started = time.perf_counter() - state["elapsed"]
     try:
         while state["step"] < stop_at:
-            sums, grad_norm = optimizer_step(run, state["step"])
+            sums, grad_norm, lr = optimizer_step(run, state["step"])
             state["step"] += 1
             bar.update(1)
             if state["step"] % t["log_every"] == 0 or state["step"] == run.total:
                 values = acc.reduce(torch.tensor(list(sums.values()), device=acc.device), "mean")
                 row = dict(zip(sums, values.tolist()))
-                row.update(lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                row.update(lr=lr, grad_norm=grad_norm,
                            elapsed=time.perf_counter() - run_started)
                 log.log(state["step"], row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", reg=f"{row['reg']:.3f}")
