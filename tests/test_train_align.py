@@ -18,7 +18,7 @@ from transformers import AutoModel
 import otfast
 from accelerate import Accelerator
 
-from train.align import alignment_loss, main, setup
+from train.align import alignment_loss, checkpoint_dirs, main, setup
 from train.config import load_config
 from train.data import batch_indices, load_pairs, prepare_language
 from train.modeling import build_tiny_model, encode_words, layer_states, load_encoder
@@ -174,6 +174,41 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
     assert [int(row["step"]) for row in rows] == [1, 2, 3, 4, 5, 6]
     expected = [1e-2 * f for f in (1 / 4, 2 / 4, 3 / 4, 1, 2 / 3, 1 / 3)]
     assert [float(row["lr"]) for row in rows] == pytest.approx(expected)
+
+
+def test_a_resume_with_other_settings_stops_naming_them_and_resume_false_starts_over(tmp_path, capsys):
+    """The optimiser, scheduler and data position of a checkpoint belong to its settings: a resume with others
+    (lr, batch size, the tiny model) used to mix two runs and rewrite run_config.json, and --train.resume false
+    reused the earlier init_model."""
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY), "--output-dir", str(out), *SMALL]
+    assert main([*argv, "--train.stop_after_steps", "3"]) == 0
+    step3 = out / "checkpoints" / "step-3"
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert main([*argv, "--train.lr", "1.0", "--train.batch_size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {step3} was written with other settings: train.batch_size 4 -> 8, train.lr 0.01 -> "
+                          f"1.0; resume with that run's settings ({step3 / 'run_config.json'}; only output_dir, ")
+    assert err.count("\n") == 1
+    assert main([*argv, "--model.tiny.hidden_size", "48"]) == 2
+    assert ": model.tiny.hidden_size 32 -> 48;" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files                # nothing written
+    assert main([*argv, "--train.log_every", "2", "--train.checkpoint_every", "1"]) == 0     # they steer this call
+    assert f"resumed from {step3} at step 3" in capsys.readouterr().out
+    assert json.loads((out / "run_config.json").read_text())["train"]["log_every"] == 2
+    assert [n for n, _ in checkpoint_dirs(out)] == [5, 6]
+
+    assert main([*argv, "--train.resume", "false", "--model.tiny.hidden_size", "48"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"starting over in {out}: removed the earlier run's checkpoints, model, metrics.json, metrics.csv, "
+            "tensorboard, data_report.json, run_config.json, init_model\n") in printed and "resumed" not in printed
+    for folder in ("init_model", "model"):
+        assert json.loads((out / folder / "config.json").read_text())["hidden_size"] == 48
+    assert json.loads((out / "run_config.json").read_text())["model"]["tiny"]["hidden_size"] == 48
+    assert [n for n, _ in checkpoint_dirs(out)] == [6]
+    steps = [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4", "5", "6"]
 
 
 def test_two_processes_train_identical_replicas(tmp_path):

@@ -184,6 +184,7 @@ DAMAGE = {
     "scheduler.pt": (lambda p: p.write_bytes(p.read_bytes()[:40]), "unusable ("),   # cut short
     "trainer_state.json": (_state_without_num_processes, "unusable (ValueError: no 'num_processes')"),
     "rng-0.pt": (Path.unlink, "is missing"),
+    "run_config.json": (_garbage, "unusable (UnicodeDecodeError"),                   # the settings to compare with
 }
 
 

@@ -20,13 +20,14 @@ step 1 of the README's all-MiniLM-L6-v2 run, four times the OT term.) AdamW, lin
 gradient accumulation and clipping, autocast, ``accelerate`` for DDP.
 
 Output folder: ``metrics.csv`` and ``tensorboard/`` (training curves; a resume drops the rows logged
-after its checkpoint, so no step repeats), ``data_report.json``, ``run_config.json``,
-``checkpoints/step-N/`` (safetensors model, optimiser, scheduler, per-process RNG, data position;
-written to a temporary folder and renamed, so a crash never leaves half a checkpoint; the run resumes
-from the newest usable one and falls back to the one before when it is damaged), ``model/``
-(``save_pretrained`` model and tokenizer) and ``metrics.json`` with ``retrieval_before`` /
-``retrieval_after`` (held-out pairs, mean of both directions, averaged over languages) and the
-per-language details.
+after its checkpoint, so no step repeats), ``data_report.json``, ``run_config.json`` (the settings that
+ran), ``checkpoints/step-N/`` (safetensors model, optimiser, scheduler, per-process RNG, data position,
+settings; written to a temporary folder and renamed, so a crash never leaves half a checkpoint; the run
+resumes from the newest usable one, which must hold the same settings but for the ``RUN_CONTROL`` keys,
+and falls back to the one before when it is damaged; ``train.resume: false`` starts over, removing the
+earlier run's files), ``model/`` (``save_pretrained`` model and tokenizer) and ``metrics.json`` with
+``retrieval_before`` / ``retrieval_after`` (held-out pairs, mean of both directions, averaged over
+languages) and the per-language details.
 
 SIGINT / SIGTERM during training: a checkpoint at the end of the current step, one line, exit status
 128 + the signal (130 / 143); a second signal exits at once. The same command then resumes.
@@ -68,6 +69,14 @@ from .modeling import build_tiny_model, encode_words, layer_states, load_encoder
 from .retrieval import evaluate_retrieval
 
 CHECKPOINT_DIR = re.compile(r"step-(\d+)")
+# The keys that steer one invocation, not the run's trajectory (what is computed at each step): a resume may
+# change them. Any other key must equal the checkpoint's, or the optimiser and scheduler state, the data position
+# and the initial model of one run would go on under the settings of another.
+RUN_CONTROL = ("output_dir", "data.num_proc", "train.resume", "train.stop_after_steps", "train.log_every",
+               "train.checkpoint_every", "train.keep_checkpoints")
+# What a run writes in its output folder (and init_model/ when it builds the tiny model): a fresh start removes it.
+RUN_FILES = ("checkpoints", "model", "metrics.json", "metrics.csv", "tensorboard", "data_report.json",
+             "run_config.json")
 
 
 class Interrupted(Exception):
@@ -227,11 +236,12 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, scheduler, state: dict[str, Any],
-                    keep: int) -> None:
+                    keep: int, cfg: dict[str, Any]) -> None:
     """Write ``folder/checkpoints/step-N`` (N = ``state["step"]``) atomically, then prune.
 
     Plain state only: the model as safetensors, optimiser / scheduler / grad-scaler state dicts and
-    per-process RNG states with ``torch.save`` (tensors, numbers, lists), the trainer state as JSON. Every
+    per-process RNG states with ``torch.save`` (tensors, numbers, lists), the trainer state and the run's
+    configuration ``cfg`` (``run_config.json``, which a resume must match) as JSON. Every
     file goes to ``.step-N.tmp``, is flushed to disk, and the folder is renamed to ``step-N``: a crash at
     any point leaves the previous checkpoints as they were. Then checkpoints of steps after N (left by an
     abandoned or damaged timeline) are removed, and all but the newest ``keep`` (``keep`` <= 0: all kept).
@@ -252,6 +262,7 @@ def save_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, sc
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "run_config.json").write_text(json.dumps(cfg, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for path in tmp.iterdir():
@@ -299,21 +310,63 @@ def _trainer_state(path: Path, step: int) -> dict[str, Any]:
     return state
 
 
-def restore_checkpoint(path: Path, step: int, accelerator: Accelerator, model, optimizer, scheduler
-                       ) -> dict[str, Any]:
+def _json_object(path: Path) -> dict[str, Any]:
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 5e-5, "data.languages": [...], ...}``: one entry per config key (lists stay whole)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_settings(path: Path, cfg: dict[str, Any]) -> None:
+    """Stop unless checkpoint ``path`` was written with the settings of ``cfg`` (``RUN_CONTROL`` keys aside).
+
+    Raises:
+        CheckpointError: if its ``run_config.json`` is missing or damaged.
+        ValueError: listing every key that differs, as ``key old -> new``.
+    """
+    saved, now = _flat(_file(path / "run_config.json", _json_object)), _flat(json.loads(json.dumps(cfg)))
+    absent = object()
+
+    def shown(value: Any) -> str:
+        return "(absent)" if value is absent else json.dumps(value)
+
+    differ = [f"{key} {shown(saved.get(key, absent))} -> {shown(now.get(key, absent))}"
+              for key in sorted(saved.keys() | now.keys())
+              if key not in RUN_CONTROL and saved.get(key, absent) != now.get(key, absent)]
+    if differ:
+        raise ValueError(f"{path} was written with other settings: {', '.join(differ)}; resume with that run's "
+                         f"settings ({path / 'run_config.json'}; only {', '.join(RUN_CONTROL)} may change), or start "
+                         "over in a new --output-dir or with --train.resume false (which removes that run)")
+
+
+def restore_checkpoint(path: Path, step: int, accelerator: Accelerator, model, optimizer, scheduler,
+                       cfg: dict[str, Any]) -> dict[str, Any]:
     """Load what ``save_checkpoint`` wrote (``torch.load(weights_only=True)``, safetensors); returns the trainer
     state.
 
     Raises:
         CheckpointError: naming the file that is missing or damaged (the model may then be half loaded:
             restore another checkpoint or stop).
-        ValueError: if the checkpoint was written by a different number of processes.
+        ValueError: if the checkpoint was written by a different number of processes or with other settings
+            than ``cfg`` (``check_settings``).
     """
     state = _file(path / "trainer_state.json", lambda p: _trainer_state(p, step))
     if state["num_processes"] != accelerator.num_processes:
         raise ValueError(f"{path} was written by {state['num_processes']} processes, this run has "
                          f"{accelerator.num_processes}: resume with as many processes (the data position depends "
                          "on it), or start again in a new --output-dir")
+    check_settings(path, cfg)
 
     def tensors(p: Path):
         return torch.load(p, weights_only=True, map_location="cpu")
@@ -327,19 +380,21 @@ def restore_checkpoint(path: Path, step: int, accelerator: Accelerator, model, o
     return state
 
 
-def resume(out: Path, accelerator: Accelerator, model, optimizer, scheduler) -> dict[str, Any] | None:
+def resume(out: Path, accelerator: Accelerator, model, optimizer, scheduler, cfg: dict[str, Any]
+           ) -> dict[str, Any] | None:
     """Restore the newest usable checkpoint of ``out``; None when there is no checkpoint at all.
 
     A damaged one is reported in one line naming the file and the problem, and the one before is tried
     (every process must be able to use it).
 
     Raises:
-        ValueError: when checkpoints exist but none is usable, or they come from another process count.
+        ValueError: when checkpoints exist but none is usable, or they come from another process count or
+            other settings than ``cfg``.
     """
     found = checkpoint_dirs(out)
     for step, path in reversed(found):
         try:
-            state, problem = restore_checkpoint(path, step, accelerator, model, optimizer, scheduler), None
+            state, problem = restore_checkpoint(path, step, accelerator, model, optimizer, scheduler, cfg), None
         except CheckpointError as exc:
             state, problem = None, str(exc)
         every = gather_object([problem]) if accelerator.num_processes > 1 else [problem]
@@ -514,7 +569,6 @@ def setup(cfg: dict[str, Any], accelerator: Accelerator, out: Path, base_dir: Pa
         accelerator.print(lang.report.summary())
     if main:
         (out / "data_report.json").write_text(json.dumps([vars(lang.report) for lang in languages], indent=1))
-        (out / "run_config.json").write_text(json.dumps(cfg, indent=1))
     reference.train(t["dropout"]).requires_grad_(False).to(accelerator.device)
     model.train(t["dropout"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=tuple(t["adam_betas"]), eps=t["adam_eps"],
@@ -530,7 +584,7 @@ def start_or_resume(run: Run) -> dict[str, Any]:
     """The trainer state: restored from the newest usable checkpoint, or fresh (with retrieval before)."""
     acc = run.accelerator
     if run.cfg["train"]["resume"]:
-        state = resume(run.out, acc, run.model, run.optimizer, run.scheduler)
+        state = resume(run.out, acc, run.model, run.optimizer, run.scheduler, run.cfg)
         if state is not None:
             run.say(f"resumed from {run.out / 'checkpoints' / ('step-' + str(state['step']))} at step {state['step']}")
             return state
@@ -593,7 +647,8 @@ def train_steps(run: Run, state: dict[str, Any], stop_at: int, log: MetricsLog, 
             signum = signals.requested()
             if (t["checkpoint_every"] and state["step"] % t["checkpoint_every"] == 0) or state["step"] == stop_at \
                     or signum:
-                save_checkpoint(run.out, acc, run.model, run.optimizer, run.scheduler, state, t["keep_checkpoints"])
+                save_checkpoint(run.out, acc, run.model, run.optimizer, run.scheduler, state, t["keep_checkpoints"],
+                                run.cfg)
             if signum:
                 raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {state['step']} of "
                                           f"{run.total}; checkpoint {run.out / 'checkpoints'}/step-{state['step']}; "
@@ -643,6 +698,37 @@ def finish(run: Run, state: dict[str, Any], first_step: int, started: float) -> 
     return metrics
 
 
+def same_settings(out: Path, cfg: dict[str, Any]) -> None:
+    """Before anything is built or written: the newest checkpoint of ``out`` whose ``run_config.json`` reads must
+    have the settings of ``cfg`` (``check_settings``; one it cannot read is for ``resume`` to report and skip).
+
+    Raises:
+        ValueError: listing the keys that differ.
+    """
+    for _, path in reversed(checkpoint_dirs(out)):
+        with contextlib.suppress(CheckpointError):
+            check_settings(path, cfg)
+            return
+
+
+def leftovers(out: Path, cfg: dict[str, Any]) -> list[Path]:
+    """What an earlier run left in ``out``, which a fresh start removes so that it reuses none of it: ``RUN_FILES``,
+    and ``init_model`` when this run builds its own.
+
+    Raises:
+        ValueError: if ``model.name_or_path`` lies in one of them.
+    """
+    model = cfg["model"]["name_or_path"]
+    found = [out / name for name in (*RUN_FILES, *(["init_model"] if model is None else [])) if (out / name).exists()]
+    if model is not None:
+        where = Path(model).resolve()
+        for path in found:
+            if path.resolve() in (where, *where.parents):
+                raise ValueError(f"model.name_or_path {model} is in {path}, which starting over in {out} removes: "
+                                 "copy the model elsewhere first, or use a new --output-dir")
+    return found
+
+
 def completed(out: Path, total: int) -> dict[str, Any] | None:
     """The metrics of a run in ``out`` that already finished all ``total`` steps, or None."""
     try:
@@ -666,7 +752,8 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
 
     Raises:
         Interrupted: SIGINT / SIGTERM stopped training (after a checkpoint).
-        ValueError: bad data or configuration, or no usable checkpoint to resume from.
+        ValueError: bad data or configuration, no usable checkpoint to resume from, or checkpoints written with
+            other settings (``check_settings``).
     """
     import transformers
 
@@ -685,17 +772,31 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
                           "train.align does), or --train.num_threads 1", file=sys.stderr)
     out = Path(cfg["output_dir"])
     total = total_steps(cfg, accelerator.num_processes)
-    done = completed(out, total) if t["resume"] else None
-    if done is not None:
-        accelerator.print(f"{out} is already complete ({total} steps; retrieval {done['retrieval_before']:.3f} -> "
-                          f"{done['retrieval_after']:.3f}); model in {out / 'model'}. Nothing to do: use a new "
-                          "--output-dir or --train.resume false to train again")
-        return done if accelerator.is_main_process else None
+    if t["resume"]:
+        same_settings(out, cfg)
+        done = completed(out, total)
+        if done is not None:
+            accelerator.print(f"{out} is already complete ({total} steps; retrieval {done['retrieval_before']:.3f} "
+                              f"-> {done['retrieval_after']:.3f}); model in {out / 'model'}. Nothing to do: use a new "
+                              "--output-dir or --train.resume false to train again")
+            return done if accelerator.is_main_process else None
+    stale = leftovers(out, cfg) if not t["resume"] or not checkpoint_dirs(out) else []
+    accelerator.wait_for_everyone()                           # every process has looked before anything goes
+    if stale and accelerator.is_main_process:
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        accelerator.print(f"starting over in {out}: removed the earlier run's {', '.join(p.name for p in stale)}")
     out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     set_seed(cfg["seed"])
     started = time.perf_counter()
     run = setup(cfg, accelerator, out, base_dir, total)
     state = start_or_resume(run)
+    if accelerator.is_main_process:                           # what runs: these settings match the checkpoint's
+        (out / "run_config.json").write_text(json.dumps(cfg, indent=1))
     first_step = state["step"]
     stop_at = total if t["stop_after_steps"] is None else min(total, first_step + t["stop_after_steps"])
     log = MetricsLog(out, accelerator.is_main_process, first_step)
