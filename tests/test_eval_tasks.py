@@ -175,6 +175,36 @@ def test_align_identical_sentences_gives_the_diagonal(tiny_model, tmp_path):
     assert res["aer"] == 0.0 and res["precision"] == 1.0 and res["recall"] == 1.0
 
 
+def test_align_says_how_much_it_cut_and_a_max_length_above_the_model_is_its_limit(tiny_model, tmp_path, capsys):
+    """--max-length 16 used to drop the words of a 40-word pair past 14 sub-words without a word; 1000 (the tiny
+    model takes 64 positions) crashed inside the model."""
+    from transformers import AutoTokenizer
+
+    words = " ".join(synthetic_pairs(40, seed=7)["target"]).split()
+    long, short = " ".join(words[:40]), " ".join(words[40:42])
+    src = _write_lines(tmp_path / "s.txt", [long, short])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    owners = tok(words[:40], is_split_into_words=True, add_special_tokens=False).word_ids()
+    kept = owners[16 - 2]                                  # the first word without room for all its sub-words
+    res = main(["align", "--model", tiny_model, "--source", src, "--target", src, "--max-length", "16"])
+    assert (res["max_length"], res["truncated_pairs"], res["truncated_words"]) == (16, 1, 2 * (40 - kept))
+    assert capsys.readouterr().err.startswith(f"align: 1 of 2 pairs have a sentence longer than --max-length 16 "
+                                              f"tokens, cut at a word boundary: their last {2 * (40 - kept)} words")
+    assert len(tok(words, is_split_into_words=True)["input_ids"]) > 64
+    everything = _write_lines(tmp_path / "all.txt", [" ".join(words)])
+    res = main(["align", "--model", tiny_model, "--source", everything, "--target", everything, "--max-length", "1000"])
+    assert res["max_length"] == 64 and res["truncated_pairs"] == 1
+    assert capsys.readouterr().err.startswith(f"note: --max-length 1000 is more than {tiny_model} takes (64 tokens): "
+                                              "using 64\nalign: 1 of 1 pairs have a sentence longer than --max-length "
+                                              "64 tokens")
+    res = main(["retrieval", "--model", tiny_model, "--source", everything, "--target", everything])
+    assert res["max_length"] == 64 and res["languages"]["xx"]["mean"]["mean"] == 1.0      # the default: silently
+    assert capsys.readouterr().err == ""
+    res = main(["retrieval", "--model", tiny_model, "--source", everything, "--target", everything,
+                "--max-length", "1000"])
+    assert res["max_length"] == 64 and "note: --max-length 1000 is more than" in capsys.readouterr().err
+
+
 def test_aggregate_tables_comparison_and_plot(tmp_path):
     runs = [{"de": {"f1": 60.0, "exact_match": 40.0}, "ar": {"f1": 50.0, "exact_match": 30.0}},
             {"de": {"f1": 64.0, "exact_match": 44.0}, "ar": {"f1": 52.0, "exact_match": 36.0}}]

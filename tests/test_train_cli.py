@@ -111,6 +111,17 @@ def test_a_finished_run_run_again_trains_nothing_and_says_it_is_complete(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files          # nothing written
 
 
+def test_a_max_length_above_what_the_model_takes_is_one_error_line(tmp_path, capsys):
+    """The tiny model has 64 positions: model.max_length 128 crashed at the first long sentence."""
+    out = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "tiny.yaml"), "--output-dir", str(out), "--data.pairs_per_language", "32",
+            "--data.eval_pairs", "8", "--data.languages", "[{lang: xx, format: synthetic, n_pairs: 60}]",
+            "--train.batch_size", "4", "--train.max_steps", "3", "--model.max_length", "128"]
+    assert align.main(argv) == 2
+    assert capsys.readouterr().err == (f"error: model.max_length 128 is more than the model ({out / 'init_model'}) "
+                                       "takes: 64 tokens; set --model.max_length 64 or less\n")
+
+
 def _spin_count(args: list[str], policy: str | None = None) -> int:
     """libgomp's spin count (``GOMP_SPINCOUNT``, 0 under the passive policy) as the process's OpenMP runtime
     reports it when it starts (``OMP_DISPLAY_ENV=VERBOSE``)."""

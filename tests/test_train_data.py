@@ -62,22 +62,24 @@ def tokenizer(tmp_path_factory):
                                            tmp_path_factory.mktemp("tok") / "m", vocab_size=200))
 
 
-POISON = {"\ufffd\ufffd\ufffd": "no sub-word token",                    # what bytes ff fe fd decode to
-          "\u200b \u200b\u200b": "no sub-word token",                      # zero-width spaces
-          "ba" * 50 + " the dog": "no sub-word token within max_length 12",   # first word alone > 10 tokens
-          "the dog " + "ba" * 50: None,                                      # cut after "the dog": 2 words left
-          "the old dog": None}
+# text -> (why token_check drops it, how it cuts it) at max_length 12
+POISON = {"\ufffd\ufffd\ufffd": ("no sub-word token", None),              # what bytes ff fe fd decode to
+          "\u200b \u200b\u200b": ("no sub-word token", None),                # zero-width spaces
+          "ba" * 50 + " the dog": ("no sub-word token within max_length 12", None),   # first word alone > 10 tokens
+          "the dog " + "ba" * 50: (None, "cut to max_length 12 tokens"),     # cut after "the dog": 2 words left
+          "the old dog": (None, None)}
 
 
-def test_token_check_finds_exactly_the_rows_encode_words_leaves_empty(tokenizer):
+def test_token_check_finds_exactly_the_rows_encode_words_leaves_empty_or_cuts(tokenizer):
     check = token_check(tokenizer, max_length=12)
     texts = list(POISON)
     got = check(texts, ["the cat"] * len(texts)) + check(["the cat"] * len(texts), texts)
-    assert got == [None if r is None else f"source: {r}" for r in POISON.values()] + \
-        [None if r is None else f"target: {r}" for r in POISON.values()]
+    assert got == [tuple(None if r is None else f"{side}: {r}" for r in rs) for side in ("source", "target")
+                   for rs in POISON.values()]
     enc = encode_words(tokenizer, [t.split() for t in texts], max_length=12)     # the independent reference
     empty = [bool((row < 0).all()) for row in enc["word_ids"]]
-    assert empty == [r is not None for r in POISON.values()]
+    assert empty == [drop is not None for drop, _ in POISON.values()]
+    assert enc["n_words"].tolist() == [1, 2, 0, 2, 3]                   # a side with no token keeps no word
 
 
 def test_tsv_lines_the_tokenizer_strips_pass_reading_and_are_dropped_in_preparation(tmp_path, tokenizer):
@@ -120,6 +122,23 @@ def test_lines_that_are_not_utf8_are_malformed_where_they_are_and_a_bom_is_not_p
                             base_dir=tmp_path)
     assert ds["source"] == ["eins"] and report.read == 2
     assert report.examples["not valid UTF-8"] == ["m.en:2"]
+
+
+def test_pairs_cut_to_max_length_are_counted_as_edited_where_they_are(tmp_path, tokenizer):
+    """Training pairs longer than model.max_length lost their last words without a count."""
+    good = synthetic_pairs(20, seed=2)
+    rows = [f"{s}\t{t}" for s, t in zip(good["source"], good["target"])]
+    long = " ".join(" ".join(good["target"]).split()[:60])
+    for i in (4, 11):
+        rows[i] = f"{good['source'][i]}\t{long}"
+    (tmp_path / "p.tsv").write_text("\n".join(rows) + "\n")
+    ds, report = load_pairs({"lang": "xx", "format": "tsv", "path": "p.tsv"}, base_dir=tmp_path)
+    prepare_language(ds, report, pairs_per_language=20, max_words=64, check=token_check(tokenizer, max_length=40))
+    enc = encode_words(tokenizer, [r.split("\t")[1].split() for r in rows], max_length=40)   # the reference
+    assert [i for i, n in enumerate(enc["n_words"].tolist()) if n < len(rows[i].split("\t")[1].split())] == [4, 11]
+    assert report.edited == {"target: cut to max_length 40 tokens": 2} and report.dropped == {}
+    assert report.examples["target: cut to max_length 40 tokens"] == ["p.tsv:5", "p.tsv:12"]
+    assert "edited 2 (target: cut to max_length 40 tokens: 2 at p.tsv:5, p.tsv:12)" in report.summary()
 
 
 def test_moses_pair_of_files_counts_unpaired_and_empty_lines():

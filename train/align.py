@@ -65,7 +65,8 @@ import otfast
 from . import OPENMP_SPINS
 from .config import HelpFormatter, load_config
 from .data import DataReport, LanguageData, batch_indices, load_pairs, prepare_language
-from .modeling import build_tiny_model, encode_words, layer_states, load_encoder, token_check, word_embeddings
+from .modeling import (build_tiny_model, encode_words, layer_states, load_encoder, position_limit, token_check,
+                       word_embeddings)
 from .retrieval import evaluate_retrieval
 
 CHECKPOINT_DIR = re.compile(r"step-(\d+)")
@@ -549,8 +550,11 @@ def setup(cfg: dict[str, Any], accelerator: Accelerator, out: Path, base_dir: Pa
     """Data, model (the tiny one is built on the first run), reference copy, optimiser, scheduler, loss.
 
     The data are checked with the model's own tokenizer: a pair that it leaves without a token on a side
-    (within ``model.max_length``) is dropped before batching and counted in ``data_report.json``. The tiny
-    model's tokenizer is trained on the training pairs before that check.
+    (within ``model.max_length``) is dropped before batching, and one it cuts to fit is kept; both are counted
+    in ``data_report.json``. The tiny model's tokenizer is trained on the training pairs before that check.
+
+    Raises:
+        ValueError: bad data, or a ``model.max_length`` above what the model takes (``position_limit``).
     """
     t, main = cfg["train"], accelerator.is_main_process
     raw = load_raw(cfg, base_dir)
@@ -564,6 +568,10 @@ def setup(cfg: dict[str, Any], accelerator: Accelerator, out: Path, base_dir: Pa
     with accelerator.main_process_first():
         model, tokenizer = load_encoder(model_path)
         reference, _ = load_encoder(model_path)
+    limit = position_limit(model, tokenizer)
+    if limit is not None and cfg["model"]["max_length"] > limit:
+        raise ValueError(f"model.max_length {cfg['model']['max_length']} is more than the model ({model_path}) takes: "
+                         f"{limit} tokens; set --model.max_length {limit} or less")
     languages = prepare_data(cfg, raw, token_check(tokenizer, cfg["model"]["max_length"]))
     for lang in languages:
         accelerator.print(lang.report.summary())

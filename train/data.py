@@ -25,7 +25,8 @@ placeholders) are counted too. Each row keeps its location (``where``).
 ``prepare_language`` then shuffles (seeded), holds out evaluation pairs, Moses-tokenises both sides
 (sacremoses), filters by length in words, drops the pairs that the model's tokenizer reduces to no
 token on either side (``check``: text the tokenizer strips, such as U+FFFD or zero-width spaces, or a
-first word longer than ``max_length`` sub-words), counting them per reason with their locations, and
+first word longer than ``max_length`` sub-words), counting them per reason with their locations, counts
+the pairs it keeps but cuts to ``max_length`` tokens (as edited), and
 draws exactly ``pairs_per_language`` training pairs (upsampling by repetition where fewer exist).
 Nothing is dropped silently, nothing crashes. ``batch_indices`` gives the deterministic batch of any
 process at any step, which is what makes a resume exact.
@@ -65,7 +66,8 @@ class DataReport:
         lang: the source language code.
         read: rows (lines) read.
         malformed: ``{reason: count}`` of rows that could not be used as they are (reading).
-        edited: ``{reason: count}`` of rows kept after a change (reading; ``format: gettext`` only).
+        edited: ``{reason: count}`` of rows kept after a change (reading, ``format: gettext``: a message cleaned;
+            preparation: a side cut to ``model.max_length`` tokens, the words after the cut not trained on).
         dropped: ``{reason: count}`` of pairs the tokenizer leaves without a token on a side (preparation).
         examples: ``{reason: [location, ...]}``, the first few locations (``file:line``, ``file.mo#entry`` or
             row index) of every reason of ``malformed``, ``edited`` and ``dropped``.
@@ -327,8 +329,9 @@ class LanguageData:
     report: DataReport
 
 
-# (sources, targets) -> per pair, why it cannot be trained on ("source: no sub-word token", ...) or None.
-PairCheck = Callable[[list[str], list[str]], list[str | None]]
+# (sources, targets) -> per pair, (why it cannot be trained on, or None; how it is cut to fit, or None), e.g.
+# ("source: no sub-word token", None) or (None, "target: cut to max_length 64 tokens").
+PairCheck = Callable[[list[str], list[str]], list[tuple[str | None, str | None]]]
 
 
 def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per_language: int,
@@ -352,8 +355,9 @@ def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per
         chunk_size: most rows tokenised per ``datasets.map`` call.
         num_proc: processes for ``datasets.map`` (None = in process).
         check: given the Moses-tokenised sources and targets of the pairs that pass the length filter,
-            the reason each one cannot be trained on, or None (``train.modeling.token_check``); those
-            pairs are counted in ``report.dropped``.
+            per pair the reason it cannot be trained on and how it is cut to fit the model, each or None
+            (``train.modeling.token_check``); the first are counted in ``report.dropped``, the kept pairs
+            that are cut in ``report.edited``.
 
     Returns:
         ``LanguageData``.
@@ -378,7 +382,7 @@ def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per
                 "target": [" ".join(tgt_tok.tokenize(t, escape=False)) for t in batch["target"]]}
 
     kept: list[tuple[str, str]] = []
-    first: dict[str, list[tuple[int, str]]] = {}     # per dropped reason, the first (row, location) in the corpus
+    first: dict[str, list[tuple[int, str]]] = {}     # per dropped / cut reason, the first (row, location) in the corpus
     start = n_eval
     while start < len(order) and len(kept) < pairs_per_language:
         size = min(chunk_size, max(1000, 2 * (pairs_per_language - len(kept))))
@@ -393,12 +397,14 @@ def prepare_language(dataset: datasets.Dataset, report: DataReport, *, pairs_per
                 fit.append((source, target, at, row))
             else:
                 report.filtered += 1
-        reasons = check([p[0] for p in fit], [p[1] for p in fit]) if check is not None and fit else [None] * len(fit)
-        for (source, target, at, row), reason in zip(fit, reasons):
-            if reason is None:
+        verdicts = check([p[0] for p in fit], [p[1] for p in fit]) if check is not None and fit else \
+            [(None, None)] * len(fit)
+        for (source, target, at, row), (drop, cut) in zip(fit, verdicts):
+            if drop is None:
                 kept.append((source, target))
-            else:
-                report.dropped[reason] = report.dropped.get(reason, 0) + 1
+            table, reason = (report.dropped, drop) if drop is not None else (report.edited, cut)
+            if reason is not None:
+                table[reason] = table.get(reason, 0) + 1
                 first.setdefault(reason, []).append((row, at))
         first = {reason: sorted(found)[:MAX_EXAMPLES] for reason, found in first.items()}
     report.examples.update({reason: [at for _, at in found] for reason, found in first.items()})

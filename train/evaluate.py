@@ -93,6 +93,23 @@ def _parallel(args: argparse.Namespace) -> list[tuple[list[str], list[str]]]:
     return al.read_parallel(args.source, args.target)
 
 
+DEFAULT_MAX_LENGTH = 128
+
+
+def _max_length(args: argparse.Namespace, model, tokenizer) -> int:
+    """``--max-length``, at most what the model takes (a longer input fails inside it): by default 128 or the
+    model's limit if lower, and a larger value given is cut to that limit with a note."""
+    from train.modeling import position_limit
+
+    limit = position_limit(model, tokenizer)
+    if args.max_length is None:
+        return DEFAULT_MAX_LENGTH if limit is None else min(DEFAULT_MAX_LENGTH, limit)
+    if limit is not None and args.max_length > limit:
+        _log(f"note: --max-length {args.max_length} is more than {args.model} takes ({limit} tokens): using {limit}")
+        return limit
+    return args.max_length
+
+
 def _retrieval(args: argparse.Namespace) -> dict:
     from train.eval.report import aggregate
     from train.modeling import load_encoder
@@ -100,10 +117,11 @@ def _retrieval(args: argparse.Namespace) -> dict:
 
     pairs = _parallel(args)
     model, tokenizer = load_encoder(args.model)
+    max_length = _max_length(args, model, tokenizer)
     acc = evaluate_retrieval(model, tokenizer, [" ".join(s) for s, _ in pairs], [" ".join(t) for _, t in pairs],
-                             layer=args.layer, batch_size=args.batch_size, max_length=args.max_length)
+                             layer=args.layer, batch_size=args.batch_size, max_length=max_length)
     result = aggregate("retrieval", [{args.language: acc}], None, [args.language], model=str(args.model),
-                       n_pairs=len(pairs), layer=args.layer)
+                       n_pairs=len(pairs), layer=args.layer, max_length=max_length)
     return _finish(args, "retrieval", result)
 
 
@@ -117,16 +135,23 @@ def _align(args: argparse.Namespace) -> dict:
     pairs = _parallel(args)
     model, tokenizer = load_encoder(args.model)
     model.eval()
+    max_length = _max_length(args, model, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     links: list[list[tuple[int, int]]] = []
     unconverged = 0
+    cut = torch.zeros(len(pairs), dtype=torch.bool)            # pairs with a side cut to max_length
+    words_cut = 0
     with torch.no_grad():
         for start in range(0, len(pairs), args.batch_size):
             chunk = pairs[start:start + args.batch_size]
             side = []
             for words in ([s for s, _ in chunk], [t for _, t in chunk]):
-                batch = {k: v.to(device) for k, v in encode_words(tokenizer, words, args.max_length).items()}
+                batch = encode_words(tokenizer, words, max_length)
+                left_out = torch.tensor([len(w) for w in words]) - batch.pop("n_words")
+                cut[start:start + len(chunk)] |= left_out > 0
+                words_cut += int(left_out.sum())
+                batch = {k: v.to(device) for k, v in batch.items()}
                 side.append(word_embeddings(layer_states(model, batch, args.layer), batch["word_ids"], args.word_mode))
             (x, mx), (y, my) = side
             with warnings.catch_warnings(record=True) as caught:    # said once below, in terms of our options
@@ -140,9 +165,14 @@ def _align(args: argparse.Namespace) -> dict:
         _log(f"align: in {unconverged} of {-(-len(pairs) // args.batch_size)} batches some pairs did not reach "
              f"--tol {args.tol} within --n-iters {args.n_iters}; their links come from a plan that is not fully "
              "converged: raise --n-iters (or --tol) if that matters")
+    if words_cut:
+        _log(f"align: {int(cut.sum())} of {len(pairs)} pairs have a sentence longer than --max-length {max_length} "
+             f"tokens, cut at a word boundary: their last {words_cut} words in all are never linked (a gold link to "
+             "one counts as missed); raise --max-length (up to what the model takes) to align them")
     result = {"task": "align", "model": str(args.model), "n_pairs": len(pairs),
               "n_links": sum(map(len, links)), "method": args.method, "cost": args.cost, "eps": args.eps,
-              "n_iters": args.n_iters, "tol": args.tol, "unconverged_batches": unconverged}
+              "n_iters": args.n_iters, "tol": args.tol, "unconverged_batches": unconverged,
+              "max_length": max_length, "truncated_pairs": int(cut.sum()), "truncated_words": words_cut}
     if args.output:
         al.write_pharaoh(args.output, links)
         result["output"] = str(args.output)
@@ -224,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--synthetic-seed", type=int, default=12345, help="sampler seed of --synthetic")
         p.add_argument("--layer", type=int, default=-1, help="hidden_states index (0 = embeddings, -1 = last)")
         p.add_argument("--batch-size", type=int, default=64, help="sentence pairs per forward pass")
-        p.add_argument("--max-length", type=int, default=128, help="tokens per sentence")
+        p.add_argument("--max-length", type=int, default=None,
+                       help=f"tokens per sentence, special tokens included (default: {DEFAULT_MAX_LENGTH}, or the "
+                            "model's limit if lower; a larger value is cut to that limit)")
         p.add_argument("--output-dir", help="writes NAME.json and NAME.md")
         if name == "retrieval":
             p.add_argument("--language", default="xx", help="label of the source language in the tables")

@@ -4,8 +4,10 @@
   ``from_pretrained`` by hub name or local path: mBERT, XLM-R, or a folder this module wrote).
 - ``build_tiny_model``: a tiny BERT from a ``BertConfig`` (random init) and a WordPiece tokenizer
   trained on the fly on given text, saved with ``save_pretrained`` so ``load_encoder`` reloads it.
-- ``encode_words``: word-tokenised sentences to input ids plus a ``[B, T]`` token-to-word index.
-- ``token_check``: which sentence pairs ``encode_words`` would leave without a token on a side.
+- ``encode_words``: word-tokenised sentences to input ids plus a ``[B, T]`` token-to-word index, cut to
+  ``max_length`` tokens at a word boundary (``n_words`` says how many words each sentence kept).
+- ``position_limit``: the most tokens a model takes in one sequence.
+- ``token_check``: which sentence pairs ``encode_words`` would leave without a token on a side, or cut.
 - ``layer_states``: the hidden states of one layer.
 - ``word_embeddings``: sub-word states to word representations (``last`` sub-word as in the paper's
   WordOT, ``first``, ``mean``, or the sub-words themselves, ``subword`` = SubOT), padded to
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from .hub import model_source
 
@@ -132,17 +135,29 @@ def encode_words(tokenizer, words: Sequence[Sequence[str]], max_length: int = 12
             boundary: a word that does not fit whole is dropped with all the words after it.
 
     Returns:
-        ``{"input_ids": [B, T], "attention_mask": [B, T], "word_ids": [B, T]}`` (long tensors);
-        ``word_ids[b, t]`` is the index in ``words[b]`` of the word token t belongs to, -1 for special
-        tokens and padding.
+        ``{"input_ids": [B, T], "attention_mask": [B, T], "word_ids": [B, T], "n_words": [B]}`` (long
+        tensors); ``word_ids[b, t]`` is the index in ``words[b]`` of the word token t belongs to, -1 for
+        special tokens and padding; ``n_words[b]`` is the number of words of ``words[b]`` kept (fewer than
+        it has when it was cut).
     """
-    kept = [list(sentence[:n_words]) for sentence, (n_words, _, _) in zip(words, _fit(tokenizer, words, max_length))]
+    n_words = [n for n, _, _ in _fit(tokenizer, words, max_length)]
+    kept = [list(sentence[:n]) for sentence, n in zip(words, n_words)]
     enc = tokenizer(kept, is_split_into_words=True, padding=True, return_tensors="pt")
     ids = torch.full_like(enc["input_ids"], -1)
     for b in range(len(kept)):
         row = [-1 if w is None else w for w in enc.word_ids(b)]
         ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_ids": ids}
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_ids": ids,
+            "n_words": torch.tensor(n_words, dtype=torch.long)}
+
+
+def position_limit(model, tokenizer) -> int | None:
+    """The most tokens ``model`` takes in one sequence, special tokens included: the smaller of its config's
+    ``max_position_embeddings`` and the tokenizer's ``model_max_length`` where they are set (None: neither is).
+    A longer input fails inside the model (an index error in its position embeddings)."""
+    limits = [n for n in (getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length)
+              if isinstance(n, int) and n < VERY_LARGE_INTEGER]
+    return min(limits) if limits else None
 
 
 def _fit(tokenizer, words: Sequence[Sequence[str]], max_length: int) -> list[tuple[int, int, int]]:
@@ -150,8 +165,9 @@ def _fit(tokenizer, words: Sequence[Sequence[str]], max_length: int) -> list[tup
     ``max_length`` tokens with the special tokens (the truncation rule of ``encode_words``)."""
     if not words:
         return []
-    budget = max_length - tokenizer.num_special_tokens_to_add()
-    plain = tokenizer([list(w) for w in words], is_split_into_words=True, add_special_tokens=False)
+    budget = max(max_length - tokenizer.num_special_tokens_to_add(), 0)
+    plain = tokenizer([list(w) for w in words], is_split_into_words=True, add_special_tokens=False,
+                      verbose=False)                    # no warning about a length this function deals with
     out = []
     for b, sentence in enumerate(words):
         owners = plain.word_ids(b)
@@ -164,25 +180,29 @@ def _fit(tokenizer, words: Sequence[Sequence[str]], max_length: int) -> list[tup
 
 
 def token_check(tokenizer, max_length: int):
-    """A ``train.data.prepare_language`` check: the pairs that ``encode_words`` would leave with no token.
+    """A ``train.data.prepare_language`` check: the pairs that ``encode_words`` would leave with no token, and
+    those it would cut.
 
     Args:
         tokenizer: the model's fast tokenizer.
         max_length: as in ``encode_words``.
 
     Returns:
-        ``check(sources, targets) -> [reason or None, ...]`` over space-separated words; a reason is
+        ``check(sources, targets) -> [(drop, cut), ...]`` over space-separated words, per pair: ``drop`` is
         ``"source: no sub-word token"`` (the tokenizer strips the whole side: U+FFFD, zero-width spaces,
-        control characters) or ``"source: no sub-word token within max_length N"`` (the first word alone
-        is longer than the budget), likewise for ``target``.
+        control characters) or ``"source: no sub-word token within max_length N"`` (the first word alone is
+        longer than the budget), likewise for ``target``, or None; ``cut`` is ``"source: cut to max_length N
+        tokens"`` (the words after the cut are not trained on), likewise for ``target``, or None.
     """
-    def reasons(side: str, sentences: list[str]) -> list[str | None]:
-        return [None if kept else f"{side}: no sub-word token" if total == 0 else
-                f"{side}: no sub-word token within max_length {max_length}"
-                for _, kept, total in _fit(tokenizer, [s.split() for s in sentences], max_length)]
+    def verdicts(side: str, sentences: list[str]) -> list[tuple[str | None, str | None]]:
+        split = [s.split() for s in sentences]
+        return [(None if kept else f"{side}: no sub-word token" if total == 0 else
+                 f"{side}: no sub-word token within max_length {max_length}",
+                 f"{side}: cut to max_length {max_length} tokens" if kept and n_words < len(words) else None)
+                for words, (n_words, kept, total) in zip(split, _fit(tokenizer, split, max_length))]
 
-    def check(sources: list[str], targets: list[str]) -> list[str | None]:
-        return [s or t for s, t in zip(reasons("source", sources), reasons("target", targets))]
+    def check(sources: list[str], targets: list[str]) -> list[tuple[str | None, str | None]]:
+        return [(s[0] or t[0], s[1] or t[1]) for s, t in zip(verdicts("source", sources), verdicts("target", targets))]
 
     return check
 
