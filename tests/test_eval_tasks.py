@@ -65,6 +65,26 @@ def test_nli_labels_and_bad_rows(tmp_path):
         xnli.read_nli_file(FIX / "xnli.test.tsv", "zz")
 
 
+def test_a_bom_keeps_the_language_column_and_a_test_file_without_one_is_an_error(tmp_path):
+    """A byte-order mark made the header key '\\ufefflanguage', so every row was scored for every language."""
+    bom = tmp_path / "xnli.test.tsv"
+    bom.write_bytes(b"\xef\xbb\xbf" + (FIX / "xnli.test.tsv").read_bytes())
+    xx = xnli.read_nli_file(bom, "xx")
+    assert [e["label"] for e in xx] == [xnli.LABELS.index(g) for g in _gold_labels("xx")]
+    assert xnli.load_nli(str(bom), "test", "en") == xnli.read_nli_file(FIX / "xnli.test.tsv", "en")
+    plain = tmp_path / "test.tsv"                        # the same rows without the column
+    with open(FIX / "xnli.test.tsv", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    plain.write_text("gold_label\tsentence1\tsentence2\n" +
+                     "".join(f"{r['gold_label']}\t{r['sentence1']}\t{r['sentence2']}\n" for r in rows))
+    with pytest.raises(ValueError, match=r"test.tsv: no 'language' column to pick language 'xx' from \(columns: "
+                                         r"gold_label, sentence1, sentence2\); give a file per language"):
+        xnli.load_nli(str(plain), "test", "xx")
+    assert len(xnli.load_nli(str(plain), "train", "en")) == len(rows)      # training data: one language
+    plain.rename(tmp_path / "test-xx.tsv")                                 # a file per language
+    assert len(xnli.load_nli(str(tmp_path / "test-{lang}.tsv"), "test", "xx")) == len(rows)
+
+
 def test_xnli_run_matches_written_predictions(tiny_model, tmp_path):
     cfg = _tiny_cfg("eval_xnli_tiny.yaml", seeds=[1, 2], epochs=2, eval_steps=2)
     res = xnli.run(cfg, tiny_model, tmp_path, log=lambda m: None)

@@ -41,27 +41,39 @@ def is_local(source: str, language: str) -> bool:
     return path.exists() or path.suffix in (".tsv", ".jsonl", ".json", ".txt")
 
 
-def read_nli_file(path: str | Path, language: str | None = None) -> list[dict]:
-    """Examples ``{"premise", "hypothesis", "label"}`` of a local NLI file.
+def read_nli_file(path: str | Path, language: str | None = None, *, one_language: bool = False) -> list[dict]:
+    """Examples ``{"premise", "hypothesis", "label"}`` of a local NLI file (UTF-8, a byte-order mark allowed).
 
     Args:
         path: JSONL (one object per line) or TSV with a header, in the Hugging Face schema
             (premise/hypothesis/label) or the original XNLI / MultiNLI one (sentence1/sentence2/gold_label).
-        language: keep only rows whose ``language`` column equals it (files without the column: all rows).
+        language: keep only rows whose ``language`` column equals it.
+        one_language: a file without a ``language`` column holds ``language`` alone (English training or dev
+            data such as MultiNLI's) and is read whole; otherwise such a file is an error when ``language`` is
+            given, since every language asked for would get the same rows.
 
     Returns:
         The examples, labels as ints 0/1/2. Rows labelled "-" (MultiNLI's no-consensus) are skipped.
+
+    Raises:
+        ValueError: naming the file (and line) of a row it cannot read, or a language it cannot pick.
     """
     path = Path(path)
     if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
     else:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if language is not None and rows and "language" not in rows[0]:
+        if not one_language:
+            raise ValueError(f"{path}: no 'language' column to pick language {language!r} from (columns: "
+                             f"{', '.join(map(str, rows[0]))}); give a file per language, with {{lang}} in its path "
+                             "(e.g. test-{lang}.tsv), or one with a language column such as XNLI-1.0's")
+        language = None
     out = []
     for n, row in enumerate(rows, 2 if path.suffix not in (".jsonl", ".json") else 1):
-        if language is not None and "language" in row and row["language"] != language:
+        if language is not None and row.get("language") != language:
             continue
         if "premise" in row:
             premise, hypothesis, label = row.get("premise"), row.get("hypothesis"), row.get("label")
@@ -82,6 +94,9 @@ def read_nli_file(path: str | Path, language: str | None = None) -> list[dict]:
 def load_nli(source: str, split: str, language: str) -> list[dict]:
     """One split of one language, from a hub data set name or a local file (``{lang}`` substituted).
 
+    A local file without ``{lang}`` in its name is filtered by its ``language`` column; a training or dev file
+    without the column is taken to hold the training language alone, a test file without it is an error.
+
     Args:
         source: e.g. ``"xnli"`` (``load_dataset("xnli", language)``) or ``"data/xnli.test.tsv"``.
         split: "train", "dev" or "test".
@@ -90,7 +105,9 @@ def load_nli(source: str, split: str, language: str) -> list[dict]:
     if split not in _HUB_SPLITS:
         raise ValueError(f"unknown split {split!r}; choose train, dev or test")
     if is_local(source, language):
-        return read_nli_file(source.replace("{lang}", language), language)
+        if "{lang}" in source:                          # a file per language
+            return read_nli_file(source.replace("{lang}", language))
+        return read_nli_file(source, language, one_language=split != "test")
     ds = load_dataset(source, language, split=_HUB_SPLITS[split], what=f"data.{split}")
     return [{"premise": r["premise"], "hypothesis": r["hypothesis"], "label": _label(r["label"], source)}
             for r in ds]
