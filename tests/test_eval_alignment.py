@@ -124,3 +124,14 @@ def test_pharaoh_round_trip_and_parallel(tmp_path):
     al.check_links_in_range(al.read_pharaoh(FIX / "align.gold"), pairs, "gold")
     with pytest.raises(ValueError, match="out of range"):
         al.check_links_in_range([({(5, 0)}, {(5, 0)})] * 3, pairs, "gold")
+
+
+def test_parallel_lines_end_at_lf_only(tmp_path):
+    """U+2028, U+0085 or a lone CR inside a sentence used to split it in two (str.splitlines), shifting every
+    later pair; CR LF line ends still read as line ends."""
+    (tmp_path / "s.txt").write_bytes("a\u2028b c\r\nd\x85e\nf\rg\n".encode())
+    (tmp_path / "t.txt").write_bytes(b"A B\r\nC\nD\n")
+    assert al.read_parallel(tmp_path / "s.txt", tmp_path / "t.txt") == [
+        (["a", "b", "c"], ["A", "B"]), (["d", "e"], ["C"]), (["f", "g"], ["D"])]
+    (tmp_path / "fa.txt").write_bytes("x\u2028y ||| z\r\n".encode())
+    assert al.read_parallel(tmp_path / "fa.txt") == [(["x", "y"], ["z"])]

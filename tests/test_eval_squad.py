@@ -58,7 +58,8 @@ def test_cli_prints_json_line():
 
 def test_bad_input(tmp_path):
     data = squad.load_squad_file(FIX / "squad_dev.json")
-    with pytest.raises(TypeError, match="predictions"):
+    with pytest.raises(ValueError, match=r"^predictions: the prediction for question 'q1' is 3 \(int\), not an answer "
+                                         r"string$"):
         squad.evaluate(data, {"q1": 3})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"version": "1.1"}))
@@ -67,3 +68,17 @@ def test_bad_input(tmp_path):
     empty = [{"title": "t", "paragraphs": [{"context": "c", "qas": [{"id": "x", "question": "?", "answers": []}]}]}]
     with pytest.raises(ValueError, match="no gold answer"):
         squad.evaluate(empty, {"x": "c"})
+
+
+def test_a_prediction_that_is_not_a_string_is_one_error_line_naming_the_question(tmp_path, capsys):
+    """score-squad with {"q1": 5} used to end in a TypeError traceback."""
+    from train.evaluate import cli
+
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps({"q2": "in 1889", "q1": 5}))
+    assert cli(["score-squad", "--gold", str(FIX / "squad_dev.json"), "--predictions", str(pred)]) == 2
+    assert capsys.readouterr().err == (f"error: {pred}: the prediction for question 'q1' is 5 (int), not an answer "
+                                       "string\n")
+    pred.write_text("[]")
+    assert cli(["score-squad", "--gold", str(FIX / "squad_dev.json"), "--predictions", str(pred)]) == 2
+    assert capsys.readouterr().err == f"error: {pred} must map question ids to answer strings, got list\n"

@@ -91,8 +91,19 @@ def score_alignments(gold: list[tuple[set[Link], set[Link]]], predicted: list[se
             "n_pairs": len(gold), "n_predicted": n_a, "n_sure": n_s, "n_possible": n_p}
 
 
+def _lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file: only LF (or CR LF) ends one, not U+2028, U+0085 or a lone CR inside a
+    sentence, which ``str.splitlines`` would split it at (shifting every later pair)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        text = fh.read()
+    lines = text.split("\n")
+    if lines[-1] == "":                                 # the file's final newline ends the last line
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
 def read_parallel(source: str | Path, target: str | Path | None = None) -> list[tuple[list[str], list[str]]]:
-    """Word-tokenised parallel sentences.
+    """Word-tokenised parallel sentences, one per line (``_lines``).
 
     Args:
         source: a plain-text file of whitespace-tokenised sentences, or with ``target=None`` a fast_align
@@ -102,8 +113,7 @@ def read_parallel(source: str | Path, target: str | Path | None = None) -> list[
     Returns:
         ``[(source_words, target_words), ...]``.
     """
-    with open(source, encoding="utf-8") as fh:
-        src_lines = fh.read().splitlines()
+    src_lines = _lines(source)
     if target is None:
         pairs = []
         for n, line in enumerate(src_lines, 1):
@@ -112,8 +122,7 @@ def read_parallel(source: str | Path, target: str | Path | None = None) -> list[
             s, t = line.split("|||")
             pairs.append((s.split(), t.split()))
     else:
-        with open(target, encoding="utf-8") as fh:
-            tgt_lines = fh.read().splitlines()
+        tgt_lines = _lines(target)
         if len(src_lines) != len(tgt_lines):
             raise ValueError(f"{source} has {len(src_lines)} lines, {target} has {len(tgt_lines)}")
         pairs = [(s.split(), t.split()) for s, t in zip(src_lines, tgt_lines)]

@@ -14,6 +14,7 @@ import string
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -60,9 +61,12 @@ def score(questions, predictions: dict[str, str], *, warn=sys.stderr) -> dict[st
 
     Returns:
         ``{"exact_match": EM, "f1": F1}`` in percent over all questions.
+
+    Raises:
+        ValueError: if ``predictions`` is not a mapping of answer strings (``check_predictions``), or a
+            question has no gold answer.
     """
-    if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
-        raise TypeError("predictions must map question ids to answer strings")
+    check_predictions(predictions)
     total = em = f1 = 0.0
     for qid, golds in questions:
         total += 1
@@ -116,10 +120,23 @@ def load_squad_file(path: str | Path) -> list[dict]:
     return obj["data"]
 
 
+def check_predictions(predictions: Any, where: str = "predictions") -> None:
+    """Raise a ``ValueError`` naming ``where`` and the first question whose prediction is not a string."""
+    if not isinstance(predictions, dict):
+        raise ValueError(f"{where} must map question ids to answer strings, got {type(predictions).__name__}")
+    for qid, answer in predictions.items():
+        if not isinstance(answer, str):
+            raise ValueError(f"{where}: the prediction for question {qid!r} is {answer!r} "
+                             f"({type(answer).__name__}), not an answer string")
+
+
 def load_predictions(path: str | Path) -> dict[str, str]:
-    """A predictions file: one JSON object mapping question id -> answer text."""
+    """A predictions file: one JSON object mapping question id -> answer text.
+
+    Raises:
+        ValueError: naming the file, if it is not JSON or not such an object (``check_predictions``).
+    """
     with open(path, encoding="utf-8") as fh:
         obj = json.load(fh)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: predictions must be a JSON object mapping question ids to answers")
+    check_predictions(obj, str(path))
     return obj
