@@ -211,6 +211,30 @@ def test_a_resume_with_other_settings_stops_naming_them_and_resume_false_starts_
     assert steps == ["1", "2", "3", "4", "5", "6"]
 
 
+def test_a_checkpoint_without_its_settings_is_checked_against_the_folders(tmp_path, capsys):
+    """Checkpoints written before they held their settings resume against the run_config.json their run wrote
+    in the output folder as it started, and other settings still stop the run."""
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY), "--output-dir", str(out), *SMALL]
+    assert main([*argv, "--train.stop_after_steps", "3"]) == 0
+    (out / "checkpoints" / "step-3" / "run_config.json").unlink()
+    assert main([*argv, "--train.lr", "1.0"]) == 2
+    assert "train.lr 0.01 -> 1.0" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert f"resumed from {out / 'checkpoints' / 'step-3'} at step 3" in capsys.readouterr().out
+
+
+def test_starting_over_leaves_a_folder_that_holds_no_run_alone(tmp_path, capsys):
+    """--train.resume false removes an earlier run's files only where a run was (its run_config.json or
+    checkpoints): in a folder of other things, a model/ of the user's own stays."""
+    out = tmp_path / "mine"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("mine")
+    assert main(["--config", str(TINY), "--output-dir", str(out), *SMALL, "--train.resume", "false"]) == 0
+    assert (out / "model" / "notes.txt").read_text() == "mine"
+    assert "starting over" not in capsys.readouterr().out
+
+
 def test_two_processes_train_identical_replicas(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -333,10 +333,12 @@ def check_settings(path: Path, cfg: dict[str, Any]) -> None:
     """Stop unless checkpoint ``path`` was written with the settings of ``cfg`` (``RUN_CONTROL`` keys aside).
 
     Raises:
-        CheckpointError: if its ``run_config.json`` is missing or damaged.
+        CheckpointError: if its ``run_config.json`` (or, without one, the run folder's) is missing or damaged.
         ValueError: listing every key that differs, as ``key old -> new``.
     """
-    saved, now = _flat(_file(path / "run_config.json", _json_object)), _flat(json.loads(json.dumps(cfg)))
+    # a checkpoint written before checkpoints held their settings: the run folder's, which that run wrote as it started
+    source = path / "run_config.json" if (path / "run_config.json").exists() else path.parent.parent / "run_config.json"
+    saved, now = _flat(_file(source, _json_object)), _flat(json.loads(json.dumps(cfg)))
     absent = object()
 
     def shown(value: Any) -> str:
@@ -721,11 +723,14 @@ def same_settings(out: Path, cfg: dict[str, Any]) -> None:
 
 def leftovers(out: Path, cfg: dict[str, Any]) -> list[Path]:
     """What an earlier run left in ``out``, which a fresh start removes so that it reuses none of it: ``RUN_FILES``,
-    and ``init_model`` when this run builds its own.
+    and ``init_model`` when this run builds its own. Nothing unless ``out`` holds a run's ``run_config.json`` or
+    ``checkpoints``: a folder of other things (``--output-dir .``) may have a ``model/`` of its own.
 
     Raises:
         ValueError: if ``model.name_or_path`` lies in one of them.
     """
+    if not any((out / name).exists() for name in ("run_config.json", "checkpoints")):
+        return []
     model = cfg["model"]["name_or_path"]
     found = [out / name for name in (*RUN_FILES, *(["init_model"] if model is None else [])) if (out / name).exists()]
     if model is not None:
