@@ -173,6 +173,13 @@ def test_bad_specs_raise_naming_the_problem(spec, error):
         load_pairs(spec, base_dir=FIXTURES)
 
 
+@pytest.mark.parametrize("key, value", [("n_pairs", "abc"), ("seed", 1.5), ("map_seed", True)])
+def test_a_synthetic_count_or_seed_that_is_no_integer_is_named(key, value):
+    spec = {"lang": "xx", "format": "synthetic", "n_pairs": 10, key: value}
+    with pytest.raises(ValueError, match=rf"^data.languages\[xx\].{key} must be an integer, got {value!r}$"):
+        load_pairs(spec)
+
+
 @pytest.mark.parametrize("spec, key, allowed", [
     ({"lang": "yy", "format": "synthetic", "n_pairs": 10, "mapseed": 7}, "mapseed",
      "format, lang, map_seed, n_pairs, seed"),

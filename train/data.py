@@ -275,6 +275,12 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
             raise ValueError(f"data.languages[{lang}] (format {fmt}) needs '{key}'")
         return spec[key]
 
+    def integer(key: str, default: int | None = None) -> int:
+        value = need(key) if default is None else spec.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"data.languages[{lang}].{key} must be an integer, got {value!r}")
+        return value
+
     def file(key: str) -> Path:
         path = Path(base_dir) / str(need(key))
         if not path.is_file():
@@ -284,8 +290,7 @@ def load_pairs(spec: dict[str, Any], target_lang: str = "en", base_dir: str | Pa
     if fmt == "synthetic":
         from .synthetic import synthetic_pairs
 
-        ds = synthetic_pairs(int(need("n_pairs")), seed=int(spec.get("seed", 0)),
-                             map_seed=int(spec.get("map_seed", 1234)))
+        ds = synthetic_pairs(integer("n_pairs"), seed=integer("seed", 0), map_seed=integer("map_seed", 1234))
         report.read = len(ds)
         return ds.add_column("where", [f"row {i}" for i in range(len(ds))]), report
     if fmt == "tsv":
