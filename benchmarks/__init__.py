@@ -7,4 +7,11 @@
 - ``python -m benchmarks.report``: the sweep. ``python -m benchmarks.step``: one encoder alignment step.
   ``python -m benchmarks.launches``: the kernel launches of one loss call.
 - ``pytest benchmarks/ --benchmark-only``: the pytest-benchmark suite (not collected by the main test run).
+
+Importing it imports ``train`` first, which sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment names a
+policy (``train``'s docstring says why): on a busy 2-core machine, with spinning OpenMP threads ``otfast[cpu]``
+at 8 x 16 took 132 ms against 4.6 ms (2026-12-01), when a benchmark ran without ``./dev`` (which sets the
+same default).
 """
+
+import train  # noqa: F401  (the OpenMP wait policy, before anything imports torch)
