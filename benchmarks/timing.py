@@ -25,7 +25,9 @@ class Timing:
         p20, p50, p80: percentiles of the per-call wall time (CUDA-synchronised on GPU).
         repeats: measured calls (after warm-up).
         peak_mem_mb: on CUDA, ``torch.cuda.max_memory_allocated`` during one call minus what was allocated
-            before it; None on CPU (torch's CPU allocator exposes no peak counter).
+            before it; None on CPU (torch's CPU allocator exposes no peak counter). What was allocated before
+            includes the warm-up calls' leftovers, the inputs' ``.grad`` among them, so the gradients a
+            fwd+bwd call writes are not counted (for every provider alike).
     """
 
     p20: float
