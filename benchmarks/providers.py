@@ -512,7 +512,12 @@ class Check:
     detail: str
 
 
-TOLERANCES = {"value": 2e-3, "grad": 2e-2}
+# Relative errors a provider may have and still be timed. The largest of a correct provider so far: values 1.0e-5,
+# checked gradients 2.7e-3 (flash-sinkhorn's TF32), 7.0e-4 (GeomLoss). A provider that stops after one update of
+# the fixed setting at 8 x 16 is off by 3.6e-4 / 5.0e-2, one that leaves out the debiased terms of the paper
+# setting by 6.7e-4 in value (``tests/test_benchmarks_providers.py``). Where the problem has converged in fewer
+# updates than the setting runs (50 of 100 there, 1 at N = 512), no check of the answer can tell.
+TOLERANCES = {"value": 1e-4, "grad": 5e-3}
 
 
 def check(values: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor] | None, ref: Reference, *,

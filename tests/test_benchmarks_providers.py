@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from benchmarks.providers import SETTINGS, _pot_cost, _pot_solve_batch, make_inputs
+import otfast
+from benchmarks.providers import SETTINGS, _pot_cost, _pot_solve_batch, check, make_inputs, reference
 
 
 def test_pot_provider_is_pots_envelope_mode_bit_for_bit():
@@ -26,3 +29,18 @@ def test_pot_provider_is_pots_envelope_mode_bit_for_bit():
         runs.append((value.detach(), *torch.autograd.grad(value.sum(), (u, v))))
     for want, got in zip(*runs):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name, change", [("fixed", dict(n_iters=1)), ("paper", dict(debias=False))],
+                         ids=["one-update", "no-debias"])
+def test_the_value_check_catches_a_provider_that_skips_work(name, change):
+    """A provider that runs one update of the fixed setting's 100, or leaves out the paper setting's debiased
+    terms, is reported wrong (not timed); the tolerances used to pass both (2e-3 / 2e-2)."""
+    setting = SETTINGS[name]
+    x, y = make_inputs(8, 16, 16, 768)
+    ref = reference(x, y, setting, backward=True)
+    u, v = x.clone().requires_grad_(), y.clone().requires_grad_()
+    values = otfast.sinkhorn_loss(u, v, reduction="none", backend="torch",
+                                  **dataclasses.replace(setting, **change).otfast_kwargs())
+    result = check(values, torch.autograd.grad(values.sum(), (u, v)), ref)
+    assert not result.ok and "value rel. err" in result.detail, result
