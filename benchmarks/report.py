@@ -312,7 +312,7 @@ def device_section(sweep: list[dict], step: list[dict], png: Path, base_dir: Pat
                          "once more.\n\n" + floor_table(sweep))
         if any(res.num(r.get("peak_mem_mb")) is not None for r in sweep):
             parts.append("### Peak extra memory (MiB, torch.cuda.max_memory_allocated)\n\n"
-                         + res.markdown_table([dict(r, p50_ms=r["peak_mem_mb"]) for r in sweep]))
+                         + res.markdown_table(sweep, column="peak_mem_mb"))
         else:
             parts.append("Peak memory: n/a on CPU (torch's CPU allocator keeps no peak counter, and RSS deltas on "
                          "a shared host are noise).")

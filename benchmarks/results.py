@@ -132,9 +132,10 @@ def _ms(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _cell_text(row: dict) -> str:
+def _cell_text(row: dict, column: str) -> str:
     if row["status"] == "ok":
-        return _ms(num(row["p50_ms"]))
+        value = num(row.get(column))
+        return "-" if value is None else _ms(value)
     return {"mismatch": "wrong", "skipped": "skip", "error": "error"}[row["status"]]
 
 
@@ -143,13 +144,15 @@ def _best_otfast(rows: list[dict], column: str) -> str:
     return f"{max(values):.1f}x" if values else "-"
 
 
-def markdown_table(rows: list[dict], modes: tuple[str, ...] = ("forward", "fwd+bwd")) -> str:
-    """A pivot of sweep rows: one line per point, p50 ms per provider, otfast's best speed-ups.
+def markdown_table(rows: list[dict], modes: tuple[str, ...] = ("forward", "fwd+bwd"), column: str = "p50_ms") -> str:
+    """A pivot of sweep rows: one line per point, ``column`` per provider, and for times otfast's best speed-ups.
 
-    Cells: p50 in ms; "wrong" (failed the value check, not timed), "skip" (see the notes), "error".
+    Cells: ``column`` of the timed rows (p50 ms, or ``peak_mem_mb`` for the memory table; "-" where empty);
+    "wrong" (failed the value check, not timed), "skip" (see the notes), "error".
     Providers skipped on every point get no column.
-    The speed-up columns give the best otfast backend's p50 speed-up over ``pot-solve_batch[torch]`` and
-    ``geomloss[tensorized]`` on that point.
+    Only with ``column="p50_ms"``, the speed-up columns give the best otfast backend's p50 speed-up over
+    ``pot-solve_batch[torch]`` and ``geomloss[tensorized]`` on that point: they are ratios of times, and a table
+    of another quantity has none.
     """
     rows = [r for r in rows if r["mode"] in modes]
     if not rows:
@@ -158,13 +161,16 @@ def markdown_table(rows: list[dict], modes: tuple[str, ...] = ("forward", "fwd+b
     points: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         points[point_key(row)].append(row)
-    head = ["setting", "mode", "B", "N", "M", "D", "dtype", *providers, "otfast vs POT", "otfast vs GeomLoss"]
+    ratios = column == "p50_ms"
+    head = ["setting", "mode", "B", "N", "M", "D", "dtype", *providers]
+    head += ["otfast vs POT", "otfast vs GeomLoss"] if ratios else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(points, key=lambda k: (k[0], k[1], k[2] * k[3] * k[4], k)):
         by_label = {label(r): r for r in points[key]}
-        cells = [_cell_text(by_label[p]) if p in by_label else "" for p in providers]
-        lines.append("| " + " | ".join([*map(str, key), *cells, _best_otfast(points[key], "speedup_vs_pot"),
-                                         _best_otfast(points[key], "speedup_vs_geomloss")]) + " |")
+        cells = [_cell_text(by_label[p], column) if p in by_label else "" for p in providers]
+        if ratios:
+            cells += [_best_otfast(points[key], "speedup_vs_pot"), _best_otfast(points[key], "speedup_vs_geomloss")]
+        lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 

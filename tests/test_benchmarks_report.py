@@ -93,6 +93,19 @@ def test_markdown_table_from_csv(tmp_path):
     assert "WRONG" in headline and "flash-sinkhorn" not in headline
 
 
+def test_memory_table_has_no_time_ratios(tmp_path):
+    """The peak-memory table of a GPU section shows MiB per provider and no speed-up columns: those are ratios of
+    times (they printed 5.0x / 20.0x next to MiB)."""
+    from benchmarks.report import device_section
+
+    mem = (100.0, 50.0, 80.0, None, None)
+    rows = through_csv([dict(r, device="cuda", peak_mem_mb=m) for r, m in zip(sample_rows(), mem)], tmp_path)
+    section = device_section(rows, [], tmp_path / "no.png", tmp_path)
+    table = section[section.index("### Peak extra memory"):].split("\n\n")[1].splitlines()
+    assert "vs POT" not in table[0] and "vs GeomLoss" not in table[0]
+    assert table[2] == "| fixed | fwd+bwd | 32 | 40 | 40 | 768 | fp32 | 100 | 50.0 | 80.0 | wrong |"
+
+
 def test_plot_is_a_png(tmp_path):
     rows = sample_rows() + [dict(r, B=8, N=16, M=16) for r in sample_rows()]
     path = tmp_path / "plot.png"
