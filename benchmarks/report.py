@@ -259,7 +259,7 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
     out.mkdir(parents=True, exist_ok=True)
     tables = []
     for device in ("cpu", "cuda"):
-        sweep = res.latest(rows, device, "sweep")
+        sweep, twice = res.one_per_cell(res.latest(rows, device, "sweep"))
         step = res.latest(rows, device, "step")
         if not (sweep or step):
             continue
@@ -268,9 +268,10 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
             meta = sweep[0]
             res.plot(sweep, png, title=f"{meta['device_name']} - commit {meta['commit']} - {meta['timestamp'][:10]}")
             tables.append(f"**{res.SECTIONS[device]}** ({meta['device_name']}; commit `{meta['commit']}`; p50 ms, "
-                          f"forward+backward; `{meta['command']}`)\n\n" + res.markdown_table(sweep, modes=("fwd+bwd",)))
+                          f"forward+backward; `{meta['command']}`{'; ' * bool(twice)}{measured_twice(twice)})\n\n"
+                          + res.markdown_table(sweep, modes=("fwd+bwd",)))
         if device in devices and results_md is not None:
-            res.update_results(results_md, device, device_section(sweep, step, png, results_md.parent))
+            res.update_results(results_md, device, device_section(sweep, step, png, results_md.parent, twice))
             log(f"updated the {device} section of {results_md}")
     table = "\n".join(tables) or "_no results yet_\n"
     (out / "table.md").write_text(table)
@@ -283,14 +284,25 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
             log(f"README not updated: {exc}")
 
 
-def device_section(sweep: list[dict], step: list[dict], png: Path, base_dir: Path) -> str:
-    """The RESULTS.md section of one device from its latest sweep and step rows."""
+def measured_twice(count: int) -> str:
+    """What a table says of the ``count`` rows of its run that measured a cell again (``res.one_per_cell``), or
+    ""."""
+    if not count:
+        return ""
+    return f"{count} cell{'s' * (count > 1)} measured twice in this run: each shows the later measurement"
+
+
+def device_section(sweep: list[dict], step: list[dict], png: Path, base_dir: Path, twice: int = 0) -> str:
+    """The RESULTS.md section of one device from its latest sweep rows (one per cell: ``res.one_per_cell``, which
+    dropped ``twice`` rows) and step rows."""
     parts = []
     if sweep:
         m = sweep[0]
         load = [res.num(r["load_avg"]) for r in sweep if res.num(r.get("load_avg")) is not None]
         parts.append(f"Device: **{m['device_name']}**. Commit `{m['commit']}`, {m['timestamp']}.\n\n"
                      f"Command: `{m['command']}`\n\nVersions: {m['versions'].replace(';', ', ')}\n")
+        if twice:
+            parts.append(f"{measured_twice(twice)}.")
         if load:
             parts.append(f"Host 1-minute load average during the run: {min(load):.1f} to {max(load):.1f}.")
         if m.get("note"):

@@ -108,18 +108,51 @@ def point_key(row: dict) -> tuple:
     return (row["setting"], row["mode"], int(row["B"]), int(row["N"]), int(row["M"]), int(row["D"]), row["dtype"])
 
 
+def speedup(row: dict, base: dict | None) -> float | None:
+    """p50 of ``base`` / p50 of ``row``; None unless both are "ok" rows with a p50."""
+    mine, other = (num(r.get("p50_ms")) if r is not None and r["status"] == "ok" else None for r in (row, base))
+    return other / mine if mine and other else None
+
+
 def speedups(point_rows: list[dict]) -> None:
-    """Fill ``speedup_vs_pot`` and ``speedup_vs_geomloss`` of rows of one point, in place.
+    """Fill ``speedup_vs_pot`` and ``speedup_vs_geomloss`` of rows of one point, in place (the CSV's columns).
 
     speed-up = p50 of ``pot-solve_batch[torch]`` (or ``geomloss[tensorized]``) / the row's p50, on the same
-    point in the same run; empty where either side is not an "ok" row.
+    point in the same call of the report; empty where either side is not an "ok" row. The tables and the plot
+    do not read these columns: they compute the ratios (``speedup``, ``best_otfast``) from the rows they show,
+    which may come from several calls of one run.
     """
-    base = {label(r): num(r.get("p50_ms")) for r in point_rows if r["status"] == "ok"}
+    base = {label(r): r for r in point_rows}
     for row in point_rows:
-        mine = num(row.get("p50_ms")) if row["status"] == "ok" else None
-        for name, column in ((POT, "speedup_vs_pot"), (GEOMLOSS, "speedup_vs_geomloss")):
-            other = base.get(name)
-            row[column] = other / mine if mine and other else None
+        row["speedup_vs_pot"], row["speedup_vs_geomloss"] = (speedup(row, base.get(name)) for name in (POT, GEOMLOSS))
+
+
+def one_per_cell(rows: list[dict]) -> tuple[list[dict], int]:
+    """The rows with one row per (point, provider), and how many rows that dropped.
+
+    Where rows measure one provider on one point twice (the GPU suite's sweep step shares the goal steps'
+    run_id and repeats three of their points), the later row in ``rows``' order (CSV order; with ``--render
+    --run``, the order the runs are named) is kept, in the place of the first.
+    """
+    cells: dict[tuple, dict] = {}
+    for row in rows:
+        cells[(point_key(row), label(row))] = row
+    return list(cells.values()), len(rows) - len(cells)
+
+
+def by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """The rows by ``point_key``, then by ``label``, in order of appearance.
+
+    Raises:
+        ValueError: two rows of one provider on one point (``one_per_cell`` chooses between them).
+    """
+    points: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        cells = points[point_key(row)]
+        if label(row) in cells:
+            raise ValueError(f"{label(row)} has two rows at {point_key(row)}: keep one (results.one_per_cell)")
+        cells[label(row)] = row
+    return points
 
 
 # ---------------------------------------------------------------- tables
@@ -139,9 +172,15 @@ def _cell_text(row: dict, column: str) -> str:
     return {"mismatch": "wrong", "skipped": "skip", "error": "error"}[row["status"]]
 
 
-def _best_otfast(rows: list[dict], column: str) -> str:
-    values = [num(r[column]) for r in rows if r["provider"] == "otfast" and num(r.get(column))]
-    return f"{max(values):.1f}x" if values else "-"
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}x"
+
+
+def best_otfast(cells: dict[str, dict], base: str) -> float | None:
+    """The best speed-up of an otfast backend over the provider labelled ``base`` among one point's ``cells``
+    (label -> row), or None where no otfast row or no ``base`` row is "ok"."""
+    values = [v for r in cells.values() if r["provider"] == "otfast" and (v := speedup(r, cells.get(base)))]
+    return max(values, default=None)
 
 
 def markdown_table(rows: list[dict], modes: tuple[str, ...] = ("forward", "fwd+bwd"), column: str = "p50_ms") -> str:
@@ -151,25 +190,26 @@ def markdown_table(rows: list[dict], modes: tuple[str, ...] = ("forward", "fwd+b
     "wrong" (failed the value check, not timed), "skip" (see the notes), "error".
     Providers skipped on every point get no column.
     Only with ``column="p50_ms"``, the speed-up columns give the best otfast backend's p50 speed-up over
-    ``pot-solve_batch[torch]`` and ``geomloss[tensorized]`` on that point: they are ratios of times, and a table
-    of another quantity has none.
+    ``pot-solve_batch[torch]`` and ``geomloss[tensorized]`` on that point, computed from the cells of its line
+    (whichever call of the run measured them): they are ratios of times, and a table of another quantity has none.
+
+    Raises:
+        ValueError: two rows of one provider on one point (``one_per_cell`` chooses between them).
     """
     rows = [r for r in rows if r["mode"] in modes]
     if not rows:
         return "_no rows_\n"
     providers = list(dict.fromkeys(label(r) for r in rows if r["status"] != "skipped"))
-    points: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        points[point_key(row)].append(row)
+    points = by_point(rows)
     ratios = column == "p50_ms"
     head = ["setting", "mode", "B", "N", "M", "D", "dtype", *providers]
     head += ["otfast vs POT", "otfast vs GeomLoss"] if ratios else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(points, key=lambda k: (k[0], k[1], k[2] * k[3] * k[4], k)):
-        by_label = {label(r): r for r in points[key]}
+        by_label = points[key]
         cells = [_cell_text(by_label[p], column) if p in by_label else "" for p in providers]
         if ratios:
-            cells += [_best_otfast(points[key], "speedup_vs_pot"), _best_otfast(points[key], "speedup_vs_geomloss")]
+            cells += [_ratio(best_otfast(by_label, base)) for base in (POT, GEOMLOSS)]
         lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -186,11 +226,17 @@ def notes(rows: list[dict]) -> str:
 
 
 def headline(rows: list[dict], B: int, N: int, M: int, D: int) -> str:
-    """The rows at one shape that ran, side by side: provider, setting, mode, p20/p50/p80, speed-ups, check."""
+    """The rows at one shape that ran, side by side: provider, setting, mode, p20/p50/p80, speed-ups over POT
+    and GeomLoss on the same point (from these rows), check.
+
+    Raises:
+        ValueError: two rows of one provider on one point (``one_per_cell`` chooses between them).
+    """
     rows = [r for r in rows if (int(r["B"]), int(r["N"]), int(r["M"]), int(r["D"])) == (B, N, M, D)
             and r["status"] != "skipped"]
     if not rows:
         return ""
+    points = by_point(rows)
     head = "| setting | mode | provider | p50 ms (p20-p80) | vs POT | vs GeomLoss | check (value / grad rel. err) |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (r["setting"], r["mode"], num(r["p50_ms"]) or math.inf)):
@@ -198,7 +244,7 @@ def headline(rows: list[dict], B: int, N: int, M: int, D: int) -> str:
             time = f"{_ms(num(row['p50_ms']))} ({_ms(num(row['p20_ms']))}-{_ms(num(row['p80_ms']))})"
         else:
             time = row["status"]
-        ratios = [f"{num(row[c]):.1f}x" if num(row.get(c)) else "-" for c in ("speedup_vs_pot", "speedup_vs_geomloss")]
+        ratios = [_ratio(speedup(row, points[point_key(row)].get(base))) for base in (POT, GEOMLOSS)]
         errs = " / ".join(f"{num(row[c]):.0e}" if num(row.get(c)) is not None else "-"
                           for c in ("value_err", "grad_err"))
         verdict = {"ok": "ok", "mismatch": "WRONG", "error": "error"}[row["status"]]
@@ -229,7 +275,11 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     """Time and speed-up against problem size (B N M), one column per setting, from sweep rows.
 
     Top: p50 ms per provider (forward+backward where measured, else forward), log-log. Bottom: the best
-    otfast backend's speed-up over POT ``solve_batch`` and GeomLoss (tensorized); 1x dashed.
+    otfast backend's speed-up over POT ``solve_batch`` and GeomLoss (tensorized) among the rows of each point;
+    1x dashed.
+
+    Raises:
+        ValueError: two rows of one provider on one point (``one_per_cell`` chooses between them).
     """
     import matplotlib
 
@@ -249,11 +299,13 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
         for name in dict.fromkeys(label(r) for r in mine):
             pts = sorted((size(r), num(r["p50_ms"])) for r in mine if label(r) == name)
             top.plot(*zip(*pts), marker="o", label=name)
-        for column, name in (("speedup_vs_pot", "over POT solve_batch"), ("speedup_vs_geomloss", "over GeomLoss")):
+        points = by_point(mine)
+        for base, name in ((POT, "over POT solve_batch"), (GEOMLOSS, "over GeomLoss")):
             best: dict[int, float] = {}
-            for r in mine:
-                if r["provider"] == "otfast" and num(r.get(column)):
-                    best[size(r)] = max(best.get(size(r), 0.0), num(r[column]))
+            for (_, _, B, N, M, _, _), cells in points.items():
+                ratio = best_otfast(cells, base)
+                if ratio:
+                    best[B * N * M] = max(best.get(B * N * M, 0.0), ratio)
             if best:
                 bottom.plot(*zip(*sorted(best.items())), marker="s", label=f"otfast {name}")
         bottom.axhline(1.0, color="grey", linestyle="--", linewidth=1)

@@ -106,6 +106,53 @@ def test_memory_table_has_no_time_ratios(tmp_path):
     assert table[2] == "| fixed | fwd+bwd | 32 | 40 | 40 | 768 | fp32 | 100 | 50.0 | 80.0 | wrong |"
 
 
+def gpu_suite_rows() -> list[dict]:
+    """One GPU run in two calls sharing its run_id, as the suite's goal steps write them: POT, GeomLoss and
+    ``otfast[triton]`` in one (its speed-ups filled there), ``otfast[triton-exact]``, faster, in another."""
+    gpu = dict(run_id="suite", device="cuda", device_name="test gpu", setting="fixed", mode="fwd+bwd", B=64, N=128,
+               M=128)
+    first = [row("pot-solve_batch", "torch", 24.8, **gpu), row("geomloss", "tensorized", 43.6, **gpu),
+             row("otfast", "triton", 3.12, **gpu)]
+    res.speedups(first)
+    second = [row("otfast", "triton-exact", 2.84, **gpu, command="python -m benchmarks.report --only triton-")]
+    res.speedups(second)
+    return first + second
+
+
+def test_speedups_come_from_the_cells_shown_whichever_call_measured_them(tmp_path):
+    """A line merged from several calls of one run: its best otfast is the fastest otfast cell shown (2.84 ms,
+    measured by another call than POT's and GeomLoss's), not the best of the ratios each call wrote (8.0x)."""
+    rows = through_csv(gpu_suite_rows(), tmp_path)
+    assert rows[-1]["speedup_vs_pot"] == ""  # its call had no POT row
+    line = res.markdown_table(rows).strip().splitlines()[2]
+    assert line.endswith("| 2.84 | 8.7x | 15.4x |")
+    headline = res.headline(rows, 64, 128, 128, 768)
+    assert "`otfast[triton-exact]` | 2.84 (2.56-3.12) | 8.7x | 15.4x |" in headline
+    assert "`otfast[triton]` | 3.12 (2.81-3.43) | 7.9x | 14.0x |" in headline
+
+
+def test_a_cell_measured_twice_shows_the_later_measurement_and_says_so(tmp_path):
+    """The suite's sweep step shares the goal steps' run_id and repeats three of their points: each such cell
+    shows the later row, the README table and RESULTS.md say how many cells were measured twice, and the
+    tables refuse rows with two measurements of one cell instead of keeping one silently."""
+    rows = gpu_suite_rows()
+    again = [dict(r, p50_ms=2 * r["p50_ms"], command="python -m benchmarks.report --budget 1") for r in rows[:2]]
+    rows = through_csv(rows + again, tmp_path)
+    with pytest.raises(ValueError, match=r"pot-solve_batch\[torch\] has two rows"):
+        res.markdown_table(rows)
+    with pytest.raises(ValueError, match="two rows"):
+        res.headline(rows, 64, 128, 128, 768)
+    kept, dropped = res.one_per_cell(rows)
+    assert dropped == 2 and [res.label(r) for r in kept] == [res.label(r) for r in rows[:4]]
+    assert [r["p50_ms"] for r in kept[:2]] == ["49.6", "87.2"]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
+    render(rows, ["cuda"], tmp_path / "out", tmp_path / "RESULTS.md", readme, log=lambda *_: None)
+    said = "2 cells measured twice in this run: each shows the later measurement"
+    assert said in readme.read_text() and said in (tmp_path / "RESULTS.md").read_text()
+    assert readme.read_text().count("| 49.6 | 87.2 | 3.12 | 2.84 | 17.5x | 30.7x |") == 1
+
+
 def test_plot_is_a_png(tmp_path):
     rows = sample_rows() + [dict(r, B=8, N=16, M=16) for r in sample_rows()]
     path = tmp_path / "plot.png"
