@@ -267,9 +267,7 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
         if sweep:
             meta = sweep[0]
             res.plot(sweep, png, title=f"{meta['device_name']} - commit {meta['commit']} - {meta['timestamp'][:10]}")
-            tables.append(f"**{res.SECTIONS[device]}** ({meta['device_name']}; commit `{meta['commit']}`; p50 ms, "
-                          f"forward+backward; `{meta['command']}`{'; ' * bool(twice)}{measured_twice(twice)})\n\n"
-                          + res.markdown_table(sweep, modes=("fwd+bwd",)))
+            tables.append(readme_table(device, sweep, twice))
         if device in devices and results_md is not None:
             res.update_results(results_md, device, device_section(sweep, step, png, results_md.parent, twice))
             log(f"updated the {device} section of {results_md}")
@@ -282,6 +280,24 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
             log(f"updated the benchmark table of {readme}")
         except ValueError as exc:
             log(f"README not updated: {exc}")
+
+
+def readme_table(device: str, sweep: list[dict], twice: int) -> str:
+    """The README table of ``device``: the forward+backward lines of its latest run (``sweep``, one row per cell:
+    ``res.one_per_cell``, which dropped ``twice`` rows), headed by the device and the commits and commands of the
+    rows it shows."""
+    shown = [r for r in sweep if r["mode"] == "fwd+bwd"]
+    about = [sweep[0]["device_name"], listed("commit", shown, "commit"), "p50 ms, forward+backward",
+             listed("command", shown, "command"), measured_twice(twice)]
+    return (f"**{res.SECTIONS[device]}** ({'; '.join(a for a in about if a)})\n\n"
+            + res.markdown_table(shown, modes=("fwd+bwd",)))
+
+
+def listed(name: str, rows: list[dict], column: str) -> str:
+    """``name: `value``` for the one value of ``column`` in ``rows``, ``names: `a`, `b``` for several (in order of
+    appearance: a run merged from several calls lists each call's), "" for none."""
+    values = list(dict.fromkeys(r[column] for r in rows))
+    return (f"{name}{'s' * (len(values) > 1)}: " + ", ".join(f"`{v}`" for v in values)) if values else ""
 
 
 def measured_twice(count: int) -> str:
@@ -299,8 +315,8 @@ def device_section(sweep: list[dict], step: list[dict], png: Path, base_dir: Pat
     if sweep:
         m = sweep[0]
         load = [res.num(r["load_avg"]) for r in sweep if res.num(r.get("load_avg")) is not None]
-        parts.append(f"Device: **{m['device_name']}**. Commit `{m['commit']}`, {m['timestamp']}.\n\n"
-                     f"Command: `{m['command']}`\n\nVersions: {m['versions'].replace(';', ', ')}\n")
+        parts.append(f"Device: **{m['device_name']}**. {listed('Commit', sweep, 'commit')}, {m['timestamp']}.\n\n"
+                     f"{listed('Command', sweep, 'command')}\n\nVersions: {m['versions'].replace(';', ', ')}\n")
         if twice:
             parts.append(f"{measured_twice(twice)}.")
         if load:

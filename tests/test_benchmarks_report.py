@@ -153,6 +153,22 @@ def test_a_cell_measured_twice_shows_the_later_measurement_and_says_so(tmp_path)
     assert readme.read_text().count("| 49.6 | 87.2 | 3.12 | 2.84 | 17.5x | 30.7x |") == 1
 
 
+def test_a_run_of_several_calls_lists_every_command_it_shows(tmp_path):
+    """The README table and the RESULTS.md section of a run merged from several calls name each call's command
+    (they named the first row's only); the README table names those of its forward+backward lines only."""
+    forward = row("otfast", "torch", 5.0, run_id="suite", device="cuda", device_name="test gpu", mode="forward",
+                  command="python -m benchmarks.report --forward-only")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
+    render(through_csv(gpu_suite_rows() + [forward], tmp_path), ["cuda"], tmp_path / "out", tmp_path / "RESULTS.md",
+           readme, log=lambda *_: None)
+    commands = "`python -m benchmarks.report --quick`, `python -m benchmarks.report --only triton-`"
+    assert f"; commands: {commands})" in readme.read_text()
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert f"Commands: {commands}, `python -m benchmarks.report --forward-only`\n" in results
+    assert "commit: `abc1234`;" in readme.read_text() and "Commit: `abc1234`, " in results
+
+
 def test_plot_is_a_png(tmp_path):
     rows = sample_rows() + [dict(r, B=8, N=16, M=16) for r in sample_rows()]
     path = tmp_path / "plot.png"
