@@ -14,8 +14,9 @@ the otfast torch reference on it (float64 where cheap), then for every provider:
 CUDA). Rows are appended to ``DIR/results.csv`` point by point (``DIR`` defaults to ``runs/benchmarks``,
 outside version control); at the end the markdown table (``DIR/table.md``) and the plot
 (``DIR/plot-<device>.png``) are regenerated from the CSV. Nothing tracked changes unless ``--update-docs``
-is given: then the rows go to ``benchmarks/results/`` and ``benchmarks/RESULTS.md`` (this device's
-section) and the README table are regenerated too, and the command says which files it wrote.
+is given: then the rows go to ``benchmarks/results/`` and this device's section of ``benchmarks/RESULTS.md``
+and table in the README are regenerated too (the other device's stay), and the command says which files it
+wrote.
 
 Full sweep: B in {8, 64, 256} x N = M in {16, 32, 64, 128, 256, 512}, D = 768, forward and forward+backward,
 settings "fixed" and "paper", plus the B=32, N=M=40 point of issues 2 and 4. ``--quick``: that point and a
@@ -254,10 +255,10 @@ def run_point(point: tuple, plist: list[Provider], *, device: str, dtype: str, D
 
 def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | None, readme: Path | None,
            log=print) -> None:
-    """Regenerate ``out/table.md``, ``out/plot-<device>.png``, the devices' RESULTS.md sections and the README
-    table from CSV ``rows``."""
+    """Regenerate ``out/table.md``, ``out/plot-<device>.png`` and, of the ``devices`` only, the RESULTS.md sections
+    and README tables from CSV ``rows`` (the other devices' sections and tables stay as they are)."""
     out.mkdir(parents=True, exist_ok=True)
-    tables = []
+    tables = {}
     for device in ("cpu", "cuda"):
         sweep, twice = res.one_per_cell(res.latest(rows, device, "sweep"))
         step = res.latest(rows, device, "step")
@@ -267,16 +268,19 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
         if sweep:
             meta = sweep[0]
             res.plot(sweep, png, title=f"{meta['device_name']} - commit {meta['commit']} - {meta['timestamp'][:10]}")
-            tables.append(readme_table(device, sweep, twice))
+            tables[device] = readme_table(device, sweep, twice)
+            count = len(res.runs(rows, device, "sweep"))
+            if count > 1:
+                log(f"{device}: run {meta['run_id']} only, the latest of {count} (--render CSV --run ID ... renders "
+                    "named runs as one)")
         if device in devices and results_md is not None:
             res.update_results(results_md, device, device_section(sweep, step, png, results_md.parent, twice))
             log(f"updated the {device} section of {results_md}")
-    table = "\n".join(tables) or "_no results yet_\n"
-    (out / "table.md").write_text(table)
+    (out / "table.md").write_text("\n".join(tables.values()) or "_no results yet_\n")
     log(f"wrote {out / 'table.md'} and the plots in {out}")
     if readme is not None:
         try:
-            res.update_readme(readme, table + "\nFull results, commands and notes: `benchmarks/RESULTS.md`.\n")
+            res.update_readme(readme, {device: table for device, table in tables.items() if device in devices})
             log(f"updated the benchmark table of {readme}")
         except ValueError as exc:
             log(f"README not updated: {exc}")

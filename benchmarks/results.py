@@ -95,12 +95,17 @@ def read_rows(path: str | Path) -> list[dict]:
         return list(reader)
 
 
+def runs(rows: list[dict], device: str, kind: str) -> list[str]:
+    """The ``run_id``s of the runs of ``kind`` on ``device``, in order of appearance."""
+    return list(dict.fromkeys(r["run_id"] for r in rows if r["device"] == device and r["kind"] == kind))
+
+
 def latest(rows: list[dict], device: str, kind: str) -> list[dict]:
     """The rows of the last run (by ``run_id`` order of appearance) of ``kind`` on ``device``."""
-    runs = [r["run_id"] for r in rows if r["device"] == device and r["kind"] == kind]
-    if not runs:
+    ids = runs(rows, device, kind)
+    if not ids:
         return []
-    return [r for r in rows if r["run_id"] == runs[-1] and r["kind"] == kind]
+    return [r for r in rows if r["run_id"] == ids[-1] and r["kind"] == kind]
 
 
 def point_key(row: dict) -> tuple:
@@ -328,15 +333,25 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
 
 # ---------------------------------------------------------------- documents
 
+def _pattern(start: str, end: str) -> re.Pattern:
+    return re.compile(re.escape(start) + r"\n?(.*?)\n?" + re.escape(end), re.S)
+
+
+def _inside(text: str, start: str, end: str) -> str | None:
+    """The text between the first ``start`` and the ``end`` after it, None when they are missing."""
+    match = _pattern(start, end).search(text)
+    return match and match.group(1)
+
+
 def _between(text: str, start: str, end: str, body: str) -> str:
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    pattern = _pattern(start, end)
     if not pattern.search(text):
         raise ValueError(f"markers {start} / {end} not found")
     return pattern.sub(lambda _: f"{start}\n{body.rstrip()}\n{end}", text, count=1)
 
 
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
+def _markers(block: str, device: str) -> tuple[str, str]:
+    return f"<!-- {block}:{device}:start -->", f"<!-- {block}:{device}:end -->"
 
 
 RESULTS_HEADER = """# otfast benchmark results
@@ -358,21 +373,40 @@ def update_results(path: str | Path, device: str, body: str) -> None:
     else:
         parts = [RESULTS_HEADER]
         for name, title in SECTIONS.items():
-            start, end = _markers(name)
+            start, end = _markers("results", name)
             placeholder = NO_GPU if name == "cuda" else "No CPU run yet."
             parts.append(f"## {title}\n\n{start}\n{placeholder}\n{end}\n")
         text = "\n".join(parts)
-    path.write_text(_between(text, *_markers(device), body))
+    path.write_text(_between(text, *_markers("results", device), body))
 
 
 README_MARKERS = ("<!-- bench-table:start -->", "<!-- bench-table:end -->")
+README_FOOTER = "Full results, commands and notes: `benchmarks/RESULTS.md`."
 
 
-def update_readme(path: str | Path, body: str) -> None:
-    """Replace the text between the README's bench-table markers.
+def update_readme(path: str | Path, tables: dict[str, str]) -> None:
+    """Rewrite the README's bench-table block: per device ("cpu", then "cuda") its table between markers of its
+    own, then a pointer to RESULTS.md.
+
+    The devices in ``tables`` get that table; the others keep the one the block holds (a run on one kind of
+    device keeps the other's table), or, in an empty block, a placeholder.
 
     Raises:
-        ValueError: the markers are missing.
+        ValueError: the bench-table markers are missing, or a device not in ``tables`` has no markers of its own
+            in a block that holds text (a README from before the per-device markers: its table would be lost;
+            render every device at once, ``--render`` of CSVs holding both, to write them).
     """
     path = Path(path)
-    path.write_text(_between(path.read_text(), *README_MARKERS, body))
+    text = path.read_text()
+    old = _inside(text, *README_MARKERS)
+    if old is None:
+        raise ValueError(f"markers {README_MARKERS[0]} / {README_MARKERS[1]} not found")
+    parts = []
+    for device, title in SECTIONS.items():
+        start, end = _markers("bench-table", device)
+        body = tables.get(device) or _inside(old, start, end)
+        if body is None and old.strip():
+            raise ValueError(f"the bench table has no {start} / {end} around its {title} table, which would be lost; "
+                             "render every device at once (--render of CSVs holding both) to write them")
+        parts.append(f"{start}\n{(body or f'_No {title} run yet._').rstrip()}\n{end}\n")
+    path.write_text(_between(text, *README_MARKERS, "\n".join(parts) + "\n" + README_FOOTER))

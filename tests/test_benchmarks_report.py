@@ -187,15 +187,51 @@ def test_results_md_update_keeps_the_other_section(tmp_path):
     assert res.NO_GPU not in text
 
 
-def test_readme_rewrites_only_between_markers(tmp_path):
+def test_readme_rewrites_only_between_markers_and_keeps_the_other_devices_table(tmp_path):
+    """Each device's table sits between markers of its own: rewriting one keeps the other's; a block without
+    them (a README from before them) is rewritten only when every device's table is given, else refused."""
     path = tmp_path / "README.md"
-    path.write_text("# title\nbefore\n<!-- bench-table:start -->\nold\n<!-- bench-table:end -->\nafter\n")
-    res.update_readme(path, "| new | table |")
-    assert path.read_text() == ("# title\nbefore\n<!-- bench-table:start -->\n| new | table |\n"
-                                "<!-- bench-table:end -->\nafter\n")
+    path.write_text("# title\nbefore\n<!-- bench-table:start -->\n<!-- bench-table:end -->\nafter\n")
+    res.update_readme(path, {"cpu": "| cpu | table |"})
+    assert path.read_text() == ("# title\nbefore\n<!-- bench-table:start -->\n"
+                                "<!-- bench-table:cpu:start -->\n| cpu | table |\n<!-- bench-table:cpu:end -->\n\n"
+                                "<!-- bench-table:cuda:start -->\n_No GPU run yet._\n<!-- bench-table:cuda:end -->\n\n"
+                                f"{res.README_FOOTER}\n<!-- bench-table:end -->\nafter\n")
+    res.update_readme(path, {"cuda": "| gpu | table |"})
+    res.update_readme(path, {"cpu": "| cpu | again |"})
+    text = path.read_text()
+    assert "| gpu | table |" in text and "| cpu | again |" in text and "| cpu | table |" not in text
+    assert text.startswith("# title\nbefore\n") and text.endswith("<!-- bench-table:end -->\nafter\n")
+    path.write_text("<!-- bench-table:start -->\n**CPU** old\n\n**GPU** old\n<!-- bench-table:end -->\n")
+    with pytest.raises(ValueError, match="GPU table, which would be lost"):
+        res.update_readme(path, {"cpu": "| cpu | table |"})
+    assert "**GPU** old" in path.read_text()
+    res.update_readme(path, {"cpu": "| cpu | table |", "cuda": "| gpu | table |"})
+    assert "old" not in path.read_text() and "| gpu | table |" in path.read_text()
     path.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
-        res.update_readme(path, "x")
+        res.update_readme(path, {"cpu": "x"})
+
+
+def test_update_docs_on_one_device_keeps_the_other_devices_table_and_section(tmp_path):
+    """A CPU run with ``--update-docs`` on a CSV without GPU rows, and ``--render`` of a GPU suite's CSV, each
+    rewrite their device's README table and RESULTS.md section and keep the other device's (the README table
+    was rebuilt from the CSV alone, so each deleted the other's)."""
+    from benchmarks.report import main, render_after_run
+
+    readme, results = tmp_path / "README.md", tmp_path / "RESULTS.md"
+    readme.write_text("intro\n<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
+    cpu_csv, gpu_csv = tmp_path / "cpu.csv", tmp_path / "gpu.csv"
+    res.append_rows(cpu_csv, sample_rows())
+    res.append_rows(gpu_csv, gpu_suite_rows())
+    docs = ["--update-docs", "--results", str(results), "--readme", str(readme)]
+    main(["--render", str(cpu_csv), str(gpu_csv), "--out", str(tmp_path / "both"), *docs])
+    render_after_run(cpu_csv, "cpu", tmp_path / "cpu", results, readme)  # how a CPU run with --update-docs ends
+    after_cpu = readme.read_text(), results.read_text()
+    main(["--render", str(gpu_csv), "--out", str(tmp_path / "gpu"), *docs])
+    for text in (*after_cpu, readme.read_text(), results.read_text()):
+        assert "test cpu" in text and "| 2.00 |" in text
+        assert "test gpu" in text and "| 2.84 |" in text
 
 
 def test_render_writes_table_plot_results_and_readme(tmp_path):
@@ -210,9 +246,10 @@ def test_render_writes_table_plot_results_and_readme(tmp_path):
     assert "| 2.00 |" in readme.read_text()
 
 
-def test_render_merges_the_runs_named_and_keeps_other_devices(tmp_path):
+def test_render_merges_the_runs_named_and_keeps_other_devices(tmp_path, capsys):
     """``--render CSV --run A B``: the GPU suite's goal steps (one run each, before ``--run-id``) render as one
-    run, each provider's column filled from its own run; the other devices' latest runs stay in the table."""
+    run, each provider's column filled from its own run; the other devices' latest runs stay in the table.
+    Without ``--run``, the latest run alone, and the command says so."""
     from benchmarks.report import main
 
     gpu = dict(device="cuda", device_name="test gpu")
@@ -235,6 +272,7 @@ def test_render_merges_the_runs_named_and_keeps_other_devices(tmp_path):
     main(["--render", str(path), "--update-docs", "--out", str(tmp_path / "latest"), "--results", str(results),
           "--readme", str(readme)])
     assert "| 3.00 |" not in (tmp_path / "latest" / "table.md").read_text()  # alone, the latest run is g2's
+    assert "cuda: run g2 only, the latest of 2 (--render CSV --run ID" in capsys.readouterr().out
 
 
 def test_exponential_count_by_hand():
