@@ -243,7 +243,7 @@ def run_point(point: tuple, plist: list[Provider], *, device: str, dtype: str, D
             continue
         timing = measure(timed_call(prov, x, y, setting, backward), device, warmup=1 if first < budget / 10 else 0,
                          repeats=repeats, budget_s=budget)
-        row.update(status="ok", detail="" if grads_checked(prov, setting) else "gradient not checked (unrolled)",
+        row.update(status="ok", detail="" if grads_checked(prov, setting) else res.GRAD_UNCHECKED,
                    repeats=timing.repeats, p20_ms=timing.p20, p50_ms=timing.p50, p80_ms=timing.p80,
                    peak_mem_mb=timing.peak_mem_mb)
         if floor_ms is not None:

@@ -23,6 +23,7 @@ SCHEMA = (
     "ot_share", "device", "device_name", "versions", "commit", "command", "load_avg", "note",
 )
 STATUSES = ("ok", "mismatch", "skipped", "error")
+GRAD_UNCHECKED = "gradient not checked (unrolled)"  # the detail of an "ok" row whose gradient was only reported
 POT = "pot-solve_batch[torch]"
 GEOMLOSS = "geomloss[tensorized]"
 SECTIONS = {"cpu": "CPU", "cuda": "GPU"}
@@ -232,7 +233,8 @@ def notes(rows: list[dict]) -> str:
 
 def headline(rows: list[dict], B: int, N: int, M: int, D: int) -> str:
     """The rows at one shape that ran, side by side: provider, setting, mode, p20/p50/p80, speed-ups over POT
-    and GeomLoss on the same point (from these rows), check.
+    and GeomLoss on the same point (from these rows), check ("ok", or "value ok, gradient not checked" where the
+    gradient error is only reported, "WRONG", "error") with the value and gradient errors.
 
     Raises:
         ValueError: two rows of one provider on one point (``one_per_cell`` chooses between them).
@@ -247,12 +249,13 @@ def headline(rows: list[dict], B: int, N: int, M: int, D: int) -> str:
     for row in sorted(rows, key=lambda r: (r["setting"], r["mode"], num(r["p50_ms"]) or math.inf)):
         if row["status"] == "ok":
             time = f"{_ms(num(row['p50_ms']))} ({_ms(num(row['p20_ms']))}-{_ms(num(row['p80_ms']))})"
+            verdict = "value ok, gradient not checked" if row["detail"] == GRAD_UNCHECKED else "ok"
         else:
             time = row["status"]
+            verdict = {"mismatch": "WRONG", "error": "error"}[row["status"]]
         ratios = [_ratio(speedup(row, points[point_key(row)].get(base))) for base in (POT, GEOMLOSS)]
         errs = " / ".join(f"{num(row[c]):.0e}" if num(row.get(c)) is not None else "-"
                           for c in ("value_err", "grad_err"))
-        verdict = {"ok": "ok", "mismatch": "WRONG", "error": "error"}[row["status"]]
         lines.append(f"| {row['setting']} | {row['mode']} | `{label(row)}` | {time} | {ratios[0]} | {ratios[1]} | "
                      f"{verdict} ({errs}) |")
     return "\n".join(lines) + "\n"

@@ -169,6 +169,18 @@ def test_a_run_of_several_calls_lists_every_command_it_shows(tmp_path):
     assert "commit: `abc1234`;" in readme.read_text() and "Commit: `abc1234`, " in results
 
 
+def test_headline_says_when_a_gradient_was_not_checked(tmp_path):
+    """An unrolled provider in the paper setting passes on its value only (its gradient differs by design): its
+    check says so instead of "ok" next to a 100% gradient error."""
+    paper = dict(setting="paper", value_err=4e-6)
+    rows = through_csv([row("otfast", "torch", 2.0, **paper, grad_err=3e-8),
+                        row("torch-unrolled", "autograd", 5.0, **paper, grad_err=1.0,
+                            detail="gradient not checked (unrolled)")], tmp_path)
+    headline = res.headline(rows, 32, 40, 40, 768)
+    assert "| value ok, gradient not checked (4e-06 / 1e+00) |" in headline
+    assert "| ok (4e-06 / 3e-08) |" in headline
+
+
 def test_plot_is_a_png(tmp_path):
     rows = sample_rows() + [dict(r, B=8, N=16, M=16) for r in sample_rows()]
     path = tmp_path / "plot.png"
