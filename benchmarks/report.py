@@ -432,10 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     out, results_md, readme = docs_targets(args)
     if args.render:
         rows = [r for path in args.render for r in res.read_rows(path)]
-        if args.run:  # rendered as one run (the first's id), in the order given; other devices' rows stay
+        if args.run:  # rendered as one run (the first's id), in the order given; other devices' and kinds' rows stay
             named = [dict(r, run_id=args.run[0]) for run in args.run for r in rows if r["run_id"] == run]
-            devices = {r["device"] for r in named}
-            rows = [r for r in rows if r["device"] not in devices] + named
+            replaced = {(r["device"], r["kind"]) for r in named}
+            rows = [r for r in rows if (r["device"], r["kind"]) not in replaced] + named
         render(rows, sorted({r["device"] for r in rows}), out, results_md, readme)
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -260,14 +260,16 @@ def test_render_writes_table_plot_results_and_readme(tmp_path):
 
 def test_render_merges_the_runs_named_and_keeps_other_devices(tmp_path, capsys):
     """``--render CSV --run A B``: the GPU suite's goal steps (one run each, before ``--run-id``) render as one
-    run, each provider's column filled from its own run; the other devices' latest runs stay in the table.
-    Without ``--run``, the latest run alone, and the command says so."""
+    run, each provider's column filled from its own run; the other devices' latest runs stay in the table, and
+    the device's latest run of another kind (the encoder step) in its section. Without ``--run``, the latest run
+    alone, and the command says so."""
     from benchmarks.report import main
 
     gpu = dict(device="cuda", device_name="test gpu")
     rows = sample_rows() + [row("otfast", "triton", 3.0, run_id="g1", **gpu), row("geomloss", "tensorized", 12.0,
                                                                                   run_id="g1", **gpu),
-                            row("flash-sinkhorn", "triton", 150.0, run_id="g2", **gpu)]
+                            row("flash-sinkhorn", "triton", 150.0, run_id="g2", **gpu),
+                            row("bert-tiny", "otfast:triton", 42.0, run_id="s1", kind="step", mode="ot", **gpu)]
     path = tmp_path / "results.csv"
     res.append_rows(path, rows)
     readme = tmp_path / "README.md"
@@ -281,6 +283,8 @@ def test_render_merges_the_runs_named_and_keeps_other_devices(tmp_path, capsys):
     gpu_table = table[table.index("test gpu"):]
     assert "| 3.00 |" in gpu_table and "| 12.0 |" in gpu_table and "| 150 |" in gpu_table
     assert "test cpu" in table and "| 2.00 |" in table[:table.index("test gpu")]
+    gpu_section = results.read_text()[results.read_text().index("<!-- results:cuda:start -->"):]
+    assert "| `otfast:triton` | 42.0 (37.8-46.2) |" in gpu_section
     main(["--render", str(path), "--update-docs", "--out", str(tmp_path / "latest"), "--results", str(results),
           "--readme", str(readme)])
     assert "| 3.00 |" not in (tmp_path / "latest" / "table.md").read_text()  # alone, the latest run is g2's
