@@ -294,7 +294,7 @@ def readme_table(device: str, sweep: list[dict], twice: int) -> str:
     about = [sweep[0]["device_name"], listed("commit", shown, "commit"), "p50 ms, forward+backward",
              listed("command", shown, "command"), measured_twice(twice)]
     return (f"**{res.SECTIONS[device]}** ({'; '.join(a for a in about if a)})\n\n"
-            + res.markdown_table(shown, modes=("fwd+bwd",)))
+            + res.markdown_table(shown))
 
 
 def listed(name: str, rows: list[dict], column: str) -> str:
