@@ -37,7 +37,7 @@ def check_positive(name: str, value: float | None, *, allow_none: bool = False) 
         raise ValueError(f"{name} must be given")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(float(value)) or float(value) <= 0:  # float: a numpy float32 compared with a float casts it
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
@@ -47,7 +47,7 @@ _SQUARABLE = math.sqrt(torch.finfo(torch.float64).max)
 def check_squarable(name: str, value: float | None) -> None:
     """Raise ``ValueError`` when a length (blur, reach, diameter) is too large for its square, which the loss
     takes, to be a float64 number."""
-    if value is not None and value >= _SQUARABLE:
+    if value is not None and float(value) >= _SQUARABLE:
         raise ValueError(f"{name} = {value:g} is too large: its square overflows float64")
 
 
@@ -64,7 +64,7 @@ EPS_MIN = 1e-300
 
 def check_temperature(what: str, eps: float) -> None:
     """Raise ``ValueError`` when a temperature is too small for the float64 the solvers compute in."""
-    if eps < EPS_MIN:
+    if float(eps) < EPS_MIN:
         raise ValueError(f"{what} = {eps:g} is below {EPS_MIN:g}, where 1 / eps and C / eps stop being finite "
                          "float64 numbers; use a larger one")
 

@@ -130,6 +130,8 @@ def sinkhorn(cost_matrix: torch.Tensor | None = None, a: torch.Tensor | None = N
     chk.check_positive("eps", eps)
     chk.check_temperature("eps", eps)
     chk.check_positive("rho", rho, allow_none=True)
+    if n_iters is None:
+        raise ValueError("n_iters must be an integer >= 0, got None")
     chk.check_iterations(n_iters, tol)
     chk.check_scaling(scaling)
     eps, rho, tol, scaling = (chk.as_float(v) for v in (eps, rho, tol, scaling))
@@ -178,7 +180,7 @@ def check_loss_options(*, cost: str, blur: float, eps: float | None, scaling: fl
     chk.check_positive("diameter", diameter, allow_none=True)
     for name, length in (("blur", blur), ("reach", reach), ("diameter", diameter)):
         chk.check_squarable(name, length)
-    chk.check_temperature("eps" if eps is not None else "eps = blur^2", eps if eps is not None else blur**2)
+    chk.check_temperature("eps" if eps is not None else "eps = blur^2", eps if eps is not None else float(blur) ** 2)
     chk.check_iterations(n_iters, tol)
     chk.check_scaling(scaling)
 

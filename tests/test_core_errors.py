@@ -222,9 +222,11 @@ def test_points_too_large_to_anneal_from(pts):
 def test_numpy_numbers_are_numbers(pts, cost):
     """Options from numpy (a sweep over ``np.linspace``, say) give what the same Python numbers give."""
     np = pytest.importorskip("numpy")
-    kw = dict(blur=0.5, scaling=0.5, n_iters=3, tol=1e-3, reach=2.0, diameter=4.0)
+    kw = dict(blur=0.5, scaling=0.5, n_iters=300, tol=1e-3, reach=2.0, diameter=4.0)
     want = loss(pts.x, pts.y, **kw)
-    got = loss(pts.x, pts.y, **{k: (np.int64 if isinstance(v, int) else np.float32)(v) for k, v in kw.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float32 compared with a bound beyond its range warned of an overflow
+        got = loss(pts.x, pts.y, **{k: (np.int64 if isinstance(v, int) else np.float32)(v) for k, v in kw.items()})
     assert_close(got, want, rtol=1e-6, atol=0, what="loss")
     res = otfast.sinkhorn(cost, eps=np.float64(0.1), n_iters=np.int32(5), rho=np.float32(1.0))
     assert torch.equal(res.f, otfast.sinkhorn(cost, eps=0.1, n_iters=5, rho=1.0).f)
@@ -266,6 +268,11 @@ def test_sinkhorn_scaling_outside_unit_interval(cost):
 def test_n_iters_invalid(pts, n_iters):
     with pytest.raises(ValueError, match="n_iters must be an integer >= 0"):
         loss(pts.x, pts.y, n_iters=n_iters)
+
+
+def test_sinkhorn_n_iters_none(cost):
+    with pytest.raises(ValueError, match="n_iters must be an integer >= 0, got None"):
+        otfast.sinkhorn(cost, eps=0.1, n_iters=None)
 
 
 # --- names --------------------------------------------------------------------------------------

@@ -184,6 +184,8 @@ def test_a_zero_weight_has_no_gradient(backend):
     assert_close(dw, dw_masked, dtype=F64, what="weight gradient")
     assert_close(dx, dx_masked, dtype=F64, what="x gradient")
 
+
+def test_marginal_error_before_convergence():
     """With 3 iterations, marginal_error is the L1 marginal error (rows plus columns) of the plan built from
     the potentials the final step started from (``Potentials.f_prev``, ``g_prev``), not 0."""
     batch = make_costs(2, 7, 9, seed=15, weights=True, ragged=False, junk=None)
