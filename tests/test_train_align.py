@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,8 +202,9 @@ def test_a_resume_with_other_settings_stops_naming_them_and_resume_false_starts_
 
     assert main([*argv, "--train.resume", "false", "--model.tiny.hidden_size", "48"]) == 0
     printed = capsys.readouterr().out
-    assert (f"starting over in {out}: removed the earlier run's checkpoints, model, metrics.json, metrics.csv, "
-            "tensorboard, data_report.json, run_config.json, init_model\n") in printed and "resumed" not in printed
+    assert (f"starting over in {out}: removed the earlier run's model, metrics.json, metrics.csv, tensorboard, "
+            "data_report.json, run_config.json, init_model, checkpoints/step-5, checkpoints/step-6\n") in printed
+    assert "resumed" not in printed
     for folder in ("init_model", "model"):
         assert json.loads((out / folder / "config.json").read_text())["hidden_size"] == 48
     assert json.loads((out / "run_config.json").read_text())["model"]["tiny"]["hidden_size"] == 48
@@ -225,14 +227,53 @@ def test_a_checkpoint_without_its_settings_is_checked_against_the_folders(tmp_pa
 
 
 def test_starting_over_leaves_a_folder_that_holds_no_run_alone(tmp_path, capsys):
-    """--train.resume false removes an earlier run's files only where a run was (its run_config.json or
-    checkpoints): in a folder of other things, a model/ of the user's own stays."""
+    """--train.resume false removes an earlier run's files only where a run claimed the folder (its
+    run_config.json, the first thing it writes): in a folder of other things, a model/ and a checkpoints/ of the
+    user's own stay; once a run has claimed it, what checkpoints/ holds besides step-N stays too."""
     out = tmp_path / "mine"
-    (out / "model").mkdir(parents=True)
-    (out / "model" / "notes.txt").write_text("mine")
-    assert main(["--config", str(TINY), "--output-dir", str(out), *SMALL, "--train.resume", "false"]) == 0
-    assert (out / "model" / "notes.txt").read_text() == "mine"
+    for name in ("model", "checkpoints/old"):
+        (out / name).mkdir(parents=True)
+        (out / name / "notes.txt").write_text("mine")
+    argv = ["--config", str(TINY), "--output-dir", str(out), *SMALL, "--train.resume", "false"]
+    assert main(argv) == 0
     assert "starting over" not in capsys.readouterr().out
+    assert [(out / name / "notes.txt").read_text() for name in ("model", "checkpoints/old")] == ["mine", "mine"]
+    assert main(argv) == 0                                   # now the folder is a run's: its model/ goes
+    assert "starting over" in capsys.readouterr().out
+    assert (out / "checkpoints" / "old" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_a_changed_rerun_reuses(tmp_path, capsys):
+    """A fresh run claims its folder (run_config.json) before it builds init_model: stopped before its first
+    checkpoint (here by a model.max_length the tiny model does not take), a rerun with other settings stops
+    naming them, and --train.resume false builds the model anew."""
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY), "--output-dir", str(out), *SMALL]
+    assert main([*argv, "--model.max_length", "100000"]) == 2
+    assert (out / "init_model").is_dir() and not (out / "checkpoints").exists()
+    capsys.readouterr()
+    assert main([*argv, "--model.tiny.hidden_size", "48"]) == 2
+    assert "model.tiny.hidden_size 32 -> 48" in capsys.readouterr().err
+    assert main([*argv, "--model.tiny.hidden_size", "48", "--train.resume", "false"]) == 0
+    assert json.loads((out / "model" / "config.json").read_text())["hidden_size"] == 48
+
+
+def test_a_finished_run_without_checkpoints_is_not_replaced_by_a_resume(tmp_path, capsys, monkeypatch):
+    """A default resume of a finished run (its checkpoints removed) whose length differs with the same settings
+    (another process count: here the step count patched) stops, where it removed the finished model before
+    training anything."""
+    import train.align
+
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY), "--output-dir", str(out), *SMALL]
+    assert main(argv) == 0
+    shutil.rmtree(out / "checkpoints")
+    model = (out / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(train.align, "total_steps", lambda cfg, processes: 12)
+    assert main(argv) == 2
+    assert "holds a finished run of another length" in capsys.readouterr().err
+    assert (out / "model" / "model.safetensors").read_bytes() == model
 
 
 def test_two_processes_train_identical_replicas(tmp_path):

@@ -63,7 +63,7 @@ from safetensors.torch import load_model, save_model
 import otfast
 
 from . import OPENMP_SPINS
-from .config import HelpFormatter, load_config
+from .config import DEFAULTS, HelpFormatter, load_config
 from .data import DataReport, LanguageData, batch_indices, load_pairs, prepare_language
 from .modeling import (build_tiny_model, encode_words, layer_states, load_encoder, position_limit, token_check,
                        word_embeddings)
@@ -73,11 +73,10 @@ CHECKPOINT_DIR = re.compile(r"step-(\d+)")
 # The keys that steer one invocation, not the run's trajectory (what is computed at each step): a resume may
 # change them. Any other key must equal the checkpoint's, or the optimiser and scheduler state, the data position
 # and the initial model of one run would go on under the settings of another.
-RUN_CONTROL = ("output_dir", "data.num_proc", "train.resume", "train.stop_after_steps", "train.log_every",
-               "train.checkpoint_every", "train.keep_checkpoints")
+RUN_CONTROL = ("output_dir", "data.num_proc", "loss.check_inputs", "train.resume", "train.stop_after_steps",
+               "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
 # What a run writes in its output folder (and init_model/ when it builds the tiny model): a fresh start removes it.
-RUN_FILES = ("checkpoints", "model", "metrics.json", "metrics.csv", "tensorboard", "data_report.json",
-             "run_config.json")
+RUN_FILES = ("model", "metrics.json", "metrics.csv", "tensorboard", "data_report.json", "run_config.json")
 
 
 class Interrupted(Exception):
@@ -329,28 +328,34 @@ def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_settings(path: Path, cfg: dict[str, Any]) -> None:
-    """Stop unless checkpoint ``path`` was written with the settings of ``cfg`` (``RUN_CONTROL`` keys aside).
+def settings_file(checkpoint: Path) -> Path:
+    """The ``run_config.json`` a checkpoint was written with: its own, or for one written before checkpoints held
+    their settings, its run folder's (which that run wrote as it started)."""
+    own = checkpoint / "run_config.json"
+    return own if own.exists() else checkpoint.parent.parent / "run_config.json"
+
+
+def check_settings(source: Path, cfg: dict[str, Any]) -> None:
+    """Stop unless the ``run_config.json`` ``source`` (of a checkpoint, or of a run folder) holds the settings of
+    ``cfg``, ``RUN_CONTROL`` keys aside; a key it lacks (written before the key existed) counts as its default.
 
     Raises:
-        CheckpointError: if its ``run_config.json`` (or, without one, the run folder's) is missing or damaged.
+        CheckpointError: if ``source`` is missing or damaged.
         ValueError: listing every key that differs, as ``key old -> new``.
     """
-    # a checkpoint written before checkpoints held their settings: the run folder's, which that run wrote as it started
-    source = path / "run_config.json" if (path / "run_config.json").exists() else path.parent.parent / "run_config.json"
     saved, now = _flat(_file(source, _json_object)), _flat(json.loads(json.dumps(cfg)))
-    absent = object()
+    defaults, absent = _flat(json.loads(json.dumps(DEFAULTS))), object()
 
     def shown(value: Any) -> str:
         return "(absent)" if value is absent else json.dumps(value)
 
-    differ = [f"{key} {shown(saved.get(key, absent))} -> {shown(now.get(key, absent))}"
+    differ = [f"{key} {shown(saved.get(key, defaults.get(key, absent)))} -> {shown(now.get(key, absent))}"
               for key in sorted(saved.keys() | now.keys())
-              if key not in RUN_CONTROL and saved.get(key, absent) != now.get(key, absent)]
+              if key not in RUN_CONTROL and saved.get(key, defaults.get(key, absent)) != now.get(key, absent)]
     if differ:
-        raise ValueError(f"{path} was written with other settings: {', '.join(differ)}; resume with that run's "
-                         f"settings ({path / 'run_config.json'}; only {', '.join(RUN_CONTROL)} may change), or start "
-                         "over in a new --output-dir or with --train.resume false (which removes that run)")
+        raise ValueError(f"{source.parent} was written with other settings: {', '.join(differ)}; resume with that "
+                         f"run's settings ({source}; only {', '.join(RUN_CONTROL)} may change), or start over in a "
+                         "new --output-dir or with --train.resume false (which removes that run)")
 
 
 def restore_checkpoint(path: Path, step: int, accelerator: Accelerator, model, optimizer, scheduler,
@@ -369,7 +374,7 @@ def restore_checkpoint(path: Path, step: int, accelerator: Accelerator, model, o
         raise ValueError(f"{path} was written by {state['num_processes']} processes, this run has "
                          f"{accelerator.num_processes}: resume with as many processes (the data position depends "
                          "on it), or start again in a new --output-dir")
-    check_settings(path, cfg)
+    check_settings(settings_file(path), cfg)
 
     def tensors(p: Path):
         return torch.load(p, weights_only=True, map_location="cpu")
@@ -710,29 +715,37 @@ def finish(run: Run, state: dict[str, Any], first_step: int, started: float) -> 
 
 def same_settings(out: Path, cfg: dict[str, Any]) -> None:
     """Before anything is built or written: the newest checkpoint of ``out`` whose ``run_config.json`` reads must
-    have the settings of ``cfg`` (``check_settings``; one it cannot read is for ``resume`` to report and skip).
+    have the settings of ``cfg`` (``check_settings``; one it cannot read is for ``resume`` to report and skip), and
+    without a checkpoint, the run that the folder's ``run_config.json`` says was there: a resume with other
+    settings does not start over on its files.
 
     Raises:
         ValueError: listing the keys that differ.
     """
-    for _, path in reversed(checkpoint_dirs(out)):
+    found = checkpoint_dirs(out)
+    for _, path in reversed(found):
         with contextlib.suppress(CheckpointError):
-            check_settings(path, cfg)
+            check_settings(settings_file(path), cfg)
             return
+    if not found and (out / "run_config.json").exists():
+        with contextlib.suppress(CheckpointError):
+            check_settings(out / "run_config.json", cfg)
 
 
 def leftovers(out: Path, cfg: dict[str, Any]) -> list[Path]:
     """What an earlier run left in ``out``, which a fresh start removes so that it reuses none of it: ``RUN_FILES``,
-    and ``init_model`` when this run builds its own. Nothing unless ``out`` holds a run's ``run_config.json`` or
-    ``checkpoints``: a folder of other things (``--output-dir .``) may have a ``model/`` of its own.
+    the checkpoints (``step-N`` and unfinished ``.step-N.tmp``: anything else in ``checkpoints/`` stays), and
+    ``init_model`` when this run builds its own. Nothing unless a run claimed ``out``: its ``run_config.json`` is
+    the first thing it writes, and a folder of other things (``--output-dir .``) may have a ``model/`` of its own.
 
     Raises:
         ValueError: if ``model.name_or_path`` lies in one of them.
     """
-    if not any((out / name).exists() for name in ("run_config.json", "checkpoints")):
+    if not (out / "run_config.json").is_file():
         return []
     model = cfg["model"]["name_or_path"]
     found = [out / name for name in (*RUN_FILES, *(["init_model"] if model is None else [])) if (out / name).exists()]
+    found += [path for _, path in checkpoint_dirs(out)] + sorted((out / "checkpoints").glob(".step-*.tmp"))
     if model is not None:
         where = Path(model).resolve()
         for path in found:
@@ -793,16 +806,24 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
                               f"-> {done['retrieval_after']:.3f}); model in {out / 'model'}. Nothing to do: use a new "
                               "--output-dir or --train.resume false to train again")
             return done if accelerator.is_main_process else None
-    stale = leftovers(out, cfg) if not t["resume"] or not checkpoint_dirs(out) else []
+        if (out / "model").exists() and not checkpoint_dirs(out) and (out / "run_config.json").is_file():
+            raise ValueError(f"{out} holds a finished run of another length, without checkpoints: use --train.resume "
+                             "false to replace it, or a new --output-dir")
+    fresh = not t["resume"] or not checkpoint_dirs(out)
+    stale = leftovers(out, cfg) if fresh else []
     accelerator.wait_for_everyone()                           # every process has looked before anything goes
-    if stale and accelerator.is_main_process:
+    if accelerator.is_main_process:
         for path in stale:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        accelerator.print(f"starting over in {out}: removed the earlier run's {', '.join(p.name for p in stale)}")
-    out.mkdir(parents=True, exist_ok=True)
+        if stale:
+            accelerator.print(f"starting over in {out}: removed the earlier run's "
+                              f"{', '.join(str(p.relative_to(out)) for p in stale)}")
+        out.mkdir(parents=True, exist_ok=True)
+        if fresh:  # the folder is this run's before anything is built in it (init_model)
+            (out / "run_config.json").write_text(json.dumps(cfg, indent=1))
     accelerator.wait_for_everyone()
     set_seed(cfg["seed"])
     started = time.perf_counter()
