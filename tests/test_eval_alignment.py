@@ -135,3 +135,14 @@ def test_parallel_lines_end_at_lf_only(tmp_path):
         (["a", "b", "c"], ["A", "B"]), (["d", "e"], ["C"]), (["f", "g"], ["D"])]
     (tmp_path / "fa.txt").write_bytes("x\u2028y ||| z\r\n".encode())
     assert al.read_parallel(tmp_path / "fa.txt") == [(["x", "y"], ["z"])]
+
+
+def test_parallel_text_is_read_as_the_training_data_is(tmp_path):
+    """The harness's one line reader (``train.text.text_lines``): a byte-order mark is not part of the first
+    word (it was, where the training data's reader dropped it), and a line that is not UTF-8 is named."""
+    (tmp_path / "s.txt").write_bytes(b"\xef\xbb\xbfa b\nc\n")
+    (tmp_path / "t.txt").write_bytes(b"A\n\xff B\n")
+    with pytest.raises(ValueError, match=r"t.txt:2 is not valid UTF-8"):
+        al.read_parallel(tmp_path / "s.txt", tmp_path / "t.txt")
+    (tmp_path / "t.txt").write_bytes(b"A\nB\n")
+    assert al.read_parallel(tmp_path / "s.txt", tmp_path / "t.txt") == [(["a", "b"], ["A"]), (["c"], ["B"])]

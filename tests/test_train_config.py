@@ -142,7 +142,7 @@ def test_wrong_types_and_values_out_of_range_are_one_error_line(capsys, config, 
     assert err.startswith(f"error: {error}") and err.count("\n") == 1
 
 
-def test_keys_whose_default_is_none_or_empty_have_a_type_and_keep_null():
+def test_keys_whose_default_is_none_or_empty_have_a_type_and_keep_null(capsys):
     """Every key whose default shows no type has one in TYPES (or TASK_TYPES); null stays allowed there."""
     def untyped(defaults, prefix=""):
         for key, value in defaults.items():
@@ -165,3 +165,4 @@ def test_keys_whose_default_is_none_or_empty_have_a_type_and_keep_null():
     with pytest.raises(ValueError, match="config max_train_examples must be int, got 'x'"):
         load_task_config("xnli", None, ["--max_train_examples", "x"])
     assert evaluate.cli(["xnli", "--model", "m", "--batch_size", "0"]) == 2
+    assert "config batch_size must be >= 1, got 0" in capsys.readouterr().err

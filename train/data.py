@@ -34,7 +34,6 @@ process at any step, which is what makes a resume exact.
 
 from __future__ import annotations
 
-import codecs
 import functools
 import json
 import math
@@ -48,6 +47,7 @@ import datasets
 from sacremoses import MosesTokenizer
 
 from .hub import load_dataset
+from .text import text_lines
 
 FORMATS = ("hub", "tsv", "jsonl", "moses", "gettext", "synthetic")
 MAX_EXAMPLES = 5  # malformed locations kept per reason
@@ -168,25 +168,9 @@ def _rows_from_records(records: Iterable[tuple[str, Any]], source_field: str, ta
     return datasets.Dataset.from_dict(out)
 
 
-def _lines(path: Path) -> Iterator[str | None]:
-    """The lines of a UTF-8 file without their ends (LF or CR LF); None for a line that is not valid UTF-8.
-
-    Only LF ends a line (U+2028 or a lone CR inside a sentence does not), and a byte-order mark at the start of
-    the file is not part of its first line.
-    """
-    with open(path, "rb") as fh:
-        for i, raw in enumerate(fh):
-            if i == 0 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                yield raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8")
-            except UnicodeDecodeError:
-                yield None
-
-
 def _read_tsv(path: Path, report: DataReport) -> datasets.Dataset:
     out = _new_rows()
-    for i, line in enumerate(_lines(path), 1):
+    for i, line in enumerate(text_lines(path), 1):
         report.read += 1
         if line is None:
             report.add_malformed(NOT_UTF8, f"{path.name}:{i}")
@@ -200,7 +184,7 @@ def _read_tsv(path: Path, report: DataReport) -> datasets.Dataset:
 
 
 def _jsonl_records(path: Path, report: DataReport) -> Iterator[tuple[str, Any]]:
-    for i, line in enumerate(_lines(path), 1):
+    for i, line in enumerate(text_lines(path), 1):
         if line is None:
             report.read += 1
             report.add_malformed(NOT_UTF8, f"{path.name}:{i}")
@@ -217,7 +201,7 @@ def _jsonl_records(path: Path, report: DataReport) -> Iterator[tuple[str, Any]]:
 
 def _read_moses(source_path: Path, target_path: Path, report: DataReport) -> datasets.Dataset:
     out = _new_rows()
-    src_lines, tgt_lines = _lines(source_path), _lines(target_path)
+    src_lines, tgt_lines = text_lines(source_path), text_lines(target_path)
     i, end = 0, object()
     while True:
         source, target = next(src_lines, end), next(tgt_lines, end)

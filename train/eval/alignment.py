@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..text import text_lines
+
 Link = tuple[int, int]
 _LINK = re.compile(r"^(\d+)([-p])(\d+)$")
 
@@ -92,14 +94,17 @@ def score_alignments(gold: list[tuple[set[Link], set[Link]]], predicted: list[se
 
 
 def _lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 text file: only LF (or CR LF) ends one, not U+2028, U+0085 or a lone CR inside a
-    sentence, which ``str.splitlines`` would split it at (shifting every later pair)."""
-    with open(path, encoding="utf-8", newline="") as fh:
-        text = fh.read()
-    lines = text.split("\n")
-    if lines[-1] == "":                                 # the file's final newline ends the last line
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
+    """The lines of a UTF-8 text file (``train.text.text_lines``: only LF or CR LF ends one, a byte-order mark is
+    not text).
+
+    Raises:
+        ValueError: naming the first line that is not valid UTF-8.
+    """
+    lines = list(text_lines(path))
+    bad = next((n for n, line in enumerate(lines, 1) if line is None), None)
+    if bad is not None:
+        raise ValueError(f"{path}:{bad} is not valid UTF-8")
+    return lines
 
 
 def read_parallel(source: str | Path, target: str | Path | None = None) -> list[tuple[list[str], list[str]]]:
