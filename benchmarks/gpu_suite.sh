@@ -52,7 +52,8 @@ grads = [torch.autograd.grad(v, x)[0] for v in out]
 assert torch.allclose(out[0], out[1], atol=1e-5) and torch.allclose(*grads, atol=1e-4), (out, grads)
 print('carried triton', __import__('triton').__version__, 'compiles and agrees with the torch backend')
 " > "$out/carried-triton.log" 2>&1; then
-  echo "!! the carried triton failed here (see $out/carried-triton.log): every step runs under the image's triton"
+  echo "!! the carried triton failed its first check (or took over 60 s; see $out/carried-triton.log): every step runs" \
+    "under the image's triton"
   rm -rf /tmp/otfast-site/triton /tmp/otfast-site/triton-*.dist-info
 fi
 step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.log, remember failures, go on

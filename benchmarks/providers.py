@@ -517,7 +517,7 @@ class Check:
 # the fixed setting at 8 x 16 is off by 3.6e-4 / 5.0e-2, one that leaves out the debiased terms of the paper
 # setting by 6.7e-4 in value (``tests/test_benchmarks_providers.py``). Where the problem has converged in fewer
 # updates than the setting runs (50 of 100 there, 1 at N = 512), no check of the answer can tell.
-TOLERANCES = {"value": 1e-4, "grad": 5e-3}
+TOLERANCES = {"value": 1e-4, "grad": 1e-2}
 
 
 def check(values: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor] | None, ref: Reference, *,

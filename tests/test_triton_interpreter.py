@@ -357,6 +357,7 @@ def test_every_kernel_configuration_compiles_for_sm90_without_spills(monkeypatch
     (32, 4, 102400, 2),    # shared memory: 228 KiB hold two programs of 100 KiB
     (128, 16, 1024, 1),    # 16 units a warp: 16 warps, one program of 16
     (255, 16, 1024, 0),    # 16 warps of 8192 registers are twice the register file: no program fits
+    (32, 4, 233472, 0),    # 228 KiB of shared memory an SM has, but one program may take 227 at most
 ])
 def test_programs_per_sm_follows_cudas_occupancy_rules(regs, warps, shared, programs):
     """The resource check's programs per SM (CUDA's occupancy rules for compute capability 9.0)."""

@@ -123,14 +123,17 @@ def _environ(**values: str):
 
 
 # An sm_90 SM (CUDA's occupancy rules for compute capability 9.0): its register file, allocated per warp in units
-# of 256 registers; its warps and resident programs (thread blocks); its shared memory.
-SM90 = dict(registers=65536, register_unit=256, warps=64, programs=32, shared=233472)
+# of 256 registers; its warps and resident programs (thread blocks); its shared memory, 227 KiB of it for one
+# program at most.
+SM90 = dict(registers=65536, register_unit=256, warps=64, programs=32, shared=233472, shared_per_program=232448)
 
 
 def programs_per_sm(regs: int, warps: int, shared: int) -> int:
     """How many programs of one configuration an sm_90 SM holds at once (``SM90``): the least that its registers
     (``regs`` per thread), warps and shared memory (``shared`` bytes per program, the 1 KB the system reserves
     included) allow."""
+    if shared > SM90["shared_per_program"]:
+        return 0
     unit = SM90["register_unit"]
     per_warp = -(-regs * 32 // unit) * unit
     return min(SM90["registers"] // per_warp // warps, SM90["warps"] // warps, SM90["programs"],
