@@ -99,7 +99,7 @@ LIMITS = {"model.max_length": ">= 1", "model.tiny.dropout": "in [0, 1]", "model.
           "data.max_words": ">= 1", "data.num_proc": ">= 1", "loss.reg_lambda": ">= 0",
           "train.lr": ">= 0", "train.weight_decay": ">= 0", "train.adam_betas": "two numbers in [0, 1)",
           "train.adam_eps": ">= 0", "train.batch_size": ">= 1", "train.grad_accum": ">= 1", "train.epochs": ">= 1",
-          "train.max_steps": ">= 1", "train.warmup_ratio": "in [0, 1]", "train.max_grad_norm": "> 0",
+          "train.max_steps": ">= 0", "train.warmup_ratio": "in [0, 1]", "train.max_grad_norm": "> 0",
           "train.num_threads": ">= 1", "train.checkpoint_every": ">= 0", "train.log_every": ">= 1",
           "train.stop_after_steps": ">= 1", "train.retrieval_batch_size": ">= 1"}
 TASK_LIMITS = {"learning_rate": "> 0", "epochs": "> 0", "batch_size": ">= 1", "grad_accumulation": ">= 1",
