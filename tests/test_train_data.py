@@ -76,6 +76,8 @@ def test_token_check_finds_exactly_the_rows_encode_words_leaves_empty_or_cuts(to
     got = check(texts, ["the cat"] * len(texts)) + check(["the cat"] * len(texts), texts)
     assert got == [tuple(None if r is None else f"{side}: {r}" for r in rs) for side in ("source", "target")
                    for rs in POISON.values()]
+    long = "the dog " + "ba" * 50
+    assert check([long], [long]) == [(None, "source and target: cut to max_length 12 tokens")]
     enc = encode_words(tokenizer, [t.split() for t in texts], max_length=12)     # the independent reference
     empty = [bool((row < 0).all()) for row in enc["word_ids"]]
     assert empty == [drop is not None for drop, _ in POISON.values()]

@@ -192,7 +192,8 @@ def token_check(tokenizer, max_length: int):
         ``"source: no sub-word token"`` (the tokenizer strips the whole side: U+FFFD, zero-width spaces,
         control characters) or ``"source: no sub-word token within max_length N"`` (the first word alone is
         longer than the budget), likewise for ``target``, or None; ``cut`` is ``"source: cut to max_length N
-        tokens"`` (the words after the cut are not trained on), likewise for ``target``, or None.
+        tokens"`` (the words after the cut are not trained on), likewise ``target`` or ``source and target``, or
+        None.
     """
     def verdicts(side: str, sentences: list[str]) -> list[tuple[str | None, str | None]]:
         split = [s.split() for s in sentences]
@@ -201,8 +202,12 @@ def token_check(tokenizer, max_length: int):
                  f"{side}: cut to max_length {max_length} tokens" if kept and n_words < len(words) else None)
                 for words, (n_words, kept, total) in zip(split, _fit(tokenizer, split, max_length))]
 
+    def cut(s: str | None, t: str | None) -> str | None:  # a pair cut on both sides says so
+        return f"source and target{s.removeprefix('source')}" if s and t else s or t
+
     def check(sources: list[str], targets: list[str]) -> list[tuple[str | None, str | None]]:
-        return [(s[0] or t[0], s[1] or t[1]) for s, t in zip(verdicts("source", sources), verdicts("target", targets))]
+        pairs = zip(verdicts("source", sources), verdicts("target", targets))
+        return [(s[0] or t[0], cut(s[1], t[1])) for s, t in pairs]
 
     return check
 
