@@ -260,7 +260,7 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
     out.mkdir(parents=True, exist_ok=True)
     tables = {}
     for device in ("cpu", "cuda"):
-        sweep, twice = res.one_per_cell(res.latest(rows, device, "sweep"))
+        sweep, again = res.one_per_cell(res.latest(rows, device, "sweep"))
         step = res.latest(rows, device, "step")
         if not (sweep or step):
             continue
@@ -268,13 +268,13 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
         if sweep:
             meta = sweep[0]
             res.plot(sweep, png, title=f"{meta['device_name']} - commit {meta['commit']} - {meta['timestamp'][:10]}")
-            tables[device] = readme_table(device, sweep, twice)
+            tables[device] = readme_table(device, sweep, again)
             count = len(res.runs(rows, device, "sweep"))
             if count > 1:
                 log(f"{device}: run {meta['run_id']} only, the latest of {count} (--render CSV --run ID ... renders "
                     "named runs as one)")
         if device in devices and results_md is not None:
-            res.update_results(results_md, device, device_section(sweep, step, png, results_md.parent, twice))
+            res.update_results(results_md, device, device_section(sweep, step, png, results_md.parent, again))
             log(f"updated the {device} section of {results_md}")
     (out / "table.md").write_text("\n".join(tables.values()) or "_no results yet_\n")
     log(f"wrote {out / 'table.md'} and the plots in {out}")
@@ -286,13 +286,13 @@ def render(rows: list[dict], devices: list[str], out: Path, results_md: Path | N
             log(f"README not updated: {exc}")
 
 
-def readme_table(device: str, sweep: list[dict], twice: int) -> str:
+def readme_table(device: str, sweep: list[dict], again: list[dict]) -> str:
     """The README table of ``device``: the forward+backward lines of its latest run (``sweep``, one row per cell:
-    ``res.one_per_cell``, which dropped ``twice`` rows), headed by the device and the commits and commands of the
-    rows it shows."""
+    ``res.one_per_cell``, whose cells measured more than once are ``again``), headed by the device and the commits
+    and commands of the rows it shows."""
     shown = [r for r in sweep if r["mode"] == "fwd+bwd"]
     about = [sweep[0]["device_name"], listed("commit", shown, "commit"), "p50 ms, forward+backward",
-             listed("command", shown, "command"), measured_twice(twice)]
+             listed("command", shown, "command"), measured_again([r for r in again if r["mode"] == "fwd+bwd"])]
     return (f"**{res.SECTIONS[device]}** ({'; '.join(a for a in about if a)})\n\n"
             + res.markdown_table(shown))
 
@@ -304,25 +304,25 @@ def listed(name: str, rows: list[dict], column: str) -> str:
     return (f"{name}{'s' * (len(values) > 1)}: " + ", ".join(f"`{v}`" for v in values)) if values else ""
 
 
-def measured_twice(count: int) -> str:
-    """What a table says of the ``count`` rows of its run that measured a cell again (``res.one_per_cell``), or
-    ""."""
-    if not count:
+def measured_again(cells: list[dict]) -> str:
+    """What a table says of the ``cells`` of its run measured more than once (``res.one_per_cell``), or ""."""
+    if not cells:
         return ""
-    return f"{count} cell{'s' * (count > 1)} measured twice in this run: each shows the later measurement"
+    return f"{len(cells)} cell{'s' * (len(cells) > 1)} measured more than once in this run: each shows the latest"
 
 
-def device_section(sweep: list[dict], step: list[dict], png: Path, base_dir: Path, twice: int = 0) -> str:
-    """The RESULTS.md section of one device from its latest sweep rows (one per cell: ``res.one_per_cell``, which
-    dropped ``twice`` rows) and step rows."""
+def device_section(sweep: list[dict], step: list[dict], png: Path, base_dir: Path,
+                   again: list[dict] = ()) -> str:
+    """The RESULTS.md section of one device from its latest sweep rows (one per cell: ``res.one_per_cell``, whose
+    cells measured more than once are ``again``) and step rows."""
     parts = []
     if sweep:
         m = sweep[0]
         load = [res.num(r["load_avg"]) for r in sweep if res.num(r.get("load_avg")) is not None]
         parts.append(f"Device: **{m['device_name']}**. {listed('Commit', sweep, 'commit')}, {m['timestamp']}.\n\n"
                      f"{listed('Command', sweep, 'command')}\n\nVersions: {m['versions'].replace(';', ', ')}\n")
-        if twice:
-            parts.append(f"{measured_twice(twice)}.")
+        if again:
+            parts.append(f"{measured_again(again)}.")
         if load:
             parts.append(f"Host 1-minute load average during the run: {min(load):.1f} to {max(load):.1f}.")
         if m.get("note"):

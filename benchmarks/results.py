@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
@@ -133,17 +133,20 @@ def speedups(point_rows: list[dict]) -> None:
         row["speedup_vs_pot"], row["speedup_vs_geomloss"] = (speedup(row, base.get(name)) for name in (POT, GEOMLOSS))
 
 
-def one_per_cell(rows: list[dict]) -> tuple[list[dict], int]:
-    """The rows with one row per (point, provider), and how many rows that dropped.
+def one_per_cell(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The rows with one row per (point, provider), and the kept rows of the cells measured more than once.
 
-    Where rows measure one provider on one point twice (the GPU suite's sweep step shares the goal steps'
-    run_id and repeats three of their points), the later row in ``rows``' order (CSV order; with ``--render
+    Where rows measure one provider on one point again (the GPU suite's sweep step shares the goal steps'
+    run_id and repeats three of their points), the latest row in ``rows``' order (CSV order; with ``--render
     --run``, the order the runs are named) is kept, in the place of the first.
     """
     cells: dict[tuple, dict] = {}
+    counts: Counter = Counter()
     for row in rows:
-        cells[(point_key(row), label(row))] = row
-    return list(cells.values()), len(rows) - len(cells)
+        key = (point_key(row), label(row))
+        cells[key] = row
+        counts[key] += 1
+    return list(cells.values()), [row for key, row in cells.items() if counts[key] > 1]
 
 
 def by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
