@@ -5,13 +5,13 @@
 - ``benchmarks.results``: the CSV schema and everything generated from the CSV (markdown table, PNG plot,
   ``benchmarks/RESULTS.md``, the README table).
 - ``python -m benchmarks.report``: the sweep. ``python -m benchmarks.step``: one encoder alignment step.
-  ``python -m benchmarks.launches``: the kernel launches of one loss call.
+  ``python -m benchmarks.launches``: the kernel launches of one loss call. ``python -m benchmarks.threads``: the
+  OpenMP wait policy on a busy machine.
 - ``pytest benchmarks/ --benchmark-only``: the pytest-benchmark suite (not collected by the main test run).
 
 Importing it imports ``train`` first, which sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment names a
-policy (``train``'s docstring says why): on a busy 2-core machine, with spinning OpenMP threads ``otfast[cpu]``
-at 8 x 16 took 132 ms against 4.6 ms (2026-12-01), when a benchmark ran without ``./dev`` (which sets the
-same default).
+policy (``train``'s docstring says why), as ``./dev`` does: with the other cores busy, spinning OpenMP threads
+made the CPU kernel 2.5 times slower (``python -m benchmarks.threads``, README "Threads on a busy machine").
 """
 
 import train  # noqa: F401  (the OpenMP wait policy, before anything imports torch)

@@ -44,3 +44,17 @@ def test_the_value_check_catches_a_provider_that_skips_work(name, change):
                                   **dataclasses.replace(setting, **change).otfast_kwargs())
     result = check(values, torch.autograd.grad(values.sum(), (u, v)), ref)
     assert not result.ok and "value rel. err" in result.detail, result
+
+
+def test_the_thread_benchmark_runs_each_policy_in_a_process_of_its_own():
+    """``benchmarks.threads`` times the spinning default and the passive policy in fresh processes: libgomp's
+    own report (``GOMP_SPINCOUNT``) says which one each process ran under."""
+    from benchmarks.threads import SETTINGS as POLICIES
+    from benchmarks.threads import measure
+
+    spins = {name: measure(threads, policy, (2, 5, 6, 8), steps=1) for name, threads, policy in POLICIES[1:]}
+    counts = [count for _, count in spins.values()]
+    if None in counts:
+        pytest.skip("torch's OpenMP runtime is not GNU libgomp (no GOMP_SPINCOUNT in its OMP_DISPLAY_ENV report)")
+    assert counts[0] > 0 and counts[1] == 0, spins
+    assert all(ms > 0 for ms, _ in spins.values())
