@@ -63,6 +63,8 @@ def test_nli_labels_and_bad_rows(tmp_path):
         xnli.read_nli_file(f)
     with pytest.raises(ValueError, match="no example for language 'zz'"):
         xnli.read_nli_file(FIX / "xnli.test.tsv", "zz")
+    f.write_text("premise\thypo\tlabel\na\tb\tcontradictory\n")          # XNLI-MT-1.0's multinli.train.LANG.tsv
+    assert xnli.read_nli_file(f) == [{"premise": "a", "hypothesis": "b", "label": 2}]
 
 
 def test_a_bom_keeps_the_language_column_and_a_test_file_without_one_is_an_error(tmp_path):
@@ -168,6 +170,27 @@ def test_xquad_run_matches_scorer(tiny_model, tmp_path):
         assert got["exact_match"]["mean"] == pytest.approx(want["exact_match"])
 
 
+def test_xquad_refuses_one_local_file_for_several_languages_and_reads_left_padded_logits(tiny_model, tmp_path):
+    """A local test path without {lang} was read for every language (each language scored on one file's
+    questions); and the logits of a feature are its own tokens', wherever the tokenizer pads."""
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    cfg = _tiny_cfg("eval_xquad_tiny.yaml", epochs=1)
+    cfg["data"]["test"] = cfg["data"]["test"].replace("{lang}", "xx")
+    with pytest.raises(ValueError, match="is one local file, for 2 languages"):
+        xquad.run(cfg, tiny_model, tmp_path, log=lambda m: None)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    feats = xquad.qa_features(tok, [_long_record()], max_seq_length=32, doc_stride=8, max_query_length=4,
+                              train=False)
+    model = AutoModelForQuestionAnswering.from_pretrained(tiny_model).eval()
+    runs = []
+    for side in ("right", "left"):
+        tok.padding_side = side
+        runs.append(xquad.predict_logits(model, feats, xquad.collator(tok), 4))
+    for (s1, e1), (s2, e2), f in zip(*runs, feats):
+        assert len(s1) == len(f["input_ids"]) and np.allclose(s1, s2, atol=1e-5) and np.allclose(e1, e2, atol=1e-5)
+
+
 def _write_lines(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return str(path)
@@ -229,11 +252,12 @@ def test_aggregate_tables_comparison_and_plot(tmp_path):
     runs = [{"de": {"f1": 60.0, "exact_match": 40.0}, "ar": {"f1": 50.0, "exact_match": 30.0}},
             {"de": {"f1": 64.0, "exact_match": 44.0}, "ar": {"f1": 52.0, "exact_match": 36.0}}]
     before = report.aggregate("xquad", runs, [1, 2], list(report.PAPER_SEEN_LANGUAGES), model="m")
-    assert before["languages"]["de"]["f1"] == {"mean": 62.0, "std": 2.0, "per_seed": [60.0, 64.0]}
+    # the sample std (n - 1), as papers report it: 2 sqrt(2), where the population std gave 2
+    assert before["languages"]["de"]["f1"] == {"mean": 62.0, "std": pytest.approx(8 ** 0.5), "per_seed": [60.0, 64.0]}
     assert before["averages"]["seen"] == {"f1": 62.0, "exact_match": 42.0}          # de only
     assert before["averages"]["all"] == {"f1": 56.5, "exact_match": 37.5}
     md = report.markdown_table(before)
-    assert "| de | 62.00 ± 2.00 | 42.00 ± 2.00 |" in md and "| average (all) | 56.50 | 37.50 |" in md
+    assert "| de | 62.00 ± 2.83 | 42.00 ± 2.83 |" in md and "| average (all) | 56.50 | 37.50 |" in md
     table = report.comparison_table({"ours": {"xquad": before}})
     assert "| WordOT (paper) | 75.4 | 74.7 / 59.0 |" in table and "| ours (ours) | - | 62.0 / 42.0 |" in table
     after = json.loads(json.dumps(before))

@@ -48,7 +48,8 @@ def aggregate(task: str, per_seed: list[dict[str, dict[str, float]]], seeds: lis
         table[lang] = {}
         for m in metrics:
             vals = [run[lang][m] for run in per_seed]
-            table[lang][m] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "per_seed": vals}
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0  # the sample std papers report (n - 1)
+            table[lang][m] = {"mean": statistics.fmean(vals), "std": std, "per_seed": vals}
     seen = [lang for lang in languages if lang in seen_languages]
     averages = {"all": {m: statistics.fmean(table[lang][m]["mean"] for lang in languages) for m in metrics}}
     if seen:

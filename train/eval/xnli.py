@@ -3,8 +3,9 @@
 Data, per split and language, from a hub data set (``load_dataset("xnli", LANG)``: ``premise``,
 ``hypothesis``, ``label`` with 0 = entailment, 1 = neutral, 2 = contradiction) or local files: JSONL
 or TSV in that schema, or the original XNLI-1.0 / MultiNLI TSV (``gold_label``, ``sentence1``,
-``sentence2``, and for XNLI a ``language`` column used to pick the language). A local path may hold
-``{lang}`` (e.g. XTREME's ``test-{lang}.tsv``). String labels accept XTREME's "contradictory".
+``sentence2``, and for XNLI a ``language`` column used to pick the language), or XNLI-MT-1.0's
+``multinli.train.LANG.tsv`` (``premise``, ``hypo``, ``label``, whose labels spell "contradictory"). A local path
+may hold ``{lang}`` (a file per language). Files need a header row.
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ def read_nli_file(path: str | Path, language: str | None = None, *, one_language
     for n, row in enumerate(rows, 2 if path.suffix not in (".jsonl", ".json") else 1):
         if language is not None and row.get("language") != language:
             continue
-        if "premise" in row:
-            premise, hypothesis, label = row.get("premise"), row.get("hypothesis"), row.get("label")
+        if "premise" in row:  # XNLI-MT-1.0's multinli.train.LANG.tsv names the hypothesis "hypo"
+            premise, hypothesis, label = row.get("premise"), row.get("hypothesis", row.get("hypo")), row.get("label")
         elif "sentence1" in row:
             premise, hypothesis, label = row.get("sentence1"), row.get("sentence2"), row.get("gold_label")
         else:
-            raise ValueError(f"{path}:{n}: no premise/hypothesis or sentence1/sentence2 columns")
+            raise ValueError(f"{path}:{n}: no premise/hypothesis or sentence1/sentence2 columns (a file needs a "
+                             "header row)")
         if label == "-":
             continue
         if not isinstance(premise, str) or not isinstance(hypothesis, str):

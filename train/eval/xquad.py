@@ -75,7 +75,8 @@ def qa_features(tokenizer, records: list[dict], *, max_seq_length: int, doc_stri
         window gives it the most context among the windows of its example).
     """
     if not tokenizer.is_fast:
-        raise TypeError("a fast tokenizer is needed (character offsets)")
+        raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer: XQuAD's answer spans need a fast one "
+                         "(character offsets)")
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     features: list[dict] = []
     for idx, rec in enumerate(records):
@@ -150,8 +151,8 @@ def predict_logits(model, features: list[dict], collate, batch_size: int) -> lis
         batch = {k: v.to(device) for k, v in collate(chunk).items() if k in _MODEL_KEYS}
         res = model(**batch)
         for b, f in enumerate(chunk):
-            n = len(f["input_ids"])
-            out.append((res.start_logits[b, :n].float().cpu().numpy(), res.end_logits[b, :n].float().cpu().numpy()))
+            real = batch["attention_mask"][b].bool()  # the feature's own tokens, wherever the padding went
+            out.append((res.start_logits[b, real].float().cpu().numpy(), res.end_logits[b, real].float().cpu().numpy()))
     return out
 
 
@@ -200,6 +201,10 @@ def run(cfg: dict, model_path: str, out_dir: str | Path | None = None, log=print
     win = {k: cfg[k] for k in ("max_seq_length", "doc_stride", "max_query_length")}
     train = load_qa(data["train"], "train")[:cfg.get("max_train_examples")]
     train_features = qa_features(tokenizer, train, train=True, **win)
+    if is_local(data["test"], "en") and "{lang}" not in data["test"] and len(cfg["languages"]) > 1:
+        raise ValueError(f"data.test {data['test']} is one local file, for {len(cfg['languages'])} languages: every "
+                         "language would be scored on its questions; give a file per language, with {lang} in its "
+                         "path (e.g. /data/xquad/xquad.{lang}.json), or one language (--languages [de])")
     tests = {lang: load_qa(data["test"], "validation", lang) for lang in cfg["languages"]}
     test_features = {lang: qa_features(tokenizer, recs, train=False, **win) for lang, recs in tests.items()}
     log(f"xquad: {len(train)} training questions ({len(train_features)} windows), test " +
