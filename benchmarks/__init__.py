@@ -11,7 +11,7 @@
 
 Importing it imports ``train`` first, which sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment names a
 policy (``train``'s docstring says why), as ``./dev`` does: with the other cores busy, spinning OpenMP threads
-made the CPU kernel 2.5 times slower (``python -m benchmarks.threads``, README "Threads on a busy machine").
+made the CPU kernel 2.3-3.2 times slower (``python -m benchmarks.threads``, README "Threads on a busy machine").
 """
 
 import train  # noqa: F401  (the OpenMP wait policy, before anything imports torch)

@@ -193,27 +193,29 @@ def input_checks(x: torch.Tensor, y: torch.Tensor | None, mask_x: torch.Tensor, 
     def mask_values(raw):
         return None if raw is None else ((raw != 0) & (raw != 1)).flatten()
 
-    def peaks(t):  # each point's largest |entry| (amax propagates NaN and cannot overflow)
+    def peaks(t):  # each point's largest |entry| (amax propagates NaN and cannot overflow), once per tensor
+        if t is None:
+            return None
         return t.detach().abs().amax(dim=-1) if t.dim() == 3 else t.detach().abs()
 
-    def rows(t, mask):  # NaN / inf anywhere in a valid row
-        if t is None:
+    def rows(peak, mask):  # NaN / inf anywhere in a valid row
+        if peak is None:
             return None, None
-        peak = peaks(t)
         return (torch.isnan(peak) & mask).flatten(), (torch.isinf(peak) & mask).flatten()
 
-    def zero_vectors(t, mask):  # a pair with a valid point of all zeros
-        return ((peaks(t) == 0) & mask).any(dim=1) if cosine else None
+    def zero_vectors(peak, mask):  # a pair with a valid point of all zeros
+        return ((peak == 0) & mask).any(dim=1) if cosine else None
 
     def weight_checks(w, mask):
         if w is None:
             return [None] * 4
         total = torch.where(mask, w.detach().double(), torch.zeros((), dtype=torch.float64, device=w.device)).sum(1)
-        return [*rows(w, mask), ((w.detach() < 0) & mask).flatten(), total <= 0]
+        return [*rows(peaks(w), mask), ((w.detach() < 0) & mask).flatten(), total <= 0]
 
-    flags = [mask_values(raw_x), mask_values(raw_y), ~mask_x.any(dim=1), ~mask_y.any(dim=1), *rows(x, mask_x),
-             *rows(y, mask_y), zero_vectors(x, mask_x), zero_vectors(y, mask_y), *weight_checks(weights_x, mask_x),
-             *weight_checks(weights_y, mask_y)]
+    peak_x, peak_y = peaks(x), peaks(y)
+    flags = [mask_values(raw_x), mask_values(raw_y), ~mask_x.any(dim=1), ~mask_y.any(dim=1), *rows(peak_x, mask_x),
+             *rows(peak_y, mask_y), zero_vectors(peak_x, mask_x), zero_vectors(peak_y, mask_y),
+             *weight_checks(weights_x, mask_x), *weight_checks(weights_y, mask_y)]
     none = torch.full((), -1, dtype=torch.int64, device=x.device)
     out = []
     for k, bad in enumerate(flags):

@@ -295,10 +295,15 @@ def _file(path: Path, use):
         raise CheckpointError(f"{path} is unusable ({_problem(exc)})") from None
 
 
-def _trainer_state(path: Path, step: int) -> dict[str, Any]:
-    state = json.loads(path.read_text())
-    if not isinstance(state, dict):
+def _json_object(path: Path) -> dict[str, Any]:
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
         raise ValueError("not a JSON object")
+    return value
+
+
+def _trainer_state(path: Path, step: int) -> dict[str, Any]:
+    state = _json_object(path)
     for key, kinds in (("step", int), ("num_processes", int), ("elapsed", (int, float)),
                        ("retrieval_before", dict)):
         if key not in state:
@@ -308,13 +313,6 @@ def _trainer_state(path: Path, step: int) -> dict[str, Any]:
     if state["step"] != step:
         raise ValueError(f"says step {state['step']}, its folder says {step}")
     return state
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    value = json.loads(path.read_text())
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value
 
 
 def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
