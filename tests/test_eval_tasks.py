@@ -87,6 +87,16 @@ def test_a_bom_keeps_the_language_column_and_a_test_file_without_one_is_an_error
     assert len(xnli.load_nli(str(tmp_path / "test-{lang}.tsv"), "test", "xx")) == len(rows)
 
 
+def test_a_folder_named_like_a_hub_data_set_is_not_a_local_file(tmp_path, monkeypatch):
+    """A folder ``xnli`` in the working directory made ``data.test: xnli`` open it as a file (IsADirectoryError)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "xnli").mkdir()
+    (tmp_path / "squad").mkdir()
+    assert not xnli.is_local("xnli", "fr") and not xnli.is_local("squad", "en")
+    (tmp_path / "test-fr").write_bytes((FIX / "xnli.test.tsv").read_bytes())   # a file without a suffix is one
+    assert xnli.is_local("test-{lang}", "fr") and not xnli.is_local("test-{lang}", "de")
+
+
 def test_xnli_run_matches_written_predictions(tiny_model, tmp_path):
     cfg = _tiny_cfg("eval_xnli_tiny.yaml", seeds=[1, 2], epochs=2, eval_steps=2)
     res = xnli.run(cfg, tiny_model, tmp_path, log=lambda m: None)

@@ -37,9 +37,13 @@ def _label(value, where: str) -> int:
 
 
 def is_local(source: str, language: str) -> bool:
-    """True when ``source`` (``{lang}`` substituted) names a local file rather than a hub data set."""
+    """True when ``source`` (``{lang}`` substituted) names a local file rather than a hub data set.
+
+    A folder is not a file: ``xnli`` stays the hub data set when the working directory holds a folder of that
+    name (``datasets.load_dataset`` reads a local folder itself).
+    """
     path = Path(source.replace("{lang}", language))
-    return path.exists() or path.suffix in (".tsv", ".jsonl", ".json", ".txt")
+    return path.is_file() or path.suffix in (".tsv", ".jsonl", ".json", ".txt")
 
 
 def read_nli_file(path: str | Path, language: str | None = None, *, one_language: bool = False) -> list[dict]:
