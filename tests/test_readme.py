@@ -193,7 +193,10 @@ def test_api_table_signatures_match_the_code():
     import otfast
 
     rows = _api_rows()
-    assert {"sinkhorn", "sinkhorn_loss", "SinkhornLoss", "backends"} <= set(rows), rows
+    table = README.read_text().split("## API", 1)[1].split("\n\n", 2)[1]
+    assert not [name for name in otfast.__all__ if name != "__version__" and f"`{name}" not in table
+                and f"`otfast.{name}" not in table and f"{name}(" not in table], "public names missing from the table"
+    assert {"sinkhorn", "sinkhorn_loss", "SinkhornLoss", "backends", "word_alignments"} <= set(rows), rows
     for name, documented in rows.items():
         params = {n: p for n, p in inspect.signature(getattr(otfast, name)).parameters.items()
                   if p.kind != p.VAR_KEYWORD and not (name == "sinkhorn" and n == "cost")}  # cost: deprecated name
