@@ -448,3 +448,39 @@ def test_bounding_diameter_is_the_references_bit_for_bit(dtype):
     assert launch.bounding_diameter(x, y, none_x, none_y) == bounding_diameter(x, y, none_x, none_y) == math.inf
     with pytest.raises(TypeError, match="mask_y must be a bool tensor, got torch.int64"):
         launch.bounding_diameter(x, y, mx, my.long())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits the address space with RLIMIT_AS")
+def test_out_of_memory_is_a_memory_error_not_an_abort():
+    """The per-thread work buffers are allocated before the threads start, and the first thread's is the one
+    the launcher made: a solve that fits in memory with two threads' buffers runs, and one that does not
+    raises MemoryError (a review found every thread copying the launcher's buffers inside the OpenMP region:
+    three sets for two threads, and a std::bad_alloc there aborted the interpreter)."""
+    code = """
+import math, resource, torch
+from otfast import cpu_backend as launch
+from otfast.schedule import Schedule
+
+def solve(B, N):
+    x = torch.randn(B, N, 4, dtype=torch.float64)
+    logw = torch.full((B, N), -math.log(N), dtype=torch.float64)
+    return launch.solve_points(x, x + 1, logw, logw.clone(), Schedule(eps=1.0, n_iters=1))
+
+def limit(extra):
+    vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize:")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + int(extra), resource.RLIM_INFINITY))
+
+torch.set_num_threads(2)
+solve(2, 16)  # the OpenMP threads start before the limit
+N = 2000
+work = 5 * N * N * 8  # one set of buffers: the cost, its two scaled copies and the two kernels, float64
+limit(2.5 * work)
+assert torch.isfinite(solve(2, N).f).all()
+limit(1.5 * work)
+try:
+    solve(2, N)
+except MemoryError:
+    print("MemoryError")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "MemoryError", (proc.returncode, proc.stdout + proc.stderr)

@@ -291,34 +291,38 @@ struct Team {
 // the work (measured: N = M = 40 breaks even, 128 gains 1.5x on 2 threads).
 constexpr int64_t kSplitMin = 64 * 64;
 
-// Runs body(b, team, work) for every pair b; `work` is owned by the team that solves the pair. Threads
-// go over pairs, or, when there are fewer pairs than threads and the pairs are large, into one team per pair.
+// Runs body(b, team, work) for every pair b; `work` is owned by the team that solves the pair: `proto` for
+// the first (or only) team, a copy of it for each other one. The copies are made before the threads start, so
+// that running out of memory is a std::bad_alloc the binding turns into MemoryError, not one thrown inside an
+// OpenMP region (std::terminate). Threads go over pairs, or, when there are fewer pairs than threads and the
+// pairs are large, into one team per pair.
 template <class Work, class Body>
-void for_each_pair(int B, int threads, int64_t pair_size, const Work& proto, Body body) {
+void for_each_pair(int B, int threads, int64_t pair_size, Work& proto, Body body) {
 #ifdef _OPENMP
   if (threads > 1 && B < threads && pair_size >= kSplitMin) {
-    Work shared = proto;
     for (int b = 0; b < B; ++b) {
 #pragma omp parallel num_threads(threads)
       {
         Team team{omp_get_thread_num(), omp_get_num_threads()};
-        body(b, team, shared);
+        body(b, team, proto);
       }
     }
     return;
   }
-  if (std::min(threads, B) > 1) {
-#pragma omp parallel num_threads(std::min(threads, B))
+  const int teams = std::min(threads, B);
+  if (teams > 1) {
+    std::vector<Work> copies(teams - 1, proto);
+#pragma omp parallel num_threads(teams)
     {
-      Work own = proto;
+      const int t = omp_get_thread_num();
+      Work& own = t == 0 ? proto : copies[t - 1];
 #pragma omp for schedule(dynamic, 1)
       for (int b = 0; b < B; ++b) body(b, Team{}, own);
     }
     return;
   }
 #endif
-  Work own = proto;
-  for (int b = 0; b < B; ++b) body(b, Team{}, own);
+  for (int b = 0; b < B; ++b) body(b, Team{}, proto);
 }
 
 // ----------------------------------------------------------------------------------------------
