@@ -263,7 +263,7 @@ def sinkhorn_loss(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor | None 
     value, flags, found, *_ = sinkhorn_loss_op(x, y, a, b, mx, my, start, checks, eps_final, blur_final, scaling,
                                                n_iters, tol, rho, debias, cost, backend)
     if tol is not None and not torch.compiler.is_compiling() and x.device.type != "meta":
-        start = found if start is None else start
+        start = found.detach() if start is None else start
         schedule = schedule_of(eps_final, start, blur_final, scaling, n_iters, tol, rho).on_host()
         for problem_flags, what in zip(flags, ("OT(x, y)", "OT(x, x)", "OT(y, y)")):
             _warn_unconverged(problem_flags, schedule, f"sinkhorn_loss {what}")

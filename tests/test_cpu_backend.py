@@ -484,3 +484,17 @@ except MemoryError:
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "MemoryError", (proc.returncode, proc.stdout + proc.stderr)
+
+
+def test_tol_with_annealing_on_points_that_require_grad_warns_only_of_convergence():
+    """sinkhorn_loss reads the annealing start it found to word its tol warning: detached, so that torch does
+    not warn about converting a tensor that requires grad to a scalar (a review found that UserWarning, which
+    torch gives once per process, hence the fresh interpreter)."""
+    code = """
+import warnings, torch, otfast
+warnings.simplefilter("error")
+x = torch.randn(2, 5, 3, requires_grad=True)
+otfast.sinkhorn_loss(x, torch.randn(2, 6, 3), blur=0.3, tol=1.0, n_iters=50, backend="cpu").backward()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
