@@ -5,10 +5,12 @@ have a known answer, spans located by hand)."""
 import csv
 import json
 import statistics
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from train.eval import report, squad, xnli, xquad
@@ -291,3 +293,61 @@ def test_train_config_bad_input():
         TrainConfig.from_dict({**base, "batch_size": 0})
     with pytest.raises(ValueError, match="precision"):
         TrainConfig.from_dict({**base, "precision": "fp8"})
+
+
+class _Regression(torch.nn.Module):
+    """A linear model with the ``.loss`` output of a Hugging Face task head (no dropout: deterministic)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, inputs, labels):
+        return types.SimpleNamespace(loss=((self.linear(inputs).squeeze(-1) - labels) ** 2).mean())
+
+
+def test_finetune_updates_average_grad_accumulation_micro_batches_across_epochs_and_keep_the_best():
+    """Against a loop written here from the docstring: 7 features in batches of 2 make 4 micro-batches an epoch,
+    so with accumulation 3 and 2.5 epochs the 4 updates are micro-batches (1-3), (4, 1', 2'), ... in each
+    epoch's shuffled order; the schedule decays linearly to 0 over them; the best-scoring update's parameters
+    are the ones kept."""
+    from train.eval.finetune import TrainConfig, finetune
+
+    gen = torch.Generator().manual_seed(0)
+    features = [{"inputs": torch.randn(3, generator=gen), "labels": torch.randn((), generator=gen)} for _ in range(7)]
+    collate = lambda fs: {k: torch.stack([f[k] for f in fs]) for k in fs[0]}          # noqa: E731
+    cfg = TrainConfig(learning_rate=0.1, epochs=2.5, batch_size=2, grad_accumulation=3, max_grad_norm=0.0,
+                      eval_steps=1)
+    torch.manual_seed(1)
+    model, want = _Regression(), _Regression()
+    want.load_state_dict(model.state_dict())
+
+    states, scores = [], iter([0.1, 0.9, 0.3, 0.2])          # evaluated after updates 1, 2, 3 and at the end
+
+    def evaluate():
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    result = finetune(model, features, collate, cfg, seed=5, evaluate=evaluate, log=lambda _: None)
+
+    order = torch.Generator().manual_seed(5)
+    micro = [collate([features[i] for i in perm[s:s + 2]])
+             for perm in (torch.randperm(7, generator=order).tolist() for _ in range(3)) for s in range(0, 7, 2)]
+    total = 4                                                 # ceil(4 micro-batches x 2.5 epochs / 3)
+    opt = torch.optim.AdamW([{"params": [want.linear.weight], "weight_decay": 0.0},
+                             {"params": [want.linear.bias], "weight_decay": 0.0}], lr=0.1, eps=1e-8)
+    kept = []
+    for update in range(total):
+        for group in opt.param_groups:
+            group["lr"] = 0.1 * (total - update) / total
+        for batch in micro[3 * update:3 * update + 3]:
+            (want(**batch).loss / 3).backward()
+        opt.step()
+        opt.zero_grad()
+        kept.append({k: v.clone() for k, v in want.state_dict().items()})
+    assert result["updates"] == total and result["best_update"] == 2 and result["best_score"] == 0.9
+    for got, expected in zip(states, kept):
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7)
+    for key, value in model.state_dict().items():            # the best update's parameters are kept
+        torch.testing.assert_close(value, kept[1][key], rtol=0, atol=0)

@@ -4,6 +4,10 @@ AdamW (weight decay off for biases and LayerNorm weights), a linear warm-up then
 all updates, gradient accumulation, gradient-norm clipping, optional bf16 autocast on CUDA, and, when an
 ``evaluate`` callback is given, evaluation every ``eval_steps`` updates and at the end with the best
 parameters kept (XTREME's ``--eval_all_checkpoints --save_only_best_checkpoint`` on the English dev set).
+
+An update always averages exactly ``grad_accumulation`` micro-batches, counted across epochs: when an epoch's
+batches do not divide evenly, one update spans the end of an epoch and the start of the next (XTREME adds
+that epoch's leftover gradients to the next epoch's first update instead, which then sums more micro-batches).
 """
 
 from __future__ import annotations
