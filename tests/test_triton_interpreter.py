@@ -139,6 +139,25 @@ def test_precise_passes_take_float64_exponentials(regime, monkeypatch, resident_
     assert resident_tiles == [None if regime == "streaming" else TILE64 if regime == "resident-64" else TILES[0]]
 
 
+@pytest.mark.parametrize("regime", ["resident", pytest.param("resident-64", marks=ON_64), "streaming"])
+def test_precise_passes_at_a_tiny_blur_are_not_nan(regime, monkeypatch, resident_tiles):
+    """The resident kernel's precise passes took their max of exponents formed in fp32, off by about |C| / eps
+    2^-24: at blur 3e-7 (eps 9e-14, precise passes down to 2.3e-11) 1e4, and the float64 exponentials relative
+    to it overflowed: NaN loss. The annealed loss there against the float64 oracle, on either resident tile and
+    streamed."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 5, 4, generator=g), torch.randn(2, 6, 4, generator=g)
+    _tiles(monkeypatch, *{"resident": TILES[:1], "resident-64": (TILE64,), "streaming": ()}[regime])
+    out = []
+    for be, dtype in (("torch", torch.float64), ("triton", torch.float32)):
+        xs, ys = (t.to(DEVICE, dtype).requires_grad_() for t in (x, y))
+        loss = otfast.sinkhorn_loss(xs, ys, blur=3e-7, debias=False, reduction="none", backend=be)
+        out.append([t.detach().double().cpu() for t in (loss, *torch.autograd.grad(loss.sum(), (xs, ys)))])
+    for want, got, what in zip(*out, ("value", "dx", "dy")):
+        assert_close(got, want, rtol=1e-6, atol=1e-7, what=what)
+    assert resident_tiles == [None if regime == "streaming" else TILE64 if regime == "resident-64" else TILES[0]]
+
+
 @pytest.mark.parametrize("value", ["auto", "32"])
 def test_otfast_triton_resident_caps_the_resident_tiles(value, monkeypatch, resident_tiles):
     """``OTFAST_TRITON_RESIDENT``: "auto" takes the largest resident tile the installed triton ships (a 40 x 20

@@ -258,27 +258,44 @@ def _far(m):
 
 @triton.jit
 def _softmin_precise(C_hi, C_lo, q, logw_q, eps, damping, valid, AXIS: tl.constexpr):
-    """-d eps LSE over AXIS of (logw_q + (q - C) / eps) with exponents, exponentials and sum in float64 (see the
-    module docstring: fp32 exponentials of these exponents were the largest error of the loss). The shift m
-    is the max of the exponents formed in fp32: any shift within hundreds of the max keeps the float64
-    exponentials in range, and the result does not depend on it. The float64 exponentials are then taken one
-    column group of the tile at a time, in a loop that is not unrolled: ptxas interleaves the float64
-    exponentials it is given together, and those of a whole 64 x 64 tile (16 a thread) spilled 88-96 bytes
-    under triton 3.9 (0.7 KB under 3.6)."""
+    """-d eps LSE over AXIS of (logw_q + (q - C) / eps) with exponents, maxima, exponentials and sums in float64
+    (see the module docstring: fp32 exponentials of these exponents were the largest error of the loss). The
+    float64 work is done one column group of the tile at a time, in loops that are not unrolled: ptxas
+    interleaves the float64 exponentials it is given together, and those of a whole 64 x 64 tile (16 a thread)
+    spilled 88-96 bytes under triton 3.9 (0.7 KB under 3.6). Over the columns (AXIS 1) one loop takes the max
+    over every group and a second sums the exponentials, each forming the group's exponents again (kept from
+    one to the other, they spilled the symmetric 32 tile by 64 B). The max was once taken of the exponents
+    formed in fp32, which are off by about |C| / eps 2^-24: 1e4 at blur 3e-7 (eps 9e-14, precise passes down to
+    2.3e-11, costs up to 10), and the float64 exponentials relative to it overflowed (NaN potentials)."""
     inv_eps = 1.0 / eps
     h = logw_q + q * inv_eps
-    m = _max_over(h.to(tl.float32) - C_hi * inv_eps.to(tl.float32), AXIS)
-    m = _finite(m).to(tl.float64)
     group = tl.arange(0, C_hi.shape[0])[:, None, None]
-    s = tl.zeros(m.shape, dtype=tl.float64)
-    for j in tl.range(0, C_hi.shape[0], loop_unroll_factor=1):
-        C = _group(C_hi, group, j).to(tl.float64) + _group(C_lo, group, j).to(tl.float64)
-        if AXIS == 1:
-            s += tl.sum(tl.exp(_group(h, group, j) - C * inv_eps - m), axis=2, keep_dims=True)
-        else:
-            s = tl.where(group == j, tl.sum(tl.exp(h - C * inv_eps - _group(m, group, j)), axis=1, keep_dims=True), s)
+    if AXIS == 1:
+        m = tl.full((1, C_hi.shape[1], 1), float("-inf"), dtype=tl.float64)
+        for j in tl.range(0, C_hi.shape[0], loop_unroll_factor=1):
+            m = tl.maximum(m, tl.max(_exponents(C_hi, C_lo, _group(h, group, j), group, j, inv_eps), axis=2,
+                                     keep_dims=True))
+        m = _finite(m)
+        s = tl.zeros(m.shape, dtype=tl.float64)
+        for j in tl.range(0, C_hi.shape[0], loop_unroll_factor=1):
+            z = _exponents(C_hi, C_lo, _group(h, group, j), group, j, inv_eps)
+            s += tl.sum(tl.exp(z - m), axis=2, keep_dims=True)
+    else:
+        m = tl.zeros((C_hi.shape[0], 1, C_hi.shape[2]), dtype=tl.float64)
+        s = tl.zeros(m.shape, dtype=tl.float64)
+        for j in tl.range(0, C_hi.shape[0], loop_unroll_factor=1):
+            z = _exponents(C_hi, C_lo, h, group, j, inv_eps)
+            m_j = _finite(tl.max(z, axis=1, keep_dims=True))
+            s = tl.where(group == j, tl.sum(tl.exp(z - m_j), axis=1, keep_dims=True), s)
+            m = tl.where(group == j, m_j, m)
     out = -damping * eps * (m + tl.log(s))
     return tl.where(valid, out, 0.0)
+
+
+@triton.jit
+def _exponents(C_hi, C_lo, h, group, j, inv_eps):
+    """h - C / eps in float64 on column group j of a resident tile (``_group``), h broadcast over it."""
+    return h - (_group(C_hi, group, j).to(tl.float64) + _group(C_lo, group, j).to(tl.float64)) * inv_eps
 
 
 @triton.jit
