@@ -7,16 +7,18 @@
 # otfast[triton-nosplit] (one program per long pair), otfast[triton-exact] (the packed cost without its absorbed cost)
 # and otfast[triton-tile32] (33 to 64 tokens streamed, not on the 64 tile) at the goal points, flash-sinkhorn there, the
 # training-step benchmark, the tiny alignment run with bf16 autocast (retrieval must lift), the launches per loss call,
-# and last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to
-# $OUT_DIR/NAME.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
-# OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md, and the breakdown's rows to
-# $OUT_DIR/breakdown.json. (The sm_90 resource check is not here: it needs no GPU, and the README says how it runs under
-# each triton that pyproject.toml allows.) Benchmark providers whose packages are missing (POT, GeomLoss,
-# flash-sinkhorn: no network on the GPU machines) are skipped and say so, and the harness needs `datasets`, `sacremoses`
-# and what they pull in: `python -m benchmarks.carry` writes their wheels, small enough to travel, into .whl/ (README,
-# "On a GPU machine"); this script installs .whl/*.whl into a private folder ahead of site-packages first, so that a
-# triton carried there (`--triton 3.9.0`: the image's 3.6 has no 64 tile) is the one every step runs under, unless it
-# fails a small loss on this GPU first (then the image's triton runs them, and the output says so).
+# and last the sweep within its time budget. Each step has its own timeout (seconds, below) and logs to its own section
+# of $OUT_DIR/suite.log; CSV rows go to $OUT_DIR/results.csv, which `./dev python -m benchmarks.report --render
+# OUT_DIR/results.csv --update-docs` turns into benchmarks/RESULTS.md, the accuracy matrix to $OUT_DIR/accuracy.json and
+# the breakdown's rows to $OUT_DIR/breakdown.json: six files in all, with the report's table.md and plot-cuda.png, as a
+# GPU machine lent here returns 8 at most (the alignment runs' folders go to a temporary folder; what the harness prints
+# is their result). (The sm_90 resource check is not here: it needs no GPU, and the README says how it runs under each
+# triton that pyproject.toml allows.) Benchmark providers whose packages are missing (POT, GeomLoss, flash-sinkhorn: no
+# network on the GPU machines) are skipped and say so, and the harness needs `datasets`, `sacremoses` and what they pull
+# in: `python -m benchmarks.carry` writes their wheels, small enough to travel, into .whl/ (README, "On a GPU machine");
+# this script installs .whl/*.whl into a private folder ahead of site-packages first, so that a triton carried there
+# (`--triton 3.9.0`: the image's 3.6 has no 64 tile) is the one every step runs under, unless it fails a small loss on
+# this GPU first (then the image's triton runs them, and the output says so).
 # GPU_SUITE_STEPS="goals step" runs only the steps named (a second call of a lease, after a fix).
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
@@ -29,8 +31,9 @@ status=0
 if ! "$PY" -c "import otfast.kernels" 2> /dev/null; then
   # kernels/ is installed as otfast.kernels: an offline editable install (it also builds the CPU kernel),
   # else a source copy that lays the tree out as installed, where everything below then runs.
-  if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$out/install.log" 2>&1; then
-    echo "!! pip install -e . failed (see $out/install.log): running from a source copy instead"
+  echo "== install: pip install -e ." >> "$out/suite.log"
+  if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >> "$out/suite.log" 2>&1; then
+    echo "!! pip install -e . failed (see $out/suite.log): running from a source copy instead"
     rm -rf /tmp/otfast-src && cp -r . /tmp/otfast-src && cp -r kernels /tmp/otfast-src/otfast/kernels \
       && cd /tmp/otfast-src
   fi
@@ -44,29 +47,30 @@ fi
 # A carried triton whose compiler this machine cannot run (its ptxas needs a newer driver, say) would fail every
 # step: one small debiased loss and its gradient against the torch backend first (at most 60 s), else the
 # image's triton
-if [ -d /tmp/otfast-site/triton ] && ! timeout 60 "$PY" -c "
+if [ -d /tmp/otfast-site/triton ] && ! { echo "== carried-triton: its first check"; timeout 60 "$PY" -c "
 import torch, otfast
 x, y = torch.randn(2, 9, 16, device='cuda'), torch.randn(2, 7, 16, device='cuda')
 out = [otfast.sinkhorn_loss(x.requires_grad_(), y, backend=b) for b in ('triton', 'torch')]
 grads = [torch.autograd.grad(v, x)[0] for v in out]
 assert torch.allclose(out[0], out[1], atol=1e-5) and torch.allclose(*grads, atol=1e-4), (out, grads)
 print('carried triton', __import__('triton').__version__, 'compiles and agrees with the torch backend')
-" > "$out/carried-triton.log" 2>&1; then
-  echo "!! the carried triton failed its first check (or took over 60 s; see $out/carried-triton.log): every step runs" \
+"; } >> "$out/suite.log" 2>&1; then
+  echo "!! the carried triton failed its first check (or took over 60 s; see $out/suite.log): every step runs" \
     "under the image's triton"
   rm -rf /tmp/otfast-site/triton /tmp/otfast-site/triton-*.dist-info
 fi
-step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.log, remember failures, go on
+step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/suite.log, remember failures, go on
   local name=$1 limit=$2; shift 2
   [[ -n ${GPU_SUITE_STEPS:-} && " $GPU_SUITE_STEPS " != *" $name "* ]] && return
-  echo "== $name (at most ${limit} s): $*"
-  local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "== $name (at most ${limit} s): $*" | tee -a "$out/suite.log"
+  local start=$SECONDS from
+  from=$(($(wc -c < "$out/suite.log") + 1))
+  timeout --kill-after=10 "$limit" "$@" >> "$out/suite.log" 2>&1
   local rc=$?
-  [ $rc -eq 124 ] && echo "!! $name stopped at its ${limit} s limit"
+  (( rc == 124 || (rc == 137 && SECONDS - start >= limit) )) && echo "!! $name stopped at its ${limit} s limit"
   [ $rc -ne 0 ] && { echo "!! $name failed (exit $rc)"; status=1; }
   echo "   $name took $((SECONDS - start)) s"
-  tr '\r' '\n' < "$out/$name.log" | tail -n 4 | cut -c 1-400  # progress bars redraw with \r
+  tail -c "+$from" "$out/suite.log" | tr '\r' '\n' | tail -n 4 | cut -c 1-400  # progress bars redraw with \r
 }
 # the report steps' rows share one run_id, so that `--render` shows them as one run
 run_id=suite-$(date -u +%Y%m%dT%H%M%S)-cuda
@@ -94,7 +98,7 @@ step split-test 20 "$PY" -m pytest -q tests/test_triton_interpreter.py -k persis
 goals split 35 --only triton-
 goals flash 15 --only flash
 step step 30 "$PY" -m benchmarks.step --device cuda --quick --out "$out" --note "gpu_suite.sh"
-step harness 55 "$PY" -m benchmarks.harness_gpu --out "$out"
+step harness 55 "$PY" -m benchmarks.harness_gpu --out "$(mktemp -d)"
 step launches 10 "$PY" -m benchmarks.launches --device cuda
 step sweep 10 "$PY" -m benchmarks.report --device cuda --out "$out" --budget 1 --repeats 5 --note "gpu_suite.sh" \
   --run-id "$run_id" --skip triton-,flash
