@@ -37,6 +37,7 @@ import torch
 import otfast
 
 from . import results as res
+from .providers import _import_reason
 from .report import add_docs_arguments, base_columns, docs_targets, render_after_run
 from .timing import load_average, synchronize
 
@@ -127,6 +128,20 @@ class GeomLossTerm(torch.nn.Module):
         return self.loss(a, x, b, y).sum()
 
 
+def ot_terms(device: str, log=print) -> dict[str, callable]:
+    """The OT terms the step is timed with, by backend name: none ("-", the regulariser alone), every otfast
+    backend that runs on ``device``, and GeomLoss (tensorized) where it imports (else the log says why not)."""
+    backends = [b for b, info in otfast.backends().items()
+                if info.available and not (b == "triton" and device != "cuda") and not (b == "cpu" and device != "cpu")]
+    terms = {"-": no_ot_term, **{f"otfast:{b}": otfast.SinkhornLoss(backend=b, **PAPER_LOSS) for b in backends}}
+    reason = _import_reason("geomloss")
+    if reason is None:
+        terms["geomloss:tensorized"] = GeomLossTerm()
+    else:
+        log(f"  geomloss:tensorized skipped ({reason})")
+    return terms
+
+
 def time_alternately(fns: dict[str, callable], device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Wall times (s) of each function, called in turn ``repeats`` times after ``warmup`` rounds."""
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -176,7 +191,7 @@ def ot_shares(rows: list[dict]) -> None:
 
 def run(device: str, quick: bool, base: dict, log=print) -> list[dict]:
     """Time the step without the OT term, and with it for every otfast backend that runs on ``device`` and
-    for GeomLoss (tensorized, the paper's choice).
+    for GeomLoss (tensorized, the paper's choice) where it is installed (``ot_terms``).
 
     Returns:
         CSV rows (``kind="step"``): one ``step`` row (backend "-"), one ``step+ot`` row per OT implementation
@@ -186,11 +201,7 @@ def run(device: str, quick: bool, base: dict, log=print) -> list[dict]:
     pairs, max_tokens = 24, 48 if device == "cpu" else 128
     with tempfile.TemporaryDirectory() as folder:
         name, cfg, step = build_step(device, pairs, max_tokens, Path(folder))
-    backends = [b for b, info in otfast.backends().items()
-                if info.available and not (b == "triton" and device != "cuda") and not (b == "cpu" and device != "cpu")]
-    losses = {"-": no_ot_term, **{f"otfast:{b}": otfast.SinkhornLoss(backend=b, **PAPER_LOSS) for b in backends},
-              "geomloss:tensorized": GeomLossTerm()}
-    fns = {b: (lambda loss: lambda: step(loss))(loss) for b, loss in losses.items()}
+    fns = {b: (lambda loss: lambda: step(loss))(loss) for b, loss in ot_terms(device, log).items()}
     warmup, repeats = (1, 5) if quick else (2, 10)
     times = time_alternately(fns, device, warmup, repeats)
     head = dict(base, kind="step", provider=name, setting="paper", B=pairs, N=max_tokens, M=max_tokens,

@@ -465,6 +465,22 @@ def test_step_benchmark_calls_the_harness_loss(monkeypatch):
     assert calls == ["the OT term"]
 
 
+def test_step_benchmark_skips_geomloss_where_it_is_missing(monkeypatch):
+    """Without GeomLoss (a GPU image that lacks it) the step is timed with the other OT terms, and the log says
+    why GeomLoss is not among them; with it, it is."""
+    import sys
+
+    from benchmarks.step import ot_terms
+
+    pytest.importorskip("geomloss")
+    assert list(ot_terms("cpu", log=print))[-1] == "geomloss:tensorized"
+    monkeypatch.setitem(sys.modules, "geomloss", None)
+    said = []
+    terms = ot_terms("cpu", log=said.append)
+    assert list(terms)[0] == "-" and "otfast:torch" in terms and "geomloss:tensorized" not in terms
+    assert len(said) == 1 and "geomloss:tensorized skipped (cannot import geomloss" in said[0], said
+
+
 def test_pot_loads_its_torch_backend_only():
     """The providers turn POT's JAX, CuPy and TensorFlow backends off before POT is imported: JAX would take 75%
     of the GPU's memory at POT's import, and the memory check would skip the large points."""
