@@ -481,6 +481,18 @@ def test_step_benchmark_skips_geomloss_where_it_is_missing(monkeypatch):
     assert len(said) == 1 and "geomloss:tensorized skipped (cannot import geomloss" in said[0], said
 
 
+def test_harness_rate_leaves_out_the_steps_before_the_first_log(tmp_path):
+    """The harness's steps per second run from the first logged step to the last (metrics.csv), so that the JIT
+    compiles of a GPU's first steps do not count; nan where fewer than two steps were logged."""
+    from benchmarks.harness_gpu import steady_rate
+
+    rows = ["step,loss,elapsed", "20,3.0,10.5", "40,2.0,11.5", "400,1.0,29.5"]  # 10 s of compiles in the first 20
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert steady_rate(tmp_path) == pytest.approx(380 / 19.0)
+    (tmp_path / "metrics.csv").write_text("\n".join(rows[:2]) + "\n")
+    assert math.isnan(steady_rate(tmp_path))
+
+
 def test_pot_loads_its_torch_backend_only():
     """The providers turn POT's JAX, CuPy and TensorFlow backends off before POT is imported: JAX would take 75%
     of the GPU's memory at POT's import, and the memory check would skip the large points."""
