@@ -3,9 +3,12 @@ writes (``--out``, ``--json``), so that what the suite leaves in its output fold
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,24 @@ def test_the_suite_leaves_what_a_gpu_machine_returns(tmp_path):
         assert f"== {step} (at most" in log
     assert log.count("ran benchmarks.report") == 4
     assert "ran benchmarks.harness_gpu --backends triton " in log  # two backends' 400 steps overran its 55 s
+
+
+def test_the_cuda_tests_step_leaves_out_the_compile_only_tests():
+    """The suite's CUDA tests step selects none of the tests that compile for sm_90 in a process of their own
+    (SASS counts, spills: ``_compiling``), which CI runs without a GPU and which would take the step's time."""
+    script = (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
+    lines = script[script.index("step tests "):].splitlines()
+    command = " ".join(lines[:next(i for i, line in enumerate(lines) if not line.endswith("\\")) + 1])
+    files, expression = re.findall(r"tests/\S+", command), re.search(r'-k "([^"]+)"', command).group(1)
+    compiling = set()
+    for path in {f.split("::")[0] for f in files}:
+        for node in ast.parse((ROOT / path).read_text()).body:
+            calls = {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and calls & {"_compiling",
+                                                                                                "_sass_loops"}:
+                compiling.add(node.name)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *files,
+                          "-k", expression], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    collected = {line.split("::")[1].split("[")[0] for line in run.stdout.splitlines() if "::" in line}
+    assert compiling and collected, run.stdout + run.stderr
+    assert not collected & compiling
