@@ -19,7 +19,10 @@
 # this script installs .whl/*.whl into a private folder ahead of site-packages first, so that a triton carried there
 # (`--triton 3.9.0`: the image's 3.6 has no 64 tile) is the one every step runs under, unless it fails a small loss on
 # this GPU first (then the image's triton runs them, and the output says so).
-# GPU_SUITE_STEPS="goals step" runs only the steps named (a second call of a lease, after a fix).
+# GPU_SUITE_STEPS="goals step" runs only the steps named (a second call of a lease, after a fix). The whole suite, the
+# install included, ends within GPU_SUITE_SECONDS (default 360: the six minutes of a 15-minute lease it may take): a
+# step's limit is cut to what is left, and a step with under 5 s left is skipped and says so (the steps run in order
+# of value, so those are the last ones).
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
 set -uo pipefail
@@ -28,6 +31,7 @@ out=${1:-${OUT:-runs/gpu}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
 status=0
+deadline=${GPU_SUITE_SECONDS:-360}
 if ! "$PY" -c "import otfast.kernels" 2> /dev/null; then
   # kernels/ is installed as otfast.kernels: an offline editable install (it also builds the CPU kernel),
   # else a source copy that lays the tree out as installed, where everything below then runs.
@@ -62,6 +66,13 @@ fi
 step() {  # step NAME SECONDS COMMAND...: run under a timeout, log to $out/suite.log, remember failures, go on
   local name=$1 limit=$2; shift 2
   [[ -n ${GPU_SUITE_STEPS:-} && " $GPU_SUITE_STEPS " != *" $name "* ]] && return
+  local left=$((deadline - SECONDS - 10))  # 10: the grace before a step that ignores its timeout is killed
+  if (( left < 5 )); then
+    echo "!! $name skipped: the suite's ${deadline} s (GPU_SUITE_SECONDS) are spent" | tee -a "$out/suite.log"
+    status=1
+    return
+  fi
+  (( limit > left )) && limit=$left
   echo "== $name (at most ${limit} s): $*" | tee -a "$out/suite.log"
   local start=$SECONDS from
   from=$(($(wc -c < "$out/suite.log") + 1))

@@ -22,6 +22,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 [ "$1" = -m ] || exit 0
 module=$2; shift 2
 echo "ran $module $*"
+[ "$module" = benchmarks.accuracy ] && sleep "${FAKE_ACCURACY_SECONDS:-0}"
 while [ $# -gt 0 ]; do
   case $1 in
     --json) touch "$2" ;;
@@ -66,6 +67,28 @@ def test_the_suite_leaves_what_a_gpu_machine_returns(tmp_path):
         assert f"== {step} (at most" in log
     assert log.count("ran benchmarks.report") == 4
     assert "ran benchmarks.harness_gpu --backends triton " in log  # two backends' 400 steps overran its 55 s
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_the_suite_ends_within_its_seconds(tmp_path):
+    """GPU_SUITE_SECONDS bounds the whole suite: a step's limit is cut to what is left (10 s kept for the kill
+    grace), and the steps after the time is spent are skipped, each saying so, and the suite exits 1."""
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(python), TMPDIR=str(tmp_path), GPU_SUITE_STEPS="", GPU_SUITE_SECONDS="20",
+               FAKE_ACCURACY_SECONDS="6")
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(out)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stdout + run.stderr
+    log = (out / "suite.log").read_text()
+    cut = int(re.search(r"== accuracy \(at most (\d+) s\)", log).group(1))     # from 30: 20 - 10 - the s gone
+    assert "== env (at most 10 s)" in log and cut in (9, 10), log
+    for step in ("tests", "goals", "breakdown", "split-test", "split", "flash", "step", "harness", "launches",
+                 "sweep"):
+        assert f"!! {step} skipped: the suite's 20 s (GPU_SUITE_SECONDS) are spent" in log
+        assert f"== {step} (at most" not in log
 
 
 def test_the_cuda_tests_step_leaves_out_the_compile_only_tests():
