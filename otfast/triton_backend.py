@@ -57,6 +57,20 @@ else:
                    "streaming beyond")
 
 
+def _on_device(fn):
+    """Runs a launcher with its first tensor's CUDA device current: Triton launches on the current device and its
+    stream, so a batch on cuda:1 while cuda:0 is current would fail to launch or run unordered with torch's work
+    on cuda:1 (a process that moves its model with ``.to("cuda:1")`` rather than ``torch.cuda.set_device``)."""
+    @functools.wraps(fn)
+    def launcher(first: torch.Tensor, *args, **kwargs):
+        if first.device.type != "cuda":
+            return fn(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return fn(first, *args, **kwargs)
+
+    return launcher
+
+
 def precision() -> str:
     value = os.environ.get("OTFAST_TRITON_PRECISION", "ieee")
     if value not in PRECISIONS:
@@ -263,6 +277,7 @@ def _over_pairs(kernel, x: torch.Tensor, y: torch.Tensor, of_x: torch.Tensor, of
                                       BLOCK_D=bd, num_warps=CENTRE_WARPS, **COMPILE_OPTIONS)
 
 
+@_on_device
 def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> torch.Tensor:
     """``otfast.schedule.bounding_diameter`` bit for bit, in one launch (``_bounds_kernel``: each pair's box) and
     three reductions over the batch (and, for fp32 points, a conversion), where the reference takes 17 torch
@@ -434,6 +449,7 @@ def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor, first:
     return hi, lo
 
 
+@_on_device
 def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
           symmetric: bool = False) -> Potentials:
     """The Sinkhorn loop on precomputed costs ``cost_matrix [B, N, M]`` (see ``otfast.reference.solve``)."""
@@ -450,6 +466,7 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     return _streaming(stream, alpha, beta, schedule, first, 1, n, m)[0]
 
 
+@_on_device
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                  schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
     """The Sinkhorn loop on the cost ``cost`` between the raw points ``x [B, N, D]``, ``y [B, M, D]``.
@@ -463,6 +480,7 @@ def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: to
     return _solve_points(x, y, alpha, beta, schedule, XX if symmetric else XY, 1, cost)[0]
 
 
+@_on_device
 def solve_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
                    debias: bool, cost: str = "sqeuclidean") -> list[Potentials]:
     """The loss's problems: ``[OT(x, y)]``, or with ``debias`` ``[OT(x, y), OT(x, x), OT(y, y)]``, as
@@ -532,6 +550,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
+@_on_device
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
                 eps: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -541,6 +560,7 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
     return grads[0], grads[1] if v is not None else None
 
 
+@_on_device
 def grad_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                   pots: list[Potentials], eps: float, weights: list[torch.Tensor], cost: str = "sqeuclidean"
                   ) -> list[torch.Tensor]:

@@ -334,6 +334,21 @@ def test_no_nan_at_extreme_eps():
     assert_finite_at_extreme_eps(_run, "triton")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_batch_on_another_gpu_than_the_current_one():
+    """Triton launches on the current CUDA device: the launchers make the batch's own device current, so a loss
+    and its gradients on cuda:1 while cuda:0 is current are the ones computed with cuda:1 current."""
+    batch = make_points(2, 20, 17, 8, dtype=torch.float32, seed=2017)
+    out = []
+    for current in (1, 0):
+        with torch.cuda.device(current):
+            x, y = (t.to("cuda:1").requires_grad_() for t in (batch.x, batch.y))
+            loss = otfast.sinkhorn_loss(x, y, backend="triton", reduction="none")
+            out.append([t.cpu() for t in (loss.detach(), *torch.autograd.grad(loss.sum(), (x, y)))])
+    for want, got in zip(*out):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_auto_picks_triton_only_for_cuda():
     from otfast.backends import resolve
 
