@@ -57,12 +57,16 @@ else:
                    "streaming beyond")
 
 
-def _on_device(fn):
-    """Runs a launcher with its first tensor's CUDA device current: Triton launches on the current device and its
-    stream, so a batch on cuda:1 while cuda:0 is current would fail to launch or run unordered with torch's work
-    on cuda:1 (a process that moves its model with ``.to("cuda:1")`` rather than ``torch.cuda.set_device``)."""
+def _launcher(fn):
+    """An entry point of the backend: it checks every ``OTFAST_TRITON_*`` setting first (a typo is an error at the
+    first call, not when the first long pair streams or the first backward runs), and runs with its first
+    tensor's CUDA device current: Triton launches on the current device and its stream, so a batch on cuda:1
+    while cuda:0 is current would fail to launch or run unordered with torch's work on cuda:1 (a process that
+    moves its model with ``.to("cuda:1")`` rather than ``torch.cuda.set_device``)."""
     @functools.wraps(fn)
     def launcher(first: torch.Tensor, *args, **kwargs):
+        for setting in (precision, resident_side, _stream_setting, split_mode):
+            setting()
         if first.device.type != "cuda":
             return fn(first, *args, **kwargs)
         with torch.cuda.device(first.device):
@@ -140,6 +144,13 @@ def chosen_tile(length: int, from_points: bool = True) -> tuple[int, int, int, b
     return resident_tile(length, from_points, resident_side())
 
 
+def _stream_setting() -> str:
+    value = os.environ.get("OTFAST_TRITON_STREAM", "auto")
+    if value not in ("auto", *STREAM_SOURCES):
+        raise ValueError(f"OTFAST_TRITON_STREAM must be one of auto, {', '.join(STREAM_SOURCES)}, got {value!r}")
+    return value
+
+
 def stream_source(b: int, shapes: list[tuple[int, int]], device: torch.device, from_points: bool = True) -> str:
     """Where the streaming solvers read the cost of b pairs of problems of ``shapes`` (rows, columns) from:
     ``OTFAST_TRITON_STREAM`` = "absorbed" (the packed cost, 8 bytes per entry, and the absorbed cost its fast
@@ -148,9 +159,7 @@ def stream_source(b: int, shapes: list[tuple[int, int]], device: torch.device, f
     ``STREAM_MEMORY_SHARE`` of the device's memory and whose problems the packed cost can index (rows x
     columns < 2^31 per pair, in int32), else "points". A precomputed cost (``from_points`` False) is read
     packed whatever is asked ("points" reads as "cost"); a packed cost the kernels cannot index is an error."""
-    value = os.environ.get("OTFAST_TRITON_STREAM", "auto")
-    if value not in ("auto", *STREAM_SOURCES):
-        raise ValueError(f"OTFAST_TRITON_STREAM must be one of auto, {', '.join(STREAM_SOURCES)}, got {value!r}")
+    value = _stream_setting()
     entries = b * sum(rows * cols for rows, cols in shapes)
     indexable = all(rows * cols < 2**31 for rows, cols in shapes)
     if value == "auto":
@@ -277,7 +286,7 @@ def _over_pairs(kernel, x: torch.Tensor, y: torch.Tensor, of_x: torch.Tensor, of
                                       BLOCK_D=bd, num_warps=CENTRE_WARPS, **COMPILE_OPTIONS)
 
 
-@_on_device
+@_launcher
 def bounding_diameter(x: torch.Tensor, y: torch.Tensor, mask_x: torch.Tensor, mask_y: torch.Tensor) -> torch.Tensor:
     """``otfast.schedule.bounding_diameter`` bit for bit, in one launch (``_bounds_kernel``: each pair's box) and
     three reductions over the batch (and, for fp32 points, a conversion), where the reference takes 17 torch
@@ -449,7 +458,7 @@ def cost_matrix(points: _Points, alpha: torch.Tensor, beta: torch.Tensor, first:
     return hi, lo
 
 
-@_on_device
+@_launcher
 def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
           symmetric: bool = False) -> Potentials:
     """The Sinkhorn loop on precomputed costs ``cost_matrix [B, N, M]`` (see ``otfast.reference.solve``)."""
@@ -466,7 +475,7 @@ def solve(cost_matrix: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, sc
     return _streaming(stream, alpha, beta, schedule, first, 1, n, m)[0]
 
 
-@_on_device
+@_launcher
 def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                  schedule: Schedule, symmetric: bool = False, cost: str = "sqeuclidean") -> Potentials:
     """The Sinkhorn loop on the cost ``cost`` between the raw points ``x [B, N, D]``, ``y [B, M, D]``.
@@ -480,7 +489,7 @@ def solve_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: to
     return _solve_points(x, y, alpha, beta, schedule, XX if symmetric else XY, 1, cost)[0]
 
 
-@_on_device
+@_launcher
 def solve_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, schedule: Schedule,
                    debias: bool, cost: str = "sqeuclidean") -> list[Potentials]:
     """The loss's problems: ``[OT(x, y)]``, or with ``debias`` ``[OT(x, y), OT(x, x), OT(y, y)]``, as
@@ -550,7 +559,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
-@_on_device
+@_launcher
 def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, pots: Potentials,
                 eps: float, u: torch.Tensor, v: torch.Tensor | None, cost: str = "sqeuclidean"
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -560,7 +569,7 @@ def grad_points(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: tor
     return grads[0], grads[1] if v is not None else None
 
 
-@_on_device
+@_launcher
 def grad_problems(x: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                   pots: list[Potentials], eps: float, weights: list[torch.Tensor], cost: str = "sqeuclidean"
                   ) -> list[torch.Tensor]:

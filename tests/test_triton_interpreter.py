@@ -190,6 +190,20 @@ def test_a_resident_tile_not_shipped_is_an_error_naming_the_variable(monkeypatch
         assert backend.resident_side() == int(value)
 
 
+@pytest.mark.parametrize("variable,value", [("OTFAST_TRITON_STREAM", "buffer"), ("OTFAST_TRITON_SPLIT", "on"),
+                                            ("OTFAST_TRITON_PRECISION", "tf32")])
+def test_a_bad_setting_is_an_error_at_the_first_call(variable, value, monkeypatch):
+    """The settings that only streamed pairs or the backward read are checked at every entry too: a typo fails
+    the first call, on a short pair's forward and in a precomputed cost's solve, not the first long sentence of
+    a training run, hours in."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=f"{variable} must be one of"):
+        otfast.sinkhorn_loss(torch.randn(1, 3, 2, device=DEVICE), torch.randn(1, 4, 2, device=DEVICE),
+                             backend="triton")
+    with pytest.raises(ValueError, match=f"{variable} must be one of"):
+        otfast.sinkhorn(torch.rand(1, 3, 4, device=DEVICE), eps=0.1, backend="triton")
+
+
 @pytest.mark.parametrize("N,M,tiles", [(7, 20, 1), pytest.param(48, 40, 2, marks=ON_64), (48, 40, 1)],
                          ids=["resident", "resident-64", "streaming"])
 def test_paper_setting_matches_the_fp64_oracle(N, M, tiles, monkeypatch, resident_tiles):
