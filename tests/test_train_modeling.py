@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from train.modeling import build_tiny_model, encode_words, load_encoder, word_embeddings
+from train.modeling import build_tiny_model, encode_words, layer_states, load_encoder, word_embeddings
 from train.retrieval import evaluate_retrieval, retrieval_accuracy, sentence_embeddings
 
 # Trained on this text, "mat", "sat", "on", "the", "cat" are whole tokens; "qxz" and "xzq" were never
@@ -59,6 +59,24 @@ def test_word_representations_pick_the_hand_checked_subwords(tiny, mode, positio
         assert x[b, :counts[b], 0].tolist() == positions[b]
         assert x[b, :counts[b], 1].tolist() == [100.0 * b] * counts[b]
         assert x[b, counts[b]:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_word_states_are_each_sentences_own_whichever_side_the_tokenizer_pads(tiny, side):
+    """A tokenizer that pads on the left shifted BERT's positions (0..T-1 whatever the padding): every word of a
+    shorter sentence got the states of other positions. Against each sentence alone, with no padding at all."""
+    path, model, _ = tiny
+    tok = AutoTokenizer.from_pretrained(path, padding_side=side)
+    batch = encode_words(tok, SENTENCES)
+    with torch.no_grad():
+        x, mask = word_embeddings(layer_states(model, batch), batch["word_ids"], "last")
+    for b, words in enumerate(SENTENCES):
+        enc = tok(words, is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state[0]
+        last = [max(t for t, w in enumerate(enc.word_ids(0)) if w == k) for k in range(len(words))]
+        assert mask[b].tolist() == [i < len(words) for i in range(mask.shape[1])]
+        torch.testing.assert_close(x[b, :len(words)], h[last], rtol=1e-5, atol=1e-6)
 
 
 def test_truncation_drops_whole_words_only(tiny):

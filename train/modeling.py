@@ -133,6 +133,7 @@ def encode_words(tokenizer, words: Sequence[Sequence[str]], max_length: int = 12
         words: ``B`` sentences, each a list of words (e.g. from the Moses tokenizer).
         max_length: length limit in tokens, special tokens included. Sentences are cut at a word
             boundary: a word that does not fit whole is dropped with all the words after it.
+            Padding is on the right, whatever the tokenizer's ``padding_side``.
 
     Returns:
         ``{"input_ids": [B, T], "attention_mask": [B, T], "word_ids": [B, T], "n_words": [B]}`` (long
@@ -142,7 +143,8 @@ def encode_words(tokenizer, words: Sequence[Sequence[str]], max_length: int = 12
     """
     n_words = [n for n, _, _ in _fit(tokenizer, words, max_length)]
     kept = [list(sentence[:n]) for sentence, n in zip(words, n_words)]
-    enc = tokenizer(kept, is_split_into_words=True, padding=True, return_tensors="pt")
+    # right padding whatever the tokenizer's default: BERT numbers positions 0..T-1 whatever the padding
+    enc = tokenizer(kept, is_split_into_words=True, padding=True, padding_side="right", return_tensors="pt")
     ids = torch.full_like(enc["input_ids"], -1)
     for b in range(len(kept)):
         row = [-1 if w is None else w for w in enc.word_ids(b)]
