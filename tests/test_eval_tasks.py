@@ -184,7 +184,8 @@ def test_xquad_run_matches_scorer(tiny_model, tmp_path):
 
 def test_xquad_refuses_one_local_file_for_several_languages_and_reads_left_padded_logits(tiny_model, tmp_path):
     """A local test path without {lang} was read for every language (each language scored on one file's
-    questions); and the logits of a feature are its own tokens', wherever the tokenizer pads."""
+    questions); and the logits of a feature are its own tokens', wherever the tokenizer pads (the collators pad on
+    the right whatever its side: BERT numbers positions 0..T-1 whatever the padding)."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     cfg = _tiny_cfg("eval_xquad_tiny.yaml", epochs=1)
@@ -195,9 +196,13 @@ def test_xquad_refuses_one_local_file_for_several_languages_and_reads_left_padde
     feats = xquad.qa_features(tok, [_long_record()], max_seq_length=32, doc_stride=8, max_query_length=4,
                               train=False)
     model = AutoModelForQuestionAnswering.from_pretrained(tiny_model).eval()
+    assert len({len(f["input_ids"]) for f in feats}) > 1                  # some features are padded
     runs = []
     for side in ("right", "left"):
         tok.padding_side = side
+        for collate in (xquad.collator(tok), xnli.collator(tok)):         # BERT's positions: padding on the right
+            mask = collate([{"input_ids": f["input_ids"], "labels": 0} for f in feats])["attention_mask"]
+            assert torch.equal(mask, mask.sort(dim=1, descending=True).values), side
         runs.append(xquad.predict_logits(model, feats, xquad.collator(tok), 4))
     for (s1, e1), (s2, e2), f in zip(*runs, feats):
         assert len(s1) == len(f["input_ids"]) and np.allclose(s1, s2, atol=1e-5) and np.allclose(e1, e2, atol=1e-5)

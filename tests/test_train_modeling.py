@@ -104,9 +104,11 @@ def test_tiny_model_reloads_with_transformers_directly(tiny):
         assert torch.equal(again(**enc).last_hidden_state, model(**enc).last_hidden_state)
 
 
-@pytest.mark.parametrize("layer", [0, -1])
-def test_sentence_embeddings_average_non_special_tokens(tiny, layer):
-    _, model, tok = tiny
+@pytest.mark.parametrize("layer,side", [(0, "right"), (-1, "right"), (-1, "left")])
+def test_sentence_embeddings_average_non_special_tokens(tiny, layer, side):
+    """Against each sentence alone, whichever side the tokenizer pads (left padding shifted BERT's positions)."""
+    path, model, _ = tiny
+    tok = AutoTokenizer.from_pretrained(path, padding_side=side)
     sentences = ["the cat sat", "on the mat qxz", "cat"]
     emb = sentence_embeddings(model, tok, sentences, layer=layer, batch_size=2)
     special = set(tok.all_special_ids)

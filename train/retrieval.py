@@ -33,7 +33,8 @@ def sentence_embeddings(model, tokenizer, sentences: Sequence[str], *, layer: in
         sentences: ``S`` raw sentences.
         layer: index into ``hidden_states`` (0 = embeddings, -1 = last layer).
         batch_size: sentences per forward pass.
-        max_length: truncation length in tokens.
+        max_length: truncation length in tokens. Padding is on the right, whatever the tokenizer's
+            ``padding_side`` (BERT numbers positions 0..T-1 whatever the padding).
 
     Returns:
         ``[S, D]`` float32 embeddings on the CPU. A sentence with no non-special token (empty) gets
@@ -46,7 +47,7 @@ def sentence_embeddings(model, tokenizer, sentences: Sequence[str], *, layer: in
     try:
         for start in range(0, len(sentences), batch_size):
             enc = tokenizer(list(sentences[start:start + batch_size]), truncation=True, max_length=max_length,
-                            padding=True, return_special_tokens_mask=True, return_tensors="pt")
+                            padding=True, padding_side="right", return_special_tokens_mask=True, return_tensors="pt")
             batch = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             h = layer_states(model, batch, layer).float()
             keep = (enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()).to(device)

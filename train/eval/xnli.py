@@ -127,11 +127,12 @@ def encode(tokenizer, examples: list[dict], max_seq_length: int) -> list[dict]:
 
 
 def collator(tokenizer):
-    """Pad a list of ``encode`` features into ``[B, T]`` tensors plus ``labels`` ``[B]``."""
+    """Pad a list of ``encode`` features into ``[B, T]`` tensors plus ``labels`` ``[B]``, on the right whatever the
+    tokenizer's ``padding_side`` (BERT numbers positions 0..T-1 whatever the padding)."""
     def collate(features: list[dict]) -> dict:
         labels = torch.tensor([f["labels"] for f in features])
         batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features],
-                              return_tensors="pt")
+                              padding_side="right", return_tensors="pt")
         return {**batch, "labels": labels}
     return collate
 

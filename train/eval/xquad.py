@@ -130,9 +130,11 @@ def _mark_max_context(windows: list[dict]) -> None:
 
 
 def collator(tokenizer):
-    """Pad model inputs to ``[B, T]`` tensors (with start/end positions ``[B]`` when present)."""
+    """Pad model inputs to ``[B, T]`` tensors (with start/end positions ``[B]`` when present), on the right
+    whatever the tokenizer's ``padding_side`` (BERT numbers positions 0..T-1 whatever the padding)."""
     def collate(features: list[dict]) -> dict:
-        batch = tokenizer.pad([{k: f[k] for k in _MODEL_KEYS if k in f} for f in features], return_tensors="pt")
+        batch = tokenizer.pad([{k: f[k] for k in _MODEL_KEYS if k in f} for f in features], padding_side="right",
+                              return_tensors="pt")
         for key in ("start_positions", "end_positions"):
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features])
