@@ -6,7 +6,7 @@
 Per step and language pair (source, English): the words of both sides go through the encoder, each
 word is one vector of the aligned layer (its last sub-word by default), and the loss is
 
-    sum over pairs of  S_eps(source words, English words)          (otfast.SinkhornLoss, debiased)
+    mean over pairs of  S_eps(source words, English words)         (otfast.SinkhornLoss, debiased)
     + lambda * sum over English tokens ||h(t) - h0(t)||^2 / P    (h0: the frozen initial encoder)
 
 with P the sentence pairs of the micro-batch (all languages) and S_eps one OT problem per sentence
