@@ -146,3 +146,18 @@ def test_parallel_text_is_read_as_the_training_data_is(tmp_path):
         al.read_parallel(tmp_path / "s.txt", tmp_path / "t.txt")
     (tmp_path / "t.txt").write_bytes(b"A\nB\n")
     assert al.read_parallel(tmp_path / "s.txt", tmp_path / "t.txt") == [(["a", "b"], ["A"]), (["c"], ["B"])]
+
+
+def test_gold_is_read_as_the_parallel_text_is(tmp_path):
+    """A gold file with a byte-order mark (as Windows tools write it) was refused ("'\\ufeff0-0' is not a link")
+    after the whole alignment had run, where the parallel text beside it reads; a line not UTF-8 is named."""
+    (tmp_path / "g.txt").write_bytes("\ufeff0-0 1p1\r\n1-0\r\n".encode())
+    (tmp_path / "p.txt").write_text("0-0 1-1 0-1\n1-0\n")
+    gold = al.read_pharaoh(tmp_path / "g.txt")
+    assert gold == [({(0, 0)}, {(0, 0), (1, 1)}), ({(1, 0)}, {(1, 0)})]
+    # |A| = 4, |S| = 2, |A & S| = 2, |A & P| = 3
+    out = al.score_alignments(gold, [s for s, _ in al.read_pharaoh(tmp_path / "p.txt", allow_possible=False)])
+    assert (out["precision"], out["recall"], out["aer"]) == pytest.approx((3 / 4, 1.0, 1 - 5 / 6))
+    (tmp_path / "g.txt").write_bytes(b"0-0\n\xff1-0\n")
+    with pytest.raises(ValueError, match=r"g.txt:2 is not valid UTF-8"):
+        al.read_pharaoh(tmp_path / "g.txt")

@@ -47,10 +47,10 @@ def parse_links(line: str, *, allow_possible: bool = True, where: str = "line") 
 
 
 def read_pharaoh(path: str | Path, *, allow_possible: bool = True) -> list[tuple[set[Link], set[Link]]]:
-    """``(sure, possible)`` per line of a Pharaoh file (an empty line is a pair without links)."""
-    with open(path, encoding="utf-8") as fh:
-        return [parse_links(line, allow_possible=allow_possible, where=f"{path}:{n}")
-                for n, line in enumerate(fh, 1)]
+    """``(sure, possible)`` per line of a Pharaoh file (an empty line is a pair without links), read as the parallel
+    text is (``_lines``)."""
+    return [parse_links(line, allow_possible=allow_possible, where=f"{path}:{n}")
+            for n, line in enumerate(_lines(path), 1)]
 
 
 def format_links(links: Iterable[Link]) -> str:
