@@ -235,6 +235,15 @@ def test_align_identical_sentences_gives_the_diagonal(tiny_model, tmp_path):
     assert res["aer"] == 0.0 and res["precision"] == 1.0 and res["recall"] == 1.0
 
 
+def test_align_names_the_pair_whose_sentence_has_no_token(tiny_model, tmp_path):
+    """A sentence the tokenizer strips whole (a zero-width space) failed inside the plan as "pair at batch index 0",
+    its place in its batch of --batch-size pairs, not in the files."""
+    src = _write_lines(tmp_path / "s.txt", ["every bird sings", "the old cat", "a dog"])
+    tgt = _write_lines(tmp_path / "t.txt", ["every bird sings", "the old cat", "\u200b"])
+    with pytest.raises(ValueError, match="^pair 3: no word of its target sentence has a sub-word token"):
+        main(["align", "--model", tiny_model, "--source", src, "--target", tgt, "--batch-size", "2"])
+
+
 def test_align_says_how_much_it_cut_and_a_max_length_above_the_model_is_its_limit(tiny_model, tmp_path, capsys):
     """--max-length 16 used to drop the words of a 40-word pair past 14 sub-words without a word; 1000 (the tiny
     model takes 64 positions) crashed inside the model."""

@@ -146,13 +146,18 @@ def _align(args: argparse.Namespace) -> dict:
         for start in range(0, len(pairs), args.batch_size):
             chunk = pairs[start:start + args.batch_size]
             side = []
-            for words in ([s for s, _ in chunk], [t for _, t in chunk]):
+            for name, words in (("source", [s for s, _ in chunk]), ("target", [t for _, t in chunk])):
                 batch = encode_words(tokenizer, words, max_length)
                 left_out = torch.tensor([len(w) for w in words]) - batch.pop("n_words")
                 cut[start:start + len(chunk)] |= left_out > 0
                 words_cut += int(left_out.sum())
                 batch = {k: v.to(device) for k, v in batch.items()}
                 side.append(word_embeddings(layer_states(model, batch, args.layer), batch["word_ids"], args.word_mode))
+                empty = (~side[-1][1].any(1)).nonzero().flatten().tolist()
+                if empty:
+                    raise ValueError(f"pair {start + empty[0] + 1}: no word of its {name} sentence has a sub-word "
+                                     f"token within --max-length {max_length} (the tokenizer strips every word, or the "
+                                     "first word alone is longer)")
             (x, mx), (y, my) = side
             with warnings.catch_warnings(record=True) as caught:    # said once below, in terms of our options
                 warnings.simplefilter("always", RuntimeWarning)
