@@ -193,10 +193,12 @@ def input_checks(x: torch.Tensor, y: torch.Tensor | None, mask_x: torch.Tensor, 
     def mask_values(raw):
         return None if raw is None else ((raw != 0) & (raw != 1)).flatten()
 
-    def peaks(t):  # each point's largest |entry| (amax propagates NaN and cannot overflow), once per tensor
+    def peaks(t):  # each point's largest |entry| (amax, amin propagate NaN and cannot overflow), once per tensor
         if t is None:
             return None
-        return t.detach().abs().amax(dim=-1) if t.dim() == 3 else t.detach().abs()
+        t = t.detach()
+        # no |t| temporary of the points' size: allocated and freed in every call, it cost more than the reductions
+        return torch.maximum(t.amax(dim=-1), -t.amin(dim=-1)) if t.dim() == 3 else t.abs()
 
     def rows(peak, mask):  # NaN / inf anywhere in a valid row
         if peak is None:
