@@ -427,7 +427,7 @@ def _torch_unrolled(x, y, setting):
 
 # ---------------------------------------------------------------- registry
 
-def _import_reason(module: str) -> str | None:
+def import_reason(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except Exception as exc:  # pykeops fails with RuntimeError/OSError when it cannot compile, not only ImportError
@@ -449,15 +449,15 @@ def providers() -> list[Provider]:
                                             ("triton-tile32", _otfast_tile32, _buffered(12, 32), _tile32_sizes)):
                 out.append(Provider("otfast", label, fn, devices, None if info.available else info.detail, memory,
                                     sizes=sizes))
-    pot = _import_reason("ot")
+    pot = import_reason("ot")
     out.append(Provider("pot-solve_batch", "torch", _pot_solve_batch, ("cpu", "cuda"), pot, _dense(8)))
     out.append(Provider("pot-sinkhorn_log", "loop", _pot_sinkhorn_log_loop, ("cpu", "cuda"), pot,
                         _unrolled(per_update=2, forward=3), gradient="unrolled"))
-    geomloss = _import_reason("geomloss")
+    geomloss = import_reason("geomloss")
     out.append(Provider("geomloss", "tensorized", _geomloss("tensorized"), ("cpu", "cuda"), geomloss, _dense(8)))
     out.append(Provider("geomloss", "online", _geomloss("online"), ("cpu", "cuda"),
-                        geomloss or _import_reason("pykeops"), _streaming))
-    out.append(Provider("flash-sinkhorn", "triton", _flash_sinkhorn, ("cuda",), _import_reason("flash_sinkhorn"),
+                        geomloss or import_reason("pykeops"), _streaming))
+    out.append(Provider("flash-sinkhorn", "triton", _flash_sinkhorn, ("cuda",), import_reason("flash_sinkhorn"),
                         _streaming))
     out.append(Provider("torch-unrolled", "autograd", _torch_unrolled, ("cpu", "cuda"), None,
                         _unrolled(per_update=6, forward=4), gradient="unrolled"))

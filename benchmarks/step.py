@@ -37,7 +37,7 @@ import torch
 import otfast
 
 from . import results as res
-from .providers import _import_reason
+from .providers import import_reason
 from .report import add_docs_arguments, base_columns, docs_targets, render_after_run
 from .timing import load_average, synchronize
 
@@ -134,7 +134,7 @@ def ot_terms(device: str, log=print) -> dict[str, callable]:
     backends = [b for b, info in otfast.backends().items()
                 if info.available and not (b == "triton" and device != "cuda") and not (b == "cpu" and device != "cpu")]
     terms = {"-": no_ot_term, **{f"otfast:{b}": otfast.SinkhornLoss(backend=b, **PAPER_LOSS) for b in backends}}
-    reason = _import_reason("geomloss")
+    reason = import_reason("geomloss")
     if reason is None:
         terms["geomloss:tensorized"] = GeomLossTerm()
     else:
