@@ -10,8 +10,7 @@
 - ``pytest benchmarks/ --benchmark-only``: the pytest-benchmark suite (not collected by the main test run).
 
 Importing it imports ``train`` first, which sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment names a
-policy (``train``'s docstring says why), as ``./dev`` does: with the other cores busy, spinning OpenMP threads
-made the CPU kernel 2.3-3.2 times slower (``python -m benchmarks.threads``, README "Threads on a busy machine").
+policy (``train``'s docstring says why), as ``./dev`` does (README, "Threads on a busy machine").
 """
 
 import train  # noqa: F401  (the OpenMP wait policy, before anything imports torch)

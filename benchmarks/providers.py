@@ -34,7 +34,8 @@ Providers (``providers()``), each named ``name[backend]``:
 - ``flash-sinkhorn[triton]``: ``flash_sinkhorn.SamplesLoss`` (CUDA tensors only), its default block
   configuration (``autotune=False``: autotuning tries every configuration at each new shape) and its default
   ``allow_tf32=True``, so it computes at TF32 where the others compute at fp32 (its gradient differed from the
-  reference by 2.7e-3 on the H200, 2026-12-01, within the check's tolerance).
+  reference by 2.7e-3 on the H200, 2026-12-01, ``benchmarks/results/h200-2026-12-01.csv``, within the check's
+  tolerance).
 - ``torch-unrolled[autograd]``: the batched log-domain loop a user writes by hand (GeomLoss's symmetric
   update, Feydy 2020 Alg. 3.5), autograd through every iteration.
 
@@ -513,10 +514,10 @@ class Check:
 
 
 # Relative errors a provider may have and still be timed. The largest of a correct provider so far: values 1.0e-5,
-# checked gradients 2.7e-3 (flash-sinkhorn's TF32), 7.0e-4 (GeomLoss). A provider that stops after one update of
-# the fixed setting at 8 x 16 is off by 3.6e-4 / 5.0e-2, one that leaves out the debiased terms of the paper
-# setting by 6.7e-4 in value (``tests/test_benchmarks_providers.py``). Where the problem has converged in fewer
-# updates than the setting runs (50 of 100 there, 1 at N = 512), no check of the answer can tell.
+# checked gradients 2.7e-3 (flash-sinkhorn's TF32), 7.0e-4 (GeomLoss; both in benchmarks/results/h200-2026-12-01.csv).
+# A provider that stops after one update of the fixed setting at 8 x 16 is off by 3.6e-4 / 5.0e-2, one that leaves out
+# the debiased terms of the paper setting by 6.7e-4 in value (``tests/test_benchmarks_providers.py``). Where the
+# problem has converged in fewer updates than the setting runs, no check of the answer can tell.
 TOLERANCES = {"value": 1e-4, "grad": 1e-2}
 
 

@@ -433,7 +433,7 @@ def test_a_fast_pass_forms_its_exponents_once_on_the_common_path(side):
     tile. The common path keeps all 2 N M / threads exponentials (16 at 32 x 32 and 4 warps, 32 at 64 x 64
     and 8) and forms each exponent once: within 24 fp32 instructions and 40 in all per exponential (366 and
     572 at 32 x 32 under triton 3.9 before its tiles took three axes, 382 and 621 after, 502 and 715 when
-    every pass swept the tile twice; 712 and 1,088 at 64 x 64 with its vectors anchored, 566 and 877
+    every pass swept the tile twice; 712 and 1,089 at 64 x 64 with its vectors anchored, 566 and 877
     without)."""
     warps, *loops = _sass_loops(_ITERATION_LOOP.format(side=side))
     exponentials = 2 * side * side // (32 * warps)
@@ -738,7 +738,7 @@ def test_a_loss_call_launches_what_the_readme_counts(monkeypatch):
     (masks and float64 weights 8, the diameter's reductions 5, the schedule buffer 1, dual values 7, flags, dtype,
     mean), the backward 2 Triton launches and 8 torch ops (the mean's backward 2, the upstream weights 2 and
     their conversion to the points' dtype 2, the accumulation into x.grad and y.grad 2): no weight gradient, no
-    log-weights formed again, no per-problem scaling (README, "Launches per debiased sinkhorn_loss")."""
+    log-weights formed again, no per-problem scaling (README, "Inside a training step", Launches)."""
     from benchmarks.launches import measure, trace_interpreted_launches
 
     monkeypatch.delenv("OTFAST_DEBUG_POISON")

@@ -4,9 +4,8 @@ Importing it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment names a pol
 wait for work then sleep at once instead of spinning first. torch's CPU wheel and otfast's CPU kernel share
 one OpenMP runtime, which reads the policy once, when torch is first imported; both entry points import
 this package before torch. On a machine that other jobs keep busy, spinning threads take the cores the
-working ones need: beside two busy processes on a 2-core machine, two spinning threads made the CPU kernel's
-loss + gradient 2.3-3.2 times slower than two passive ones, and slower than one thread (``python -m
-benchmarks.threads --busy 2``; README, "Threads on a busy machine"). ``OPENMP_SPINS`` says that torch was
+working ones need (README, "Threads on a busy machine", measured with ``python -m benchmarks.threads``, which
+also says what the policy costs on an idle machine). ``OPENMP_SPINS`` says that torch was
 imported first with no policy set, so its threads spin (``train.align`` then says so when it uses several).
 """
 

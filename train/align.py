@@ -827,7 +827,7 @@ def train(cfg: dict[str, Any], base_dir: Path = Path(".")) -> dict[str, Any] | N
     started = time.perf_counter()
     run = setup(cfg, accelerator, out, base_dir, total)
     state = start_or_resume(run)
-    if accelerator.is_main_process:                           # what runs: these settings match the checkpoint's
+    if accelerator.is_main_process and not fresh:             # what runs: these settings match the checkpoint's
         (out / "run_config.json").write_text(json.dumps(cfg, indent=1))
     first_step = state["step"]
     stop_at = total if t["stop_after_steps"] is None else min(total, first_step + t["stop_after_steps"])

@@ -1,4 +1,4 @@
-"""Reading text files line by line, as every reader of the harness does."""
+"""Reading text files line by line, as the harness's plain-text readers (parallel data, alignments) do."""
 
 from __future__ import annotations
 

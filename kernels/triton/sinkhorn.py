@@ -594,7 +594,8 @@ def _sinkhorn_resident_kernel(
     weights are read as whole tiles (each thread loads its 16 entries once) and reduced to vectors, which
     gives the layout pass an anchor in the tile's layout: the loop-carried vectors then keep it (4 values a
     thread, where their own layout holds 1) and no pass converts one through shared memory (at 64 x 64, 18
-    barriers an iteration instead of 44, for 1,088 instructions instead of 877; ``configs.RESIDENT_TILES``).
+    barriers an iteration instead of 44, for 1,088 instructions instead of 877, 1,089 since the precise passes
+    take their max in float64; ``configs.RESIDENT_TILES``).
 
     SYMMETRIC: None, each program's problem says whether it is symmetric (the points' kernels: one launch
     mixes both kinds); True or False for the one problem of a precomputed cost, where that decided at run
